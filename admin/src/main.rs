@@ -1,0 +1,68 @@
+//! `mailvault-admin`: the operator CLI. Works remotely over gRPC.
+//! Data goes to stdout, diagnostics to stderr; `--output json` everywhere.
+
+mod bench;
+mod client;
+mod mail;
+mod status;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Operator CLI for a mailvault cluster.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+pub struct Cli {
+    /// Client API endpoint of any node.
+    #[arg(long, global = true, env = "MAILVAULT_ENDPOINT", default_value = "http://127.0.0.1:7101")]
+    endpoint: String,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Output format.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    /// Human-readable tables.
+    Text,
+    /// One JSON document.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Members, roles, leader, term, log and applied index, per-node health.
+    Status,
+    /// Tenants.
+    #[command(subcommand)]
+    Tenant(mail::TenantCmd),
+    /// Mailboxes.
+    #[command(subcommand)]
+    Mailbox(mail::MailboxCmd),
+    /// Messages: append a file, list, fetch.
+    #[command(subcommand)]
+    Mail(mail::MailCmd),
+    /// Load generator: appends with N concurrent clients; prints throughput and latency.
+    Bench(bench::BenchArgs),
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Status => status::run(&cli.endpoint, cli.output).await,
+        Command::Tenant(c) => mail::tenant(&cli.endpoint, cli.output, c).await,
+        Command::Mailbox(c) => mail::mailbox(&cli.endpoint, cli.output, c).await,
+        Command::Mail(c) => mail::mail(&cli.endpoint, cli.output, c).await,
+        Command::Bench(a) => bench::run(&cli.endpoint, cli.output, a).await,
+    };
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailvault-admin: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Starting, killing and restarting node processes.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mailvault_proto::v1::admin_client::AdminClient;
+use mailvault_proto::v1::mailbox_client::MailboxClient;
+use mailvault_proto::v1::NodeStatusRequest;
+use tonic::transport::Channel;
+
+/// Knobs for a test cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Number of nodes (node 1 active, 2 standby, 3 backup, further ones standby).
+    pub nodes: usize,
+    /// `raft.snapshot_every`.
+    pub snapshot_every: u64,
+    /// `limits.max_message_bytes`.
+    pub max_message_bytes: u64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            nodes: 3,
+            snapshot_every: 5000,
+            max_message_bytes: 50 * 1024 * 1024,
+        }
+    }
+}
+
+struct NodeProc {
+    id: u64,
+    ip: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// A running test cluster.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    nodes: Vec<NodeProc>,
+}
+
+/// The `mailvault-node` binary: `$MAILVAULT_NODE_BIN`, or beside the test binary.
+pub fn node_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("MAILVAULT_NODE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("mailvault-node");
+    assert!(bin.exists(), "{} not built; run the tests through cargo", bin.display());
+    bin
+}
+
+fn random_base() -> String {
+    let mut b = [0u8; 2];
+    getrandom::fill(&mut b).expect("random");
+    format!("127.{}.{}", 1 + b[0] % 250, 1 + b[1] % 250)
+}
+
+const CLIENT_PORT: u16 = 7101;
+const RAFT_PORT: u16 = 7201;
+const OPS_PORT: u16 = 7301;
+
+impl Cluster {
+    /// Starts a cluster and waits until it has a leader.
+    pub async fn start(opts: ClusterOptions) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("mailvault-test").tempdir().expect("tempdir");
+        let key = dir.path().join("master.key");
+        let mut hex = [0u8; 32];
+        getrandom::fill(&mut hex).expect("random");
+        let hex: String = hex.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&key, hex).expect("write key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+        let base = random_base();
+        let nodes: Vec<NodeProc> = (1..=opts.nodes as u64)
+            .map(|id| NodeProc {
+                id,
+                ip: format!("{base}.{}", 10 + id),
+                dir: dir.path().join(format!("node{id}")),
+                child: None,
+            })
+            .collect();
+        let mut members = String::new();
+        for n in &nodes {
+            let role = match n.id {
+                1 => "active",
+                3 => "backup",
+                _ => "standby",
+            };
+            members.push_str(&format!(
+                "[members.{id}]\nrole = \"{role}\"\nclient_addr = \"{ip}:{CLIENT_PORT}\"\nraft_addr = \"{ip}:{RAFT_PORT}\"\nops_addr = \"{ip}:{OPS_PORT}\"\n\n",
+                id = n.id,
+                ip = n.ip
+            ));
+        }
+        for n in &nodes {
+            std::fs::create_dir_all(&n.dir).expect("node dir");
+            let cfg = format!(
+                "node_id = {id}\ndata_dir = \"{data}\"\nclient_listen = \"{ip}:{CLIENT_PORT}\"\nraft_listen = \"{ip}:{RAFT_PORT}\"\nops_listen = \"{ip}:{OPS_PORT}\"\nmaster_key_file = \"{key}\"\nlog = \"info,openraft=warn\"\n\n{members}[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 800\nelection_timeout_max_ms = 1600\nsnapshot_every = {snap}\n\n[limits]\nmax_message_bytes = {max}\n",
+                id = n.id,
+                data = n.dir.join("data").display(),
+                ip = n.ip,
+                key = key.display(),
+                snap = opts.snapshot_every,
+                max = opts.max_message_bytes,
+            );
+            std::fs::write(n.dir.join("node.toml"), cfg).expect("write config");
+        }
+        let mut c = Cluster { dir, nodes };
+        for i in 0..c.nodes.len() {
+            c.start_node(i);
+        }
+        c.wait_for_leader(Duration::from_secs(30)).await;
+        c
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the cluster has no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The cluster's temp directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Node `i`'s data directory.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.nodes[i].dir.join("data")
+    }
+
+    /// Node `i`'s client address.
+    pub fn client_addr(&self, i: usize) -> String {
+        format!("{}:{CLIENT_PORT}", self.nodes[i].ip)
+    }
+
+    /// Node `i`'s ops address.
+    pub fn ops_addr(&self, i: usize) -> String {
+        format!("{}:{OPS_PORT}", self.nodes[i].ip)
+    }
+
+    /// Starts (or restarts) node `i`.
+    pub fn start_node(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        assert!(n.child.is_none(), "node {} already running", n.id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(n.dir.join("node.log"))
+            .expect("node log");
+        let child = Command::new(node_binary())
+            .arg("--config")
+            .arg(n.dir.join("node.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn mailvault-node");
+        n.child = Some(child);
+    }
+
+    /// Kills node `i` with SIGKILL and reaps it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether node `i`'s process is running.
+    pub fn is_running(&mut self, i: usize) -> bool {
+        match self.nodes[i].child.as_mut() {
+            Some(c) => c.try_wait().map(|s| s.is_none()).unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// A mailbox client for node `i`.
+    pub async fn mailbox(&self, i: usize) -> MailboxClient<Channel> {
+        MailboxClient::new(crate::client::lazy_channel(&self.client_addr(i)))
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024)
+    }
+
+    /// An admin client for node `i`.
+    pub async fn admin(&self, i: usize) -> AdminClient<Channel> {
+        AdminClient::new(crate::client::lazy_channel(&self.client_addr(i)))
+    }
+
+    /// Index of the node every running node agrees leads, waiting up to `timeout`.
+    pub async fn wait_for_leader(&mut self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.leader_now().await {
+                return l;
+            }
+            if Instant::now() > deadline {
+                self.dump_logs();
+                panic!("no leader within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn leader_now(&mut self) -> Option<usize> {
+        let mut leader = None;
+        for i in 0..self.nodes.len() {
+            if !self.is_running(i) {
+                continue;
+            }
+            let mut a = self.admin(i).await;
+            let mut req = tonic::Request::new(NodeStatusRequest {});
+            req.set_timeout(Duration::from_secs(1));
+            let s = a.node_status(req).await.ok()?.into_inner();
+            if !s.has_leader {
+                return None;
+            }
+            let idx = self.nodes.iter().position(|n| n.id == s.leader_id)?;
+            if leader.is_some_and(|l| l != idx) {
+                return None;
+            }
+            leader = Some(idx);
+        }
+        leader.filter(|&l| self.nodes[l].child.is_some())
+    }
+
+    /// Node `i`'s applied index.
+    pub async fn applied_index(&self, i: usize) -> Option<u64> {
+        let mut a = self.admin(i).await;
+        Some(a.node_status(NodeStatusRequest {}).await.ok()?.into_inner().applied_index)
+    }
+
+    /// Prints the tail of every node's log (for failing tests).
+    pub fn dump_logs(&self) {
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(n.dir.join("node.log")).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("----- node {} log (last 40 lines) -----", n.id);
+            for l in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Test harness: starts real `mailvault-node` processes on loopback, each with
+//! its own temp directory, and talks to them over the real gRPC API.
+//!
+//! Each cluster picks a random `127.a.b.0/24`-style base address so clusters of
+//! concurrently running tests never share a port; every process is killed and
+//! every directory removed when the [`Cluster`] is dropped.
+
+mod client;
+mod cluster;
+
+pub use client::*;
+pub use cluster::{Cluster, ClusterOptions};

@@ -1,0 +1,25 @@
+# Shared by the local-cluster scripts. Sourced, not run.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+RUN_DIR="${MAILVAULT_RUN_DIR:-$ROOT/deploy/local/run}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mailvault-target}"
+BIN_DIR="$CARGO_TARGET_DIR/debug"
+
+# Installs what a fresh Debian machine lacks to build mailvault.
+ensure_prerequisites() {
+  local missing=()
+  command -v cc >/dev/null || missing+=(build-essential)
+  dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
+  command -v curl >/dev/null || missing+=(curl)
+  if ((${#missing[@]})); then
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing ${missing[*]}" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  if ! command -v cargo >/dev/null; then
+    echo "error: no Rust toolchain; install one with rustup (https://rustup.rs), then re-run" >&2
+    exit 1
+  fi
+}

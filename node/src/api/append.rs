@@ -1,0 +1,248 @@
+//! `AppendMessage` on the leader: validate the stream, encrypt the body in
+//! bounded chunks, stage large bodies chunk by chunk, then commit the message.
+
+use mailvault_proto::v1::append_message_request::Frame;
+use mailvault_proto::v1::{AppendHeader, AppendMessageRequest, AppendMessageResponse};
+use serde_bytes::ByteBuf;
+use tokio_stream::StreamExt;
+use tonic::{Status, Streaming};
+
+use super::tenant_keys::{new_blob, MessageCipher};
+use crate::command::{Command, CommandResult, NewMessage};
+use crate::crypto::HEADERS_CHUNK;
+use crate::ctx::Ctx;
+use crate::headers::{summarize, HEADER_SCAN_BYTES};
+use crate::model::encode;
+use crate::{names, status};
+
+/// Handles a whole append stream on the leader.
+pub async fn append(ctx: &Ctx, mut stream: Streaming<AppendMessageRequest>) -> Result<AppendMessageResponse, Status> {
+    let header = match stream.next().await {
+        Some(Ok(AppendMessageRequest {
+            frame: Some(Frame::Header(h)),
+        })) => h,
+        Some(Ok(_)) => return Err(Status::invalid_argument("the first frame must be the header")),
+        Some(Err(e)) => return Err(e),
+        None => return Err(Status::invalid_argument("empty append stream")),
+    };
+    check_header(ctx, &header)?;
+    ctx.read_barrier().await?;
+    let (tenant, mailbox) = (header.tenant.as_str(), header.mailbox.as_str());
+    if ctx.reader.mailbox(tenant, mailbox).map_err(status::read)?.is_none() {
+        let what = if ctx.reader.tenant(tenant).map_err(status::read)?.is_none() {
+            "tenant not found"
+        } else {
+            "mailbox not found"
+        };
+        return Err(Status::not_found(what));
+    }
+    if let Some(prev) = ctx
+        .reader
+        .idempotency(tenant, mailbox, &header.idempotency_key)
+        .map_err(status::read)?
+    {
+        // A retry of a committed append: store nothing, answer as the first time.
+        drain(ctx, &mut stream).await?;
+        let uidvalidity = ctx
+            .reader
+            .mailbox(tenant, mailbox)
+            .map_err(status::read)?
+            .map(|m| m.uidvalidity)
+            .unwrap_or(0);
+        return Ok(AppendMessageResponse {
+            uid: prev.uid,
+            modseq: prev.modseq,
+            uidvalidity,
+            duplicate: true,
+        });
+    }
+    let mut upload = Upload::new(ctx, &header)?;
+    match upload.receive(&mut stream).await {
+        Ok(()) => upload.commit(&header).await,
+        Err(e) => {
+            upload.abandon().await;
+            Err(e)
+        }
+    }
+}
+
+fn check_header(ctx: &Ctx, h: &AppendHeader) -> Result<(), Status> {
+    names::tenant(&h.tenant).map_err(status::name)?;
+    names::mailbox(&h.mailbox).map_err(status::name)?;
+    names::idempotency_key(&h.idempotency_key).map_err(status::name)?;
+    for f in &h.flags {
+        names::flag(f).map_err(status::name)?;
+    }
+    if h.size > ctx.config.limits.max_message_bytes {
+        return Err(too_large(ctx));
+    }
+    Ok(())
+}
+
+fn too_large(ctx: &Ctx) -> Status {
+    Status::resource_exhausted(format!(
+        "message exceeds the maximum size of {} bytes",
+        ctx.config.limits.max_message_bytes
+    ))
+}
+
+/// Reads the rest of a stream whose content is not needed, within the size limit.
+async fn drain(ctx: &Ctx, stream: &mut Streaming<AppendMessageRequest>) -> Result<(), Status> {
+    let mut total = 0u64;
+    while let Some(frame) = stream.next().await {
+        if let Some(Frame::Chunk(c)) = frame?.frame {
+            total += c.len() as u64;
+            if total > ctx.config.limits.max_message_bytes {
+                return Err(too_large(ctx));
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Upload<'a> {
+    ctx: &'a Ctx,
+    tenant: String,
+    cipher: MessageCipher,
+    blob: crate::command::BlobId,
+    buffer: Vec<u8>,
+    head: Vec<u8>,
+    staged: u32,
+    total: u64,
+}
+
+impl<'a> Upload<'a> {
+    fn new(ctx: &'a Ctx, h: &AppendHeader) -> Result<Upload<'a>, Status> {
+        let blob = new_blob()?;
+        let cipher = MessageCipher::for_message(ctx, &h.tenant, &h.mailbox, blob, None)?;
+        Ok(Upload {
+            ctx,
+            tenant: h.tenant.clone(),
+            cipher,
+            blob,
+            buffer: Vec::new(),
+            head: Vec::new(),
+            staged: 0,
+            total: 0,
+        })
+    }
+
+    /// Receives the body; full chunks are encrypted and staged as they fill.
+    async fn receive(&mut self, stream: &mut Streaming<AppendMessageRequest>) -> Result<(), Status> {
+        let chunk_bytes = self.ctx.config.limits.chunk_bytes;
+        while let Some(frame) = stream.next().await {
+            let bytes = match frame?.frame {
+                Some(Frame::Chunk(c)) => c,
+                Some(Frame::Header(_)) => return Err(Status::invalid_argument("header frame after the first frame")),
+                None => return Err(Status::invalid_argument("empty frame")),
+            };
+            self.total += bytes.len() as u64;
+            if self.total > self.ctx.config.limits.max_message_bytes {
+                return Err(too_large(self.ctx));
+            }
+            if self.head.len() < HEADER_SCAN_BYTES {
+                let take = bytes.len().min(HEADER_SCAN_BYTES - self.head.len());
+                self.head.extend_from_slice(&bytes[..take]);
+            }
+            self.buffer.extend_from_slice(&bytes);
+            while self.buffer.len() > chunk_bytes {
+                let rest = self.buffer.split_off(chunk_bytes);
+                let full = std::mem::replace(&mut self.buffer, rest);
+                self.stage(&full).await?;
+            }
+        }
+        if self.total == 0 {
+            return Err(Status::invalid_argument("message is empty"));
+        }
+        Ok(())
+    }
+
+    async fn stage(&mut self, plaintext: &[u8]) -> Result<(), Status> {
+        let ciphertext = ByteBuf::from(self.cipher.seal(self.staged, plaintext)?);
+        let cmd = Command::PutChunk {
+            tenant: self.tenant.clone(),
+            blob: self.blob,
+            index: self.staged,
+            ciphertext,
+        };
+        // Counted before the outcome is known, so an abandon removes it either way.
+        self.staged += 1;
+        self.ctx.proposer.propose(cmd).await.map_err(status::propose)?;
+        Ok(())
+    }
+
+    /// Removes staged chunks of an upload that will not be committed (best effort).
+    async fn abandon(&self) {
+        if self.staged == 0 {
+            return;
+        }
+        let cmd = Command::DropBlob {
+            tenant: self.tenant.clone(),
+            blob: self.blob,
+            chunks: self.staged,
+        };
+        if let Err(e) = self.ctx.proposer.propose(cmd).await {
+            tracing::warn!(error = %e, chunks = self.staged, "could not drop staged chunks of an abandoned upload");
+        }
+    }
+
+    async fn commit(mut self, h: &AppendHeader) -> Result<AppendMessageResponse, Status> {
+        if h.size != 0 && h.size != self.total {
+            self.abandon().await;
+            return Err(Status::invalid_argument(format!(
+                "declared size {} does not match the {} bytes received",
+                h.size, self.total
+            )));
+        }
+        let last = std::mem::take(&mut self.buffer);
+        let inline = vec![ByteBuf::from(self.cipher.seal(self.staged, &last)?)];
+        let headers = self.cipher.seal(HEADERS_CHUNK, &encode(&summarize(&self.head)))?;
+        let internal_date_ms = if h.internal_date_ms == 0 {
+            now_ms()
+        } else {
+            h.internal_date_ms
+        };
+        let message = NewMessage {
+            mailbox: h.mailbox.clone(),
+            idempotency_key: h.idempotency_key.clone(),
+            blob: self.blob,
+            key_version: self.cipher.key_version,
+            flags: h.flags.clone(),
+            internal_date_ms,
+            size: self.total,
+            staged_chunks: self.staged,
+            inline_chunks: inline,
+            headers,
+        };
+        let cmd = Command::Append {
+            tenant: self.tenant.clone(),
+            message,
+        };
+        match self.ctx.proposer.propose(cmd).await.map_err(status::propose)? {
+            CommandResult::Appended {
+                uid,
+                modseq,
+                uidvalidity,
+                duplicate,
+            } => {
+                metrics::counter!("mailvault_appends_total").increment(1);
+                Ok(AppendMessageResponse {
+                    uid,
+                    modseq,
+                    uidvalidity,
+                    duplicate,
+                })
+            }
+            CommandResult::Refused(r) => Err(status::refusal(r)),
+            _ => Err(Status::internal("unexpected append result")),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

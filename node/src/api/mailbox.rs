@@ -1,0 +1,384 @@
+//! `mailvault.v1.Mailbox`: writes are routed to the leader, reads wait for a
+//! linearizable read point and are served from local data.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use mailvault_proto::v1::mailbox_server::Mailbox;
+use mailvault_proto::v1::*;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::tenant_keys::{new_blob, MessageCipher};
+use super::{append, messages, watch};
+use crate::command::{Command, CommandResult, NewMessage};
+use crate::crypto::HEADERS_CHUNK;
+use crate::ctx::{forwarded, Ctx, Route};
+use crate::model::MailboxRecord;
+use crate::{names, status};
+
+/// The mailbox service.
+#[derive(Clone)]
+pub struct MailboxService {
+    ctx: Arc<Ctx>,
+}
+
+impl MailboxService {
+    /// A service over the node context.
+    pub fn new(ctx: Arc<Ctx>) -> MailboxService {
+        MailboxService { ctx }
+    }
+
+    async fn run(&self, cmd: Command) -> Result<CommandResult, Status> {
+        match self.ctx.proposer.propose(cmd).await.map_err(status::propose)? {
+            CommandResult::Refused(r) => Err(status::refusal(r)),
+            other => Ok(other),
+        }
+    }
+
+    fn mailbox_status(&self, tenant: &str, mailbox: &str, m: &MailboxRecord) -> Result<MailboxStatus, Status> {
+        let (mut unseen, mut claimed) = (0, 0);
+        self.ctx
+            .reader
+            .messages(tenant, mailbox, 0, |msg| {
+                unseen += u64::from(!msg.flags.iter().any(|f| f == "\\Seen"));
+                claimed += u64::from(msg.claimed_by.is_some());
+                true
+            })
+            .map_err(status::read)?;
+        Ok(MailboxStatus {
+            tenant: tenant.to_string(),
+            mailbox: mailbox.to_string(),
+            uidvalidity: m.uidvalidity,
+            uidnext: m.uidnext,
+            highest_modseq: m.highest_modseq,
+            messages: m.messages,
+            unseen,
+            claimed,
+            total_bytes: m.total_bytes,
+        })
+    }
+
+    fn existing_mailbox(&self, tenant: &str, mailbox: &str) -> Result<MailboxRecord, Status> {
+        names::tenant(tenant).map_err(status::name)?;
+        names::mailbox(mailbox).map_err(status::name)?;
+        if let Some(m) = self.ctx.reader.mailbox(tenant, mailbox).map_err(status::read)? {
+            return Ok(m);
+        }
+        if self.ctx.reader.tenant(tenant).map_err(status::read)?.is_none() {
+            return Err(Status::not_found("tenant not found"));
+        }
+        Err(Status::not_found("mailbox not found"))
+    }
+
+    fn changed(r: CommandResult) -> Result<(u64, Vec<String>, Option<String>), Status> {
+        match r {
+            CommandResult::Changed {
+                modseq,
+                flags,
+                claimed_by,
+            } => Ok((modseq, flags, claimed_by)),
+            _ => Err(Status::internal("unexpected command result")),
+        }
+    }
+}
+
+/// Routes a unary write to the leader when this node does not lead.
+macro_rules! route_write {
+    ($self:ident, $req:ident, $method:ident) => {
+        if let Route::Forward(ch) = $self.ctx.route($req.metadata())? {
+            return $self
+                .ctx
+                .mailbox_client(ch)
+                .$method(forwarded($req.into_inner()))
+                .await;
+        }
+    };
+}
+
+type RespStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Mailbox for MailboxService {
+    async fn create_mailbox(&self, req: Request<CreateMailboxRequest>) -> Result<Response<MailboxStatus>, Status> {
+        route_write!(self, req, create_mailbox);
+        let r = req.into_inner();
+        names::tenant(&r.tenant).map_err(status::name)?;
+        names::mailbox(&r.mailbox).map_err(status::name)?;
+        let uidvalidity = (append::now_ms() / 1000) as u32;
+        self.run(Command::CreateMailbox {
+            tenant: r.tenant.clone(),
+            mailbox: r.mailbox.clone(),
+            uidvalidity,
+        })
+        .await?;
+        let m = self.existing_mailbox(&r.tenant, &r.mailbox)?;
+        Ok(Response::new(self.mailbox_status(&r.tenant, &r.mailbox, &m)?))
+    }
+
+    async fn list_mailboxes(
+        &self,
+        req: Request<ListMailboxesRequest>,
+    ) -> Result<Response<ListMailboxesResponse>, Status> {
+        let r = req.into_inner();
+        names::tenant(&r.tenant).map_err(status::name)?;
+        self.ctx.read_barrier().await?;
+        if self.ctx.reader.tenant(&r.tenant).map_err(status::read)?.is_none() {
+            return Err(Status::not_found("tenant not found"));
+        }
+        let mailboxes = self
+            .ctx
+            .reader
+            .mailboxes(&r.tenant)
+            .map_err(status::read)?
+            .iter()
+            .map(|(name, m)| self.mailbox_status(&r.tenant, name, m))
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(ListMailboxesResponse { mailboxes }))
+    }
+
+    async fn get_mailbox_status(
+        &self,
+        req: Request<GetMailboxStatusRequest>,
+    ) -> Result<Response<MailboxStatus>, Status> {
+        let r = req.into_inner();
+        self.ctx.read_barrier().await?;
+        let m = self.existing_mailbox(&r.tenant, &r.mailbox)?;
+        Ok(Response::new(self.mailbox_status(&r.tenant, &r.mailbox, &m)?))
+    }
+
+    async fn append_message(
+        &self,
+        req: Request<Streaming<AppendMessageRequest>>,
+    ) -> Result<Response<AppendMessageResponse>, Status> {
+        match self.ctx.route(req.metadata())? {
+            Route::Local => Ok(Response::new(append::append(&self.ctx, req.into_inner()).await?)),
+            Route::Forward(ch) => forward_append(self.ctx.mailbox_client(ch), req.into_inner()).await,
+        }
+    }
+
+    type GetMessageStream = RespStream<GetMessageResponse>;
+
+    async fn get_message(&self, req: Request<GetMessageRequest>) -> Result<Response<Self::GetMessageStream>, Status> {
+        let r = req.into_inner();
+        self.ctx.read_barrier().await?;
+        self.existing_mailbox(&r.tenant, &r.mailbox)?;
+        let m = self
+            .ctx
+            .reader
+            .message(&r.tenant, &r.mailbox, r.uid)
+            .map_err(status::read)?
+            .ok_or_else(|| Status::not_found("message not found"))?;
+        let rx = messages::stream(self.ctx.clone(), r.tenant, r.mailbox, m)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_messages(
+        &self,
+        req: Request<ListMessagesRequest>,
+    ) -> Result<Response<ListMessagesResponse>, Status> {
+        let r = req.into_inner();
+        self.ctx.read_barrier().await?;
+        self.existing_mailbox(&r.tenant, &r.mailbox)?;
+        Ok(Response::new(messages::list(&self.ctx, &r)?))
+    }
+
+    async fn update_flags(&self, req: Request<UpdateFlagsRequest>) -> Result<Response<UpdateFlagsResponse>, Status> {
+        route_write!(self, req, update_flags);
+        let r = req.into_inner();
+        for f in r.add.iter().chain(&r.remove) {
+            names::flag(f).map_err(status::name)?;
+        }
+        let res = self
+            .run(Command::UpdateFlags {
+                tenant: r.tenant,
+                mailbox: r.mailbox,
+                uid: r.uid,
+                add: r.add,
+                remove: r.remove,
+                unchanged_since: r.unchanged_since,
+            })
+            .await?;
+        let (modseq, flags, _) = Self::changed(res)?;
+        Ok(Response::new(UpdateFlagsResponse { modseq, flags }))
+    }
+
+    async fn claim_message(&self, req: Request<ClaimMessageRequest>) -> Result<Response<ClaimMessageResponse>, Status> {
+        route_write!(self, req, claim_message);
+        let r = req.into_inner();
+        names::agent(&r.agent).map_err(status::name)?;
+        let res = self
+            .run(Command::Claim {
+                tenant: r.tenant,
+                mailbox: r.mailbox,
+                uid: r.uid,
+                agent: r.agent,
+            })
+            .await?;
+        let (modseq, _, claimed_by) = Self::changed(res)?;
+        Ok(Response::new(ClaimMessageResponse {
+            modseq,
+            claimed_by: claimed_by.unwrap_or_default(),
+        }))
+    }
+
+    async fn release_claim(&self, req: Request<ReleaseClaimRequest>) -> Result<Response<ReleaseClaimResponse>, Status> {
+        route_write!(self, req, release_claim);
+        let r = req.into_inner();
+        names::agent(&r.agent).map_err(status::name)?;
+        let res = self
+            .run(Command::Release {
+                tenant: r.tenant,
+                mailbox: r.mailbox,
+                uid: r.uid,
+                agent: r.agent,
+            })
+            .await?;
+        let (modseq, _, _) = Self::changed(res)?;
+        Ok(Response::new(ReleaseClaimResponse { modseq }))
+    }
+
+    async fn move_message(&self, req: Request<MoveMessageRequest>) -> Result<Response<MoveMessageResponse>, Status> {
+        route_write!(self, req, move_message);
+        let r = req.into_inner();
+        self.ctx.read_barrier().await?;
+        self.existing_mailbox(&r.tenant, &r.destination)?;
+        let message = self.reencrypt_for_move(&r).await?;
+        let res = self
+            .run(Command::Move {
+                tenant: r.tenant,
+                mailbox: r.mailbox,
+                uid: r.uid,
+                message,
+            })
+            .await?;
+        match res {
+            CommandResult::Appended { uid, modseq, .. } => Ok(Response::new(MoveMessageResponse { uid, modseq })),
+            _ => Err(Status::internal("unexpected move result")),
+        }
+    }
+
+    async fn expunge_messages(
+        &self,
+        req: Request<ExpungeMessagesRequest>,
+    ) -> Result<Response<ExpungeMessagesResponse>, Status> {
+        route_write!(self, req, expunge_messages);
+        let r = req.into_inner();
+        if r.uids.is_empty() {
+            return Err(Status::invalid_argument("no uids given"));
+        }
+        match self
+            .run(Command::Expunge {
+                tenant: r.tenant,
+                mailbox: r.mailbox,
+                uids: r.uids,
+            })
+            .await?
+        {
+            CommandResult::Expunged { uids, modseq } => Ok(Response::new(ExpungeMessagesResponse {
+                expunged: uids,
+                modseq,
+            })),
+            _ => Err(Status::internal("unexpected expunge result")),
+        }
+    }
+
+    type WatchMailboxStream = RespStream<MailboxChange>;
+
+    async fn watch_mailbox(
+        &self,
+        req: Request<WatchMailboxRequest>,
+    ) -> Result<Response<Self::WatchMailboxStream>, Status> {
+        let r = req.into_inner();
+        self.ctx.read_barrier().await?;
+        self.existing_mailbox(&r.tenant, &r.mailbox)?;
+        let rx = watch::start(self.ctx.clone(), r.tenant, r.mailbox, r.since_modseq);
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl MailboxService {
+    /// Decrypts a message and encrypts it again for its destination mailbox.
+    /// Bodies larger than one chunk are staged first, as appends are.
+    async fn reencrypt_for_move(&self, r: &MoveMessageRequest) -> Result<NewMessage, Status> {
+        let ctx = &self.ctx;
+        let src = ctx
+            .reader
+            .message(&r.tenant, &r.mailbox, r.uid)
+            .map_err(status::read)?
+            .ok_or_else(|| Status::not_found("message not found"))?;
+        let from = MessageCipher::for_message(ctx, &r.tenant, &r.mailbox, src.blob, Some(src.key_version))?;
+        let blob = new_blob()?;
+        let to = MessageCipher::for_message(ctx, &r.tenant, &r.destination, blob, None)?;
+        let mut inline = Vec::new();
+        let mut staged = 0;
+        for i in 0..src.chunks {
+            let ct = ctx
+                .reader
+                .chunk(&r.tenant, &src.blob, i)
+                .map_err(status::read)?
+                .ok_or_else(|| Status::data_loss("a chunk of the message is missing"))?;
+            let sealed = serde_bytes::ByteBuf::from(to.seal(i, &from.open(i, &ct)?)?);
+            if i + 1 < src.chunks {
+                self.run(Command::PutChunk {
+                    tenant: r.tenant.clone(),
+                    blob,
+                    index: i,
+                    ciphertext: sealed,
+                })
+                .await?;
+                staged += 1;
+            } else {
+                inline.push(sealed);
+            }
+        }
+        let headers = to.seal(HEADERS_CHUNK, &from.open(HEADERS_CHUNK, &src.headers)?)?;
+        Ok(NewMessage {
+            mailbox: r.destination.clone(),
+            idempotency_key: String::new(),
+            blob,
+            key_version: to.key_version,
+            flags: src.flags,
+            internal_date_ms: src.internal_date_ms,
+            size: src.size,
+            staged_chunks: staged,
+            inline_chunks: inline,
+            headers,
+        })
+    }
+}
+
+/// Proxies an append stream to the leader. If the client's stream fails, the
+/// forwarded call is cancelled rather than ended, so the leader never commits
+/// a truncated message.
+async fn forward_append(
+    mut client: mailvault_proto::v1::mailbox_client::MailboxClient<tonic::transport::Channel>,
+    mut incoming: Streaming<AppendMessageRequest>,
+) -> Result<Response<AppendMessageResponse>, Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let (fail_tx, fail_rx) = tokio::sync::oneshot::channel::<Status>();
+    tokio::spawn(async move {
+        while let Some(item) = incoming.next().await {
+            match item {
+                Ok(frame) => {
+                    if tx.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = fail_tx.send(e);
+                    // Keep `tx` open until the call is dropped, so the stream never ends cleanly.
+                    tx.closed().await;
+                    return;
+                }
+            }
+        }
+    });
+    let call = client.append_message(forwarded(ReceiverStream::new(rx)));
+    tokio::select! {
+        r = call => r,
+        Ok(e) = fail_rx => Err(e),
+    }
+}

@@ -1,0 +1,120 @@
+//! Reading messages: summaries, listing, and streaming a body back.
+
+use std::sync::Arc;
+
+use mailvault_proto::v1::get_message_response::Frame;
+use mailvault_proto::v1::{GetMessageResponse, ListMessagesRequest, ListMessagesResponse, MessageSummary};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::tenant_keys::MessageCipher;
+use crate::crypto::HEADERS_CHUNK;
+use crate::ctx::Ctx;
+use crate::model::{decode, HeaderSummary, MessageRecord};
+use crate::status;
+
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+
+/// The client-facing summary of a stored message (decrypts its headers).
+pub fn summary(ctx: &Ctx, tenant: &str, mailbox: &str, m: &MessageRecord) -> Result<MessageSummary, Status> {
+    let cipher = MessageCipher::for_message(ctx, tenant, mailbox, m.blob, Some(m.key_version))?;
+    let plain = cipher.open(HEADERS_CHUNK, &m.headers)?;
+    let h: HeaderSummary = decode(&plain).map_err(|_| Status::data_loss("stored headers are corrupt"))?;
+    Ok(MessageSummary {
+        uid: m.uid,
+        modseq: m.modseq,
+        flags: m.flags.clone(),
+        internal_date_ms: m.internal_date_ms,
+        size: m.size,
+        subject: h.subject,
+        from: h.from,
+        to: h.to,
+        date: h.date,
+        claimed_by: m.claimed_by.clone().unwrap_or_default(),
+    })
+}
+
+/// `ListMessages` after the read barrier.
+pub fn list(ctx: &Ctx, req: &ListMessagesRequest) -> Result<ListMessagesResponse, Status> {
+    let (tenant, mailbox) = (req.tenant.as_str(), req.mailbox.as_str());
+    let mbox = ctx
+        .reader
+        .mailbox(tenant, mailbox)
+        .map_err(status::read)?
+        .ok_or_else(|| Status::not_found("mailbox not found"))?;
+    let page = match req.page_size {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    } as usize;
+    let from = if req.page_token.is_empty() {
+        req.uid_min
+    } else {
+        req.page_token
+            .parse::<u32>()
+            .map_err(|_| Status::invalid_argument("malformed page_token"))?
+            .max(req.uid_min)
+    };
+    let max = if req.uid_max == 0 { u32::MAX } else { req.uid_max };
+    let mut records = Vec::new();
+    let mut next = None;
+    ctx.reader
+        .messages(tenant, mailbox, from, |m| {
+            if m.uid > max {
+                return false;
+            }
+            if m.modseq <= req.changed_since {
+                return true;
+            }
+            if records.len() == page {
+                next = Some(m.uid);
+                return false;
+            }
+            records.push(m);
+            true
+        })
+        .map_err(status::read)?;
+    let messages = records
+        .iter()
+        .map(|m| summary(ctx, tenant, mailbox, m))
+        .collect::<Result<_, _>>()?;
+    Ok(ListMessagesResponse {
+        messages,
+        next_page_token: next.map(|u| u.to_string()).unwrap_or_default(),
+        highest_modseq: mbox.highest_modseq,
+    })
+}
+
+/// Streams a message: its summary, then its decrypted chunks, one at a time.
+pub fn stream(
+    ctx: Arc<Ctx>,
+    tenant: String,
+    mailbox: String,
+    m: MessageRecord,
+) -> Result<mpsc::Receiver<Result<GetMessageResponse, Status>>, Status> {
+    let first = summary(&ctx, &tenant, &mailbox, &m)?;
+    let cipher = MessageCipher::for_message(&ctx, &tenant, &mailbox, m.blob, Some(m.key_version))?;
+    let (tx, rx) = mpsc::channel(2);
+    tokio::task::spawn_blocking(move || {
+        let send = |r| tx.blocking_send(r).is_ok();
+        if !send(Ok(GetMessageResponse {
+            frame: Some(Frame::Metadata(first)),
+        })) {
+            return;
+        }
+        for i in 0..m.chunks {
+            let frame = match ctx.reader.chunk(&tenant, &m.blob, i) {
+                Ok(Some(ct)) => cipher.open(i, &ct).map(|p| GetMessageResponse {
+                    frame: Some(Frame::Chunk(p)),
+                }),
+                Ok(None) => Err(Status::data_loss("a chunk of the message is missing")),
+                Err(e) => Err(status::read(e)),
+            };
+            let failed = frame.is_err();
+            if !send(frame) || failed {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}

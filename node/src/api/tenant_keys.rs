@@ -1,0 +1,79 @@
+//! Finding the cipher for a tenant's data, and sealing/opening a message's parts.
+
+use std::sync::Arc;
+
+use aes_gcm::Aes256Gcm;
+use tonic::Status;
+
+use crate::command::BlobId;
+use crate::crypto::{open, seal, Aad};
+use crate::ctx::Ctx;
+use crate::status;
+
+/// The cipher of one tenant key version, bound to one message's place.
+pub struct MessageCipher {
+    cipher: Arc<Aes256Gcm>,
+    tenant: String,
+    mailbox: String,
+    blob: BlobId,
+    /// The key version.
+    pub key_version: u32,
+}
+
+impl MessageCipher {
+    /// The cipher for `tenant`'s key `version` (the current one if `None`).
+    pub fn for_message(
+        ctx: &Ctx,
+        tenant: &str,
+        mailbox: &str,
+        blob: BlobId,
+        version: Option<u32>,
+    ) -> Result<MessageCipher, Status> {
+        let rec = ctx
+            .reader
+            .tenant(tenant)
+            .map_err(status::read)?
+            .ok_or_else(|| Status::not_found("tenant not found"))?;
+        let version = version.unwrap_or_else(|| rec.current_version());
+        let key = rec
+            .keys
+            .iter()
+            .find(|k| k.version == version)
+            .ok_or_else(|| Status::data_loss("tenant key version missing"))?;
+        let cipher = ctx.keyring.cipher(tenant, key).map_err(status::crypto)?;
+        Ok(MessageCipher {
+            cipher,
+            tenant: tenant.to_string(),
+            mailbox: mailbox.to_string(),
+            blob,
+            key_version: version,
+        })
+    }
+
+    fn aad(&self, chunk: u32) -> Aad<'_> {
+        Aad {
+            tenant: &self.tenant,
+            mailbox: &self.mailbox,
+            blob: &self.blob,
+            chunk,
+            key_version: self.key_version,
+        }
+    }
+
+    /// Encrypts part `chunk` of the message.
+    pub fn seal(&self, chunk: u32, plaintext: &[u8]) -> Result<Vec<u8>, Status> {
+        seal(&self.cipher, &self.aad(chunk), plaintext).map_err(status::crypto)
+    }
+
+    /// Decrypts part `chunk` of the message.
+    pub fn open(&self, chunk: u32, envelope: &[u8]) -> Result<Vec<u8>, Status> {
+        open(&self.cipher, &self.aad(chunk), envelope).map_err(status::crypto)
+    }
+}
+
+/// A fresh random blob id.
+pub fn new_blob() -> Result<BlobId, Status> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|_| Status::unavailable("random source unavailable"))?;
+    Ok(b)
+}

@@ -1,0 +1,286 @@
+//! The node's TOML configuration: every field documented, defaults in one place,
+//! and a `validate()` with a typed error so a bad config fails at start-up.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The role a node plays in the cluster (see the design brief, "Node roles").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Voter, preferred leader, serves the front ends.
+    #[default]
+    Active,
+    /// Voter that takes over when the active node fails.
+    Standby,
+    /// Voter that never campaigns; takes backups.
+    Backup,
+    /// Learner that can replace a dead voter.
+    Spare,
+    /// Learner in the disaster-recovery region.
+    Dr,
+}
+
+impl Role {
+    /// Whether a node of this role is a voting member when the cluster is bootstrapped.
+    pub fn is_voter(self) -> bool {
+        matches!(self, Role::Active | Role::Standby | Role::Backup)
+    }
+
+    /// Whether a node of this role may start an election.
+    pub fn may_campaign(self) -> bool {
+        matches!(self, Role::Active | Role::Standby)
+    }
+
+    /// The lowercase name used in config files and status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Standby => "standby",
+            Role::Backup => "backup",
+            Role::Spare => "spare",
+            Role::Dr => "dr",
+        }
+    }
+}
+
+/// One member of the initial cluster, as written in `[members.<id>]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    /// The member's role.
+    pub role: Role,
+    /// Address of the member's client API listener (`host:port`).
+    pub client_addr: String,
+    /// Address of the member's Raft peer listener (`host:port`).
+    pub raft_addr: String,
+    /// Address of the member's ops listener (`/healthz`, `/readyz`, `/metrics`).
+    #[serde(default)]
+    pub ops_addr: String,
+}
+
+/// Raft timing and batching knobs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTuning {
+    /// Leader heartbeat interval in milliseconds.
+    pub heartbeat_ms: u64,
+    /// Lower bound of the randomised election timeout in milliseconds.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the randomised election timeout in milliseconds.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_every: u64,
+    /// Upper bound of the bytes of client commands packed into one Raft entry.
+    pub max_batch_bytes: usize,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            heartbeat_ms: 250,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+            snapshot_every: 5000,
+            max_batch_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Limits on client input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest raw message accepted by `AppendMessage`, in bytes.
+    pub max_message_bytes: u64,
+    /// Size of the encrypted chunks a message is stored as, in bytes.
+    pub chunk_bytes: usize,
+    /// How long a write waits for its Raft commit before failing `UNAVAILABLE`.
+    pub write_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 50 * 1024 * 1024,
+            chunk_bytes: 1024 * 1024,
+            write_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// The whole node configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's id; must be a key of `members` unless the node joins later.
+    pub node_id: u64,
+    /// Name of the cluster, checked by peers.
+    #[serde(default = "default_cluster_name")]
+    pub cluster_name: String,
+    /// Directory holding RocksDB and snapshots. Created if missing.
+    pub data_dir: PathBuf,
+    /// Client API listener (mailbox + admin gRPC, health, reflection).
+    pub client_listen: SocketAddr,
+    /// Raft peer listener (node-to-node only).
+    pub raft_listen: SocketAddr,
+    /// Ops listener: `/healthz`, `/readyz`, `/metrics`.
+    pub ops_listen: SocketAddr,
+    /// File holding the 256-bit master key as 64 hex characters. Must not be
+    /// readable by group or others.
+    pub master_key_file: PathBuf,
+    /// The initial members of the cluster, keyed by node id. The lowest id
+    /// bootstraps a fresh cluster once; later starts never bootstrap again.
+    pub members: BTreeMap<u64, MemberConfig>,
+    /// Raft tuning.
+    #[serde(default)]
+    pub raft: RaftTuning,
+    /// Client input limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Log filter (tracing `EnvFilter` syntax), overridden by `RUST_LOG`.
+    #[serde(default = "default_log")]
+    pub log: String,
+    /// Log as JSON lines instead of text.
+    #[serde(default)]
+    pub log_json: bool,
+}
+
+fn default_cluster_name() -> String {
+    "mailvault".to_string()
+}
+
+fn default_log() -> String {
+    "info".to_string()
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The path given.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The path given.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// The values are inconsistent.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values against each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.members.is_empty() {
+            return bad("`members` must list at least one node".into());
+        }
+        if !self.members.contains_key(&self.node_id) {
+            return bad(format!("node_id {} is not a key of `members`", self.node_id));
+        }
+        if !self.members.values().any(|m| m.role.may_campaign()) {
+            return bad("at least one member must be `active` or `standby`".into());
+        }
+        let listens = [self.client_listen, self.raft_listen, self.ops_listen];
+        if listens[0] == listens[1] || listens[0] == listens[2] || listens[1] == listens[2] {
+            return bad("client_listen, raft_listen and ops_listen must differ".into());
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
+            return bad("raft.election_timeout_min_ms must exceed twice raft.heartbeat_ms".into());
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return bad("raft.election_timeout_max_ms must exceed the minimum".into());
+        }
+        if r.max_batch_bytes < 64 * 1024 {
+            return bad("raft.max_batch_bytes must be at least 65536".into());
+        }
+        let l = &self.limits;
+        if l.chunk_bytes < 4096 || l.chunk_bytes > 8 * 1024 * 1024 {
+            return bad("limits.chunk_bytes must be between 4096 and 8388608".into());
+        }
+        if l.max_message_bytes == 0 || l.max_message_bytes > 1024 * 1024 * 1024 {
+            return bad("limits.max_message_bytes must be between 1 and 1073741824".into());
+        }
+        if l.write_timeout_ms < 100 {
+            return bad("limits.write_timeout_ms must be at least 100".into());
+        }
+        Ok(())
+    }
+
+    /// This node's own member entry.
+    pub fn me(&self) -> &MemberConfig {
+        &self.members[&self.node_id]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../deploy/mailvault.example.toml");
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let c: Config = toml::from_str(EXAMPLE).expect("example parses");
+        c.validate().expect("example validates");
+    }
+
+    #[test]
+    fn example_config_matches_the_defaults() {
+        let c: Config = toml::from_str(EXAMPLE).unwrap();
+        assert_eq!(c.raft, RaftTuning::default(), "example [raft] drifted from defaults");
+        assert_eq!(c.limits, Limits::default(), "example [limits] drifted from defaults");
+        assert_eq!(c.cluster_name, default_cluster_name());
+        assert_eq!(c.log, default_log());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let text = format!("{EXAMPLE}\nsurprise = 1\n");
+        let err = toml::from_str::<Config>(&text).unwrap_err().to_string();
+        assert!(err.contains("surprise"), "{err}");
+    }
+
+    #[test]
+    fn node_id_must_be_a_member() {
+        let mut c: Config = toml::from_str(EXAMPLE).unwrap();
+        c.node_id = 99;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("node_id 99"), "{err}");
+    }
+
+    #[test]
+    fn election_timeout_must_exceed_heartbeats() {
+        let mut c: Config = toml::from_str(EXAMPLE).unwrap();
+        c.raft.election_timeout_min_ms = c.raft.heartbeat_ms;
+        assert!(c.validate().is_err());
+    }
+}

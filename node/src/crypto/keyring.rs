@@ -1,0 +1,86 @@
+//! Tenant data keys: generated on the leader, wrapped by the master key,
+//! stored wrapped in the replicated state, unwrapped into memory on use.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use aes_gcm::Aes256Gcm;
+use zeroize::Zeroizing;
+
+use super::envelope::{cipher, open, seal, Aad, CryptoError};
+use super::master_key::MasterKey;
+use crate::command::WrappedKey;
+
+/// The all-zero blob id used in the AAD of wrapped tenant keys.
+const NO_BLOB: [u8; 16] = [0; 16];
+/// The "mailbox" in the AAD of wrapped tenant keys.
+const KEY_PLACE: &str = "\0tenant-key";
+
+/// Unwrapped data keys, cached per tenant and version.
+#[derive(Clone)]
+pub struct Keyring {
+    kek: Arc<Aes256Gcm>,
+    deks: Arc<RwLock<HashMap<(String, u32), Arc<Aes256Gcm>>>>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keyring(<redacted>)")
+    }
+}
+
+impl Keyring {
+    /// A keyring under the given master key.
+    pub fn new(master: &MasterKey) -> Keyring {
+        Keyring {
+            kek: Arc::new(cipher(master.bytes())),
+            deks: Arc::default(),
+        }
+    }
+
+    fn aad(tenant: &str, version: u32) -> Aad<'_> {
+        Aad {
+            tenant,
+            mailbox: KEY_PLACE,
+            blob: &NO_BLOB,
+            chunk: 0,
+            key_version: version,
+        }
+    }
+
+    /// Generates a fresh random data key for `tenant` and wraps it.
+    pub fn generate(&self, tenant: &str, version: u32) -> Result<WrappedKey, CryptoError> {
+        let mut dek = Zeroizing::new([0u8; 32]);
+        getrandom::fill(dek.as_mut()).map_err(|_| CryptoError::Random)?;
+        let wrapped = seal(&self.kek, &Self::aad(tenant, version), dek.as_ref())?;
+        Ok(WrappedKey { version, wrapped })
+    }
+
+    /// The cipher of a tenant's key version, unwrapping `wrapped` on first use.
+    pub fn cipher(&self, tenant: &str, key: &WrappedKey) -> Result<Arc<Aes256Gcm>, CryptoError> {
+        let id = (tenant.to_string(), key.version);
+        if let Some(c) = self.deks.read().expect("keyring lock").get(&id) {
+            return Ok(c.clone());
+        }
+        let dek = Zeroizing::new(open(&self.kek, &Self::aad(tenant, key.version), &key.wrapped)?);
+        let dek: &[u8; 32] = dek.as_slice().try_into().map_err(|_| CryptoError::Authentication)?;
+        let c = Arc::new(cipher(dek));
+        self.deks.write().expect("keyring lock").insert(id, c.clone());
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrapped_key_unwraps_only_for_its_tenant_under_its_master_key() {
+        let ring = Keyring::new(&MasterKey::from_hex(&"11".repeat(32)).unwrap());
+        let k = ring.generate("acme", 1).unwrap();
+        assert!(ring.cipher("acme", &k).is_ok());
+        assert!(ring.cipher("globex", &k).is_err());
+        let other = Keyring::new(&MasterKey::from_hex(&"22".repeat(32)).unwrap());
+        assert!(other.cipher("acme", &k).is_err());
+    }
+}

@@ -1,0 +1,168 @@
+//! The node's shared context: what every API handler needs.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mailvault_proto::v1::admin_client::AdminClient;
+use mailvault_proto::v1::mailbox_client::MailboxClient;
+use tokio::sync::watch;
+use tonic::metadata::MetadataMap;
+use tonic::transport::Channel;
+use tonic::Status;
+
+use crate::config::Config;
+use crate::crypto::Keyring;
+use crate::proposer::Proposer;
+use crate::raft::PeerClients;
+use crate::store::MailReader;
+use crate::types::{Member, NodeId, Raft};
+
+/// Metadata header marking a request a follower forwarded to the leader.
+pub const FORWARDED: &str = "x-mailvault-forwarded";
+
+/// How long a read waits to reach its linearizable read point.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Shared state of a running node.
+pub struct Ctx {
+    /// This node's id.
+    pub id: NodeId,
+    /// The node's configuration.
+    pub config: Config,
+    /// Raft handle.
+    pub raft: Raft,
+    /// Local reads of the state machine.
+    pub reader: MailReader,
+    /// Tenant data keys.
+    pub keyring: Keyring,
+    /// Group-commit proposer.
+    pub proposer: Proposer,
+    /// Peer channels (read index).
+    pub peers: PeerClients,
+    /// Last applied log index.
+    pub applied: watch::Receiver<u64>,
+    leader_channels: Mutex<HashMap<String, Channel>>,
+}
+
+/// Where a write must go.
+pub enum Route {
+    /// Handle it here.
+    Local,
+    /// Forward it to the leader over this channel.
+    Forward(Channel),
+}
+
+impl Ctx {
+    /// Builds the context.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Config,
+        raft: Raft,
+        reader: MailReader,
+        keyring: Keyring,
+        proposer: Proposer,
+        peers: PeerClients,
+        applied: watch::Receiver<u64>,
+    ) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            id: config.node_id,
+            config,
+            raft,
+            reader,
+            keyring,
+            proposer,
+            peers,
+            applied,
+            leader_channels: Mutex::default(),
+        })
+    }
+
+    /// The current leader and its member record, if known.
+    pub fn leader(&self) -> Option<(NodeId, Member)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let member = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, member))
+    }
+
+    /// Whether this node currently leads.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Decides whether a write is handled here or forwarded to the leader.
+    pub fn route(&self, metadata: &MetadataMap) -> Result<Route, Status> {
+        if self.is_leader() {
+            return Ok(Route::Local);
+        }
+        if metadata.contains_key(FORWARDED) {
+            return Err(Status::unavailable("leadership changed while forwarding; retry"));
+        }
+        let Some((_, leader)) = self.leader() else {
+            return Err(Status::unavailable("no leader elected; retry"));
+        };
+        let mut map = self.leader_channels.lock().expect("leader channel lock");
+        let ch = map
+            .entry(leader.client_addr.clone())
+            .or_insert_with(|| {
+                Channel::from_shared(format!("http://{}", leader.client_addr))
+                    .expect("valid client uri")
+                    .connect_timeout(Duration::from_secs(2))
+                    .tcp_nodelay(true)
+                    .connect_lazy()
+            })
+            .clone();
+        Ok(Route::Forward(ch))
+    }
+
+    /// A mailbox client for a forwarding channel.
+    pub fn mailbox_client(&self, ch: Channel) -> MailboxClient<Channel> {
+        let max = self.max_frame();
+        MailboxClient::new(ch)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    }
+
+    /// An admin client for a forwarding channel.
+    pub fn admin_client(&self, ch: Channel) -> AdminClient<Channel> {
+        AdminClient::new(ch)
+    }
+
+    /// Largest gRPC frame accepted on the client API.
+    pub fn max_frame(&self) -> usize {
+        self.config.limits.chunk_bytes * 4 + 64 * 1024
+    }
+
+    /// Waits until this node may serve a linearizable read: the leader
+    /// confirms its leadership with a quorum (read index), and this node has
+    /// applied up to that index.
+    pub async fn read_barrier(&self) -> Result<(), Status> {
+        if self.is_leader() {
+            let r = tokio::time::timeout(READ_TIMEOUT, self.raft.ensure_linearizable()).await;
+            return match r {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(_)) => Err(Status::unavailable("leadership lost; retry")),
+                Err(_) => Err(Status::unavailable("leadership could not be confirmed in time")),
+            };
+        }
+        let Some((_, leader)) = self.leader() else {
+            return Err(Status::unavailable("no leader elected; retry"));
+        };
+        let index = self.peers.read_index(&leader.raft_addr, READ_TIMEOUT).await?;
+        let mut applied = self.applied.clone();
+        let r = tokio::time::timeout(READ_TIMEOUT, applied.wait_for(|a| *a >= index)).await;
+        match r {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Status::unavailable("this node is behind the leader; retry")),
+        }
+    }
+}
+
+/// Marks a request as forwarded by a follower.
+pub fn forwarded<T>(inner: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(inner);
+    r.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    r
+}

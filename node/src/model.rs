@@ -1,0 +1,122 @@
+//! Records stored by the state machine. Encoded with postcard.
+//!
+//! Frozen format: do not reorder fields without a data-version migration.
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{BlobId, WrappedKey};
+
+/// A tenant and its data keys (wrapped by the master key).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TenantRecord {
+    /// Every key version, oldest first.
+    pub keys: Vec<WrappedKey>,
+}
+
+impl TenantRecord {
+    /// The version new writes use.
+    pub fn current_version(&self) -> u32 {
+        self.keys.last().map(|k| k.version).unwrap_or(0)
+    }
+}
+
+/// A mailbox's counters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MailboxRecord {
+    /// UIDVALIDITY, fixed at creation.
+    pub uidvalidity: u32,
+    /// The next UID to assign.
+    pub uidnext: u32,
+    /// The highest MODSEQ of any change.
+    pub highest_modseq: u64,
+    /// Number of messages.
+    pub messages: u64,
+    /// Sum of message sizes.
+    pub total_bytes: u64,
+}
+
+/// A message's metadata. Parsed headers are ciphertext.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MessageRecord {
+    /// UID.
+    pub uid: u32,
+    /// MODSEQ of the last change.
+    pub modseq: u64,
+    /// Flags and keywords, sorted.
+    pub flags: Vec<String>,
+    /// Internal date, ms since the Unix epoch.
+    pub internal_date_ms: i64,
+    /// Plaintext size.
+    pub size: u64,
+    /// Body identity.
+    pub blob: BlobId,
+    /// Number of chunks.
+    pub chunks: u32,
+    /// Data key version.
+    pub key_version: u32,
+    /// Encrypted parsed headers.
+    #[serde(with = "serde_bytes")]
+    pub headers: Vec<u8>,
+    /// Agent holding the claim.
+    pub claimed_by: Option<String>,
+}
+
+/// What an idempotency key was used for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    /// The UID the first append got.
+    pub uid: u32,
+    /// The MODSEQ of that append.
+    pub modseq: u64,
+}
+
+/// Kind of a change record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChangeKind {
+    /// A message was appended or moved in.
+    Appended,
+    /// Flags changed.
+    Flags,
+    /// A claim was taken.
+    Claimed,
+    /// A claim was released.
+    Released,
+    /// A message was expunged or moved out.
+    Expunged,
+}
+
+/// One change, kept so watchers can resume from any MODSEQ.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChangeRecord {
+    /// The UID concerned.
+    pub uid: u32,
+    /// What happened.
+    pub kind: ChangeKind,
+    /// Flags after the change.
+    pub flags: Vec<String>,
+    /// Claim holder after the change.
+    pub claimed_by: Option<String>,
+}
+
+/// Parsed headers, encrypted before they are proposed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeaderSummary {
+    /// Subject.
+    pub subject: String,
+    /// First From address.
+    pub from: String,
+    /// To addresses.
+    pub to: Vec<String>,
+    /// Date header, RFC 3339.
+    pub date: String,
+}
+
+/// Encodes a record.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("in-memory encoding cannot fail")
+}
+
+/// Decodes a record.
+pub fn decode<T: for<'a> Deserialize<'a>>(bytes: &[u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(bytes)
+}

@@ -1,0 +1,12 @@
+//! Raft plumbing: the peer transport (client and server) and start-up.
+
+mod network;
+mod peer_service;
+mod setup;
+
+pub use network::{PeerClients, PeerNetwork};
+pub use peer_service::PeerService;
+pub use setup::{bootstrap_if_fresh, raft_config};
+
+/// Largest peer message accepted, in bytes (entries carry up to a few MiB of chunks).
+pub const PEER_MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;

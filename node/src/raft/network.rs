@@ -1,0 +1,159 @@
+//! The client side of the Raft peer transport: one cached tonic channel per peer.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mailvault_proto::raft::raft_peer_client::RaftPeerClient;
+use mailvault_proto::raft::{RaftPayload, ReadIndexRequest};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use super::PEER_MAX_MESSAGE_BYTES;
+use crate::model::{decode, encode};
+use crate::types::{Member, NodeId, TypeConfig};
+
+/// Cached peer channels, shared by the Raft network and the read-index client.
+#[derive(Clone, Default)]
+pub struct PeerClients {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl PeerClients {
+    /// A client for the peer at `addr` (connects lazily).
+    pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, tonic::transport::Error> {
+        let mut map = self.channels.lock().expect("peer channel lock");
+        let channel = match map.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = Channel::from_shared(format!("http://{addr}"))
+                    .expect("valid peer uri")
+                    .connect_timeout(Duration::from_secs(2))
+                    .tcp_nodelay(true)
+                    .connect_lazy();
+                map.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(RaftPeerClient::new(channel)
+            .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES))
+    }
+
+    /// Asks the leader at `addr` for the log index a linearizable read must wait for.
+    pub async fn read_index(&self, addr: &str, timeout: Duration) -> Result<u64, tonic::Status> {
+        let mut c = self
+            .client(addr)
+            .map_err(|_| tonic::Status::unavailable("leader unreachable"))?;
+        let mut req = tonic::Request::new(ReadIndexRequest {});
+        req.set_timeout(timeout);
+        Ok(c.read_index(req).await?.into_inner().index)
+    }
+}
+
+/// Creates per-peer network handles for openraft.
+#[derive(Clone, Default)]
+pub struct PeerNetwork {
+    clients: PeerClients,
+}
+
+impl PeerNetwork {
+    /// A network sharing the given channel cache.
+    pub fn new(clients: PeerClients) -> PeerNetwork {
+        PeerNetwork { clients }
+    }
+}
+
+/// The connection to one peer.
+pub struct PeerConnection {
+    target: NodeId,
+    addr: String,
+    clients: PeerClients,
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> Self::Network {
+        PeerConnection {
+            target,
+            addr: node.raft_addr.clone(),
+            clients: self.clients.clone(),
+        }
+    }
+}
+
+type RpcErr<E> = RPCError<NodeId, Member, RaftError<NodeId, E>>;
+
+impl PeerConnection {
+    async fn call<Req, Resp, E>(
+        &self,
+        method: Method,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RpcErr<E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let mut client = self
+            .clients
+            .client(&self.addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let mut request = tonic::Request::new(RaftPayload { data: encode(req) });
+        request.set_timeout(option.hard_ttl());
+        let reply = match method {
+            Method::Append => client.append_entries(request).await,
+            Method::Vote => client.vote(request).await,
+            Method::Snapshot => client.install_snapshot(request).await,
+        };
+        let reply = reply.map_err(|s| match s.code() {
+            tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&s)),
+            _ => RPCError::Network(NetworkError::new(&s)),
+        })?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            decode(&reply.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Method {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
+        self.call(Method::Append, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        self.call(Method::Snapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
+        self.call(Method::Vote, &rpc, &option).await
+    }
+}

@@ -1,0 +1,61 @@
+//! The server side of the Raft peer transport. Served only on the peer listener.
+
+use std::time::Duration;
+
+use mailvault_proto::raft::raft_peer_server::RaftPeer;
+use mailvault_proto::raft::{RaftPayload, ReadIndexRequest, ReadIndexResponse};
+use tonic::{Request, Response, Status};
+
+use crate::model::{decode, encode};
+use crate::types::Raft;
+
+/// Hands peer RPCs to the local Raft instance.
+#[derive(Clone)]
+pub struct PeerService {
+    raft: Raft,
+}
+
+impl PeerService {
+    /// A service over `raft`.
+    pub fn new(raft: Raft) -> PeerService {
+        PeerService { raft }
+    }
+}
+
+fn decode_req<T: for<'de> serde::Deserialize<'de>>(req: Request<RaftPayload>) -> Result<T, Status> {
+    decode(&req.into_inner().data).map_err(|_| Status::invalid_argument("undecodable raft payload"))
+}
+
+fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
+    Ok(Response::new(RaftPayload { data: encode(value) }))
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode_req(req)?;
+        reply(&self.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode_req(req)?;
+        reply(&self.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode_req(req)?;
+        reply(&self.raft.install_snapshot(rpc).await)
+    }
+
+    async fn read_index(&self, _req: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
+        // Confirms leadership with a quorum, then names the index to wait for.
+        let fut = self.raft.get_read_log_id();
+        match tokio::time::timeout(Duration::from_secs(5), fut).await {
+            Ok(Ok((read_log_id, _applied))) => Ok(Response::new(ReadIndexResponse {
+                index: read_log_id.map(|l| l.index).unwrap_or(0),
+            })),
+            Ok(Err(_)) => Err(Status::unavailable("not the leader")),
+            Err(_) => Err(Status::unavailable("leadership could not be confirmed in time")),
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! Raft configuration and the one-time bootstrap of a fresh cluster.
+
+use std::collections::BTreeMap;
+
+use crate::config::Config;
+use crate::types::{Member, NodeId, Raft};
+
+/// openraft's config derived from ours.
+pub fn raft_config(config: &Config) -> Result<openraft::Config, openraft::ConfigError> {
+    let r = &config.raft;
+    openraft::Config {
+        cluster_name: config.cluster_name.clone(),
+        heartbeat_interval: r.heartbeat_ms,
+        election_timeout_min: r.election_timeout_min_ms,
+        election_timeout_max: r.election_timeout_max_ms,
+        // A backup node is a voter that never campaigns.
+        enable_elect: config.me().role.may_campaign(),
+        max_payload_entries: 64,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_every),
+        max_in_snapshot_log_to_keep: 100,
+        snapshot_max_chunk_size: 1024 * 1024,
+        install_snapshot_timeout: 5000,
+        ..Default::default()
+    }
+    .validate()
+}
+
+/// Initializes a fresh cluster exactly once: only the lowest-numbered member
+/// does it, and only when its Raft state is empty. Later starts are no-ops.
+pub async fn bootstrap_if_fresh(raft: &Raft, config: &Config) -> anyhow::Result<bool> {
+    let first = *config.members.keys().next().expect("validated: members non-empty");
+    if first != config.node_id || raft.is_initialized().await? {
+        return Ok(false);
+    }
+    let voters: BTreeMap<NodeId, Member> = config
+        .members
+        .iter()
+        .filter(|(_, m)| m.role.is_voter())
+        .map(|(id, m)| (*id, Member::from(m)))
+        .collect();
+    // Spares and DR learners join through membership changes, not the bootstrap.
+    raft.initialize(voters).await?;
+    Ok(true)
+}

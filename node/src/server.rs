@@ -1,0 +1,174 @@
+//! `run()`: the node's boot sequence, which reads like a boot log:
+//! config → master key → store → raft → bootstrap → listeners → shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mailvault_proto::raft::raft_peer_server::RaftPeerServer;
+use mailvault_proto::v1::admin_server::AdminServer;
+use mailvault_proto::v1::mailbox_server::MailboxServer;
+use metrics_exporter_prometheus::PrometheusBuilder;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::{AdminService, MailboxService};
+use crate::config::Config;
+use crate::crypto::{Keyring, MasterKey};
+use crate::ctx::Ctx;
+use crate::proposer::Proposer;
+use crate::raft::{bootstrap_if_fresh, raft_config, PeerClients, PeerNetwork, PeerService, PEER_MAX_MESSAGE_BYTES};
+use crate::store::{open_db, LogStore, MailReader, StateMachine};
+use crate::types::Raft;
+
+/// Runs a node until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let id = config.node_id;
+    tracing::info!(node = id, role = config.me().role.as_str(), "starting mailvault-node");
+
+    let master = MasterKey::load(&config.master_key_file)?;
+    let keyring = Keyring::new(&master);
+    drop(master);
+    tracing::info!("master key loaded");
+
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    let db = open_db(&config.data_dir.join("db"))
+        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+    let log_store = LogStore::new(db.clone());
+    let state_machine = StateMachine::open(db.clone(), &config.data_dir.join("snapshots"))?;
+    let applied = state_machine.applied_index();
+    tracing::info!(applied = *applied.borrow(), "store opened");
+
+    let prometheus = PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+
+    let peers = PeerClients::default();
+    let raft = Raft::new(
+        id,
+        Arc::new(raft_config(&config)?),
+        PeerNetwork::new(peers.clone()),
+        log_store,
+        state_machine,
+    )
+    .await?;
+    // Listen for peers before bootstrapping, so the first election can reach us.
+    let raft_listener = bind(config.raft_listen, "raft").await?;
+    let client_listener = bind(config.client_listen, "client").await?;
+    let ops_listener = bind(config.ops_listen, "ops").await?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let peer_svc = RaftPeerServer::new(PeerService::new(raft.clone()))
+        .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES);
+    let mut stop = stop_rx.clone();
+    tasks.spawn(async move {
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(peer_svc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(raft_listener), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+            .context("raft listener failed")
+    });
+
+    if bootstrap_if_fresh(&raft, &config).await? {
+        tracing::info!("bootstrapped a fresh cluster");
+    }
+
+    let proposer = Proposer::start(
+        raft.clone(),
+        config.raft.max_batch_bytes,
+        Duration::from_millis(config.limits.write_timeout_ms),
+    );
+    let reader = MailReader::new(db.clone());
+    let ctx = Ctx::new(config.clone(), raft.clone(), reader, keyring, proposer, peers, applied);
+    tasks.spawn(watch_leader(raft.clone()));
+
+    let (health_reporter, health_svc) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<MailboxServer<MailboxService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(mailvault_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let max = ctx.max_frame();
+    let mailbox = MailboxServer::new(MailboxService::new(ctx.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let admin = AdminServer::new(AdminService::new(ctx.clone()));
+    let mut stop = stop_rx.clone();
+    tasks.spawn(async move {
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_svc)
+            .add_service(reflection)
+            .add_service(mailbox)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(client_listener), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+            .context("client listener failed")
+    });
+
+    let ops = crate::ops::router(ctx.clone(), prometheus);
+    let mut stop = stop_rx.clone();
+    tasks.spawn(async move {
+        axum::serve(ops_listener, ops)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+            .context("ops listener failed")
+    });
+    tracing::info!(
+        client = %config.client_listen,
+        raft = %config.raft_listen,
+        ops = %config.ops_listen,
+        "serving"
+    );
+
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutdown requested"),
+        Some(res) = tasks.join_next() => {
+            let res = res.context("listener task panicked").and_then(|r| r);
+            if let Err(e) = &res {
+                tracing::error!(error = %e, "a listener stopped; shutting down");
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    raft.shutdown().await.ok();
+    tasks.abort_all();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({what})"))
+}
+
+/// Counts leader changes for `/metrics` and logs them.
+async fn watch_leader(raft: Raft) -> anyhow::Result<()> {
+    let mut rx = raft.metrics();
+    let mut last = None;
+    loop {
+        let leader = rx.borrow_and_update().current_leader;
+        if leader != last {
+            metrics::counter!("mailvault_leader_changes_total").increment(1);
+            tracing::info!(leader = ?leader, "leader changed");
+            last = leader;
+        }
+        if rx.changed().await.is_err() {
+            // Raft stopped; park so the listener set does not end early.
+            std::future::pending::<()>().await;
+        }
+    }
+}

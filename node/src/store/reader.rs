@@ -1,0 +1,131 @@
+//! Read access to the state machine for the API. Callers establish a
+//! linearizable read point first; the reader only looks at local data.
+
+use rocksdb::{Direction, IteratorMode};
+
+use super::db::{Db, CF_SM};
+use crate::command::BlobId;
+use crate::keys;
+use crate::model::{decode, ChangeRecord, IdempotencyRecord, MailboxRecord, MessageRecord, TenantRecord};
+
+/// A failed local read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// RocksDB failed.
+    #[error("storage read failed: {0}")]
+    Db(#[from] rocksdb::Error),
+    /// A stored record does not decode: the local store is damaged.
+    #[error("stored record is corrupt")]
+    Corrupt,
+}
+
+/// Reads the state machine's records.
+#[derive(Clone)]
+pub struct MailReader {
+    db: Db,
+}
+
+type R<T> = Result<T, ReadError>;
+
+impl MailReader {
+    /// A reader over the database.
+    pub fn new(db: Db) -> MailReader {
+        MailReader { db }
+    }
+
+    fn cf(&self) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(CF_SM).expect("sm column family")
+    }
+
+    fn get<T: for<'de> serde::Deserialize<'de>>(&self, key: &[u8]) -> R<Option<T>> {
+        match self.db.get_pinned_cf(self.cf(), key)? {
+            None => Ok(None),
+            Some(b) => decode(&b).map(Some).map_err(|_| ReadError::Corrupt),
+        }
+    }
+
+    /// Visits records under `prefix` from `start` on, until `f` returns false.
+    fn scan<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+        mut f: impl FnMut(&[u8], T) -> bool,
+    ) -> R<()> {
+        let it = self
+            .db
+            .iterator_cf(self.cf(), IteratorMode::From(start, Direction::Forward));
+        for item in it {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            let rec = decode(&v).map_err(|_| ReadError::Corrupt)?;
+            if !f(&k, rec) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// A tenant's record.
+    pub fn tenant(&self, tenant: &str) -> R<Option<TenantRecord>> {
+        self.get(&keys::tenant(tenant))
+    }
+
+    /// A mailbox's record.
+    pub fn mailbox(&self, tenant: &str, mailbox: &str) -> R<Option<MailboxRecord>> {
+        self.get(&keys::mailbox(tenant, mailbox))
+    }
+
+    /// Every mailbox of a tenant, by name.
+    pub fn mailboxes(&self, tenant: &str) -> R<Vec<(String, MailboxRecord)>> {
+        let prefix = keys::mailbox_prefix(tenant);
+        let mut out = Vec::new();
+        self.scan(&prefix, &prefix, |k, rec: MailboxRecord| {
+            out.push((String::from_utf8_lossy(&k[prefix.len()..]).into_owned(), rec));
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// One message's record.
+    pub fn message(&self, tenant: &str, mailbox: &str, uid: u32) -> R<Option<MessageRecord>> {
+        self.get(&keys::message(tenant, mailbox, uid))
+    }
+
+    /// Messages with UID ≥ `from_uid`, in UID order, while `f` returns true.
+    pub fn messages(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+        from_uid: u32,
+        f: impl FnMut(MessageRecord) -> bool,
+    ) -> R<()> {
+        let prefix = keys::message_prefix(tenant, mailbox);
+        let mut f = f;
+        self.scan(&prefix, &keys::message(tenant, mailbox, from_uid), |_, m| f(m))
+    }
+
+    /// One encrypted chunk.
+    pub fn chunk(&self, tenant: &str, blob: &BlobId, index: u32) -> R<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(), keys::chunk(tenant, blob, index))?)
+    }
+
+    /// What an idempotency key was used for.
+    pub fn idempotency(&self, tenant: &str, mailbox: &str, key: &str) -> R<Option<IdempotencyRecord>> {
+        self.get(&keys::idempotency(tenant, mailbox, key))
+    }
+
+    /// Changes with MODSEQ > `since`, oldest first, at most `limit`.
+    pub fn changes(&self, tenant: &str, mailbox: &str, since: u64, limit: usize) -> R<Vec<(u64, ChangeRecord)>> {
+        let prefix = keys::change_prefix(tenant, mailbox);
+        let mut out = Vec::new();
+        let start = keys::change(tenant, mailbox, since.saturating_add(1));
+        self.scan(&prefix, &start, |k, rec: ChangeRecord| {
+            let modseq = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8-byte modseq"));
+            out.push((modseq, rec));
+            out.len() < limit
+        })?;
+        Ok(out)
+    }
+}

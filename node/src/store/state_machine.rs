@@ -1,0 +1,216 @@
+//! The replicated state machine: applies committed entries into RocksDB and
+//! builds, stores and installs snapshots.
+
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, Snapshot};
+use tokio::sync::watch;
+
+use super::apply::Tx;
+use super::db::{Db, CF_SM};
+use super::io_err;
+use super::snapshot::{dump, load, SnapshotError, SnapshotFiles};
+use crate::keys::{META_APPLIED, META_MEMBERSHIP};
+use crate::model::{decode, encode};
+use crate::types::{BatchResult, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+
+/// The state machine. Cloning shares the database and the current snapshot.
+#[derive(Clone)]
+pub struct StateMachine {
+    db: Db,
+    files: SnapshotFiles,
+    current: Arc<Mutex<Option<(SnapshotMeta, Arc<Vec<u8>>)>>>,
+    applied_tx: Arc<watch::Sender<u64>>,
+}
+
+impl StateMachine {
+    /// Opens the state machine over `db`, with snapshots kept under `snapshot_dir`.
+    pub fn open(db: Db, snapshot_dir: &std::path::Path) -> Result<StateMachine, StorageError> {
+        let files = SnapshotFiles::new(snapshot_dir)
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        let current = files
+            .read()
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?
+            .map(|(m, d)| (m, Arc::new(d)));
+        let sm = StateMachine {
+            db,
+            files,
+            current: Arc::new(Mutex::new(current)),
+            applied_tx: Arc::new(watch::channel(0).0),
+        };
+        let applied = sm.read_applied()?.0.map(|l| l.index).unwrap_or(0);
+        sm.applied_tx.send_replace(applied);
+        Ok(sm)
+    }
+
+    /// Watches the last applied log index (for readers waiting on a read index and watchers).
+    pub fn applied_index(&self) -> watch::Receiver<u64> {
+        self.applied_tx.subscribe()
+    }
+
+    fn read_applied(&self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let cf = self.db.cf_handle(CF_SM).expect("sm column family");
+        let get = |k: &[u8]| {
+            self.db
+                .get_cf(cf, k)
+                .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
+        };
+        let applied = match get(META_APPLIED)? {
+            Some(b) => decode(&b).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?,
+            None => None,
+        };
+        let membership = match get(META_MEMBERSHIP)? {
+            Some(b) => decode(&b).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?,
+            None => StoredMembership::default(),
+        };
+        Ok((applied, membership))
+    }
+
+    fn apply_blocking(&self, entries: Vec<Entry>) -> Result<(Vec<BatchResult>, Option<u64>), StorageError> {
+        let mut tx = Tx::new(&self.db);
+        let mut results = Vec::with_capacity(entries.len());
+        let mut last = None;
+        let sm_err = |e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
+        for entry in entries {
+            last = Some(entry.log_id);
+            let mut out = BatchResult::default();
+            match entry.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Normal(batch) => {
+                    for cmd in batch.commands {
+                        out.results.push(tx.apply(cmd).map_err(sm_err)?);
+                    }
+                }
+                EntryPayload::Membership(m) => {
+                    let stored = StoredMembership::new(Some(entry.log_id), m);
+                    tx.put_raw(META_MEMBERSHIP.to_vec(), encode(&stored));
+                }
+            }
+            results.push(out);
+        }
+        if let Some(l) = last {
+            tx.put_raw(META_APPLIED.to_vec(), encode(&Some(l)));
+        }
+        // Not synced: the log holds every applied entry until a snapshot,
+        // and building a snapshot syncs the WAL first.
+        self.db.write(tx.batch).map_err(sm_err)?;
+        Ok((results, last.map(|l| l.index)))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let snap_err = |e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e);
+            // Make every applied write durable before the log it came from can be purged.
+            this.db.flush_wal(true).map_err(|e| snap_err(SnapshotError::Db(e)))?;
+            let cf = this.db.cf_handle(CF_SM).expect("sm column family");
+            this.db.flush_cf(cf).map_err(|e| snap_err(SnapshotError::Db(e)))?;
+            let (applied, membership) = this.read_applied()?;
+            let data = dump(&this.db).map_err(snap_err)?;
+            let snapshot_id = match applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
+                None => format!("empty-{}", data.len()),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: applied,
+                last_membership: membership,
+                snapshot_id,
+            };
+            this.files.save(&meta, &data).map_err(snap_err_io)?;
+            let data = Arc::new(data);
+            *this.current.lock().expect("snapshot lock") = Some((meta.clone(), data.clone()));
+            metrics::counter!("mailvault_snapshots_built_total").increment(1);
+            Ok(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data.as_ref().clone())),
+            })
+        })
+        .await
+        .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?
+    }
+}
+
+fn snap_err_io(e: std::io::Error) -> StorageError {
+    io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e)
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        self.read_applied()
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<BatchResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let this = self.clone();
+        let (results, last) = tokio::task::spawn_blocking(move || this.apply_blocking(entries))
+            .await
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))??;
+        if let Some(i) = last {
+            self.applied_tx.send_replace(i);
+            metrics::gauge!("mailvault_applied_index").set(i as f64);
+        }
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let this = self.clone();
+        let meta2 = meta.clone();
+        let subject = ErrorSubject::Snapshot(Some(meta.signature()));
+        let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, StorageError> {
+            let err = |e| io_err(ErrorSubject::Snapshot(Some(meta2.signature())), ErrorVerb::Write, e);
+            load(&this.db, &data).map_err(err)?;
+            // The metadata in the snapshot's own pairs is replaced by the meta we were given.
+            let cf = this.db.cf_handle(CF_SM).expect("sm column family");
+            let mut wo = rocksdb::WriteOptions::default();
+            wo.set_sync(true);
+            let mut wb = rocksdb::WriteBatch::default();
+            wb.put_cf(cf, META_APPLIED, encode(&meta2.last_log_id));
+            wb.put_cf(cf, META_MEMBERSHIP, encode(&meta2.last_membership));
+            this.db
+                .write_opt(wb, &wo)
+                .map_err(|e| err(SnapshotError::Db(e)))?;
+            this.files
+                .save(&meta2, &data)
+                .map_err(|e| err(SnapshotError::Io(e)))?;
+            Ok(data)
+        })
+        .await
+        .map_err(|e| io_err(subject, ErrorVerb::Write, e))??;
+        *self.current.lock().expect("snapshot lock") = Some((meta.clone(), Arc::new(data)));
+        let applied = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        self.applied_tx.send_replace(applied);
+        metrics::counter!("mailvault_snapshots_installed_total").increment(1);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let cur = self.current.lock().expect("snapshot lock").clone();
+        Ok(cur.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data.as_ref().clone())),
+        }))
+    }
+}

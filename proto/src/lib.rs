@@ -1,0 +1,20 @@
+//! Wire types of mailvault, generated from `proto/` at build time.
+//!
+//! `v1` is the client API (mailbox and admin services); `raft` is the internal
+//! node-to-node protocol and must never be served on the client listener.
+
+/// The client API, `mailvault.v1`.
+pub mod v1 {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("mailvault.v1");
+}
+
+/// The internal Raft peer protocol, `mailvault.raft.v1`.
+pub mod raft {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("mailvault.raft.v1");
+}
+
+/// Encoded file descriptor set of every service, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/mailvault_descriptor.bin"));
