@@ -42,7 +42,8 @@ pub struct BenchArgs {
 }
 
 fn message(size: usize, n: u64) -> Vec<u8> {
-    let head = format!("From: bench@example.invalid\r\nTo: load@example.invalid\r\nSubject: bench {n}\r\n\r\n");
+    let head =
+        format!("From: bench@example.invalid\r\nTo: load@example.invalid\r\nSubject: bench {n}\r\n\r\n");
     let mut v = head.into_bytes();
     v.resize(size.max(v.len()), b'x');
     v
@@ -50,7 +51,13 @@ fn message(size: usize, n: u64) -> Vec<u8> {
 
 /// Sums `mailvault_fsyncs_total` over every member's ops endpoint.
 async fn fsyncs(endpoint: &str) -> Option<f64> {
-    let st = admin(endpoint).await.ok()?.node_status(NodeStatusRequest {}).await.ok()?.into_inner();
+    let st = admin(endpoint)
+        .await
+        .ok()?
+        .node_status(NodeStatusRequest {})
+        .await
+        .ok()?
+        .into_inner();
     let mut total = 0.0;
     for m in st.members {
         total += scrape(&m.ops_addr, "mailvault_fsyncs_total").await?;
@@ -63,9 +70,14 @@ async fn scrape(addr: &str, metric: &str) -> Option<f64> {
         .await
         .ok()?
         .ok()?;
-    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.ok()?;
+    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
     let mut body = String::new();
-    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut body)).await.ok()?.ok()?;
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut body))
+        .await
+        .ok()?
+        .ok()?;
     body.lines()
         .find(|l| l.starts_with(metric) && !l.starts_with('#'))
         .and_then(|l| l.rsplit(' ').next())
@@ -75,7 +87,12 @@ async fn scrape(addr: &str, metric: &str) -> Option<f64> {
 
 pub async fn run(endpoint: &str, output: Output, a: BenchArgs) -> anyhow::Result<()> {
     let mut adm = admin(endpoint).await?;
-    if let Err(s) = adm.create_tenant(CreateTenantRequest { tenant: a.tenant.clone() }).await {
+    if let Err(s) = adm
+        .create_tenant(CreateTenantRequest {
+            tenant: a.tenant.clone(),
+        })
+        .await
+    {
         if s.code() != tonic::Code::AlreadyExists {
             return Err(status_err(s));
         }
@@ -99,7 +116,13 @@ pub async fn run(endpoint: &str, output: Output, a: BenchArgs) -> anyhow::Result
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..a.clients {
-        let (hist, next, errors, a, run_id) = (hist.clone(), next.clone(), errors.clone(), a.clone(), run_id.clone());
+        let (hist, next, errors, a, run_id) = (
+            hist.clone(),
+            next.clone(),
+            errors.clone(),
+            a.clone(),
+            run_id.clone(),
+        );
         let mut c = mailbox(endpoint).await?;
         tasks.push(tokio::spawn(async move {
             let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");

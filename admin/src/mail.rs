@@ -94,7 +94,9 @@ pub async fn tenant(endpoint: &str, output: Output, cmd: TenantCmd) -> anyhow::R
     let TenantCmd::Create { tenant } = cmd;
     let r = admin(endpoint)
         .await?
-        .create_tenant(CreateTenantRequest { tenant: tenant.clone() })
+        .create_tenant(CreateTenantRequest {
+            tenant: tenant.clone(),
+        })
         .await
         .map_err(status_err)?
         .into_inner();
@@ -130,10 +132,22 @@ pub async fn mailbox(endpoint: &str, output: Output, cmd: MailboxCmd) -> anyhow:
         }
     };
     match output {
-        Output::Json => println!("{}", serde_json::Value::from(list.iter().map(mailbox_json).collect::<Vec<_>>())),
+        Output::Json => println!(
+            "{}",
+            serde_json::Value::from(list.iter().map(mailbox_json).collect::<Vec<_>>())
+        ),
         Output::Text => {
             let mut t = Table::new();
-            t.set_header(["mailbox", "messages", "unseen", "claimed", "uidnext", "uidvalidity", "modseq", "bytes"]);
+            t.set_header([
+                "mailbox",
+                "messages",
+                "unseen",
+                "claimed",
+                "uidnext",
+                "uidvalidity",
+                "modseq",
+                "bytes",
+            ]);
             for m in &list {
                 t.add_row([
                     m.mailbox.clone(),
@@ -192,7 +206,11 @@ pub async fn mail(endpoint: &str, output: Output, cmd: MailCmd) -> anyhow::Resul
                     r.uid,
                     r.modseq,
                     r.uidvalidity,
-                    if r.duplicate { " — duplicate idempotency key, nothing new stored" } else { "" }
+                    if r.duplicate {
+                        " — duplicate idempotency key, nothing new stored"
+                    } else {
+                        ""
+                    }
                 ),
             }
         }
@@ -242,7 +260,9 @@ pub async fn mail(endpoint: &str, output: Output, cmd: MailCmd) -> anyhow::Resul
                 }
             }
             match out {
-                Some(p) => std::fs::write(&p, &body).with_context(|| format!("cannot write {}", p.display()))?,
+                Some(p) => {
+                    std::fs::write(&p, &body).with_context(|| format!("cannot write {}", p.display()))?
+                }
                 None => {
                     use std::io::Write;
                     std::io::stdout().write_all(&body)?;

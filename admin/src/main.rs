@@ -13,7 +13,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(version, about)]
 pub struct Cli {
     /// Client API endpoint of any node.
-    #[arg(long, global = true, env = "MAILVAULT_ENDPOINT", default_value = "http://127.0.0.1:7101")]
+    #[arg(
+        long,
+        global = true,
+        env = "MAILVAULT_ENDPOINT",
+        default_value = "http://127.0.0.1:7101"
+    )]
     endpoint: String,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value = "text")]

@@ -83,7 +83,17 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
         }
         Output::Text => {
             let mut t = Table::new();
-            t.set_header(["id", "role", "voter", "state", "term", "last log", "applied", "health", "client addr"]);
+            t.set_header([
+                "id",
+                "role",
+                "voter",
+                "state",
+                "term",
+                "last log",
+                "applied",
+                "health",
+                "client addr",
+            ]);
             for p in &probes {
                 let m = &p.member;
                 let (state, term, last, applied, health) = match &p.status {
@@ -94,7 +104,13 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
                         s.applied_index.to_string(),
                         "ok".to_string(),
                     ),
-                    Err(e) => ("-".into(), "-".into(), "-".into(), "-".into(), format!("DOWN ({e})")),
+                    Err(e) => (
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                        format!("DOWN ({e})"),
+                    ),
                 };
                 t.add_row([
                     m.id.to_string(),
@@ -110,7 +126,11 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
             }
             println!("{t}");
             match leader {
-                Some(l) => println!("leader: node {l}, term {}; {healthy}/{} members healthy", me.term, me.members.len()),
+                Some(l) => println!(
+                    "leader: node {l}, term {}; {healthy}/{} members healthy",
+                    me.term,
+                    me.members.len()
+                ),
                 None => println!("NO LEADER; {healthy}/{} members healthy", me.members.len()),
             }
         }

@@ -48,7 +48,9 @@ pub async fn append(
     body: &[u8],
 ) -> Result<AppendMessageResponse, Status> {
     let frames = append_frames(tenant, mailbox, key, body);
-    c.append_message(tokio_stream::iter(frames)).await.map(|r| r.into_inner())
+    c.append_message(tokio_stream::iter(frames))
+        .await
+        .map(|r| r.into_inner())
 }
 
 /// Fetches a message's summary and raw bytes.
@@ -79,7 +81,11 @@ pub async fn fetch(
 }
 
 /// Every message summary of a mailbox.
-pub async fn list_all(c: &mut MailboxClient<Channel>, tenant: &str, mailbox: &str) -> Result<Vec<MessageSummary>, Status> {
+pub async fn list_all(
+    c: &mut MailboxClient<Channel>,
+    tenant: &str,
+    mailbox: &str,
+) -> Result<Vec<MessageSummary>, Status> {
     let mut all = Vec::new();
     let mut token = String::new();
     loop {
@@ -120,7 +126,10 @@ where
 
 /// Whether a status is worth retrying.
 pub fn transient(s: &Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown)
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    )
 }
 
 /// Creates a tenant and a mailbox through node `i`, retrying while the cluster settles.
@@ -129,7 +138,12 @@ pub async fn create_tenant_and_mailbox(cluster: &crate::Cluster, i: usize, tenan
     retry(Duration::from_secs(20), || {
         let mut a = admin.clone();
         async move {
-            match a.create_tenant(CreateTenantRequest { tenant: tenant.into() }).await {
+            match a
+                .create_tenant(CreateTenantRequest {
+                    tenant: tenant.into(),
+                })
+                .await
+            {
                 Err(s) if s.code() == Code::AlreadyExists => Ok(()),
                 r => r.map(|_| ()),
             }

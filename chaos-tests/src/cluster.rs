@@ -55,7 +55,11 @@ pub fn node_binary() -> PathBuf {
         dir.pop();
     }
     let bin = dir.join("mailvault-node");
-    assert!(bin.exists(), "{} not built; run the tests through cargo", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not built; run the tests through cargo",
+        bin.display()
+    );
     bin
 }
 
@@ -72,7 +76,10 @@ const OPS_PORT: u16 = 7301;
 impl Cluster {
     /// Starts a cluster and waits until it has a leader.
     pub async fn start(opts: ClusterOptions) -> Cluster {
-        let dir = tempfile::Builder::new().prefix("mailvault-test").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("mailvault-test")
+            .tempdir()
+            .expect("tempdir");
         let key = dir.path().join("master.key");
         let mut hex = [0u8; 32];
         getrandom::fill(&mut hex).expect("random");
@@ -240,7 +247,13 @@ impl Cluster {
     /// Node `i`'s applied index.
     pub async fn applied_index(&self, i: usize) -> Option<u64> {
         let mut a = self.admin(i).await;
-        Some(a.node_status(NodeStatusRequest {}).await.ok()?.into_inner().applied_index)
+        Some(
+            a.node_status(NodeStatusRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .applied_index,
+        )
     }
 
     /// Prints the tail of every node's log (for failing tests).

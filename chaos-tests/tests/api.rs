@@ -47,7 +47,9 @@ async fn bad_input_gets_the_right_status_and_stores_nothing() {
         let e = fetch(&mut c, T, M, 999).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
         let e = c
-            .list_mailboxes(ListMailboxesRequest { tenant: "nobody".into() })
+            .list_mailboxes(ListMailboxesRequest {
+                tenant: "nobody".into(),
+            })
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
@@ -67,13 +69,22 @@ async fn bad_input_gets_the_right_status_and_stores_nothing() {
         let chunk_first = vec![AppendMessageRequest {
             frame: Some(Frame::Chunk(b"hello".to_vec())),
         }];
-        let e = c.append_message(tokio_stream::iter(chunk_first)).await.unwrap_err();
+        let e = c
+            .append_message(tokio_stream::iter(chunk_first))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "node {i}: {e:?}");
         let mut two_headers = append_frames(T, M, "k2", &body);
         two_headers.push(two_headers[0].clone());
-        let e = c.append_message(tokio_stream::iter(two_headers)).await.unwrap_err();
+        let e = c
+            .append_message(tokio_stream::iter(two_headers))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
-        let e = c.append_message(tokio_stream::iter(append_frames(T, M, "k3", b""))).await.unwrap_err();
+        let e = c
+            .append_message(tokio_stream::iter(append_frames(T, M, "k3", b"")))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "empty message");
         let e = append(&mut c, T, M, "", &body).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "missing idempotency key");
@@ -83,14 +94,21 @@ async fn bad_input_gets_the_right_status_and_stores_nothing() {
         if let Some(Frame::Header(h)) = &mut wrong_size[0].frame {
             h.size = 5;
         }
-        let e = c.append_message(tokio_stream::iter(wrong_size)).await.unwrap_err();
+        let e = c
+            .append_message(tokio_stream::iter(wrong_size))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
         let e = c
             .append_message(tokio_stream::iter(vec![AppendMessageRequest { frame: None }]))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
-        assert_eq!(count(&mut c).await, 0, "node {i}: a rejected append stored something");
+        assert_eq!(
+            count(&mut c).await,
+            0,
+            "node {i}: a rejected append stored something"
+        );
     }
     // A rejected key is still free to use afterwards.
     let mut c = cluster.mailbox(0).await;
@@ -130,7 +148,10 @@ async fn a_claim_race_has_exactly_one_winner_and_flags_are_conditional() {
     assert_eq!(winners.len(), 1, "winners {winners:?}, losers {losers:?}");
     for s in &losers {
         assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
-        assert!(s.message().contains(&winners[0]), "the loser is told the owner: {s:?}");
+        assert!(
+            s.message().contains(&winners[0]),
+            "the loser is told the owner: {s:?}"
+        );
     }
     // Only the owner can release.
     let e = c
@@ -162,7 +183,11 @@ async fn a_claim_race_has_exactly_one_winner_and_flags_are_conditional() {
         remove: vec![],
         unchanged_since: Some(since),
     };
-    let r = c.update_flags(upd(meta.modseq, "\\Answered")).await.unwrap().into_inner();
+    let r = c
+        .update_flags(upd(meta.modseq, "\\Answered"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(r.modseq > meta.modseq);
     assert_eq!(r.flags, vec!["\\Answered".to_string()]);
     let e = c.update_flags(upd(meta.modseq, "$Escalated")).await.unwrap_err();

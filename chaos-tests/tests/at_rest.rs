@@ -53,7 +53,10 @@ async fn no_plaintext_mail_in_any_data_directory() {
         let mut a = cluster.admin(i).await;
         retry(Duration::from_secs(20), || {
             let mut a = a.clone();
-            async move { a.trigger_snapshot(TriggerSnapshotRequest { purge_log: false }).await }
+            async move {
+                a.trigger_snapshot(TriggerSnapshotRequest { purge_log: false })
+                    .await
+            }
         })
         .await
         .unwrap();
@@ -66,21 +69,37 @@ async fn no_plaintext_mail_in_any_data_directory() {
     for i in 0..cluster.len() {
         let mut all = Vec::new();
         files(&cluster.data_dir(i), &mut all);
-        assert!(all.iter().any(|p| p.to_string_lossy().ends_with(".sst")), "node {i}: no SST was flushed");
-        assert!(all.iter().any(|p| p.ends_with("current.data")), "node {i}: no snapshot on disk");
+        assert!(
+            all.iter().any(|p| p.to_string_lossy().ends_with(".sst")),
+            "node {i}: no SST was flushed"
+        );
+        assert!(
+            all.iter().any(|p| p.ends_with("current.data")),
+            "node {i}: no snapshot on disk"
+        );
         let mut saw_tenant = false;
         for p in &all {
             let data = std::fs::read(p).unwrap();
             // Positive control: names are stored in clear in keys, so the scan can see plaintext.
             saw_tenant |= contains(&data, T.as_bytes());
             for s in secrets {
-                assert!(!contains(&data, s.as_bytes()), "node {i}: plaintext found in {}", p.display());
+                assert!(
+                    !contains(&data, s.as_bytes()),
+                    "node {i}: plaintext found in {}",
+                    p.display()
+                );
             }
         }
-        assert!(saw_tenant, "node {i}: the scan found not even the tenant name; it cannot see plaintext");
+        assert!(
+            saw_tenant,
+            "node {i}: the scan found not even the tenant name; it cannot see plaintext"
+        );
         let log = std::fs::read(cluster.dir().join(format!("node{}/node.log", i + 1))).unwrap();
         for s in secrets {
-            assert!(!contains(&log, s.as_bytes()), "node {i}: mail content in the node's log");
+            assert!(
+                !contains(&log, s.as_bytes()),
+                "node {i}: mail content in the node's log"
+            );
         }
     }
 }

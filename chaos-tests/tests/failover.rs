@@ -97,7 +97,11 @@ async fn acknowledged_appends_survive_leader_kill_and_retries_create_no_duplicat
             by_subject.entry(m.subject.clone()).or_default().push(m.uid);
         }
         for (key, uid) in &acked {
-            assert_eq!(by_subject.get(key), Some(&vec![*uid]), "node {i}: {key} not present exactly once");
+            assert_eq!(
+                by_subject.get(key),
+                Some(&vec![*uid]),
+                "node {i}: {key} not present exactly once"
+            );
         }
         assert_eq!(listed.len(), acked.len(), "node {i} holds unacknowledged extras");
         for (key, uid) in acked.iter().take(10) {
@@ -105,7 +109,10 @@ async fn acknowledged_appends_survive_leader_kill_and_retries_create_no_duplicat
             assert_eq!(bytes, body_for(key));
         }
         let uids: Vec<u32> = listed.iter().map(|m| m.uid).collect();
-        assert!(uids.windows(2).all(|w| w[0] < w[1]), "UIDs must strictly increase");
+        assert!(
+            uids.windows(2).all(|w| w[0] < w[1]),
+            "UIDs must strictly increase"
+        );
     }
 }
 

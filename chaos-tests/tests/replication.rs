@@ -88,7 +88,10 @@ async fn a_node_that_was_down_catches_up_from_the_log_and_from_a_snapshot() {
             .await
             .unwrap()
             .into_inner();
-        assert!(r.purged_index >= r.snapshot_index && r.snapshot_index > 0, "{r:?}");
+        assert!(
+            r.purged_index >= r.snapshot_index && r.snapshot_index > 0,
+            "{r:?}"
+        );
     }
     cluster.start_node(down);
     let all = retry(Duration::from_secs(60), || {
@@ -107,7 +110,10 @@ async fn a_node_that_was_down_catches_up_from_the_log_and_from_a_snapshot() {
     let (_, bytes) = fetch(&mut d, T, M, 50).await.unwrap();
     assert_eq!(bytes, test_message("snap 29", "a@b.example", "y", 2000));
     let installed = scrape_metric(&cluster.ops_addr(down), "mailvault_snapshots_installed_total").await;
-    assert!(installed >= Some(1.0), "the restarted node must have installed a snapshot: {installed:?}");
+    assert!(
+        installed >= Some(1.0),
+        "the restarted node must have installed a snapshot: {installed:?}"
+    );
     let _ = &mut d;
 }
 

@@ -161,9 +161,7 @@ impl Command {
         match self {
             Command::PutChunk { ciphertext, .. } => ciphertext.len() + 64,
             Command::Append { message, .. } | Command::Move { message, .. } => {
-                message.inline_chunks.iter().map(|c| c.len()).sum::<usize>()
-                    + message.headers.len()
-                    + 256
+                message.inline_chunks.iter().map(|c| c.len()).sum::<usize>() + message.headers.len() + 256
             }
             _ => 256,
         }

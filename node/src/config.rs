@@ -256,8 +256,16 @@ mod tests {
     #[test]
     fn example_config_matches_the_defaults() {
         let c: Config = toml::from_str(EXAMPLE).unwrap();
-        assert_eq!(c.raft, RaftTuning::default(), "example [raft] drifted from defaults");
-        assert_eq!(c.limits, Limits::default(), "example [limits] drifted from defaults");
+        assert_eq!(
+            c.raft,
+            RaftTuning::default(),
+            "example [raft] drifted from defaults"
+        );
+        assert_eq!(
+            c.limits,
+            Limits::default(),
+            "example [limits] drifted from defaults"
+        );
         assert_eq!(c.cluster_name, default_cluster_name());
         assert_eq!(c.log, default_log());
     }

@@ -83,7 +83,10 @@ pub fn chunk(tenant: &str, blob: &BlobId, index: u32) -> Vec<u8> {
 
 /// `0x50 tenant 0 mailbox 0 key`.
 pub fn idempotency(tenant: &str, mailbox: &str, key: &str) -> Vec<u8> {
-    with(IDEMPOTENCY, &[tenant.as_bytes(), mailbox.as_bytes(), key.as_bytes()])
+    with(
+        IDEMPOTENCY,
+        &[tenant.as_bytes(), mailbox.as_bytes(), key.as_bytes()],
+    )
 }
 
 /// Prefix of every change record of a mailbox.

@@ -41,7 +41,10 @@ pub fn idempotency_key(value: &str) -> Result<(), BadName> {
 /// A flag or keyword.
 pub fn flag(value: &str) -> Result<(), BadName> {
     if value.contains(' ') {
-        return Err(BadName { what: "flag", max: 128 });
+        return Err(BadName {
+            what: "flag",
+            max: 128,
+        });
     }
     check("flag", value, 128)
 }

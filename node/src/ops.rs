@@ -35,9 +35,10 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
     let last = m.last_log_index.unwrap_or(0);
     match m.current_leader {
         None => (StatusCode::SERVICE_UNAVAILABLE, "no leader\n".into()),
-        Some(_) if last.saturating_sub(applied) > 1000 => {
-            (StatusCode::SERVICE_UNAVAILABLE, format!("catching up: applied {applied} of {last}\n"))
-        }
+        Some(_) if last.saturating_sub(applied) > 1000 => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("catching up: applied {applied} of {last}\n"),
+        ),
         Some(l) => (StatusCode::OK, format!("ready; leader {l}\n")),
     }
 }

@@ -109,7 +109,9 @@ async fn commit(raft: &Raft, batch: Vec<Pending>) {
         }
         Err(e) => {
             let err = match e {
-                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ProposeError::NotLeader(f.leader_id),
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                    ProposeError::NotLeader(f.leader_id)
+                }
                 RaftError::APIError(other) => ProposeError::Unknown(other.to_string()),
                 RaftError::Fatal(_) => ProposeError::Stopped,
             };

@@ -18,14 +18,20 @@ use crate::config::Config;
 use crate::crypto::{Keyring, MasterKey};
 use crate::ctx::Ctx;
 use crate::proposer::Proposer;
-use crate::raft::{bootstrap_if_fresh, raft_config, PeerClients, PeerNetwork, PeerService, PEER_MAX_MESSAGE_BYTES};
+use crate::raft::{
+    bootstrap_if_fresh, raft_config, PeerClients, PeerNetwork, PeerService, PEER_MAX_MESSAGE_BYTES,
+};
 use crate::store::{open_db, LogStore, MailReader, StateMachine};
 use crate::types::Raft;
 
 /// Runs a node until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let id = config.node_id;
-    tracing::info!(node = id, role = config.me().role.as_str(), "starting mailvault-node");
+    tracing::info!(
+        node = id,
+        role = config.me().role.as_str(),
+        "starting mailvault-node"
+    );
 
     let master = MasterKey::load(&config.master_key_file)?;
     let keyring = Keyring::new(&master);
@@ -86,7 +92,15 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         Duration::from_millis(config.limits.write_timeout_ms),
     );
     let reader = MailReader::new(db.clone());
-    let ctx = Ctx::new(config.clone(), raft.clone(), reader, keyring, proposer, peers, applied);
+    let ctx = Ctx::new(
+        config.clone(),
+        raft.clone(),
+        reader,
+        keyring,
+        proposer,
+        peers,
+        applied,
+    );
     tasks.spawn(watch_leader(raft.clone()));
 
     let (health_reporter, health_svc) = tonic_health::server::health_reporter();

@@ -15,7 +15,9 @@ pub fn refusal(r: Refusal) -> Status {
     match r {
         Refusal::NoTenant | Refusal::NoMailbox | Refusal::NoMessage => Status::not_found(msg),
         Refusal::TenantExists | Refusal::MailboxExists => Status::already_exists(msg),
-        Refusal::ClaimedBy(_) | Refusal::NotClaimant | Refusal::Modified(_) => Status::failed_precondition(msg),
+        Refusal::ClaimedBy(_) | Refusal::NotClaimant | Refusal::Modified(_) => {
+            Status::failed_precondition(msg)
+        }
         Refusal::IncompleteBody => Status::aborted(msg),
         Refusal::UidsExhausted => Status::resource_exhausted(msg),
     }
@@ -24,7 +26,9 @@ pub fn refusal(r: Refusal) -> Status {
 /// A failed proposal.
 pub fn propose(e: ProposeError) -> Status {
     match e {
-        ProposeError::NotLeader(_) => Status::unavailable("not the leader; retry (idempotency keys make retries safe)"),
+        ProposeError::NotLeader(_) => {
+            Status::unavailable("not the leader; retry (idempotency keys make retries safe)")
+        }
         ProposeError::Unknown(why) => Status::unavailable(format!(
             "write outcome unknown ({why}); retry with the same idempotency key"
         )),

@@ -16,5 +16,4 @@ pub mod raft {
 }
 
 /// Encoded file descriptor set of every service, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/mailvault_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mailvault_descriptor.bin"));

@@ -37,9 +37,16 @@ fn state_name(s: ServerState) -> &'static str {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn create_tenant(&self, req: Request<CreateTenantRequest>) -> Result<Response<CreateTenantResponse>, Status> {
+    async fn create_tenant(
+        &self,
+        req: Request<CreateTenantRequest>,
+    ) -> Result<Response<CreateTenantResponse>, Status> {
         if let Route::Forward(ch) = self.ctx.route(req.metadata())? {
-            return self.ctx.admin_client(ch).create_tenant(forwarded(req.into_inner())).await;
+            return self
+                .ctx
+                .admin_client(ch)
+                .create_tenant(forwarded(req.into_inner()))
+                .await;
         }
         let r = req.into_inner();
         names::tenant(&r.tenant).map_err(status::name)?;
@@ -47,7 +54,10 @@ impl Admin for AdminService {
         match self
             .ctx
             .proposer
-            .propose(Command::CreateTenant { tenant: r.tenant, key })
+            .propose(Command::CreateTenant {
+                tenant: r.tenant,
+                key,
+            })
             .await
             .map_err(status::propose)?
         {
@@ -56,7 +66,10 @@ impl Admin for AdminService {
         }
     }
 
-    async fn node_status(&self, _req: Request<NodeStatusRequest>) -> Result<Response<NodeStatusResponse>, Status> {
+    async fn node_status(
+        &self,
+        _req: Request<NodeStatusRequest>,
+    ) -> Result<Response<NodeStatusResponse>, Status> {
         let m = self.ctx.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: Vec<u64> = membership.voter_ids().collect();
@@ -100,7 +113,10 @@ impl Admin for AdminService {
             .map_err(|_| Status::unavailable("raft stopped"))?;
         let wait = raft.wait(Some(Duration::from_secs(30)));
         let m = wait
-            .metrics(|m| m.snapshot.map(|l| l.index).unwrap_or(0) >= applied, "snapshot built")
+            .metrics(
+                |m| m.snapshot.map(|l| l.index).unwrap_or(0) >= applied,
+                "snapshot built",
+            )
             .await
             .map_err(|e| Status::deadline_exceeded(format!("snapshot not built in time: {e}")))?;
         let snapshot_index = m.snapshot.map(|l| l.index).unwrap_or(0);
@@ -112,7 +128,10 @@ impl Admin for AdminService {
                 .map_err(|_| Status::unavailable("raft stopped"))?;
             let m = raft
                 .wait(Some(Duration::from_secs(30)))
-                .metrics(|m| m.purged.map(|l| l.index).unwrap_or(0) >= snapshot_index, "log purged")
+                .metrics(
+                    |m| m.purged.map(|l| l.index).unwrap_or(0) >= snapshot_index,
+                    "log purged",
+                )
                 .await
                 .map_err(|e| Status::deadline_exceeded(format!("log not purged in time: {e}")))?;
             purged_index = m.purged.map(|l| l.index).unwrap_or(0);

@@ -16,7 +16,10 @@ use crate::model::encode;
 use crate::{names, status};
 
 /// Handles a whole append stream on the leader.
-pub async fn append(ctx: &Ctx, mut stream: Streaming<AppendMessageRequest>) -> Result<AppendMessageResponse, Status> {
+pub async fn append(
+    ctx: &Ctx,
+    mut stream: Streaming<AppendMessageRequest>,
+) -> Result<AppendMessageResponse, Status> {
     let header = match stream.next().await {
         Some(Ok(AppendMessageRequest {
             frame: Some(Frame::Header(h)),
@@ -28,7 +31,12 @@ pub async fn append(ctx: &Ctx, mut stream: Streaming<AppendMessageRequest>) -> R
     check_header(ctx, &header)?;
     ctx.read_barrier().await?;
     let (tenant, mailbox) = (header.tenant.as_str(), header.mailbox.as_str());
-    if ctx.reader.mailbox(tenant, mailbox).map_err(status::read)?.is_none() {
+    if ctx
+        .reader
+        .mailbox(tenant, mailbox)
+        .map_err(status::read)?
+        .is_none()
+    {
         let what = if ctx.reader.tenant(tenant).map_err(status::read)?.is_none() {
             "tenant not found"
         } else {
@@ -133,7 +141,9 @@ impl<'a> Upload<'a> {
         while let Some(frame) = stream.next().await {
             let bytes = match frame?.frame {
                 Some(Frame::Chunk(c)) => c,
-                Some(Frame::Header(_)) => return Err(Status::invalid_argument("header frame after the first frame")),
+                Some(Frame::Header(_)) => {
+                    return Err(Status::invalid_argument("header frame after the first frame"))
+                }
                 None => return Err(Status::invalid_argument("empty frame")),
             };
             self.total += bytes.len() as u64;

@@ -38,7 +38,12 @@ impl MailboxService {
         }
     }
 
-    fn mailbox_status(&self, tenant: &str, mailbox: &str, m: &MailboxRecord) -> Result<MailboxStatus, Status> {
+    fn mailbox_status(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+        m: &MailboxRecord,
+    ) -> Result<MailboxStatus, Status> {
         let (mut unseen, mut claimed) = (0, 0);
         self.ctx
             .reader
@@ -102,7 +107,10 @@ type RespStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stat
 
 #[tonic::async_trait]
 impl Mailbox for MailboxService {
-    async fn create_mailbox(&self, req: Request<CreateMailboxRequest>) -> Result<Response<MailboxStatus>, Status> {
+    async fn create_mailbox(
+        &self,
+        req: Request<CreateMailboxRequest>,
+    ) -> Result<Response<MailboxStatus>, Status> {
         route_write!(self, req, create_mailbox);
         let r = req.into_inner();
         names::tenant(&r.tenant).map_err(status::name)?;
@@ -161,7 +169,10 @@ impl Mailbox for MailboxService {
 
     type GetMessageStream = RespStream<GetMessageResponse>;
 
-    async fn get_message(&self, req: Request<GetMessageRequest>) -> Result<Response<Self::GetMessageStream>, Status> {
+    async fn get_message(
+        &self,
+        req: Request<GetMessageRequest>,
+    ) -> Result<Response<Self::GetMessageStream>, Status> {
         let r = req.into_inner();
         self.ctx.read_barrier().await?;
         self.existing_mailbox(&r.tenant, &r.mailbox)?;
@@ -185,7 +196,10 @@ impl Mailbox for MailboxService {
         Ok(Response::new(messages::list(&self.ctx, &r)?))
     }
 
-    async fn update_flags(&self, req: Request<UpdateFlagsRequest>) -> Result<Response<UpdateFlagsResponse>, Status> {
+    async fn update_flags(
+        &self,
+        req: Request<UpdateFlagsRequest>,
+    ) -> Result<Response<UpdateFlagsResponse>, Status> {
         route_write!(self, req, update_flags);
         let r = req.into_inner();
         for f in r.add.iter().chain(&r.remove) {
@@ -205,7 +219,10 @@ impl Mailbox for MailboxService {
         Ok(Response::new(UpdateFlagsResponse { modseq, flags }))
     }
 
-    async fn claim_message(&self, req: Request<ClaimMessageRequest>) -> Result<Response<ClaimMessageResponse>, Status> {
+    async fn claim_message(
+        &self,
+        req: Request<ClaimMessageRequest>,
+    ) -> Result<Response<ClaimMessageResponse>, Status> {
         route_write!(self, req, claim_message);
         let r = req.into_inner();
         names::agent(&r.agent).map_err(status::name)?;
@@ -224,7 +241,10 @@ impl Mailbox for MailboxService {
         }))
     }
 
-    async fn release_claim(&self, req: Request<ReleaseClaimRequest>) -> Result<Response<ReleaseClaimResponse>, Status> {
+    async fn release_claim(
+        &self,
+        req: Request<ReleaseClaimRequest>,
+    ) -> Result<Response<ReleaseClaimResponse>, Status> {
         route_write!(self, req, release_claim);
         let r = req.into_inner();
         names::agent(&r.agent).map_err(status::name)?;
@@ -240,7 +260,10 @@ impl Mailbox for MailboxService {
         Ok(Response::new(ReleaseClaimResponse { modseq }))
     }
 
-    async fn move_message(&self, req: Request<MoveMessageRequest>) -> Result<Response<MoveMessageResponse>, Status> {
+    async fn move_message(
+        &self,
+        req: Request<MoveMessageRequest>,
+    ) -> Result<Response<MoveMessageResponse>, Status> {
         route_write!(self, req, move_message);
         let r = req.into_inner();
         self.ctx.read_barrier().await?;
@@ -255,7 +278,9 @@ impl Mailbox for MailboxService {
             })
             .await?;
         match res {
-            CommandResult::Appended { uid, modseq, .. } => Ok(Response::new(MoveMessageResponse { uid, modseq })),
+            CommandResult::Appended { uid, modseq, .. } => {
+                Ok(Response::new(MoveMessageResponse { uid, modseq }))
+            }
             _ => Err(Status::internal("unexpected move result")),
         }
     }

@@ -63,7 +63,10 @@ impl Keyring {
             return Ok(c.clone());
         }
         let dek = Zeroizing::new(open(&self.kek, &Self::aad(tenant, key.version), &key.wrapped)?);
-        let dek: &[u8; 32] = dek.as_slice().try_into().map_err(|_| CryptoError::Authentication)?;
+        let dek: &[u8; 32] = dek
+            .as_slice()
+            .try_into()
+            .map_err(|_| CryptoError::Authentication)?;
         let c = Arc::new(cipher(dek));
         self.deks.write().expect("keyring lock").insert(id, c.clone());
         Ok(c)

@@ -28,7 +28,9 @@ pub enum MasterKeyError {
         source: std::io::Error,
     },
     /// Group or others may read or write it.
-    #[error("master key file {path} has mode {mode:o}; it must not be accessible to group or others (chmod 600)")]
+    #[error(
+        "master key file {path} has mode {mode:o}; it must not be accessible to group or others (chmod 600)"
+    )]
     Permissions {
         /// The file.
         path: PathBuf,
@@ -99,7 +101,10 @@ mod tests {
     fn a_key_readable_by_others_is_refused() {
         let f = write_key(0o644, &"ab".repeat(32));
         let err = MasterKey::load(f.path()).unwrap_err();
-        assert!(matches!(err, MasterKeyError::Permissions { mode: 0o644, .. }), "{err}");
+        assert!(
+            matches!(err, MasterKeyError::Permissions { mode: 0o644, .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -114,6 +119,9 @@ mod tests {
     fn a_missing_or_short_key_is_refused() {
         assert!(MasterKey::load(Path::new("/nonexistent/mv.key")).is_err());
         let f = write_key(0o600, "abcd");
-        assert!(matches!(MasterKey::load(f.path()), Err(MasterKeyError::Format { .. })));
+        assert!(matches!(
+            MasterKey::load(f.path()),
+            Err(MasterKeyError::Format { .. })
+        ));
     }
 }

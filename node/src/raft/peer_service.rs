@@ -47,7 +47,10 @@ impl RaftPeer for PeerService {
         reply(&self.raft.install_snapshot(rpc).await)
     }
 
-    async fn read_index(&self, _req: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
+    async fn read_index(
+        &self,
+        _req: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
         // Confirms leadership with a quorum, then names the index to wait for.
         let fut = self.raft.get_read_log_id();
         match tokio::time::timeout(Duration::from_secs(5), fut).await {

@@ -28,7 +28,11 @@ pub fn raft_config(config: &Config) -> Result<openraft::Config, openraft::Config
 /// Initializes a fresh cluster exactly once: only the lowest-numbered member
 /// does it, and only when its Raft state is empty. Later starts are no-ops.
 pub async fn bootstrap_if_fresh(raft: &Raft, config: &Config) -> anyhow::Result<bool> {
-    let first = *config.members.keys().next().expect("validated: members non-empty");
+    let first = *config
+        .members
+        .keys()
+        .next()
+        .expect("validated: members non-empty");
     if first != config.node_id || raft.is_initialized().await? {
         return Ok(false);
     }

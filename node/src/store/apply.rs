@@ -11,8 +11,7 @@ use rocksdb::WriteBatch;
 use crate::command::{Command, CommandResult, NewMessage, Refusal};
 use crate::keys;
 use crate::model::{
-    decode, encode, ChangeKind, ChangeRecord, IdempotencyRecord, MailboxRecord, MessageRecord,
-    TenantRecord,
+    decode, encode, ChangeKind, ChangeRecord, IdempotencyRecord, MailboxRecord, MessageRecord, TenantRecord,
 };
 
 use super::db::{Db, CF_SM};
@@ -177,7 +176,10 @@ impl<'a> Tx<'a> {
                 uid,
                 message,
             } => {
-                if self.get::<MessageRecord>(&keys::message(&tenant, &mailbox, uid))?.is_none() {
+                if self
+                    .get::<MessageRecord>(&keys::message(&tenant, &mailbox, uid))?
+                    .is_none()
+                {
                     self.drop_staged(&tenant, &message);
                     return Ok(Err(Refusal::NoMessage));
                 }
@@ -269,7 +271,14 @@ impl<'a> Tx<'a> {
         }))
     }
 
-    fn record_change(&mut self, tenant: &str, mailbox: &str, modseq: u64, m: &MessageRecord, kind: ChangeKind) {
+    fn record_change(
+        &mut self,
+        tenant: &str,
+        mailbox: &str,
+        modseq: u64,
+        m: &MessageRecord,
+        kind: ChangeKind,
+    ) {
         let change = ChangeRecord {
             uid: m.uid,
             kind,
@@ -335,6 +344,9 @@ impl<'a> Tx<'a> {
         }
         let modseq = mbox.highest_modseq;
         self.put(mk, &mbox);
-        Ok(Ok(CommandResult::Expunged { uids: removed, modseq }))
+        Ok(Ok(CommandResult::Expunged {
+            uids: removed,
+            modseq,
+        }))
     }
 }

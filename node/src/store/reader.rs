@@ -117,7 +117,13 @@ impl MailReader {
     }
 
     /// Changes with MODSEQ > `since`, oldest first, at most `limit`.
-    pub fn changes(&self, tenant: &str, mailbox: &str, since: u64, limit: usize) -> R<Vec<(u64, ChangeRecord)>> {
+    pub fn changes(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+        since: u64,
+        limit: usize,
+    ) -> R<Vec<(u64, ChangeRecord)>> {
         let prefix = keys::change_prefix(tenant, mailbox);
         let mut out = Vec::new();
         let start = keys::change(tenant, mailbox, since.saturating_add(1));

@@ -102,7 +102,9 @@ impl SnapshotFiles {
     /// Files under `dir`, created if missing.
     pub fn new(dir: &Path) -> std::io::Result<SnapshotFiles> {
         std::fs::create_dir_all(dir)?;
-        Ok(SnapshotFiles { dir: dir.to_path_buf() })
+        Ok(SnapshotFiles {
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn write_synced(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {

@@ -106,7 +106,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         tokio::task::spawn_blocking(move || {
             let snap_err = |e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e);
             // Make every applied write durable before the log it came from can be purged.
-            this.db.flush_wal(true).map_err(|e| snap_err(SnapshotError::Db(e)))?;
+            this.db
+                .flush_wal(true)
+                .map_err(|e| snap_err(SnapshotError::Db(e)))?;
             let cf = this.db.cf_handle(CF_SM).expect("sm column family");
             this.db.flush_cf(cf).map_err(|e| snap_err(SnapshotError::Db(e)))?;
             let (applied, membership) = this.read_applied()?;
@@ -180,7 +182,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let meta2 = meta.clone();
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
         let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, StorageError> {
-            let err = |e| io_err(ErrorSubject::Snapshot(Some(meta2.signature())), ErrorVerb::Write, e);
+            let err = |e| {
+                io_err(
+                    ErrorSubject::Snapshot(Some(meta2.signature())),
+                    ErrorVerb::Write,
+                    e,
+                )
+            };
             load(&this.db, &data).map_err(err)?;
             // The metadata in the snapshot's own pairs is replaced by the meta we were given.
             let cf = this.db.cf_handle(CF_SM).expect("sm column family");
