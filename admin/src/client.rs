@@ -1,22 +1,60 @@
-//! Connecting to a node.
+//! Connecting to a node over mTLS.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use anyhow::Context;
 use mailvault_proto::v1::admin_client::AdminClient;
 use mailvault_proto::v1::mailbox_client::MailboxClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Largest frame accepted from a node.
 const MAX_FRAME: usize = 16 * 1024 * 1024;
 
-/// A channel to `endpoint` (an `http://host:port` URL or `host:port`).
-pub async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
+/// The certificate files this CLI presents.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TlsArgs {
+    /// Cluster CA certificate (PEM).
+    #[arg(long, global = true, env = "MAILVAULT_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM).
+    #[arg(long, global = true, env = "MAILVAULT_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, global = true, env = "MAILVAULT_KEY")]
+    pub key: Option<PathBuf>,
+}
+
+static TLS: OnceLock<Option<ClientTlsConfig>> = OnceLock::new();
+
+/// Sets the TLS files for every connection this process makes.
+pub fn init_tls(args: &TlsArgs) -> anyhow::Result<()> {
+    let cfg = match (&args.ca, &args.cert, &args.key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+            Some(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(read(ca)?))
+                    .identity(Identity::from_pem(read(cert)?, read(key)?)),
+            )
+        }
+        (None, None, None) => None,
+        _ => anyhow::bail!("--ca, --cert and --key go together"),
     };
+    let _ = TLS.set(cfg);
+    Ok(())
+}
+
+/// A channel to `endpoint` (`host:port`, or a URL whose scheme is ignored).
+pub async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
+    let hostport = endpoint.split("://").last().unwrap_or(endpoint);
+    let tls = TLS.get().cloned().flatten().context(
+        "every listener requires mTLS: give --ca, --cert and --key (or MAILVAULT_CA, MAILVAULT_CERT, MAILVAULT_KEY)",
+    )?;
+    let url = format!("https://{hostport}");
     Endpoint::from_shared(url.clone())
         .with_context(|| format!("invalid endpoint {url}"))?
+        .tls_config(tls)?
         .connect_timeout(std::time::Duration::from_secs(3))
         .tcp_nodelay(true)
         .connect()

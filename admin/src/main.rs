@@ -1,8 +1,11 @@
 //! `mailvault-admin`: the operator CLI. Works remotely over gRPC.
 //! Data goes to stdout, diagnostics to stderr; `--output json` everywhere.
 
+mod access;
+mod audit;
 mod bench;
 mod client;
+mod devcerts;
 mod mail;
 mod status;
 
@@ -17,12 +20,14 @@ pub struct Cli {
         long,
         global = true,
         env = "MAILVAULT_ENDPOINT",
-        default_value = "http://127.0.0.1:7101"
+        default_value = "127.0.0.1:7101"
     )]
     endpoint: String,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     output: Output,
+    #[command(flatten)]
+    tls: client::TlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,17 +56,33 @@ enum Command {
     Mail(mail::MailCmd),
     /// Load generator: appends with N concurrent clients; prints throughput and latency.
     Bench(bench::BenchArgs),
+    /// Access policy: roles, allowlists, revocation (operator).
+    #[command(subcommand)]
+    Access(access::AccessCmd),
+    /// The audit log: list, verify, export (auditor); verify offline on a data directory.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
+    /// Generates a development CA, node certificates and client identities.
+    DevCerts(devcerts::DevCertsArgs),
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
+    if let Err(e) = client::init_tls(&cli.tls) {
+        eprintln!("mailvault-admin: {e:#}");
+        return std::process::ExitCode::FAILURE;
+    }
     let res = match cli.command {
         Command::Status => status::run(&cli.endpoint, cli.output).await,
         Command::Tenant(c) => mail::tenant(&cli.endpoint, cli.output, c).await,
         Command::Mailbox(c) => mail::mailbox(&cli.endpoint, cli.output, c).await,
         Command::Mail(c) => mail::mail(&cli.endpoint, cli.output, c).await,
         Command::Bench(a) => bench::run(&cli.endpoint, cli.output, a).await,
+        Command::Access(c) => access::run(&cli.endpoint, cli.output, c).await,
+        Command::Audit(c) => audit::run(&cli.endpoint, cli.output, c).await,
+        Command::DevCerts(a) => devcerts::run(cli.output, a),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

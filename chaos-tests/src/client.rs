@@ -8,16 +8,19 @@ use mailvault_proto::v1::get_message_response::Frame as GetFrame;
 use mailvault_proto::v1::mailbox_client::MailboxClient;
 use mailvault_proto::v1::*;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::{Code, Status};
 
 /// Bytes per frame when streaming a message in.
 pub const FRAME_BYTES: usize = 256 * 1024;
 
-/// A lazily connecting channel to `addr`.
-pub fn lazy_channel(addr: &str) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
+/// A lazily connecting mTLS channel to `addr`, optionally from a given local address.
+pub fn lazy_channel(addr: &str, tls: ClientTlsConfig, local: Option<std::net::IpAddr>) -> Channel {
+    Channel::from_shared(format!("https://{addr}"))
         .expect("valid uri")
+        .tls_config(tls)
+        .expect("tls config")
+        .local_address(local)
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(30))
         .connect_lazy()
@@ -134,7 +137,7 @@ pub fn transient(s: &Status) -> bool {
 
 /// Creates a tenant and a mailbox through node `i`, retrying while the cluster settles.
 pub async fn create_tenant_and_mailbox(cluster: &crate::Cluster, i: usize, tenant: &str, mailbox: &str) {
-    let mut admin = cluster.admin(i).await;
+    let admin = cluster.admin(i).await;
     retry(Duration::from_secs(20), || {
         let mut a = admin.clone();
         async move {
@@ -151,7 +154,6 @@ pub async fn create_tenant_and_mailbox(cluster: &crate::Cluster, i: usize, tenan
     })
     .await
     .expect("create tenant");
-    let _ = &mut admin;
     let mb = cluster.mailbox(i).await;
     retry(Duration::from_secs(20), || {
         let mut m = mb.clone();

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use mailvault_proto::v1::admin_client::AdminClient;
 use mailvault_proto::v1::mailbox_client::MailboxClient;
 use mailvault_proto::v1::NodeStatusRequest;
-use tonic::transport::Channel;
+use mailvault_node::tls::devcerts::DevCa;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// Knobs for a test cluster.
 #[derive(Debug, Clone)]
@@ -19,6 +20,8 @@ pub struct ClusterOptions {
     pub snapshot_every: u64,
     /// `limits.max_message_bytes`.
     pub max_message_bytes: u64,
+    /// `audit.fail_closed`.
+    pub audit_fail_closed: bool,
 }
 
 impl Default for ClusterOptions {
@@ -27,6 +30,7 @@ impl Default for ClusterOptions {
             nodes: 3,
             snapshot_every: 5000,
             max_message_bytes: 50 * 1024 * 1024,
+            audit_fail_closed: false,
         }
     }
 }
@@ -42,7 +46,14 @@ struct NodeProc {
 pub struct Cluster {
     dir: tempfile::TempDir,
     nodes: Vec<NodeProc>,
+    ca: DevCa,
+    ca_pem: String,
 }
+
+/// The identity [`Cluster::admin`] uses: a bootstrap operator.
+pub const ADMIN: &str = "admin";
+/// The identity [`Cluster::mailbox`] uses: tenant-admin on every tenant.
+pub const FRONTEND: &str = "frontend";
 
 /// The `mailvault-node` binary: `$MAILVAULT_NODE_BIN`, or beside the test binary.
 pub fn node_binary() -> PathBuf {
@@ -61,6 +72,11 @@ pub fn node_binary() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// The `mailvault-admin` binary, beside `mailvault-node`.
+pub fn admin_binary() -> PathBuf {
+    node_binary().with_file_name("mailvault-admin")
 }
 
 fn random_base() -> String {
@@ -86,6 +102,7 @@ impl Cluster {
         let hex: String = hex.iter().map(|b| format!("{b:02x}")).collect();
         std::fs::write(&key, hex).expect("write key");
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let base = random_base();
         let nodes: Vec<NodeProc> = (1..=opts.nodes as u64)
             .map(|id| NodeProc {
@@ -108,25 +125,104 @@ impl Cluster {
                 ip = n.ip
             ));
         }
+        let ca = DevCa::new("test CA").expect("CA");
+        ca.pems.save(dir.path(), "ca").expect("write CA");
         for n in &nodes {
             std::fs::create_dir_all(&n.dir).expect("node dir");
+            let ip: std::net::IpAddr = n.ip.parse().expect("ip");
+            ca.node(n.id, &[ip]).expect("node cert").save(&n.dir, "node").expect("write node cert");
             let cfg = format!(
-                "node_id = {id}\ndata_dir = \"{data}\"\nclient_listen = \"{ip}:{CLIENT_PORT}\"\nraft_listen = \"{ip}:{RAFT_PORT}\"\nops_listen = \"{ip}:{OPS_PORT}\"\nmaster_key_file = \"{key}\"\nlog = \"info,openraft=warn\"\n\n{members}[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 800\nelection_timeout_max_ms = 1600\nsnapshot_every = {snap}\n\n[limits]\nmax_message_bytes = {max}\n",
+                "node_id = {id}\ndata_dir = \"{data}\"\nclient_listen = \"{ip}:{CLIENT_PORT}\"\nraft_listen = \"{ip}:{RAFT_PORT}\"\nops_listen = \"{ip}:{OPS_PORT}\"\nmaster_key_file = \"{key}\"\nlog = \"info,openraft=warn\"\n\n[tls]\nca_file = \"{ca}\"\ncert_file = \"{nd}/node.pem\"\nkey_file = \"{nd}/node.key\"\n\n[access]\noperators = [\"{ADMIN}\"]\n\n[audit]\nfail_closed = {fail_closed}\n\n{members}[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 800\nelection_timeout_max_ms = 1600\nsnapshot_every = {snap}\n\n[limits]\nmax_message_bytes = {max}\n",
                 id = n.id,
                 data = n.dir.join("data").display(),
                 ip = n.ip,
                 key = key.display(),
                 snap = opts.snapshot_every,
                 max = opts.max_message_bytes,
+                ca = dir.path().join("ca.pem").display(),
+                nd = n.dir.display(),
+                fail_closed = opts.audit_fail_closed,
             );
             std::fs::write(n.dir.join("node.toml"), cfg).expect("write config");
         }
-        let mut c = Cluster { dir, nodes };
+        let ca_pem = ca.pems.cert.clone();
+        let mut c = Cluster { dir, nodes, ca, ca_pem };
         for i in 0..c.nodes.len() {
             c.start_node(i);
         }
         c.wait_for_leader(Duration::from_secs(30)).await;
+        c.grant(FRONTEND, "*", "tenant-admin").await;
         c
+    }
+
+    /// Grants `identity` a tenant role, through node 0 as the admin.
+    pub async fn grant(&self, identity: &str, tenant: &str, role: &str) {
+        use mailvault_proto::v1::{GetIdentityRequest, PutIdentityRequest, TenantRoles};
+        let a = self.admin(0).await;
+        crate::client::retry(Duration::from_secs(20), || {
+            let mut a = a.clone();
+            async move {
+                let mut p = a
+                    .get_identity(GetIdentityRequest { identity: identity.into() })
+                    .await?
+                    .into_inner();
+                p.tenant_roles.push(TenantRoles {
+                    tenant: tenant.into(),
+                    roles: vec![role.into()],
+                });
+                a.put_identity(PutIdentityRequest { policy: Some(p) }).await
+            }
+        })
+        .await
+        .expect("grant");
+    }
+
+    /// The cluster's CA (to issue more certificates).
+    pub fn ca(&self) -> &DevCa {
+        &self.ca
+    }
+
+    /// TLS config presenting a certificate for `identity` (issued and cached on first use).
+    pub fn tls_for(&self, identity: &str) -> ClientTlsConfig {
+        let cert = self.dir.path().join(format!("client-{identity}.pem"));
+        if !cert.exists() {
+            self.ca
+                .client(identity)
+                .expect("client cert")
+                .save(self.dir.path(), &format!("client-{identity}"))
+                .expect("write client cert");
+        }
+        let read = |ext: &str| std::fs::read(self.dir.path().join(format!("client-{identity}.{ext}"))).expect("read cert");
+        self.tls_with(Identity::from_pem(read("pem"), read("key")))
+    }
+
+    /// TLS config presenting `identity`, trusting the cluster CA.
+    pub fn tls_with(&self, identity: Identity) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .identity(identity)
+    }
+
+    /// A channel to node `i`'s client listener as `identity`, from `local` if given.
+    pub fn channel_as(&self, i: usize, identity: &str, local: Option<std::net::IpAddr>) -> Channel {
+        crate::client::lazy_channel(&self.client_addr(i), self.tls_for(identity), local)
+    }
+
+    /// Node `i`'s Raft peer address.
+    pub fn raft_addr(&self, i: usize) -> String {
+        format!("{}:{RAFT_PORT}", self.nodes[i].ip)
+    }
+
+    /// A mailbox client for node `i` as `identity`.
+    pub async fn mailbox_as(&self, i: usize, identity: &str) -> MailboxClient<Channel> {
+        MailboxClient::new(self.channel_as(i, identity, None))
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024)
+    }
+
+    /// An admin client for node `i` as `identity`.
+    pub async fn admin_as(&self, i: usize, identity: &str) -> AdminClient<Channel> {
+        AdminClient::new(self.channel_as(i, identity, None))
     }
 
     /// Number of nodes.
@@ -195,16 +291,14 @@ impl Cluster {
         }
     }
 
-    /// A mailbox client for node `i`.
+    /// A mailbox client for node `i` as [`FRONTEND`].
     pub async fn mailbox(&self, i: usize) -> MailboxClient<Channel> {
-        MailboxClient::new(crate::client::lazy_channel(&self.client_addr(i)))
-            .max_decoding_message_size(64 * 1024 * 1024)
-            .max_encoding_message_size(64 * 1024 * 1024)
+        self.mailbox_as(i, FRONTEND).await
     }
 
-    /// An admin client for node `i`.
+    /// An admin client for node `i` as [`ADMIN`].
     pub async fn admin(&self, i: usize) -> AdminClient<Channel> {
-        AdminClient::new(crate::client::lazy_channel(&self.client_addr(i)))
+        self.admin_as(i, ADMIN).await
     }
 
     /// Index of the node every running node agrees leads, waiting up to `timeout`.

@@ -9,4 +9,4 @@ mod client;
 mod cluster;
 
 pub use client::*;
-pub use cluster::{Cluster, ClusterOptions};
+pub use cluster::{admin_binary, node_binary, Cluster, ClusterOptions, ADMIN, FRONTEND};

@@ -20,6 +20,13 @@ if [ ! -f "$KEY" ]; then
   echo "created development master key $KEY (mode 0600)" >&2
 fi
 
+CERTS="$RUN_DIR/certs"
+if [ ! -f "$CERTS/ca.pem" ]; then
+  "$BIN_DIR/mailvault-admin" dev-certs --out "$CERTS" \
+    --node 1=127.0.0.1 --node 2=127.0.0.1 --node 3=127.0.0.1 \
+    --client admin --client auditor --client frontend --client reader >&2
+fi
+
 members=""
 roles=(active standby backup)
 for i in 1 2 3; do
@@ -44,6 +51,14 @@ raft_listen = "127.0.0.1:720$i"
 ops_listen = "127.0.0.1:730$i"
 master_key_file = "$KEY"
 
+[tls]
+ca_file = "$CERTS/ca.pem"
+cert_file = "$CERTS/node-$i.pem"
+key_file = "$CERTS/node-$i.key"
+
+[access]
+operators = ["admin"]
+
 $members
 TOML
   nohup "$BIN_DIR/mailvault-node" --config "$RUN_DIR/node$i.toml" >"$RUN_DIR/node$i.log" 2>&1 &
@@ -63,13 +78,19 @@ if [ "$healthy" != 3 ]; then
   echo "error: cluster not healthy after 60s; logs in $RUN_DIR/node*.log" >&2
   exit 1
 fi
-"$BIN_DIR/mailvault-admin" --endpoint http://127.0.0.1:7101 status
+as_admin=(--ca "$CERTS/ca.pem" --cert "$CERTS/client-admin.pem" --key "$CERTS/client-admin.key")
+"$BIN_DIR/mailvault-admin" "${as_admin[@]}" --endpoint 127.0.0.1:7101 status
 cat <<MSG
 
-mailvault is running.
-  client API (gRPC, plaintext until mTLS lands): 127.0.0.1:7101, 127.0.0.1:7102, 127.0.0.1:7103
-  ops (health, metrics):                         http://127.0.0.1:7301/metrics (7302, 7303)
-  admin CLI:   $BIN_DIR/mailvault-admin --endpoint http://127.0.0.1:7101 status
-  data, logs:  $RUN_DIR
-  stop:        deploy/local/down.sh
+mailvault is running (mTLS on every listener).
+  client API (gRPC):     127.0.0.1:7101, 127.0.0.1:7102, 127.0.0.1:7103
+  ops (health, metrics): http://127.0.0.1:7301/metrics (7302, 7303)
+  certificates:          $CERTS (CA, nodes, and clients admin, auditor, frontend, reader)
+  data, logs:            $RUN_DIR
+  stop:                  deploy/local/down.sh
+
+Use it as the bootstrap operator:
+  export PATH="$BIN_DIR:\$PATH" MAILVAULT_ENDPOINT=127.0.0.1:7101
+  export MAILVAULT_CA=$CERTS/ca.pem MAILVAULT_CERT=$CERTS/client-admin.pem MAILVAULT_KEY=$CERTS/client-admin.key
+  mailvault-admin status
 MSG

@@ -144,6 +144,23 @@ pub enum Command {
         /// The re-encrypted message for the destination.
         message: NewMessage,
     },
+    /// Replaces an identity's access policy.
+    PutIdentity {
+        /// The identity.
+        identity: String,
+        /// Its new policy.
+        policy: crate::access::IdentityPolicy,
+    },
+    /// Revokes a certificate serial (hex, lowercase, no colons).
+    RevokeSerial {
+        /// The serial.
+        serial: String,
+    },
+    /// Appends audit events to the hash chain.
+    Audit {
+        /// The events, in order.
+        events: Vec<crate::audit::AuditEvent>,
+    },
     /// Expunges messages.
     Expunge {
         /// Tenant name.
@@ -163,6 +180,7 @@ impl Command {
             Command::Append { message, .. } | Command::Move { message, .. } => {
                 message.inline_chunks.iter().map(|c| c.len()).sum::<usize>() + message.headers.len() + 256
             }
+            Command::Audit { events } => events.len() * 160,
             _ => 256,
         }
     }

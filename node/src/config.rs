@@ -112,6 +112,36 @@ impl Default for Limits {
     }
 }
 
+/// Access control settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Identities that are always operators (break-glass bootstrap of the policy).
+    pub operators: Vec<String>,
+    /// Failed authentications or denied calls that lock an identity or address out.
+    pub lockout_threshold: usize,
+    /// Window for counting failures, and length of a lockout, in minutes.
+    pub lockout_minutes: u64,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        AccessConfig {
+            operators: Vec::new(),
+            lockout_threshold: 5,
+            lockout_minutes: 15,
+        }
+    }
+}
+
+/// Audit log settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// When true, an access whose audit record cannot be committed fails.
+    pub fail_closed: bool,
+}
+
 /// The whole node configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -132,6 +162,14 @@ pub struct Config {
     /// File holding the 256-bit master key as 64 hex characters. Must not be
     /// readable by group or others.
     pub master_key_file: PathBuf,
+    /// Certificates: every listener requires mTLS with certificates from this CA.
+    pub tls: crate::tls::TlsFiles,
+    /// Access control.
+    #[serde(default)]
+    pub access: AccessConfig,
+    /// Audit log.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// The initial members of the cluster, keyed by node id. The lowest id
     /// bootstraps a fresh cluster once; later starts never bootstrap again.
     pub members: BTreeMap<u64, MemberConfig>,
@@ -228,6 +266,9 @@ impl Config {
         }
         if l.max_message_bytes == 0 || l.max_message_bytes > 1024 * 1024 * 1024 {
             return bad("limits.max_message_bytes must be between 1 and 1073741824".into());
+        }
+        if self.access.lockout_threshold == 0 || self.access.lockout_minutes == 0 {
+            return bad("access.lockout_threshold and access.lockout_minutes must be positive".into());
         }
         if l.write_timeout_ms < 100 {
             return bad("limits.write_timeout_ms must be at least 100".into());

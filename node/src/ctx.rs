@@ -1,7 +1,5 @@
 //! The node's shared context: what every API handler needs.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mailvault_proto::v1::admin_client::AdminClient;
@@ -11,6 +9,8 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tonic::Status;
 
+use crate::access::{Lockout, Principal, ON_BEHALF_OF, ON_BEHALF_SERIAL, ON_BEHALF_SOURCE};
+use crate::audit::AuditRecorder;
 use crate::config::Config;
 use crate::crypto::Keyring;
 use crate::proposer::Proposer;
@@ -38,11 +38,14 @@ pub struct Ctx {
     pub keyring: Keyring,
     /// Group-commit proposer.
     pub proposer: Proposer,
-    /// Peer channels (read index).
+    /// mTLS channels to peers (Raft, read index, forwarding).
     pub peers: PeerClients,
     /// Last applied log index.
     pub applied: watch::Receiver<u64>,
-    leader_channels: Mutex<HashMap<String, Channel>>,
+    /// Audit log recorder.
+    pub audit: AuditRecorder,
+    /// Failure counters and lockouts.
+    pub lockout: Lockout,
 }
 
 /// Where a write must go.
@@ -54,30 +57,6 @@ pub enum Route {
 }
 
 impl Ctx {
-    /// Builds the context.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        config: Config,
-        raft: Raft,
-        reader: MailReader,
-        keyring: Keyring,
-        proposer: Proposer,
-        peers: PeerClients,
-        applied: watch::Receiver<u64>,
-    ) -> Arc<Ctx> {
-        Arc::new(Ctx {
-            id: config.node_id,
-            config,
-            raft,
-            reader,
-            keyring,
-            proposer,
-            peers,
-            applied,
-            leader_channels: Mutex::default(),
-        })
-    }
-
     /// The current leader and its member record, if known.
     pub fn leader(&self) -> Option<(NodeId, Member)> {
         let m = self.raft.metrics().borrow().clone();
@@ -102,17 +81,10 @@ impl Ctx {
         let Some((_, leader)) = self.leader() else {
             return Err(Status::unavailable("no leader elected; retry"));
         };
-        let mut map = self.leader_channels.lock().expect("leader channel lock");
-        let ch = map
-            .entry(leader.client_addr.clone())
-            .or_insert_with(|| {
-                Channel::from_shared(format!("http://{}", leader.client_addr))
-                    .expect("valid client uri")
-                    .connect_timeout(Duration::from_secs(2))
-                    .tcp_nodelay(true)
-                    .connect_lazy()
-            })
-            .clone();
+        let ch = self
+            .peers
+            .channel(&leader.client_addr)
+            .map_err(|_| Status::unavailable("leader unreachable"))?;
         Ok(Route::Forward(ch))
     }
 
@@ -159,10 +131,23 @@ impl Ctx {
     }
 }
 
-/// Marks a request as forwarded by a follower.
-pub fn forwarded<T>(inner: T) -> tonic::Request<T> {
+/// Wraps a request a follower forwards to the leader: marks it forwarded and
+/// names the original caller (trusted by the leader because a node
+/// certificate presents it).
+pub fn forwarded<T>(inner: T, principal: Option<&Principal>) -> tonic::Request<T> {
+    use tonic::metadata::MetadataValue;
     let mut r = tonic::Request::new(inner);
-    r.metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    let md = r.metadata_mut();
+    md.insert(FORWARDED, MetadataValue::from_static("1"));
+    if let Some(p) = principal {
+        let mut set = |k: &'static str, v: &str| {
+            if let Ok(v) = MetadataValue::try_from(v) {
+                md.insert(k, v);
+            }
+        };
+        set(ON_BEHALF_OF, &p.identity);
+        set(ON_BEHALF_SERIAL, &p.serial);
+        set(ON_BEHALF_SOURCE, &p.source_text());
+    }
     r
 }

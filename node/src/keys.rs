@@ -24,6 +24,15 @@ pub const IDEMPOTENCY: u8 = 0x50;
 /// Change records for watchers: `0x60 tenant 0 mailbox 0 modseq(be64)`.
 pub const CHANGE: u8 = 0x60;
 
+/// Access policy per identity: `0x70 identity`.
+pub const IDENTITY: u8 = 0x70;
+/// Revoked certificate serials: `0x71 serial`.
+pub const REVOKED_SERIAL: u8 = 0x71;
+/// Audit records: `0x81 seq(be64)`.
+pub const AUDIT: u8 = 0x81;
+/// The audit chain head.
+pub const AUDIT_HEAD: &[u8] = b"\x80head";
+
 /// Key of the last applied log id.
 pub const META_APPLIED: &[u8] = b"\x01applied";
 /// Key of the last membership config.
@@ -38,6 +47,23 @@ fn with(space: u8, parts: &[&[u8]]) -> Vec<u8> {
         }
         k.extend_from_slice(p);
     }
+    k
+}
+
+/// `0x70 identity`.
+pub fn identity(identity: &str) -> Vec<u8> {
+    with(IDENTITY, &[identity.as_bytes()])
+}
+
+/// `0x71 serial`.
+pub fn revoked_serial(serial: &str) -> Vec<u8> {
+    with(REVOKED_SERIAL, &[serial.as_bytes()])
+}
+
+/// `0x81 seq`.
+pub fn audit(seq: u64) -> Vec<u8> {
+    let mut k = vec![AUDIT];
+    k.extend_from_slice(&seq.to_be_bytes());
     k
 }
 

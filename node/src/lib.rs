@@ -2,7 +2,9 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the bird's-eye view.
 
+pub mod access;
 pub mod api;
+pub mod audit;
 pub mod command;
 pub mod config;
 pub mod crypto;
@@ -16,5 +18,6 @@ pub mod proposer;
 pub mod raft;
 pub mod server;
 pub mod status;
+pub mod tls;
 pub mod store;
 pub mod types;

@@ -18,6 +18,8 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    // One process-wide TLS crypto provider: aws-lc-rs.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let args = Args::parse();
     let config = match mailvault_node::config::Config::load(&args.config) {
         Ok(c) => c,

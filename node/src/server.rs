@@ -11,9 +11,11 @@ use mailvault_proto::v1::mailbox_server::MailboxServer;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::access::{AccessLayer, Lockout};
 use crate::api::{AdminService, MailboxService};
+use crate::audit::{AuditEvent, AuditRecorder};
+use crate::tls::{accept_loop, client_tls, server_config, CertIdentity, HandshakeFailure, Peer};
 use crate::config::Config;
 use crate::crypto::{Keyring, MasterKey};
 use crate::ctx::Ctx;
@@ -51,7 +53,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .install_recorder()
         .context("cannot install the metrics recorder")?;
 
-    let peers = PeerClients::default();
+    let server_tls = server_config(&config.tls).context("cannot load the TLS certificates")?;
+    let peers = PeerClients::new(client_tls(&config.tls).context("cannot load the TLS certificates")?);
+    tracing::info!("certificates loaded");
     let raft = Raft::new(
         id,
         Arc::new(raft_config(&config)?),
@@ -65,17 +69,43 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let client_listener = bind(config.client_listen, "client").await?;
     let ops_listener = bind(config.ops_listen, "ops").await?;
 
+    let proposer = Proposer::start(
+        raft.clone(),
+        config.raft.max_batch_bytes,
+        Duration::from_millis(config.limits.write_timeout_ms),
+    );
+    let audit = AuditRecorder::start(id, raft.clone(), proposer.clone(), peers.clone(), config.audit.fail_closed);
+    let lockout = Lockout::new(
+        config.access.lockout_threshold,
+        Duration::from_secs(config.access.lockout_minutes * 60),
+    );
+    let reader = MailReader::new(db.clone());
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    let peer_svc = RaftPeerServer::new(PeerService::new(raft.clone()))
+    let peer_svc = RaftPeerServer::new(PeerService::new(raft.clone(), proposer.clone()))
         .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
         .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES);
+    // The peer listener admits node certificates only.
+    let peer_incoming = {
+        let (audit, reader) = (audit.clone(), reader.clone());
+        accept_loop(
+            raft_listener,
+            server_tls.clone(),
+            |_| Ok(()),
+            move |peer: &Peer| match peer.identity {
+                CertIdentity::Node(_) if !reader.serial_revoked(&peer.serial).unwrap_or(true) => Ok(()),
+                CertIdentity::Node(_) => Err("node certificate revoked".into()),
+                CertIdentity::User(_) => Err("only node certificates may use the peer listener".into()),
+            },
+            move |f| record_refused(&audit, None, "raft-peer-connect", f),
+        )
+    };
     let mut stop = stop_rx.clone();
     tasks.spawn(async move {
         tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(peer_svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(raft_listener), async move {
+            .serve_with_incoming_shutdown(peer_incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .await
@@ -92,15 +122,18 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         Duration::from_millis(config.limits.write_timeout_ms),
     );
     let reader = MailReader::new(db.clone());
-    let ctx = Ctx::new(
-        config.clone(),
-        raft.clone(),
+    let ctx = Arc::new(Ctx {
+        id,
+        config: config.clone(),
+        raft: raft.clone(),
         reader,
         keyring,
         proposer,
         peers,
         applied,
-    );
+        audit: audit.clone(),
+        lockout: lockout.clone(),
+    });
     tasks.spawn(watch_leader(raft.clone()));
 
     let (health_reporter, health_svc) = tonic_health::server::health_reporter();
@@ -115,15 +148,31 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let admin = AdminServer::new(AdminService::new(ctx.clone()));
+    // The client listener admits any certificate of the cluster CA; the access
+    // layer then decides per call. Locked-out addresses are refused at once.
+    let client_incoming = {
+        let (audit, lockout2) = (audit.clone(), lockout.clone());
+        accept_loop(
+            client_listener,
+            server_tls,
+            move |addr| match lockout.is_locked(None, Some(addr.ip())) {
+                true => Err("source address locked out".into()),
+                false => Ok(()),
+            },
+            |_| Ok(()),
+            move |f| record_refused(&audit, Some(&lockout2), "client-connect", f),
+        )
+    };
+    let access = AccessLayer::new(ctx.clone());
     let mut stop = stop_rx.clone();
     tasks.spawn(async move {
         tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+            .layer(access)
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(mailbox)
             .add_service(admin)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(client_listener), async move {
+            .serve_with_incoming_shutdown(client_incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .await
@@ -185,4 +234,27 @@ async fn watch_leader(raft: Raft) -> anyhow::Result<()> {
             std::future::pending::<()>().await;
         }
     }
+}
+
+/// Audits a refused connection and counts it against its source (and identity).
+fn record_refused(audit: &AuditRecorder, lockout: Option<&Lockout>, action: &str, f: HandshakeFailure) {
+    let identity = f.peer.as_ref().map(|p| p.identity.to_string());
+    tracing::warn!(source = %f.addr, reason = %f.reason, "connection refused");
+    metrics::counter!("mailvault_connections_refused_total").increment(1);
+    if let Some(l) = lockout {
+        l.fail(identity.as_deref(), Some(f.addr.ip()));
+    }
+    let event = AuditEvent {
+        time_ms: crate::api::now_ms(),
+        identity: identity.unwrap_or_else(|| "-".into()),
+        source: f.addr.ip().to_string(),
+        action: action.to_string(),
+        target: "-".into(),
+        result: format!("denied: {}", f.reason),
+        node: 0,
+    };
+    let audit = audit.clone();
+    tokio::spawn(async move {
+        let _ = audit.record(event).await;
+    });
 }

@@ -4,10 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailvault_proto::v1::admin_server::Admin;
-use mailvault_proto::v1::*;
+use mailvault_proto::v1::{AuditRecord as ProtoAudit, IdentityPolicy as ProtoPolicy, *};
 use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
+use crate::access::{ClusterRole, IdentityPolicy, Principal, TenantRole, ANY_TENANT};
 use crate::command::{Command, CommandResult};
 use crate::ctx::{forwarded, Ctx, Route};
 use crate::{names, status};
@@ -23,6 +24,72 @@ impl AdminService {
     pub fn new(ctx: Arc<Ctx>) -> AdminService {
         AdminService { ctx }
     }
+
+    /// Records an admin action (the access layer already checked the role).
+    async fn record(&self, p: Option<&Principal>, action: &str, target: String) -> Result<(), Status> {
+        let p = p.ok_or_else(|| Status::unauthenticated("no authenticated identity"))?;
+        self.ctx.audit.record(p.event(action, target, "allowed")).await
+    }
+}
+
+fn principal_of<T>(req: &Request<T>) -> Option<Principal> {
+    req.extensions().get::<Principal>().cloned()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn policy_to_proto(identity: &str, p: &IdentityPolicy) -> ProtoPolicy {
+    ProtoPolicy {
+        identity: identity.to_string(),
+        tenant_roles: p
+            .tenant_roles
+            .iter()
+            .map(|(t, roles)| TenantRoles {
+                tenant: t.clone(),
+                roles: roles.iter().map(|r| r.as_str().to_string()).collect(),
+            })
+            .collect(),
+        cluster_roles: p.cluster_roles.iter().map(|r| r.as_str().to_string()).collect(),
+        allow_from: p.allow_from.iter().map(|n| n.to_string()).collect(),
+        revoked: p.revoked,
+    }
+}
+
+fn policy_from_proto(p: &ProtoPolicy) -> Result<IdentityPolicy, Status> {
+    let bad = |m: String| Status::invalid_argument(m);
+    let mut out = IdentityPolicy {
+        revoked: p.revoked,
+        ..Default::default()
+    };
+    for tr in &p.tenant_roles {
+        if tr.tenant != ANY_TENANT {
+            names::tenant(&tr.tenant).map_err(status::name)?;
+        }
+        let set = out.tenant_roles.entry(tr.tenant.clone()).or_default();
+        for r in &tr.roles {
+            set.insert(TenantRole::parse(r).ok_or_else(|| bad(format!("unknown tenant role {r:?}")))?);
+        }
+    }
+    for r in &p.cluster_roles {
+        out.cluster_roles
+            .insert(ClusterRole::parse(r).ok_or_else(|| bad(format!("unknown cluster role {r:?}")))?);
+    }
+    for n in &p.allow_from {
+        out.allow_from
+            .push(n.parse().map_err(|_| bad(format!("not a CIDR network: {n:?}")))?);
+    }
+    Ok(out)
+}
+
+/// Normalises a certificate serial: lowercase hex without colons or leading zeros.
+pub fn normalize_serial(s: &str) -> Option<String> {
+    let hex: String = s.chars().filter(|c| *c != ':').collect::<String>().to_lowercase();
+    if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some(hex)
 }
 
 fn state_name(s: ServerState) -> &'static str {
@@ -41,15 +108,17 @@ impl Admin for AdminService {
         &self,
         req: Request<CreateTenantRequest>,
     ) -> Result<Response<CreateTenantResponse>, Status> {
+        let p = principal_of(&req);
         if let Route::Forward(ch) = self.ctx.route(req.metadata())? {
             return self
                 .ctx
                 .admin_client(ch)
-                .create_tenant(forwarded(req.into_inner()))
+                .create_tenant(forwarded(req.into_inner(), p.as_ref()))
                 .await;
         }
         let r = req.into_inner();
         names::tenant(&r.tenant).map_err(status::name)?;
+        self.record(p.as_ref(), "CreateTenant", r.tenant.clone()).await?;
         let key = self.ctx.keyring.generate(&r.tenant, 1).map_err(status::crypto)?;
         match self
             .ctx
@@ -104,7 +173,9 @@ impl Admin for AdminService {
         &self,
         req: Request<TriggerSnapshotRequest>,
     ) -> Result<Response<TriggerSnapshotResponse>, Status> {
+        let p = principal_of(&req);
         let purge = req.into_inner().purge_log;
+        self.record(p.as_ref(), "TriggerSnapshot", format!("purge_log={purge}")).await?;
         let raft = &self.ctx.raft;
         let applied = raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
         raft.trigger()
@@ -139,6 +210,115 @@ impl Admin for AdminService {
         Ok(Response::new(TriggerSnapshotResponse {
             snapshot_index,
             purged_index,
+        }))
+    }
+
+    async fn get_identity(&self, req: Request<GetIdentityRequest>) -> Result<Response<ProtoPolicy>, Status> {
+        let p = principal_of(&req);
+        let id = req.into_inner().identity;
+        self.record(p.as_ref(), "GetIdentity", id.clone()).await?;
+        self.ctx.read_barrier().await?;
+        let policy = self.ctx.reader.identity_policy(&id).map_err(status::read)?.unwrap_or_default();
+        Ok(Response::new(policy_to_proto(&id, &policy)))
+    }
+
+    async fn put_identity(&self, req: Request<PutIdentityRequest>) -> Result<Response<ProtoPolicy>, Status> {
+        let p = principal_of(&req);
+        if let Route::Forward(ch) = self.ctx.route(req.metadata())? {
+            return self.ctx.admin_client(ch).put_identity(forwarded(req.into_inner(), p.as_ref())).await;
+        }
+        let proto = req
+            .into_inner()
+            .policy
+            .ok_or_else(|| Status::invalid_argument("policy is required"))?;
+        names::check("identity", &proto.identity, 256).map_err(status::name)?;
+        let policy = policy_from_proto(&proto)?;
+        let summary = format!("{} -> {:?}", proto.identity, policy_to_proto(&proto.identity, &policy));
+        self.record(p.as_ref(), "PutIdentity", summary).await?;
+        self.ctx
+            .proposer
+            .propose(Command::PutIdentity {
+                identity: proto.identity.clone(),
+                policy: policy.clone(),
+            })
+            .await
+            .map_err(status::propose)?;
+        Ok(Response::new(policy_to_proto(&proto.identity, &policy)))
+    }
+
+    async fn revoke_certificate(
+        &self,
+        req: Request<RevokeCertificateRequest>,
+    ) -> Result<Response<RevokeCertificateResponse>, Status> {
+        let p = principal_of(&req);
+        if let Route::Forward(ch) = self.ctx.route(req.metadata())? {
+            return self
+                .ctx
+                .admin_client(ch)
+                .revoke_certificate(forwarded(req.into_inner(), p.as_ref()))
+                .await;
+        }
+        let serial = normalize_serial(&req.into_inner().serial)
+            .ok_or_else(|| Status::invalid_argument("serial must be hex"))?;
+        self.record(p.as_ref(), "RevokeCertificate", serial.clone()).await?;
+        self.ctx
+            .proposer
+            .propose(Command::RevokeSerial { serial })
+            .await
+            .map_err(status::propose)?;
+        Ok(Response::new(RevokeCertificateResponse {}))
+    }
+
+    async fn list_audit(&self, req: Request<ListAuditRequest>) -> Result<Response<ListAuditResponse>, Status> {
+        let p = principal_of(&req);
+        let r = req.into_inner();
+        self.record(p.as_ref(), "ListAudit", format!("from {}", r.from_seq)).await?;
+        self.ctx.read_barrier().await?;
+        let limit = match r.limit {
+            0 => 1000,
+            n => n.min(10_000),
+        } as usize;
+        let records = self
+            .ctx
+            .reader
+            .audit_records(r.from_seq.max(1), limit)
+            .map_err(status::read)?
+            .into_iter()
+            .map(|r| ProtoAudit {
+                seq: r.seq,
+                time_ms: r.event.time_ms,
+                identity: r.event.identity,
+                source: r.event.source,
+                action: r.event.action,
+                target: r.event.target,
+                result: r.event.result,
+                node: r.event.node,
+                prev_hash: hex(&r.prev_hash),
+                hash: hex(&r.hash),
+            })
+            .collect();
+        let head_seq = self.ctx.reader.audit_head().map_err(status::read)?.seq;
+        Ok(Response::new(ListAuditResponse { records, head_seq }))
+    }
+
+    async fn verify_audit(&self, req: Request<VerifyAuditRequest>) -> Result<Response<VerifyAuditResponse>, Status> {
+        let p = principal_of(&req);
+        self.record(p.as_ref(), "VerifyAudit", "-".into()).await?;
+        let head = self.ctx.reader.audit_head().map_err(status::read)?;
+        let result = self.ctx.reader.verify_audit().map_err(status::read)?;
+        Ok(Response::new(match result {
+            Ok(n) => VerifyAuditResponse {
+                ok: true,
+                records: n,
+                error: String::new(),
+                head_hash: hex(&head.hash),
+            },
+            Err(e) => VerifyAuditResponse {
+                ok: false,
+                records: head.seq,
+                error: e.to_string(),
+                head_hash: hex(&head.hash),
+            },
         }))
     }
 }

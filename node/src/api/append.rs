@@ -8,6 +8,7 @@ use tokio_stream::StreamExt;
 use tonic::{Status, Streaming};
 
 use super::tenant_keys::{new_blob, MessageCipher};
+use crate::access::{authorize, Action, Principal};
 use crate::command::{Command, CommandResult, NewMessage};
 use crate::crypto::HEADERS_CHUNK;
 use crate::ctx::Ctx;
@@ -18,6 +19,7 @@ use crate::{names, status};
 /// Handles a whole append stream on the leader.
 pub async fn append(
     ctx: &Ctx,
+    principal: Option<&Principal>,
     mut stream: Streaming<AppendMessageRequest>,
 ) -> Result<AppendMessageResponse, Status> {
     let header = match stream.next().await {
@@ -29,6 +31,8 @@ pub async fn append(
         None => return Err(Status::invalid_argument("empty append stream")),
     };
     check_header(ctx, &header)?;
+    let target = format!("{}/{}", header.tenant, header.mailbox);
+    authorize(ctx, principal, "AppendMessage", &header.tenant, target, Action::Write).await?;
     ctx.read_barrier().await?;
     let (tenant, mailbox) = (header.tenant.as_str(), header.mailbox.as_str());
     if ctx

@@ -15,6 +15,7 @@ use super::tenant_keys::{new_blob, MessageCipher};
 use super::{append, messages, watch};
 use crate::command::{Command, CommandResult, NewMessage};
 use crate::crypto::HEADERS_CHUNK;
+use crate::access::{authorize, Action, Principal};
 use crate::ctx::{forwarded, Ctx, Route};
 use crate::model::MailboxRecord;
 use crate::{names, status};
@@ -90,31 +91,44 @@ impl MailboxService {
     }
 }
 
-/// Routes a unary write to the leader when this node does not lead.
+/// Routes a unary write to the leader when this node does not lead, naming
+/// the original caller; binds `$p` to the caller's principal.
 macro_rules! route_write {
-    ($self:ident, $req:ident, $method:ident) => {
+    ($self:ident, $req:ident, $p:ident, $method:ident) => {
+        let $p = principal_of(&$req);
         if let Route::Forward(ch) = $self.ctx.route($req.metadata())? {
             return $self
                 .ctx
                 .mailbox_client(ch)
-                .$method(forwarded($req.into_inner()))
+                .$method(forwarded($req.into_inner(), $p.as_ref()))
                 .await;
         }
     };
 }
 
+/// The principal the access layer attached to a request.
+fn principal_of<T>(req: &Request<T>) -> Option<Principal> {
+    req.extensions().get::<Principal>().cloned()
+}
+
 type RespStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn target(tenant: &str, mailbox: &str, uid: Option<u32>) -> String {
+    match uid {
+        Some(u) => format!("{tenant}/{mailbox}/{u}"),
+        None => format!("{tenant}/{mailbox}"),
+    }
+}
 
 #[tonic::async_trait]
 impl Mailbox for MailboxService {
-    async fn create_mailbox(
-        &self,
-        req: Request<CreateMailboxRequest>,
-    ) -> Result<Response<MailboxStatus>, Status> {
-        route_write!(self, req, create_mailbox);
+    async fn create_mailbox(&self, req: Request<CreateMailboxRequest>) -> Result<Response<MailboxStatus>, Status> {
+        route_write!(self, req, p, create_mailbox);
         let r = req.into_inner();
         names::tenant(&r.tenant).map_err(status::name)?;
         names::mailbox(&r.mailbox).map_err(status::name)?;
+        let t = target(&r.tenant, &r.mailbox, None);
+        authorize(&self.ctx, p.as_ref(), "CreateMailbox", &r.tenant, t, Action::ManageMailboxes).await?;
         let uidvalidity = (append::now_ms() / 1000) as u32;
         self.run(Command::CreateMailbox {
             tenant: r.tenant.clone(),
@@ -130,8 +144,10 @@ impl Mailbox for MailboxService {
         &self,
         req: Request<ListMailboxesRequest>,
     ) -> Result<Response<ListMailboxesResponse>, Status> {
+        let p = principal_of(&req);
         let r = req.into_inner();
         names::tenant(&r.tenant).map_err(status::name)?;
+        authorize(&self.ctx, p.as_ref(), "ListMailboxes", &r.tenant, r.tenant.clone(), Action::Read).await?;
         self.ctx.read_barrier().await?;
         if self.ctx.reader.tenant(&r.tenant).map_err(status::read)?.is_none() {
             return Err(Status::not_found("tenant not found"));
@@ -151,7 +167,10 @@ impl Mailbox for MailboxService {
         &self,
         req: Request<GetMailboxStatusRequest>,
     ) -> Result<Response<MailboxStatus>, Status> {
+        let p = principal_of(&req);
         let r = req.into_inner();
+        let t = target(&r.tenant, &r.mailbox, None);
+        authorize(&self.ctx, p.as_ref(), "GetMailboxStatus", &r.tenant, t, Action::Read).await?;
         self.ctx.read_barrier().await?;
         let m = self.existing_mailbox(&r.tenant, &r.mailbox)?;
         Ok(Response::new(self.mailbox_status(&r.tenant, &r.mailbox, &m)?))
@@ -161,19 +180,20 @@ impl Mailbox for MailboxService {
         &self,
         req: Request<Streaming<AppendMessageRequest>>,
     ) -> Result<Response<AppendMessageResponse>, Status> {
+        let p = principal_of(&req);
         match self.ctx.route(req.metadata())? {
-            Route::Local => Ok(Response::new(append::append(&self.ctx, req.into_inner()).await?)),
-            Route::Forward(ch) => forward_append(self.ctx.mailbox_client(ch), req.into_inner()).await,
+            Route::Local => Ok(Response::new(append::append(&self.ctx, p.as_ref(), req.into_inner()).await?)),
+            Route::Forward(ch) => forward_append(self.ctx.mailbox_client(ch), p.as_ref(), req.into_inner()).await,
         }
     }
 
     type GetMessageStream = RespStream<GetMessageResponse>;
 
-    async fn get_message(
-        &self,
-        req: Request<GetMessageRequest>,
-    ) -> Result<Response<Self::GetMessageStream>, Status> {
+    async fn get_message(&self, req: Request<GetMessageRequest>) -> Result<Response<Self::GetMessageStream>, Status> {
+        let p = principal_of(&req);
         let r = req.into_inner();
+        let t = target(&r.tenant, &r.mailbox, Some(r.uid));
+        let p = authorize(&self.ctx, p.as_ref(), "GetMessage", &r.tenant, t, Action::Read).await?;
         self.ctx.read_barrier().await?;
         self.existing_mailbox(&r.tenant, &r.mailbox)?;
         let m = self
@@ -182,7 +202,8 @@ impl Mailbox for MailboxService {
             .message(&r.tenant, &r.mailbox, r.uid)
             .map_err(status::read)?
             .ok_or_else(|| Status::not_found("message not found"))?;
-        let rx = messages::stream(self.ctx.clone(), r.tenant, r.mailbox, m)?;
+        let view = p.may_view_addresses(&r.tenant);
+        let rx = messages::stream(self.ctx.clone(), r.tenant, r.mailbox, m, view)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -190,18 +211,20 @@ impl Mailbox for MailboxService {
         &self,
         req: Request<ListMessagesRequest>,
     ) -> Result<Response<ListMessagesResponse>, Status> {
+        let p = principal_of(&req);
         let r = req.into_inner();
+        let t = target(&r.tenant, &r.mailbox, None);
+        let p = authorize(&self.ctx, p.as_ref(), "ListMessages", &r.tenant, t, Action::Read).await?;
         self.ctx.read_barrier().await?;
         self.existing_mailbox(&r.tenant, &r.mailbox)?;
-        Ok(Response::new(messages::list(&self.ctx, &r)?))
+        Ok(Response::new(messages::list(&self.ctx, &r, p.may_view_addresses(&r.tenant))?))
     }
 
-    async fn update_flags(
-        &self,
-        req: Request<UpdateFlagsRequest>,
-    ) -> Result<Response<UpdateFlagsResponse>, Status> {
-        route_write!(self, req, update_flags);
+    async fn update_flags(&self, req: Request<UpdateFlagsRequest>) -> Result<Response<UpdateFlagsResponse>, Status> {
+        route_write!(self, req, p, update_flags);
         let r = req.into_inner();
+        let t = target(&r.tenant, &r.mailbox, Some(r.uid));
+        authorize(&self.ctx, p.as_ref(), "UpdateFlags", &r.tenant, t, Action::Write).await?;
         for f in r.add.iter().chain(&r.remove) {
             names::flag(f).map_err(status::name)?;
         }
@@ -219,12 +242,11 @@ impl Mailbox for MailboxService {
         Ok(Response::new(UpdateFlagsResponse { modseq, flags }))
     }
 
-    async fn claim_message(
-        &self,
-        req: Request<ClaimMessageRequest>,
-    ) -> Result<Response<ClaimMessageResponse>, Status> {
-        route_write!(self, req, claim_message);
+    async fn claim_message(&self, req: Request<ClaimMessageRequest>) -> Result<Response<ClaimMessageResponse>, Status> {
+        route_write!(self, req, p, claim_message);
         let r = req.into_inner();
+        let t = target(&r.tenant, &r.mailbox, Some(r.uid));
+        authorize(&self.ctx, p.as_ref(), "ClaimMessage", &r.tenant, t, Action::Write).await?;
         names::agent(&r.agent).map_err(status::name)?;
         let res = self
             .run(Command::Claim {
@@ -241,12 +263,11 @@ impl Mailbox for MailboxService {
         }))
     }
 
-    async fn release_claim(
-        &self,
-        req: Request<ReleaseClaimRequest>,
-    ) -> Result<Response<ReleaseClaimResponse>, Status> {
-        route_write!(self, req, release_claim);
+    async fn release_claim(&self, req: Request<ReleaseClaimRequest>) -> Result<Response<ReleaseClaimResponse>, Status> {
+        route_write!(self, req, p, release_claim);
         let r = req.into_inner();
+        let t = target(&r.tenant, &r.mailbox, Some(r.uid));
+        authorize(&self.ctx, p.as_ref(), "ReleaseClaim", &r.tenant, t, Action::Write).await?;
         names::agent(&r.agent).map_err(status::name)?;
         let res = self
             .run(Command::Release {
@@ -260,12 +281,11 @@ impl Mailbox for MailboxService {
         Ok(Response::new(ReleaseClaimResponse { modseq }))
     }
 
-    async fn move_message(
-        &self,
-        req: Request<MoveMessageRequest>,
-    ) -> Result<Response<MoveMessageResponse>, Status> {
-        route_write!(self, req, move_message);
+    async fn move_message(&self, req: Request<MoveMessageRequest>) -> Result<Response<MoveMessageResponse>, Status> {
+        route_write!(self, req, p, move_message);
         let r = req.into_inner();
+        let t = format!("{} -> {}", target(&r.tenant, &r.mailbox, Some(r.uid)), r.destination);
+        authorize(&self.ctx, p.as_ref(), "MoveMessage", &r.tenant, t, Action::Write).await?;
         self.ctx.read_barrier().await?;
         self.existing_mailbox(&r.tenant, &r.destination)?;
         let message = self.reencrypt_for_move(&r).await?;
@@ -278,9 +298,7 @@ impl Mailbox for MailboxService {
             })
             .await?;
         match res {
-            CommandResult::Appended { uid, modseq, .. } => {
-                Ok(Response::new(MoveMessageResponse { uid, modseq }))
-            }
+            CommandResult::Appended { uid, modseq, .. } => Ok(Response::new(MoveMessageResponse { uid, modseq })),
             _ => Err(Status::internal("unexpected move result")),
         }
     }
@@ -289,8 +307,10 @@ impl Mailbox for MailboxService {
         &self,
         req: Request<ExpungeMessagesRequest>,
     ) -> Result<Response<ExpungeMessagesResponse>, Status> {
-        route_write!(self, req, expunge_messages);
+        route_write!(self, req, p, expunge_messages);
         let r = req.into_inner();
+        let t = format!("{} uids {:?}", target(&r.tenant, &r.mailbox, None), r.uids);
+        authorize(&self.ctx, p.as_ref(), "ExpungeMessages", &r.tenant, t, Action::Write).await?;
         if r.uids.is_empty() {
             return Err(Status::invalid_argument("no uids given"));
         }
@@ -316,10 +336,29 @@ impl Mailbox for MailboxService {
         &self,
         req: Request<WatchMailboxRequest>,
     ) -> Result<Response<Self::WatchMailboxStream>, Status> {
+        let p = principal_of(&req);
         let r = req.into_inner();
+        let t = target(&r.tenant, &r.mailbox, None);
+        authorize(&self.ctx, p.as_ref(), "WatchMailbox", &r.tenant, t, Action::Read).await?;
         self.ctx.read_barrier().await?;
         self.existing_mailbox(&r.tenant, &r.mailbox)?;
         let rx = watch::start(self.ctx.clone(), r.tenant, r.mailbox, r.since_modseq);
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ExportMailboxStream = RespStream<ExportedMessage>;
+
+    async fn export_mailbox(
+        &self,
+        req: Request<ExportMailboxRequest>,
+    ) -> Result<Response<Self::ExportMailboxStream>, Status> {
+        let p = principal_of(&req);
+        let r = req.into_inner();
+        let t = target(&r.tenant, &r.mailbox, None);
+        authorize(&self.ctx, p.as_ref(), "ExportMailbox", &r.tenant, t, Action::Export).await?;
+        self.ctx.read_barrier().await?;
+        self.existing_mailbox(&r.tenant, &r.mailbox)?;
+        let rx = messages::export(self.ctx.clone(), r.tenant, r.mailbox);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -380,6 +419,7 @@ impl MailboxService {
 /// a truncated message.
 async fn forward_append(
     mut client: mailvault_proto::v1::mailbox_client::MailboxClient<tonic::transport::Channel>,
+    principal: Option<&Principal>,
     mut incoming: Streaming<AppendMessageRequest>,
 ) -> Result<Response<AppendMessageResponse>, Status> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -401,7 +441,7 @@ async fn forward_append(
             }
         }
     });
-    let call = client.append_message(forwarded(ReceiverStream::new(rx)));
+    let call = client.append_message(forwarded(ReceiverStream::new(rx), principal));
     tokio::select! {
         r = call => r,
         Ok(e) = fail_rx => Err(e),

@@ -3,13 +3,16 @@
 use std::sync::Arc;
 
 use mailvault_proto::v1::get_message_response::Frame;
-use mailvault_proto::v1::{GetMessageResponse, ListMessagesRequest, ListMessagesResponse, MessageSummary};
+use mailvault_proto::v1::{
+    ExportedMessage, GetMessageResponse, ListMessagesRequest, ListMessagesResponse, MessageSummary,
+};
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::tenant_keys::MessageCipher;
 use crate::crypto::HEADERS_CHUNK;
 use crate::ctx::Ctx;
+use crate::access::{mask_address, mask_addresses_in};
 use crate::model::{decode, HeaderSummary, MessageRecord};
 use crate::status;
 
@@ -17,10 +20,21 @@ const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
 
 /// The client-facing summary of a stored message (decrypts its headers).
-pub fn summary(ctx: &Ctx, tenant: &str, mailbox: &str, m: &MessageRecord) -> Result<MessageSummary, Status> {
+/// Without `view_addresses`, customer addresses are masked.
+pub fn summary(
+    ctx: &Ctx,
+    tenant: &str,
+    mailbox: &str,
+    m: &MessageRecord,
+    view_addresses: bool,
+) -> Result<MessageSummary, Status> {
     let cipher = MessageCipher::for_message(ctx, tenant, mailbox, m.blob, Some(m.key_version))?;
     let plain = cipher.open(HEADERS_CHUNK, &m.headers)?;
-    let h: HeaderSummary = decode(&plain).map_err(|_| Status::data_loss("stored headers are corrupt"))?;
+    let mut h: HeaderSummary = decode(&plain).map_err(|_| Status::data_loss("stored headers are corrupt"))?;
+    if !view_addresses {
+        h.from = mask_address(&h.from);
+        h.to = h.to.iter().map(|a| mask_address(a)).collect();
+    }
     Ok(MessageSummary {
         uid: m.uid,
         modseq: m.modseq,
@@ -36,7 +50,7 @@ pub fn summary(ctx: &Ctx, tenant: &str, mailbox: &str, m: &MessageRecord) -> Res
 }
 
 /// `ListMessages` after the read barrier.
-pub fn list(ctx: &Ctx, req: &ListMessagesRequest) -> Result<ListMessagesResponse, Status> {
+pub fn list(ctx: &Ctx, req: &ListMessagesRequest, view_addresses: bool) -> Result<ListMessagesResponse, Status> {
     let (tenant, mailbox) = (req.tenant.as_str(), req.mailbox.as_str());
     let mbox = ctx
         .reader
@@ -76,7 +90,7 @@ pub fn list(ctx: &Ctx, req: &ListMessagesRequest) -> Result<ListMessagesResponse
         .map_err(status::read)?;
     let messages = records
         .iter()
-        .map(|m| summary(ctx, tenant, mailbox, m))
+        .map(|m| summary(ctx, tenant, mailbox, m, view_addresses))
         .collect::<Result<_, _>>()?;
     Ok(ListMessagesResponse {
         messages,
@@ -91,8 +105,12 @@ pub fn stream(
     tenant: String,
     mailbox: String,
     m: MessageRecord,
+    view_addresses: bool,
 ) -> Result<mpsc::Receiver<Result<GetMessageResponse, Status>>, Status> {
-    let first = summary(&ctx, &tenant, &mailbox, &m)?;
+    let first = summary(&ctx, &tenant, &mailbox, &m, view_addresses)?;
+    if !view_addresses {
+        return masked_stream(ctx, tenant, mailbox, m, first);
+    }
     let cipher = MessageCipher::for_message(&ctx, &tenant, &mailbox, m.blob, Some(m.key_version))?;
     let (tx, rx) = mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
@@ -112,6 +130,89 @@ pub fn stream(
             };
             let failed = frame.is_err();
             if !send(frame) || failed {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Reads a whole body, decrypting every chunk.
+fn body(ctx: &Ctx, tenant: &str, mailbox: &str, m: &MessageRecord) -> Result<Vec<u8>, Status> {
+    let cipher = MessageCipher::for_message(ctx, tenant, mailbox, m.blob, Some(m.key_version))?;
+    let mut out = Vec::with_capacity(m.size as usize);
+    for i in 0..m.chunks {
+        let ct = ctx
+            .reader
+            .chunk(tenant, &m.blob, i)
+            .map_err(status::read)?
+            .ok_or_else(|| Status::data_loss("a chunk of the message is missing"))?;
+        out.extend_from_slice(&cipher.open(i, &ct)?);
+    }
+    Ok(out)
+}
+
+/// Streams every message of a mailbox, in UID order, one at a time.
+pub fn export(ctx: Arc<Ctx>, tenant: String, mailbox: String) -> mpsc::Receiver<Result<ExportedMessage, Status>> {
+    let (tx, rx) = mpsc::channel(2);
+    tokio::task::spawn_blocking(move || {
+        let mut next = 0u32;
+        loop {
+            let mut batch = Vec::new();
+            let res = ctx.reader.messages(&tenant, &mailbox, next, |m| {
+                batch.push(m);
+                batch.len() < 64
+            });
+            if let Err(e) = res {
+                let _ = tx.blocking_send(Err(status::read(e)));
+                return;
+            }
+            let Some(last) = batch.last().map(|m| m.uid) else {
+                return;
+            };
+            for m in &batch {
+                let item = summary(&ctx, &tenant, &mailbox, m, true).and_then(|metadata| {
+                    Ok(ExportedMessage {
+                        metadata: Some(metadata),
+                        raw: body(&ctx, &tenant, &mailbox, m)?,
+                    })
+                });
+                let failed = item.is_err();
+                if tx.blocking_send(item).is_err() || failed {
+                    return;
+                }
+            }
+            match last.checked_add(1) {
+                Some(n) => next = n,
+                None => return,
+            }
+        }
+    });
+    rx
+}
+
+/// Streams a message with every address masked (for principals without
+/// `ViewAddresses`): the body is decrypted whole, masked, then chunked.
+fn masked_stream(
+    ctx: Arc<Ctx>,
+    tenant: String,
+    mailbox: String,
+    m: MessageRecord,
+    first: MessageSummary,
+) -> Result<mpsc::Receiver<Result<GetMessageResponse, Status>>, Status> {
+    let (tx, rx) = mpsc::channel(2);
+    tokio::task::spawn_blocking(move || {
+        let frames = std::iter::once(Ok(Frame::Metadata(first))).chain(
+            match body(&ctx, &tenant, &mailbox, &m) {
+                Ok(raw) => mask_addresses_in(&raw)
+                    .chunks(ctx.config.limits.chunk_bytes)
+                    .map(|c| Ok(Frame::Chunk(c.to_vec())))
+                    .collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            },
+        );
+        for f in frames {
+            if tx.blocking_send(f.map(|frame| GetMessageResponse { frame: Some(frame) })).is_err() {
                 return;
             }
         }

@@ -8,4 +8,5 @@ mod tenant_keys;
 mod watch;
 
 pub use admin::AdminService;
+pub use append::now_ms;
 pub use mailbox::MailboxService;

@@ -14,35 +14,48 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use super::PEER_MAX_MESSAGE_BYTES;
 use crate::model::{decode, encode};
 use crate::types::{Member, NodeId, TypeConfig};
 
 /// Cached peer channels, shared by the Raft network and the read-index client.
-#[derive(Clone, Default)]
+/// Every channel is mTLS with this node's certificate.
+#[derive(Clone)]
 pub struct PeerClients {
+    tls: ClientTlsConfig,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl PeerClients {
+    /// Peer channels presenting `tls`'s identity.
+    pub fn new(tls: ClientTlsConfig) -> PeerClients {
+        PeerClients {
+            tls,
+            channels: Arc::default(),
+        }
+    }
+
+    /// A lazily connecting mTLS channel to `addr` (cached).
+    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut map = self.channels.lock().expect("peer channel lock");
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Channel::from_shared(format!("https://{addr}"))
+            .expect("valid peer uri")
+            .tls_config(self.tls.clone())?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        map.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
     /// A client for the peer at `addr` (connects lazily).
     pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, tonic::transport::Error> {
-        let mut map = self.channels.lock().expect("peer channel lock");
-        let channel = match map.get(addr) {
-            Some(c) => c.clone(),
-            None => {
-                let c = Channel::from_shared(format!("http://{addr}"))
-                    .expect("valid peer uri")
-                    .connect_timeout(Duration::from_secs(2))
-                    .tcp_nodelay(true)
-                    .connect_lazy();
-                map.insert(addr.to_string(), c.clone());
-                c
-            }
-        };
-        Ok(RaftPeerClient::new(channel)
+        Ok(RaftPeerClient::new(self.channel(addr)?)
             .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
             .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES))
     }
@@ -59,7 +72,7 @@ impl PeerClients {
 }
 
 /// Creates per-peer network handles for openraft.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct PeerNetwork {
     clients: PeerClients,
 }

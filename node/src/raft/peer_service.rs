@@ -7,18 +7,22 @@ use mailvault_proto::raft::{RaftPayload, ReadIndexRequest, ReadIndexResponse};
 use tonic::{Request, Response, Status};
 
 use crate::model::{decode, encode};
+use crate::audit::AuditEvent;
+use crate::command::Command;
+use crate::proposer::Proposer;
 use crate::types::Raft;
 
 /// Hands peer RPCs to the local Raft instance.
 #[derive(Clone)]
 pub struct PeerService {
     raft: Raft,
+    proposer: Proposer,
 }
 
 impl PeerService {
-    /// A service over `raft`.
-    pub fn new(raft: Raft) -> PeerService {
-        PeerService { raft }
+    /// A service over `raft`; audit batches from followers go to `proposer`.
+    pub fn new(raft: Raft, proposer: Proposer) -> PeerService {
+        PeerService { raft, proposer }
     }
 }
 
@@ -60,5 +64,14 @@ impl RaftPeer for PeerService {
             Ok(Err(_)) => Err(Status::unavailable("not the leader")),
             Err(_) => Err(Status::unavailable("leadership could not be confirmed in time")),
         }
+    }
+
+    async fn propose_audit(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let events: Vec<AuditEvent> = decode_req(req)?;
+        self.proposer
+            .propose(Command::Audit { events })
+            .await
+            .map_err(crate::status::propose)?;
+        reply(&())
     }
 }

@@ -8,6 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use rocksdb::WriteBatch;
 
+use crate::audit::{chain_hash, AuditHead, AuditRecord};
 use crate::command::{Command, CommandResult, NewMessage, Refusal};
 use crate::keys;
 use crate::model::{
@@ -195,6 +196,31 @@ impl<'a> Tx<'a> {
                 mailbox,
                 uids,
             } => self.expunge(&tenant, &mailbox, &uids),
+            Command::PutIdentity { identity, policy } => {
+                self.put(keys::identity(&identity), &policy);
+                Ok(Ok(CommandResult::Done))
+            }
+            Command::RevokeSerial { serial } => {
+                self.put_raw(keys::revoked_serial(&serial), Vec::new());
+                Ok(Ok(CommandResult::Done))
+            }
+            Command::Audit { events } => {
+                let mut head: AuditHead = self.get(keys::AUDIT_HEAD)?.unwrap_or_default();
+                for event in events {
+                    let seq = head.seq + 1;
+                    let hash = chain_hash(seq, &head.hash, &event);
+                    let rec = AuditRecord {
+                        seq,
+                        event,
+                        prev_hash: head.hash,
+                        hash,
+                    };
+                    self.put(keys::audit(seq), &rec);
+                    head = AuditHead { seq, hash };
+                }
+                self.put(keys::AUDIT_HEAD.to_vec(), &head);
+                Ok(Ok(CommandResult::Done))
+            }
         }
     }
 

@@ -8,7 +8,7 @@ mod reader;
 mod snapshot;
 mod state_machine;
 
-pub use db::{open_db, Db, CF_LOG, CF_META, CF_SM};
+pub use db::{open_db, open_db_read_only, Db, CF_LOG, CF_META, CF_SM};
 pub use log_store::LogStore;
 pub use reader::{MailReader, ReadError};
 pub use state_machine::StateMachine;

@@ -4,6 +4,7 @@
 use rocksdb::{Direction, IteratorMode};
 
 use super::db::{Db, CF_SM};
+use crate::audit::{verify_chain, AuditHead, AuditRecord, ChainError};
 use crate::command::BlobId;
 use crate::keys;
 use crate::model::{decode, ChangeRecord, IdempotencyRecord, MailboxRecord, MessageRecord, TenantRecord};
@@ -65,6 +66,46 @@ impl MailReader {
             }
         }
         Ok(())
+    }
+
+    /// An identity's access policy.
+    pub fn identity_policy(&self, identity: &str) -> R<Option<crate::access::IdentityPolicy>> {
+        self.get(&keys::identity(identity))
+    }
+
+    /// Whether a certificate serial is revoked.
+    pub fn serial_revoked(&self, serial: &str) -> R<bool> {
+        Ok(self.db.get_pinned_cf(self.cf(), keys::revoked_serial(serial))?.is_some())
+    }
+
+    /// The audit chain head.
+    pub fn audit_head(&self) -> R<AuditHead> {
+        Ok(self.get(keys::AUDIT_HEAD)?.unwrap_or_default())
+    }
+
+    /// Audit records with seq ≥ `from`, at most `limit`.
+    pub fn audit_records(&self, from: u64, limit: usize) -> R<Vec<AuditRecord>> {
+        let mut out = Vec::new();
+        self.scan(&[keys::AUDIT], &keys::audit(from), |_, r: AuditRecord| {
+            out.push(r);
+            out.len() < limit
+        })?;
+        Ok(out)
+    }
+
+    /// Verifies the whole audit chain in this node's store.
+    pub fn verify_audit(&self) -> R<Result<u64, ChainError>> {
+        let head = self.audit_head()?;
+        let it = self
+            .db
+            .iterator_cf(self.cf(), IteratorMode::From(&keys::audit(0), Direction::Forward));
+        let records = it
+            .take_while(|item| item.as_ref().map(|(k, _)| k.first() == Some(&keys::AUDIT)).unwrap_or(true))
+            .map(|item| match item {
+                Ok((_, v)) => decode::<AuditRecord>(&v).map_err(|_| ()),
+                Err(_) => Err(()),
+            });
+        Ok(verify_chain(records, head))
     }
 
     /// A tenant's record.

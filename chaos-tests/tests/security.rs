@@ -1,0 +1,393 @@
+//! Access control and audit against a real cluster over mTLS: every denied
+//! access is refused and audited; masking; revocation; allowlists; lockout;
+//! policy replication; audit-chain tamper detection.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use mailvault_chaos::*;
+use mailvault_node::tls::devcerts::DevCa;
+use mailvault_proto::raft::raft_peer_client::RaftPeerClient;
+use mailvault_proto::raft::ReadIndexRequest;
+use mailvault_proto::v1::admin_client::AdminClient;
+use mailvault_proto::v1::mailbox_client::MailboxClient;
+use mailvault_proto::v1::*;
+use tokio_stream::StreamExt;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+use tonic::Code;
+
+const ADDR: &str = "jane.customer@example.org";
+
+fn ip(s: &str) -> Option<IpAddr> {
+    Some(s.parse().unwrap())
+}
+
+async fn status_of(c: &mut MailboxClient<tonic::transport::Channel>, tenant: &str) -> Result<MailboxStatus, tonic::Status> {
+    c.get_mailbox_status(GetMailboxStatusRequest {
+        tenant: tenant.into(),
+        mailbox: "inbox".into(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn audit_records(cluster: &Cluster) -> Vec<AuditRecord> {
+    let mut a = cluster.admin_as(0, "auditor").await;
+    a.list_audit(ListAuditRequest { from_seq: 1, limit: 10_000 })
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+}
+
+/// Waits until the audit log holds a record matching `f`.
+async fn wait_audited(cluster: &Cluster, what: &str, f: impl Fn(&AuditRecord) -> bool) {
+    for _ in 0..100 {
+        if audit_records(cluster).await.iter().any(&f) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no audit record for: {what}");
+}
+
+async fn setup() -> Cluster {
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    for t in ["acme", "globex"] {
+        create_tenant_and_mailbox(&cluster, 0, t, "inbox").await;
+    }
+    let mut a = cluster.admin(0).await;
+    let mut p = a
+        .get_identity(GetIdentityRequest { identity: "auditor".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    p.cluster_roles = vec!["auditor".into()];
+    a.put_identity(PutIdentityRequest { policy: Some(p) }).await.unwrap();
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_denied_access_is_refused_and_audited() {
+    let cluster = setup().await;
+    cluster.grant("acme-agent", "acme", "agent").await;
+
+    // No client certificate.
+    let no_cert = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&cluster.ca().pems.cert));
+    let mut c = MailboxClient::new(lazy_channel(&cluster.client_addr(0), no_cert, None));
+    assert!(status_of(&mut c, "acme").await.is_err(), "a call without a client certificate succeeded");
+
+    // A certificate from another CA.
+    let other = DevCa::new("someone else's CA").unwrap().client("acme-agent").unwrap();
+    let tls = cluster.tls_with(Identity::from_pem(&other.cert, &other.key));
+    let mut c = MailboxClient::new(lazy_channel(&cluster.client_addr(0), tls, None));
+    assert!(status_of(&mut c, "acme").await.is_err(), "a foreign CA's certificate was accepted");
+
+    // An expired certificate of the right CA.
+    let old = cluster.ca().client_valid("acme-agent", Some(((2020, 1, 1), (2021, 1, 1)))).unwrap();
+    let tls = cluster.tls_with(Identity::from_pem(&old.cert, &old.key));
+    let mut c = MailboxClient::new(lazy_channel(&cluster.client_addr(0), tls, None));
+    assert!(status_of(&mut c, "acme").await.is_err(), "an expired certificate was accepted");
+
+    // A client certificate on the Raft peer port.
+    let ch = lazy_channel(&cluster.raft_addr(0), cluster.tls_for("acme-agent"), None);
+    let e = RaftPeerClient::new(ch).read_index(ReadIndexRequest {}).await;
+    assert!(e.is_err(), "a client certificate reached the peer service");
+
+    // The wrong tenant: reading, listing, watching and changing are all denied.
+    let mut c = cluster.mailbox_as(1, "acme-agent").await;
+    status_of(&mut c, "acme").await.unwrap();
+    assert_eq!(status_of(&mut c, "globex").await.unwrap_err().code(), Code::PermissionDenied);
+    let e = c
+        .list_messages(ListMessagesRequest {
+            tenant: "globex".into(),
+            mailbox: "inbox".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = c
+        .watch_mailbox(WatchMailboxRequest {
+            tenant: "globex".into(),
+            mailbox: "inbox".into(),
+            since_modseq: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = append(&mut c, "globex", "inbox", "k", b"Subject: x\r\n\r\nx").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Nor may a tenant identity use the admin API.
+    let e = cluster
+        .admin_as(0, "acme-agent")
+        .await
+        .create_tenant(CreateTenantRequest { tenant: "evil".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    // A revoked certificate: works, then is revoked by serial, then makes no new call.
+    cluster.grant("temp", "acme", "reader").await;
+    let temp = cluster.ca().client("temp").unwrap();
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(temp.cert.as_bytes()).unwrap();
+    let (_, serial) = mailvault_node::tls::identity_of(&der).unwrap();
+    let tls = cluster.tls_with(Identity::from_pem(&temp.cert, &temp.key));
+    let mut c = MailboxClient::new(lazy_channel(&cluster.client_addr(2), tls, None));
+    status_of(&mut c, "acme").await.unwrap();
+    cluster
+        .admin(0)
+        .await
+        .revoke_certificate(RevokeCertificateRequest { serial: serial.clone() })
+        .await
+        .unwrap();
+    let mut revoked = false;
+    for _ in 0..50 {
+        match status_of(&mut c, "acme").await {
+            Err(e) if e.code() == Code::Unauthenticated => {
+                revoked = true;
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert!(revoked, "a revoked certificate kept working on an open connection");
+
+    // A disallowed source address.
+    cluster.grant("pinned", "acme", "reader").await;
+    let mut a = cluster.admin(0).await;
+    let mut p = a
+        .get_identity(GetIdentityRequest { identity: "pinned".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    p.allow_from = vec!["127.0.0.1/32".into()];
+    a.put_identity(PutIdentityRequest { policy: Some(p) }).await.unwrap();
+    let mut from_ok = MailboxClient::new(cluster.channel_as(0, "pinned", ip("127.0.0.1")));
+    let mut from_bad = MailboxClient::new(cluster.channel_as(0, "pinned", ip("127.0.0.2")));
+    retry(Duration::from_secs(5), || {
+        let mut c = from_ok.clone();
+        async move { status_of(&mut c, "acme").await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status_of(&mut from_bad, "acme").await.unwrap_err().code(), Code::PermissionDenied);
+    let _ = &mut from_ok;
+
+    // Lockout: five denied calls from one address lock it out, even for an identity that is allowed.
+    let mut mallory = MailboxClient::new(cluster.channel_as(1, "mallory", ip("127.0.0.3")));
+    for _ in 0..5 {
+        assert_eq!(status_of(&mut mallory, "acme").await.unwrap_err().code(), Code::PermissionDenied);
+    }
+    let mut same_address = MailboxClient::new(cluster.channel_as(1, "acme-agent", ip("127.0.0.3")));
+    assert!(status_of(&mut same_address, "acme").await.is_err(), "a locked-out address got through");
+    let mut elsewhere = MailboxClient::new(cluster.channel_as(1, "acme-agent", ip("127.0.0.4")));
+    status_of(&mut elsewhere, "acme").await.unwrap();
+
+    // Every denial left an audit record.
+    let denied = |r: &AuditRecord| r.result.starts_with("denied");
+    wait_audited(&cluster, "no certificate", |r| denied(r) && r.action == "client-connect" && r.result.contains("certificate")).await;
+    wait_audited(&cluster, "foreign CA", |r| denied(r) && r.result.contains("UnknownIssuer")).await;
+    wait_audited(&cluster, "expired", |r| denied(r) && r.result.contains("Expired")).await;
+    wait_audited(&cluster, "peer port", |r| denied(r) && r.action == "raft-peer-connect").await;
+    wait_audited(&cluster, "wrong tenant", |r| denied(r) && r.identity == "acme-agent" && r.target.starts_with("globex")).await;
+    wait_audited(&cluster, "admin call", |r| denied(r) && r.identity == "acme-agent" && r.action == "CreateTenant").await;
+    wait_audited(&cluster, "revoked", |r| denied(r) && r.identity == "temp" && r.result.contains("revoked")).await;
+    wait_audited(&cluster, "source", |r| denied(r) && r.identity == "pinned" && r.source == "127.0.0.2").await;
+    wait_audited(&cluster, "lockout", |r| r.action == "lockout" && r.source == "127.0.0.3").await;
+    wait_audited(&cluster, "locked out", |r| denied(r) && r.source == "127.0.0.3" && r.result.contains("locked out")).await;
+    let metric = scrape_metric(&cluster.ops_addr(1), "mailvault_lockouts_total").await;
+    assert!(metric >= Some(1.0), "lockouts visible in metrics: {metric:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_never_sees_a_full_customer_address() {
+    let cluster = setup().await;
+    cluster.grant("reader", "acme", "reader").await;
+    let body = format!(
+        "From: Jane <{ADDR}>\r\nTo: support@acme.example\r\nCc: boss.person@partner.example\r\nSubject: refund\r\n\r\nPlease reply to {ADDR} or call.\r\n"
+    );
+    let mut agent = cluster.mailbox(0).await;
+    let uid = append(&mut agent, "acme", "inbox", "k1", body.as_bytes()).await.unwrap().uid;
+
+    let mut reader = cluster.mailbox_as(1, "reader").await;
+    let listed = retry(Duration::from_secs(5), || {
+        let mut r = reader.clone();
+        async move { list_all(&mut r, "acme", "inbox").await }
+    })
+    .await
+    .unwrap();
+    let (meta, raw) = fetch(&mut reader, "acme", "inbox", uid).await.unwrap();
+    let everything = format!("{listed:?} {meta:?} {}", String::from_utf8_lossy(&raw));
+    for full in [ADDR, "support@acme.example", "boss.person@partner.example"] {
+        assert!(!everything.contains(full), "reader saw {full}");
+    }
+    assert_eq!(meta.from, "j***@example.org");
+    assert!(String::from_utf8_lossy(&raw).contains("Please reply to j***@example.org"));
+    let e = reader
+        .export_mailbox(ExportMailboxRequest {
+            tenant: "acme".into(),
+            mailbox: "inbox".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    // An agent sees the full address, and an exporter can export (audited).
+    let (meta, raw) = fetch(&mut agent, "acme", "inbox", uid).await.unwrap();
+    assert_eq!(meta.from, ADDR);
+    assert_eq!(raw, body.as_bytes());
+    cluster.grant("exporter", "acme", "exporter").await;
+    let mut ex = cluster.mailbox_as(2, "exporter").await;
+    let mut s = ex
+        .export_mailbox(ExportMailboxRequest {
+            tenant: "acme".into(),
+            mailbox: "inbox".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = s.next().await.unwrap().unwrap();
+    assert_eq!(first.raw, body.as_bytes());
+    assert!(s.next().await.is_none());
+    wait_audited(&cluster, "export", |r| r.action == "ExportMailbox" && r.identity == "exporter" && r.result == "allowed").await;
+    wait_audited(&cluster, "read", |r| r.action == "GetMessage" && r.identity == "reader").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_on_one_node_is_enforced_by_every_node() {
+    let cluster = setup().await;
+    // Granted through node 2 ...
+    let mut a = cluster.admin(2).await;
+    let p = IdentityPolicy {
+        identity: "newhire".into(),
+        tenant_roles: vec![TenantRoles {
+            tenant: "acme".into(),
+            roles: vec!["agent".into()],
+        }],
+        ..Default::default()
+    };
+    retry(Duration::from_secs(5), || {
+        let mut a = a.clone();
+        let p = p.clone();
+        async move { a.put_identity(PutIdentityRequest { policy: Some(p) }).await }
+    })
+    .await
+    .unwrap();
+    // ... honoured by every node.
+    for i in 0..cluster.len() {
+        let c = cluster.mailbox_as(i, "newhire").await;
+        retry(Duration::from_secs(5), || {
+            let mut c = c.clone();
+            async move {
+                match status_of(&mut c, "acme").await {
+                    Err(e) if e.code() == Code::PermissionDenied => Err(tonic::Status::unavailable("not yet")),
+                    r => r,
+                }
+            }
+        })
+        .await
+        .unwrap();
+    }
+    // Revoked through node 1 ...
+    let mut p2 = a
+        .get_identity(GetIdentityRequest { identity: "newhire".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    p2.revoked = true;
+    let mut a1 = cluster.admin(1).await;
+    a1.put_identity(PutIdentityRequest { policy: Some(p2) }).await.unwrap();
+    // ... refused by every node.
+    for i in 0..cluster.len() {
+        let c = cluster.mailbox_as(i, "newhire").await;
+        let r = retry(Duration::from_secs(5), || {
+            let mut c = c.clone();
+            async move {
+                match status_of(&mut c, "acme").await {
+                    Ok(_) => Err(tonic::Status::unavailable("still allowed")),
+                    Err(e) => Ok(e),
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(r.code(), Code::Unauthenticated, "node {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_detects_an_edited_deleted_or_reordered_record() {
+    let mut cluster = setup().await;
+    let mut c = cluster.mailbox(0).await;
+    for n in 0..5 {
+        append(&mut c, "acme", "inbox", &format!("k{n}"), b"Subject: s\r\n\r\nbody").await.unwrap();
+        fetch(&mut c, "acme", "inbox", n + 1).await.unwrap();
+    }
+    wait_audited(&cluster, "reads", |r| r.action == "GetMessage" && r.target == "acme/inbox/5").await;
+    let mut auditor: AdminClient<_> = cluster.admin_as(0, "auditor").await;
+    let v = auditor.verify_audit(VerifyAuditRequest {}).await.unwrap().into_inner();
+    assert!(v.ok && v.records >= 10, "{v:?}");
+
+    // Stop node 3, copy its data directory, and tamper with each copy offline.
+    cluster.kill(2);
+    let src = cluster.data_dir(2);
+    let admin_bin = mailvault_chaos::admin_binary();
+    let verify = |dir: &std::path::Path| {
+        std::process::Command::new(&admin_bin)
+            .args(["--output", "json", "audit", "verify", "--data-dir"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let intact = verify(&src);
+    assert!(intact.status.success(), "{}", String::from_utf8_lossy(&intact.stderr));
+    for tamper in ["edit", "delete", "reorder"] {
+        let dir = cluster.dir().join(format!("tampered-{tamper}"));
+        copy_dir(&src, &dir);
+        tamper_audit(&dir, tamper);
+        let out = verify(&dir);
+        assert!(!out.status.success(), "verify missed a {tamper}ed record");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("\"ok\":false"), "{tamper}: {text}");
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Tampers with the audit records of a stopped node's store.
+fn tamper_audit(data_dir: &std::path::Path, how: &str) {
+    use mailvault_node::audit::AuditRecord as Rec;
+    use mailvault_node::keys;
+    use mailvault_node::model::{decode, encode};
+    let db = mailvault_node::store::open_db(&data_dir.join("db")).unwrap();
+    let cf = db.cf_handle(mailvault_node::store::CF_SM).unwrap();
+    let get = |seq: u64| decode::<Rec>(&db.get_cf(cf, keys::audit(seq)).unwrap().unwrap()).unwrap();
+    match how {
+        "edit" => {
+            let mut r = get(3);
+            r.event.identity = "someone-innocent".into();
+            db.put_cf(cf, keys::audit(3), encode(&r)).unwrap();
+        }
+        "delete" => db.delete_cf(cf, keys::audit(4)).unwrap(),
+        "reorder" => {
+            let (mut a, mut b) = (get(2), get(5));
+            std::mem::swap(&mut a.seq, &mut b.seq);
+            db.put_cf(cf, keys::audit(2), encode(&b)).unwrap();
+            db.put_cf(cf, keys::audit(5), encode(&a)).unwrap();
+        }
+        _ => unreachable!(),
+    }
+    db.flush_cf(cf).unwrap();
+}

@@ -1,0 +1,248 @@
+//! The tower layer in front of every client-listener service.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::Status;
+use tower::{Layer, Service};
+
+use super::policy::ClusterRole;
+use super::principal::Principal;
+use crate::audit::AuditEvent;
+use crate::ctx::Ctx;
+use crate::tls::{identity_of, CertIdentity};
+
+/// Header a node sets when it forwards a call: the original caller's identity.
+pub const ON_BEHALF_OF: &str = "x-mailvault-on-behalf-of";
+/// The original caller's certificate serial.
+pub const ON_BEHALF_SERIAL: &str = "x-mailvault-on-behalf-serial";
+/// The original caller's source address.
+pub const ON_BEHALF_SOURCE: &str = "x-mailvault-on-behalf-source";
+
+/// Authenticates every call and classifies its method.
+#[derive(Clone)]
+pub struct AccessLayer {
+    ctx: Arc<Ctx>,
+}
+
+impl AccessLayer {
+    /// A layer over the node context.
+    pub fn new(ctx: Arc<Ctx>) -> AccessLayer {
+        AccessLayer { ctx }
+    }
+}
+
+impl<S> Layer<S> for AccessLayer {
+    type Service = AccessService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AccessService {
+            inner,
+            ctx: self.ctx.clone(),
+        }
+    }
+}
+
+/// The service the layer produces.
+#[derive(Clone)]
+pub struct AccessService<S> {
+    inner: S,
+    ctx: Arc<Ctx>,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, B> Service<http::Request<B>> for AccessService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let ctx = self.ctx.clone();
+        let input = CallInfo::of(&req);
+        Box::pin(async move {
+            match authenticate(&ctx, input).await {
+                Ok(p) => {
+                    req.extensions_mut().insert(p);
+                    inner.call(req).await
+                }
+                Err(status) => Ok(status.into_http()),
+            }
+        })
+    }
+}
+
+/// Which calls need which cluster role.
+enum MethodClass {
+    /// Health and reflection: any authenticated caller.
+    Open,
+    /// Mailbox calls: a user; tenant roles are checked by the handler.
+    Tenant,
+    /// Node status: operator or auditor.
+    Status,
+    /// Reading and verifying the audit log: auditor.
+    Audit,
+    /// Other admin calls: operator.
+    Admin,
+    /// Unknown service.
+    Unknown,
+}
+
+fn classify(path: &str) -> MethodClass {
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or(("", ""));
+    match (service, method) {
+        ("grpc.health.v1.Health", _) | ("grpc.reflection.v1.ServerReflection", _) => MethodClass::Open,
+        ("mailvault.v1.Mailbox", _) => MethodClass::Tenant,
+        ("mailvault.v1.Admin", "NodeStatus") => MethodClass::Status,
+        ("mailvault.v1.Admin", "ListAudit" | "VerifyAudit") => MethodClass::Audit,
+        ("mailvault.v1.Admin", _) => MethodClass::Admin,
+        _ => MethodClass::Unknown,
+    }
+}
+
+/// What the access check needs from a request (taken before the body moves on).
+struct CallInfo {
+    path: String,
+    info: Option<TlsConnectInfo<TcpConnectInfo>>,
+    headers: http::HeaderMap,
+}
+
+impl CallInfo {
+    fn of<B>(req: &http::Request<B>) -> CallInfo {
+        CallInfo {
+            path: req.uri().path().to_string(),
+            info: req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().cloned(),
+            headers: req.headers().clone(),
+        }
+    }
+}
+
+fn header<'a>(req: &'a CallInfo, name: &str) -> Option<&'a str> {
+    req.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
+    let req = &call;
+    let path = call.path.as_str();
+    let method = path.rsplit('/').next().unwrap_or("-").to_string();
+    let info = call.info.as_ref();
+    let addr = info.and_then(|i| i.get_ref().remote_addr()).map(|a| a.ip());
+    let leaf = info.and_then(|i| i.peer_certs()).and_then(|c| c.first().cloned());
+    let Some((cert_identity, serial)) = leaf.as_deref().and_then(identity_of) else {
+        return Err(deny(ctx, "-", addr, &method, "no client certificate identity", true).await);
+    };
+    let (identity, is_node, serial, source) = match cert_identity {
+        CertIdentity::Node(id) => match header(req, ON_BEHALF_OF) {
+            Some(user) => (
+                user.to_string(),
+                false,
+                header(req, ON_BEHALF_SERIAL).unwrap_or("").to_string(),
+                header(req, ON_BEHALF_SOURCE).and_then(|s| s.parse::<IpAddr>().ok()),
+            ),
+            None => (format!("node:{id}"), true, serial, addr),
+        },
+        CertIdentity::User(u) => (u, false, serial, addr),
+    };
+    if ctx.lockout.is_locked(Some(&identity), source) {
+        return Err(deny(ctx, &identity, source, &method, "locked out after repeated failures", false).await);
+    }
+    let class = classify(path);
+    if is_node {
+        return match class {
+            MethodClass::Open | MethodClass::Status => Ok(Principal {
+                identity,
+                is_node,
+                serial,
+                source,
+                policy: Default::default(),
+            }),
+            _ => Err(deny(ctx, &identity, source, &method, "nodes may not call this directly", true).await),
+        };
+    }
+    let policy = ctx
+        .reader
+        .identity_policy(&identity)
+        .map_err(crate::status::read)?
+        .unwrap_or_default();
+    if policy.revoked || ctx.reader.serial_revoked(&serial).map_err(crate::status::read)? {
+        let status = deny(ctx, &identity, source, &method, "certificate or identity revoked", true).await;
+        return Err(Status::unauthenticated(status.message().to_string()));
+    }
+    if !policy.allows_source(source) {
+        return Err(deny(ctx, &identity, source, &method, "source address not allowed", true).await);
+    }
+    let bootstrap = ctx.config.access.operators.iter().any(|o| *o == identity);
+    let operator = bootstrap || policy.cluster_roles.contains(&ClusterRole::Operator);
+    let auditor = policy.cluster_roles.contains(&ClusterRole::Auditor);
+    let allowed = match class {
+        MethodClass::Open | MethodClass::Tenant => true,
+        MethodClass::Status => operator || auditor,
+        MethodClass::Audit => auditor,
+        MethodClass::Admin => operator,
+        MethodClass::Unknown => false,
+    };
+    if !allowed {
+        return Err(deny(ctx, &identity, source, &method, "missing cluster role for this call", true).await);
+    }
+    let mut policy = policy;
+    if bootstrap {
+        policy.cluster_roles.insert(ClusterRole::Operator);
+    }
+    Ok(Principal {
+        identity,
+        is_node,
+        serial,
+        source,
+        policy,
+    })
+}
+
+/// Audits a denial, counts it towards lockout, and builds the status.
+async fn deny(ctx: &Ctx, identity: &str, source: Option<IpAddr>, method: &str, reason: &str, count: bool) -> Status {
+    metrics::counter!("mailvault_denied_total").increment(1);
+    let id = (identity != "-").then_some(identity);
+    let mut reason = reason.to_string();
+    if count && ctx.lockout.fail(id, source) {
+        reason.push_str("; now locked out");
+        let _ = ctx
+            .audit
+            .record(AuditEvent {
+                time_ms: crate::api::now_ms(),
+                identity: identity.to_string(),
+                source: source.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                action: "lockout".into(),
+                target: "-".into(),
+                result: "locked out".into(),
+                node: 0,
+            })
+            .await;
+    }
+    let _ = ctx
+        .audit
+        .record(AuditEvent {
+            time_ms: crate::api::now_ms(),
+            identity: identity.to_string(),
+            source: source.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+            action: method.to_string(),
+            target: "-".into(),
+            result: format!("denied: {reason}"),
+            node: 0,
+        })
+        .await;
+    Status::permission_denied(reason)
+}

@@ -1,0 +1,16 @@
+//! Access control: who may call what, on which tenant, from where.
+//!
+//! The [`layer::AccessLayer`] authenticates every call on the client listener
+//! (identity from the client certificate; lockout, revocation, IP allowlist,
+//! method class) and puts a [`Principal`] into the request. Tenant-scoped
+//! checks, which need the request body, all go through [`authorize`].
+
+mod layer;
+mod lockout;
+mod policy;
+mod principal;
+
+pub use layer::{AccessLayer, ON_BEHALF_OF, ON_BEHALF_SERIAL, ON_BEHALF_SOURCE};
+pub use lockout::Lockout;
+pub use policy::{mask_address, mask_addresses_in, Action, ClusterRole, IdentityPolicy, TenantRole, ANY_TENANT};
+pub use principal::{authorize, Principal};

@@ -1,0 +1,137 @@
+//! Batching audit events into Raft. Events queue on the node that saw the
+//! access; a task proposes them in batches (on the leader directly, from a
+//! follower through the leader's peer service), so a read does not wait for a
+//! Raft round trip — unless `audit.fail_closed` is set, in which case the
+//! access waits until its record is committed and fails if it cannot be.
+
+use std::time::Duration;
+
+use mailvault_proto::raft::RaftPayload;
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+use super::chain::AuditEvent;
+use crate::command::Command;
+use crate::model::encode;
+use crate::proposer::Proposer;
+use crate::raft::PeerClients;
+use crate::types::Raft;
+
+const BATCH: usize = 512;
+const LINGER: Duration = Duration::from_millis(20);
+const QUEUE: usize = 65_536;
+
+struct Item {
+    event: AuditEvent,
+    done: Option<oneshot::Sender<bool>>,
+}
+
+/// Queues audit events for replication.
+#[derive(Clone)]
+pub struct AuditRecorder {
+    tx: mpsc::Sender<Item>,
+    fail_closed: bool,
+    node: u64,
+}
+
+impl AuditRecorder {
+    /// Starts the batching task.
+    pub fn start(node: u64, raft: Raft, proposer: Proposer, peers: PeerClients, fail_closed: bool) -> AuditRecorder {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(rx, raft, proposer, peers));
+        AuditRecorder { tx, fail_closed, node }
+    }
+
+    /// Records an event. With `fail_closed`, waits until it is committed and
+    /// fails `UNAVAILABLE` if it cannot be; otherwise only queues it.
+    pub async fn record(&self, mut event: AuditEvent) -> Result<(), Status> {
+        event.node = self.node;
+        if !self.fail_closed {
+            if self.tx.try_send(Item { event, done: None }).is_err() {
+                metrics::counter!("mailvault_audit_dropped_total").increment(1);
+                tracing::error!("audit queue full; an audit record was dropped");
+            }
+            return Ok(());
+        }
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Item {
+                event,
+                done: Some(done),
+            })
+            .await
+            .map_err(|_| Status::unavailable("audit log unavailable"))?;
+        match rx.await {
+            Ok(true) => Ok(()),
+            _ => Err(Status::unavailable("the access could not be recorded in the audit log; refused")),
+        }
+    }
+
+    /// Whether accesses wait for their audit record.
+    pub fn fail_closed(&self) -> bool {
+        self.fail_closed
+    }
+}
+
+async fn run(mut rx: mpsc::Receiver<Item>, raft: Raft, proposer: Proposer, peers: PeerClients) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(item)) => batch.push(item),
+                _ => break,
+            }
+        }
+        let events: Vec<AuditEvent> = batch.iter().map(|i| i.event.clone()).collect();
+        let mut ok = false;
+        for attempt in 0..50 {
+            match submit(&raft, &proposer, &peers, &events).await {
+                Ok(()) => {
+                    ok = true;
+                    break;
+                }
+                Err(e) => {
+                    if attempt == 0 {
+                        tracing::warn!(error = %e, events = events.len(), "audit batch not committed yet; retrying");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        if !ok {
+            metrics::counter!("mailvault_audit_dropped_total").increment(events.len() as u64);
+            tracing::error!(events = events.len(), "audit batch could not be committed");
+        }
+        metrics::counter!("mailvault_audit_records_total").increment(events.len() as u64);
+        for item in batch {
+            if let Some(done) = item.done {
+                let _ = done.send(ok);
+            }
+        }
+    }
+}
+
+async fn submit(raft: &Raft, proposer: &Proposer, peers: &PeerClients, events: &[AuditEvent]) -> Result<(), String> {
+    let m = raft.metrics().borrow().clone();
+    let leader = m.current_leader.ok_or("no leader")?;
+    if leader == m.id {
+        return proposer
+            .propose(Command::Audit {
+                events: events.to_vec(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+    }
+    let addr = m
+        .membership_config
+        .membership()
+        .get_node(&leader)
+        .map(|n| n.raft_addr.clone())
+        .ok_or("leader address unknown")?;
+    let mut c = peers.client(&addr).map_err(|e| e.to_string())?;
+    let mut req = tonic::Request::new(RaftPayload { data: encode(&events) });
+    req.set_timeout(Duration::from_secs(5));
+    c.propose_audit(req).await.map(|_| ()).map_err(|s| s.message().to_string())
+}
