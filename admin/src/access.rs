@@ -1,7 +1,9 @@
 //! `mailvault-admin access`: the replicated access policy.
 
 use clap::Subcommand;
-use mailvault_proto::v1::{GetIdentityRequest, IdentityPolicy, PutIdentityRequest, RevokeCertificateRequest, TenantRoles};
+use mailvault_proto::v1::{
+    GetIdentityRequest, IdentityPolicy, PutIdentityRequest, RevokeCertificateRequest, TenantRoles,
+};
 use serde_json::json;
 
 use crate::client::{admin, status_err};
@@ -81,19 +83,32 @@ fn print(output: Output, p: &IdentityPolicy) {
                 println!("tenant {:<8} {}", t.tenant, t.roles.join(", "));
             }
             println!("cluster roles: {}", p.cluster_roles.join(", "));
-            let allow = if p.allow_from.is_empty() { "anywhere".to_string() } else { p.allow_from.join(", ") };
+            let allow = if p.allow_from.is_empty() {
+                "anywhere".to_string()
+            } else {
+                p.allow_from.join(", ")
+            };
             println!("allowed from:  {allow}");
             println!("revoked:       {}", p.revoked);
         }
     }
 }
 
-fn edit_roles(p: &mut IdentityPolicy, tenant: Option<String>, role: Option<String>, cluster: Option<String>, add: bool) {
+fn edit_roles(
+    p: &mut IdentityPolicy,
+    tenant: Option<String>,
+    role: Option<String>,
+    cluster: Option<String>,
+    add: bool,
+) {
     if let (Some(t), Some(r)) = (tenant, role) {
         let idx = match p.tenant_roles.iter().position(|x| x.tenant == t) {
             Some(i) => i,
             None => {
-                p.tenant_roles.push(TenantRoles { tenant: t, roles: vec![] });
+                p.tenant_roles.push(TenantRoles {
+                    tenant: t,
+                    roles: vec![],
+                });
                 p.tenant_roles.len() - 1
             }
         };
@@ -117,14 +132,20 @@ pub async fn run(endpoint: &str, output: Output, cmd: AccessCmd) -> anyhow::Resu
     let get = |id: String| GetIdentityRequest { identity: id };
     let (identity, change): (String, Box<dyn FnOnce(&mut IdentityPolicy)>) = match cmd {
         AccessCmd::Show { identity } => {
-            let p = c.get_identity(get(identity)).await.map_err(status_err)?.into_inner();
+            let p = c
+                .get_identity(get(identity))
+                .await
+                .map_err(status_err)?
+                .into_inner();
             print(output, &p);
             return Ok(());
         }
         AccessCmd::RevokeCert { serial } => {
-            c.revoke_certificate(RevokeCertificateRequest { serial: serial.clone() })
-                .await
-                .map_err(status_err)?;
+            c.revoke_certificate(RevokeCertificateRequest {
+                serial: serial.clone(),
+            })
+            .await
+            .map_err(status_err)?;
             match output {
                 Output::Json => println!("{}", json!({"revoked_serial": serial})),
                 Output::Text => println!("revoked certificate {serial}"),
@@ -136,17 +157,27 @@ pub async fn run(endpoint: &str, output: Output, cmd: AccessCmd) -> anyhow::Resu
             tenant,
             role,
             cluster_role,
-        } => (identity, Box::new(move |p| edit_roles(p, tenant, role, cluster_role, true))),
+        } => (
+            identity,
+            Box::new(move |p| edit_roles(p, tenant, role, cluster_role, true)),
+        ),
         AccessCmd::Ungrant {
             identity,
             tenant,
             role,
             cluster_role,
-        } => (identity, Box::new(move |p| edit_roles(p, tenant, role, cluster_role, false))),
+        } => (
+            identity,
+            Box::new(move |p| edit_roles(p, tenant, role, cluster_role, false)),
+        ),
         AccessCmd::Allow { identity, networks } => (identity, Box::new(move |p| p.allow_from = networks)),
         AccessCmd::RevokeIdentity { identity } => (identity, Box::new(|p| p.revoked = true)),
     };
-    let mut p = c.get_identity(get(identity)).await.map_err(status_err)?.into_inner();
+    let mut p = c
+        .get_identity(get(identity))
+        .await
+        .map_err(status_err)?
+        .into_inner();
     change(&mut p);
     let p = c
         .put_identity(PutIdentityRequest { policy: Some(p) })

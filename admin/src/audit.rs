@@ -44,7 +44,11 @@ pub async fn run(endpoint: &str, output: Output, cmd: AuditCmd) -> anyhow::Resul
             let db = mailvault_node::store::open_db_read_only(&dir.join("db"))
                 .with_context(|| format!("cannot open the store in {}", dir.display()))?;
             let result = mailvault_node::store::MailReader::new(db).verify_audit()?;
-            report(output, result.as_ref().ok().copied(), result.err().map(|e| e.to_string()))
+            report(
+                output,
+                result.as_ref().ok().copied(),
+                result.err().map(|e| e.to_string()),
+            )
         }
         AuditCmd::Verify { data_dir: None } => {
             let r = admin(endpoint)
@@ -58,15 +62,30 @@ pub async fn run(endpoint: &str, output: Output, cmd: AuditCmd) -> anyhow::Resul
         AuditCmd::List { from, limit } => {
             let r = admin(endpoint)
                 .await?
-                .list_audit(ListAuditRequest { from_seq: from, limit })
+                .list_audit(ListAuditRequest {
+                    from_seq: from,
+                    limit,
+                })
                 .await
                 .map_err(status_err)?
                 .into_inner();
             match output {
-                Output::Json => println!("{}", serde_json::Value::from(r.records.iter().map(record_json).collect::<Vec<_>>())),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::Value::from(r.records.iter().map(record_json).collect::<Vec<_>>())
+                ),
                 Output::Text => {
                     let mut t = Table::new();
-                    t.set_header(["seq", "time (ms)", "identity", "source", "action", "target", "result", "node"]);
+                    t.set_header([
+                        "seq",
+                        "time (ms)",
+                        "identity",
+                        "source",
+                        "action",
+                        "target",
+                        "result",
+                        "node",
+                    ]);
                     for x in &r.records {
                         t.add_row([
                             x.seq.to_string(),
@@ -90,7 +109,10 @@ pub async fn run(endpoint: &str, output: Output, cmd: AuditCmd) -> anyhow::Resul
             let mut from = 1;
             loop {
                 let r = c
-                    .list_audit(ListAuditRequest { from_seq: from, limit: 5000 })
+                    .list_audit(ListAuditRequest {
+                        from_seq: from,
+                        limit: 5000,
+                    })
                     .await
                     .map_err(status_err)?
                     .into_inner();

@@ -27,14 +27,20 @@ pub fn run(output: Output, a: DevCertsArgs) -> anyhow::Result<()> {
         let (id, ips) = n.split_once('=').context("--node takes ID=IP[,IP…]")?;
         let ips = ips
             .split(',')
-            .map(|ip| ip.parse::<IpAddr>().with_context(|| format!("not an IP address: {ip}")))
+            .map(|ip| {
+                ip.parse::<IpAddr>()
+                    .with_context(|| format!("not an IP address: {ip}"))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         nodes.push((id.parse::<u64>().context("node id must be a number")?, ips));
     }
     mailvault_node::tls::devcerts::write_all(&a.out, &nodes, &a.clients)
         .map_err(|e| anyhow::anyhow!("cannot write certificates: {e}"))?;
     match output {
-        Output::Json => println!("{}", json!({"dir": a.out, "nodes": nodes.len(), "clients": a.clients})),
+        Output::Json => println!(
+            "{}",
+            json!({"dir": a.out, "nodes": nodes.len(), "clients": a.clients})
+        ),
         Output::Text => println!(
             "wrote ca.pem, {} node and {} client certificates to {}",
             nodes.len(),

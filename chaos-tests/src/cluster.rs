@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mailvault_node::tls::devcerts::DevCa;
 use mailvault_proto::v1::admin_client::AdminClient;
 use mailvault_proto::v1::mailbox_client::MailboxClient;
 use mailvault_proto::v1::NodeStatusRequest;
-use mailvault_node::tls::devcerts::DevCa;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// Knobs for a test cluster.
@@ -130,7 +130,10 @@ impl Cluster {
         for n in &nodes {
             std::fs::create_dir_all(&n.dir).expect("node dir");
             let ip: std::net::IpAddr = n.ip.parse().expect("ip");
-            ca.node(n.id, &[ip]).expect("node cert").save(&n.dir, "node").expect("write node cert");
+            ca.node(n.id, &[ip])
+                .expect("node cert")
+                .save(&n.dir, "node")
+                .expect("write node cert");
             let cfg = format!(
                 "node_id = {id}\ndata_dir = \"{data}\"\nclient_listen = \"{ip}:{CLIENT_PORT}\"\nraft_listen = \"{ip}:{RAFT_PORT}\"\nops_listen = \"{ip}:{OPS_PORT}\"\nmaster_key_file = \"{key}\"\nlog = \"info,openraft=warn\"\n\n[tls]\nca_file = \"{ca}\"\ncert_file = \"{nd}/node.pem\"\nkey_file = \"{nd}/node.key\"\n\n[access]\noperators = [\"{ADMIN}\"]\n\n[audit]\nfail_closed = {fail_closed}\n\n{members}[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 800\nelection_timeout_max_ms = 1600\nsnapshot_every = {snap}\n\n[limits]\nmax_message_bytes = {max}\n",
                 id = n.id,
@@ -146,7 +149,12 @@ impl Cluster {
             std::fs::write(n.dir.join("node.toml"), cfg).expect("write config");
         }
         let ca_pem = ca.pems.cert.clone();
-        let mut c = Cluster { dir, nodes, ca, ca_pem };
+        let mut c = Cluster {
+            dir,
+            nodes,
+            ca,
+            ca_pem,
+        };
         for i in 0..c.nodes.len() {
             c.start_node(i);
         }
@@ -163,7 +171,9 @@ impl Cluster {
             let mut a = a.clone();
             async move {
                 let mut p = a
-                    .get_identity(GetIdentityRequest { identity: identity.into() })
+                    .get_identity(GetIdentityRequest {
+                        identity: identity.into(),
+                    })
                     .await?
                     .into_inner();
                 p.tenant_roles.push(TenantRoles {
@@ -192,7 +202,9 @@ impl Cluster {
                 .save(self.dir.path(), &format!("client-{identity}"))
                 .expect("write client cert");
         }
-        let read = |ext: &str| std::fs::read(self.dir.path().join(format!("client-{identity}.{ext}"))).expect("read cert");
+        let read = |ext: &str| {
+            std::fs::read(self.dir.path().join(format!("client-{identity}.{ext}"))).expect("read cert")
+        };
         self.tls_with(Identity::from_pem(read("pem"), read("key")))
     }
 

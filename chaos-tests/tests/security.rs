@@ -22,7 +22,10 @@ fn ip(s: &str) -> Option<IpAddr> {
     Some(s.parse().unwrap())
 }
 
-async fn status_of(c: &mut MailboxClient<tonic::transport::Channel>, tenant: &str) -> Result<MailboxStatus, tonic::Status> {
+async fn status_of(
+    c: &mut MailboxClient<tonic::transport::Channel>,
+    tenant: &str,
+) -> Result<MailboxStatus, tonic::Status> {
     c.get_mailbox_status(GetMailboxStatusRequest {
         tenant: tenant.into(),
         mailbox: "inbox".into(),
@@ -33,11 +36,14 @@ async fn status_of(c: &mut MailboxClient<tonic::transport::Channel>, tenant: &st
 
 async fn audit_records(cluster: &Cluster) -> Vec<AuditRecord> {
     let mut a = cluster.admin_as(0, "auditor").await;
-    a.list_audit(ListAuditRequest { from_seq: 1, limit: 10_000 })
-        .await
-        .unwrap()
-        .into_inner()
-        .records
+    a.list_audit(ListAuditRequest {
+        from_seq: 1,
+        limit: 10_000,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .records
 }
 
 /// Waits until the audit log holds a record matching `f`.
@@ -58,12 +64,16 @@ async fn setup() -> Cluster {
     }
     let mut a = cluster.admin(0).await;
     let mut p = a
-        .get_identity(GetIdentityRequest { identity: "auditor".into() })
+        .get_identity(GetIdentityRequest {
+            identity: "auditor".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     p.cluster_roles = vec!["auditor".into()];
-    a.put_identity(PutIdentityRequest { policy: Some(p) }).await.unwrap();
+    a.put_identity(PutIdentityRequest { policy: Some(p) })
+        .await
+        .unwrap();
     cluster
 }
 
@@ -74,30 +84,54 @@ async fn every_denied_access_is_refused_and_audited() {
 
     // No client certificate.
     let no_cert = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&cluster.ca().pems.cert));
-    let mut c = MailboxClient::new(lazy_channel(&cluster.client_addr(0), no_cert, None));
-    assert!(status_of(&mut c, "acme").await.is_err(), "a call without a client certificate succeeded");
+    // Each refused attempt comes from its own address, or the lockout (tested
+    // below) would lock out the address the test itself administers from.
+    let mut c = MailboxClient::new(lazy_channel(&cluster.client_addr(0), no_cert, ip("127.0.1.1")));
+    assert!(
+        status_of(&mut c, "acme").await.is_err(),
+        "a call without a client certificate succeeded"
+    );
 
     // A certificate from another CA.
-    let other = DevCa::new("someone else's CA").unwrap().client("acme-agent").unwrap();
+    let other = DevCa::new("someone else's CA")
+        .unwrap()
+        .client("acme-agent")
+        .unwrap();
     let tls = cluster.tls_with(Identity::from_pem(&other.cert, &other.key));
-    let mut c = MailboxClient::new(lazy_channel(&cluster.client_addr(0), tls, None));
-    assert!(status_of(&mut c, "acme").await.is_err(), "a foreign CA's certificate was accepted");
+    let mut c = MailboxClient::new(lazy_channel(&cluster.client_addr(0), tls, ip("127.0.1.2")));
+    assert!(
+        status_of(&mut c, "acme").await.is_err(),
+        "a foreign CA's certificate was accepted"
+    );
 
     // An expired certificate of the right CA.
-    let old = cluster.ca().client_valid("acme-agent", Some(((2020, 1, 1), (2021, 1, 1)))).unwrap();
+    let old = cluster
+        .ca()
+        .client_valid("acme-agent", Some(((2020, 1, 1), (2021, 1, 1))))
+        .unwrap();
     let tls = cluster.tls_with(Identity::from_pem(&old.cert, &old.key));
-    let mut c = MailboxClient::new(lazy_channel(&cluster.client_addr(0), tls, None));
-    assert!(status_of(&mut c, "acme").await.is_err(), "an expired certificate was accepted");
+    let mut c = MailboxClient::new(lazy_channel(&cluster.client_addr(0), tls, ip("127.0.1.3")));
+    assert!(
+        status_of(&mut c, "acme").await.is_err(),
+        "an expired certificate was accepted"
+    );
 
     // A client certificate on the Raft peer port.
-    let ch = lazy_channel(&cluster.raft_addr(0), cluster.tls_for("acme-agent"), None);
+    let ch = lazy_channel(
+        &cluster.raft_addr(0),
+        cluster.tls_for("acme-agent"),
+        ip("127.0.1.4"),
+    );
     let e = RaftPeerClient::new(ch).read_index(ReadIndexRequest {}).await;
     assert!(e.is_err(), "a client certificate reached the peer service");
 
     // The wrong tenant: reading, listing, watching and changing are all denied.
-    let mut c = cluster.mailbox_as(1, "acme-agent").await;
+    let mut c = MailboxClient::new(cluster.channel_as(1, "acme-agent", ip("127.0.1.5")));
     status_of(&mut c, "acme").await.unwrap();
-    assert_eq!(status_of(&mut c, "globex").await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(
+        status_of(&mut c, "globex").await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
     let e = c
         .list_messages(ListMessagesRequest {
             tenant: "globex".into(),
@@ -116,13 +150,15 @@ async fn every_denied_access_is_refused_and_audited() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let e = append(&mut c, "globex", "inbox", "k", b"Subject: x\r\n\r\nx").await.unwrap_err();
+    let e = append(&mut c, "globex", "inbox", "k", b"Subject: x\r\n\r\nx")
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     // Nor may a tenant identity use the admin API.
-    let e = cluster
-        .admin_as(0, "acme-agent")
-        .await
-        .create_tenant(CreateTenantRequest { tenant: "evil".into() })
+    let e = AdminClient::new(cluster.channel_as(0, "acme-agent", ip("127.0.1.6")))
+        .create_tenant(CreateTenantRequest {
+            tenant: "evil".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
@@ -139,7 +175,9 @@ async fn every_denied_access_is_refused_and_audited() {
     cluster
         .admin(0)
         .await
-        .revoke_certificate(RevokeCertificateRequest { serial: serial.clone() })
+        .revoke_certificate(RevokeCertificateRequest {
+            serial: serial.clone(),
+        })
         .await
         .unwrap();
     let mut revoked = false;
@@ -152,18 +190,25 @@ async fn every_denied_access_is_refused_and_audited() {
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
-    assert!(revoked, "a revoked certificate kept working on an open connection");
+    assert!(
+        revoked,
+        "a revoked certificate kept working on an open connection"
+    );
 
     // A disallowed source address.
     cluster.grant("pinned", "acme", "reader").await;
     let mut a = cluster.admin(0).await;
     let mut p = a
-        .get_identity(GetIdentityRequest { identity: "pinned".into() })
+        .get_identity(GetIdentityRequest {
+            identity: "pinned".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     p.allow_from = vec!["127.0.0.1/32".into()];
-    a.put_identity(PutIdentityRequest { policy: Some(p) }).await.unwrap();
+    a.put_identity(PutIdentityRequest { policy: Some(p) })
+        .await
+        .unwrap();
     let mut from_ok = MailboxClient::new(cluster.channel_as(0, "pinned", ip("127.0.0.1")));
     let mut from_bad = MailboxClient::new(cluster.channel_as(0, "pinned", ip("127.0.0.2")));
     retry(Duration::from_secs(5), || {
@@ -172,31 +217,67 @@ async fn every_denied_access_is_refused_and_audited() {
     })
     .await
     .unwrap();
-    assert_eq!(status_of(&mut from_bad, "acme").await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(
+        status_of(&mut from_bad, "acme").await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
     let _ = &mut from_ok;
 
     // Lockout: five denied calls from one address lock it out, even for an identity that is allowed.
     let mut mallory = MailboxClient::new(cluster.channel_as(1, "mallory", ip("127.0.0.3")));
     for _ in 0..5 {
-        assert_eq!(status_of(&mut mallory, "acme").await.unwrap_err().code(), Code::PermissionDenied);
+        assert_eq!(
+            status_of(&mut mallory, "acme").await.unwrap_err().code(),
+            Code::PermissionDenied
+        );
     }
     let mut same_address = MailboxClient::new(cluster.channel_as(1, "acme-agent", ip("127.0.0.3")));
-    assert!(status_of(&mut same_address, "acme").await.is_err(), "a locked-out address got through");
+    assert!(
+        status_of(&mut same_address, "acme").await.is_err(),
+        "a locked-out address got through"
+    );
     let mut elsewhere = MailboxClient::new(cluster.channel_as(1, "acme-agent", ip("127.0.0.4")));
     status_of(&mut elsewhere, "acme").await.unwrap();
 
     // Every denial left an audit record.
     let denied = |r: &AuditRecord| r.result.starts_with("denied");
-    wait_audited(&cluster, "no certificate", |r| denied(r) && r.action == "client-connect" && r.result.contains("certificate")).await;
-    wait_audited(&cluster, "foreign CA", |r| denied(r) && r.result.contains("UnknownIssuer")).await;
+    wait_audited(&cluster, "no certificate", |r| {
+        denied(r) && r.action == "client-connect" && r.result.contains("certificate")
+    })
+    .await;
+    wait_audited(&cluster, "foreign CA", |r| {
+        denied(r) && r.result.contains("UnknownIssuer")
+    })
+    .await;
     wait_audited(&cluster, "expired", |r| denied(r) && r.result.contains("Expired")).await;
-    wait_audited(&cluster, "peer port", |r| denied(r) && r.action == "raft-peer-connect").await;
-    wait_audited(&cluster, "wrong tenant", |r| denied(r) && r.identity == "acme-agent" && r.target.starts_with("globex")).await;
-    wait_audited(&cluster, "admin call", |r| denied(r) && r.identity == "acme-agent" && r.action == "CreateTenant").await;
-    wait_audited(&cluster, "revoked", |r| denied(r) && r.identity == "temp" && r.result.contains("revoked")).await;
-    wait_audited(&cluster, "source", |r| denied(r) && r.identity == "pinned" && r.source == "127.0.0.2").await;
-    wait_audited(&cluster, "lockout", |r| r.action == "lockout" && r.source == "127.0.0.3").await;
-    wait_audited(&cluster, "locked out", |r| denied(r) && r.source == "127.0.0.3" && r.result.contains("locked out")).await;
+    wait_audited(&cluster, "peer port", |r| {
+        denied(r) && r.action == "raft-peer-connect"
+    })
+    .await;
+    wait_audited(&cluster, "wrong tenant", |r| {
+        denied(r) && r.identity == "acme-agent" && r.target.starts_with("globex")
+    })
+    .await;
+    wait_audited(&cluster, "admin call", |r| {
+        denied(r) && r.identity == "acme-agent" && r.action == "CreateTenant"
+    })
+    .await;
+    wait_audited(&cluster, "revoked", |r| {
+        denied(r) && r.identity == "temp" && r.result.contains("revoked")
+    })
+    .await;
+    wait_audited(&cluster, "source", |r| {
+        denied(r) && r.identity == "pinned" && r.source == "127.0.0.2"
+    })
+    .await;
+    wait_audited(&cluster, "lockout", |r| {
+        r.action == "lockout" && r.source == "127.0.0.3"
+    })
+    .await;
+    wait_audited(&cluster, "locked out", |r| {
+        denied(r) && r.source == "127.0.0.3" && r.result.contains("locked out")
+    })
+    .await;
     let metric = scrape_metric(&cluster.ops_addr(1), "mailvault_lockouts_total").await;
     assert!(metric >= Some(1.0), "lockouts visible in metrics: {metric:?}");
 }
@@ -209,7 +290,10 @@ async fn a_reader_never_sees_a_full_customer_address() {
         "From: Jane <{ADDR}>\r\nTo: support@acme.example\r\nCc: boss.person@partner.example\r\nSubject: refund\r\n\r\nPlease reply to {ADDR} or call.\r\n"
     );
     let mut agent = cluster.mailbox(0).await;
-    let uid = append(&mut agent, "acme", "inbox", "k1", body.as_bytes()).await.unwrap().uid;
+    let uid = append(&mut agent, "acme", "inbox", "k1", body.as_bytes())
+        .await
+        .unwrap()
+        .uid;
 
     let mut reader = cluster.mailbox_as(1, "reader").await;
     let listed = retry(Duration::from_secs(5), || {
@@ -251,8 +335,14 @@ async fn a_reader_never_sees_a_full_customer_address() {
     let first = s.next().await.unwrap().unwrap();
     assert_eq!(first.raw, body.as_bytes());
     assert!(s.next().await.is_none());
-    wait_audited(&cluster, "export", |r| r.action == "ExportMailbox" && r.identity == "exporter" && r.result == "allowed").await;
-    wait_audited(&cluster, "read", |r| r.action == "GetMessage" && r.identity == "reader").await;
+    wait_audited(&cluster, "export", |r| {
+        r.action == "ExportMailbox" && r.identity == "exporter" && r.result == "allowed"
+    })
+    .await;
+    wait_audited(&cluster, "read", |r| {
+        r.action == "GetMessage" && r.identity == "reader"
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,7 +372,9 @@ async fn a_policy_change_on_one_node_is_enforced_by_every_node() {
             let mut c = c.clone();
             async move {
                 match status_of(&mut c, "acme").await {
-                    Err(e) if e.code() == Code::PermissionDenied => Err(tonic::Status::unavailable("not yet")),
+                    Err(e) if e.code() == Code::PermissionDenied => {
+                        Err(tonic::Status::unavailable("not yet"))
+                    }
                     r => r,
                 }
             }
@@ -292,13 +384,17 @@ async fn a_policy_change_on_one_node_is_enforced_by_every_node() {
     }
     // Revoked through node 1 ...
     let mut p2 = a
-        .get_identity(GetIdentityRequest { identity: "newhire".into() })
+        .get_identity(GetIdentityRequest {
+            identity: "newhire".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     p2.revoked = true;
     let mut a1 = cluster.admin(1).await;
-    a1.put_identity(PutIdentityRequest { policy: Some(p2) }).await.unwrap();
+    a1.put_identity(PutIdentityRequest { policy: Some(p2) })
+        .await
+        .unwrap();
     // ... refused by every node.
     for i in 0..cluster.len() {
         let c = cluster.mailbox_as(i, "newhire").await;
@@ -322,12 +418,27 @@ async fn audit_verify_detects_an_edited_deleted_or_reordered_record() {
     let mut cluster = setup().await;
     let mut c = cluster.mailbox(0).await;
     for n in 0..5 {
-        append(&mut c, "acme", "inbox", &format!("k{n}"), b"Subject: s\r\n\r\nbody").await.unwrap();
+        append(
+            &mut c,
+            "acme",
+            "inbox",
+            &format!("k{n}"),
+            b"Subject: s\r\n\r\nbody",
+        )
+        .await
+        .unwrap();
         fetch(&mut c, "acme", "inbox", n + 1).await.unwrap();
     }
-    wait_audited(&cluster, "reads", |r| r.action == "GetMessage" && r.target == "acme/inbox/5").await;
+    wait_audited(&cluster, "reads", |r| {
+        r.action == "GetMessage" && r.target == "acme/inbox/5"
+    })
+    .await;
     let mut auditor: AdminClient<_> = cluster.admin_as(0, "auditor").await;
-    let v = auditor.verify_audit(VerifyAuditRequest {}).await.unwrap().into_inner();
+    let v = auditor
+        .verify_audit(VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(v.ok && v.records >= 10, "{v:?}");
 
     // Stop node 3, copy its data directory, and tamper with each copy offline.
@@ -342,7 +453,11 @@ async fn audit_verify_detects_an_edited_deleted_or_reordered_record() {
             .unwrap()
     };
     let intact = verify(&src);
-    assert!(intact.status.success(), "{}", String::from_utf8_lossy(&intact.stderr));
+    assert!(
+        intact.status.success(),
+        "{}",
+        String::from_utf8_lossy(&intact.stderr)
+    );
     for tamper in ["edit", "delete", "reorder"] {
         let dir = cluster.dir().join(format!("tampered-{tamper}"));
         copy_dir(&src, &dir);

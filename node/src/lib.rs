@@ -18,6 +18,6 @@ pub mod proposer;
 pub mod raft;
 pub mod server;
 pub mod status;
-pub mod tls;
 pub mod store;
+pub mod tls;
 pub mod types;

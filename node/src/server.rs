@@ -15,7 +15,6 @@ use tokio::sync::watch;
 use crate::access::{AccessLayer, Lockout};
 use crate::api::{AdminService, MailboxService};
 use crate::audit::{AuditEvent, AuditRecorder};
-use crate::tls::{accept_loop, client_tls, server_config, CertIdentity, HandshakeFailure, Peer};
 use crate::config::Config;
 use crate::crypto::{Keyring, MasterKey};
 use crate::ctx::Ctx;
@@ -24,6 +23,7 @@ use crate::raft::{
     bootstrap_if_fresh, raft_config, PeerClients, PeerNetwork, PeerService, PEER_MAX_MESSAGE_BYTES,
 };
 use crate::store::{open_db, LogStore, MailReader, StateMachine};
+use crate::tls::{accept_loop, client_tls, server_config, CertIdentity, HandshakeFailure, Peer};
 use crate::types::Raft;
 
 /// Runs a node until `shutdown` resolves.
@@ -74,7 +74,13 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         config.raft.max_batch_bytes,
         Duration::from_millis(config.limits.write_timeout_ms),
     );
-    let audit = AuditRecorder::start(id, raft.clone(), proposer.clone(), peers.clone(), config.audit.fail_closed);
+    let audit = AuditRecorder::start(
+        id,
+        raft.clone(),
+        proposer.clone(),
+        peers.clone(),
+        config.audit.fail_closed,
+    );
     let lockout = Lockout::new(
         config.access.lockout_threshold,
         Duration::from_secs(config.access.lockout_minutes * 60),

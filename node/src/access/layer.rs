@@ -159,7 +159,15 @@ async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
         CertIdentity::User(u) => (u, false, serial, addr),
     };
     if ctx.lockout.is_locked(Some(&identity), source) {
-        return Err(deny(ctx, &identity, source, &method, "locked out after repeated failures", false).await);
+        return Err(deny(
+            ctx,
+            &identity,
+            source,
+            &method,
+            "locked out after repeated failures",
+            false,
+        )
+        .await);
     }
     let class = classify(path);
     if is_node {
@@ -171,7 +179,15 @@ async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
                 source,
                 policy: Default::default(),
             }),
-            _ => Err(deny(ctx, &identity, source, &method, "nodes may not call this directly", true).await),
+            _ => Err(deny(
+                ctx,
+                &identity,
+                source,
+                &method,
+                "nodes may not call this directly",
+                true,
+            )
+            .await),
         };
     }
     let policy = ctx
@@ -180,13 +196,29 @@ async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
         .map_err(crate::status::read)?
         .unwrap_or_default();
     if policy.revoked || ctx.reader.serial_revoked(&serial).map_err(crate::status::read)? {
-        let status = deny(ctx, &identity, source, &method, "certificate or identity revoked", true).await;
+        let status = deny(
+            ctx,
+            &identity,
+            source,
+            &method,
+            "certificate or identity revoked",
+            true,
+        )
+        .await;
         return Err(Status::unauthenticated(status.message().to_string()));
     }
     if !policy.allows_source(source) {
-        return Err(deny(ctx, &identity, source, &method, "source address not allowed", true).await);
+        return Err(deny(
+            ctx,
+            &identity,
+            source,
+            &method,
+            "source address not allowed",
+            true,
+        )
+        .await);
     }
-    let bootstrap = ctx.config.access.operators.iter().any(|o| *o == identity);
+    let bootstrap = ctx.config.access.operators.contains(&identity);
     let operator = bootstrap || policy.cluster_roles.contains(&ClusterRole::Operator);
     let auditor = policy.cluster_roles.contains(&ClusterRole::Auditor);
     let allowed = match class {
@@ -197,7 +229,15 @@ async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
         MethodClass::Unknown => false,
     };
     if !allowed {
-        return Err(deny(ctx, &identity, source, &method, "missing cluster role for this call", true).await);
+        return Err(deny(
+            ctx,
+            &identity,
+            source,
+            &method,
+            "missing cluster role for this call",
+            true,
+        )
+        .await);
     }
     let mut policy = policy;
     if bootstrap {
@@ -213,7 +253,14 @@ async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
 }
 
 /// Audits a denial, counts it towards lockout, and builds the status.
-async fn deny(ctx: &Ctx, identity: &str, source: Option<IpAddr>, method: &str, reason: &str, count: bool) -> Status {
+async fn deny(
+    ctx: &Ctx,
+    identity: &str,
+    source: Option<IpAddr>,
+    method: &str,
+    reason: &str,
+    count: bool,
+) -> Status {
     metrics::counter!("mailvault_denied_total").increment(1);
     let id = (identity != "-").then_some(identity);
     let mut reason = reason.to_string();

@@ -60,7 +60,7 @@ impl Lockout {
             let e = map.entry(key).or_default();
             e.failures.retain(|t| now.duration_since(*t) < self.period);
             e.failures.push(now);
-            if e.failures.len() >= self.threshold && !e.locked_until.is_some_and(|t| t > now) {
+            if e.failures.len() >= self.threshold && e.locked_until.is_none_or(|t| t <= now) {
                 e.locked_until = Some(now + self.period);
                 e.failures.clear();
                 started = true;
@@ -69,7 +69,11 @@ impl Lockout {
         if started {
             metrics::counter!("mailvault_lockouts_total").increment(1);
         }
-        metrics::gauge!("mailvault_locked_out").set(map.values().filter(|e| e.locked_until.is_some_and(|t| t > now)).count() as f64);
+        metrics::gauge!("mailvault_locked_out").set(
+            map.values()
+                .filter(|e| e.locked_until.is_some_and(|t| t > now))
+                .count() as f64,
+        );
         started
     }
 }

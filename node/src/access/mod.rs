@@ -12,5 +12,7 @@ mod principal;
 
 pub use layer::{AccessLayer, ON_BEHALF_OF, ON_BEHALF_SERIAL, ON_BEHALF_SOURCE};
 pub use lockout::Lockout;
-pub use policy::{mask_address, mask_addresses_in, Action, ClusterRole, IdentityPolicy, TenantRole, ANY_TENANT};
+pub use policy::{
+    mask_address, mask_addresses_in, Action, ClusterRole, IdentityPolicy, TenantRole, ANY_TENANT,
+};
 pub use principal::{authorize, Principal};

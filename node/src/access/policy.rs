@@ -193,12 +193,21 @@ mod tests {
     fn roles_grant_least_privilege() {
         let mut p = IdentityPolicy::default();
         assert!(!p.permits("acme", Action::Read));
-        p.tenant_roles.entry("acme".into()).or_default().insert(TenantRole::Reader);
+        p.tenant_roles
+            .entry("acme".into())
+            .or_default()
+            .insert(TenantRole::Reader);
         assert!(p.permits("acme", Action::Read));
         assert!(!p.permits("acme", Action::Write));
         assert!(!p.permits("acme", Action::ViewAddresses));
-        assert!(!p.permits("globex", Action::Read), "a role on one tenant never reaches another");
-        p.tenant_roles.entry(ANY_TENANT.into()).or_default().insert(TenantRole::Agent);
+        assert!(
+            !p.permits("globex", Action::Read),
+            "a role on one tenant never reaches another"
+        );
+        p.tenant_roles
+            .entry(ANY_TENANT.into())
+            .or_default()
+            .insert(TenantRole::Agent);
         assert!(p.permits("globex", Action::Write));
         assert!(!p.permits("globex", Action::Export));
     }
@@ -215,6 +224,9 @@ mod tests {
         assert_eq!(mask_address(""), "");
         let raw = b"From: Jane <jane.doe@example.org>\r\n\r\nmail bob@x.io, not @handle or a@b";
         let masked = String::from_utf8(mask_addresses_in(raw)).unwrap();
-        assert_eq!(masked, "From: Jane <j***@example.org>\r\n\r\nmail b***@x.io, not @handle or a@b");
+        assert_eq!(
+            masked,
+            "From: Jane <j***@example.org>\r\n\r\nmail b***@x.io, not @handle or a@b"
+        );
     }
 }

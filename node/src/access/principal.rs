@@ -70,5 +70,8 @@ pub async fn authorize(
     ctx.lockout.fail(Some(&p.identity), p.source);
     let _ = ctx.audit.record(p.event(rpc, target, &reason)).await;
     metrics::counter!("mailvault_denied_total").increment(1);
-    Err(Status::permission_denied(format!("{} may not {:?} tenant {tenant}", p.identity, action)))
+    Err(Status::permission_denied(format!(
+        "{} may not {:?} tenant {tenant}",
+        p.identity, action
+    )))
 }

@@ -175,7 +175,8 @@ impl Admin for AdminService {
     ) -> Result<Response<TriggerSnapshotResponse>, Status> {
         let p = principal_of(&req);
         let purge = req.into_inner().purge_log;
-        self.record(p.as_ref(), "TriggerSnapshot", format!("purge_log={purge}")).await?;
+        self.record(p.as_ref(), "TriggerSnapshot", format!("purge_log={purge}"))
+            .await?;
         let raft = &self.ctx.raft;
         let applied = raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
         raft.trigger()
@@ -218,14 +219,23 @@ impl Admin for AdminService {
         let id = req.into_inner().identity;
         self.record(p.as_ref(), "GetIdentity", id.clone()).await?;
         self.ctx.read_barrier().await?;
-        let policy = self.ctx.reader.identity_policy(&id).map_err(status::read)?.unwrap_or_default();
+        let policy = self
+            .ctx
+            .reader
+            .identity_policy(&id)
+            .map_err(status::read)?
+            .unwrap_or_default();
         Ok(Response::new(policy_to_proto(&id, &policy)))
     }
 
     async fn put_identity(&self, req: Request<PutIdentityRequest>) -> Result<Response<ProtoPolicy>, Status> {
         let p = principal_of(&req);
         if let Route::Forward(ch) = self.ctx.route(req.metadata())? {
-            return self.ctx.admin_client(ch).put_identity(forwarded(req.into_inner(), p.as_ref())).await;
+            return self
+                .ctx
+                .admin_client(ch)
+                .put_identity(forwarded(req.into_inner(), p.as_ref()))
+                .await;
         }
         let proto = req
             .into_inner()
@@ -233,7 +243,11 @@ impl Admin for AdminService {
             .ok_or_else(|| Status::invalid_argument("policy is required"))?;
         names::check("identity", &proto.identity, 256).map_err(status::name)?;
         let policy = policy_from_proto(&proto)?;
-        let summary = format!("{} -> {:?}", proto.identity, policy_to_proto(&proto.identity, &policy));
+        let summary = format!(
+            "{} -> {:?}",
+            proto.identity,
+            policy_to_proto(&proto.identity, &policy)
+        );
         self.record(p.as_ref(), "PutIdentity", summary).await?;
         self.ctx
             .proposer
@@ -260,7 +274,8 @@ impl Admin for AdminService {
         }
         let serial = normalize_serial(&req.into_inner().serial)
             .ok_or_else(|| Status::invalid_argument("serial must be hex"))?;
-        self.record(p.as_ref(), "RevokeCertificate", serial.clone()).await?;
+        self.record(p.as_ref(), "RevokeCertificate", serial.clone())
+            .await?;
         self.ctx
             .proposer
             .propose(Command::RevokeSerial { serial })
@@ -269,10 +284,14 @@ impl Admin for AdminService {
         Ok(Response::new(RevokeCertificateResponse {}))
     }
 
-    async fn list_audit(&self, req: Request<ListAuditRequest>) -> Result<Response<ListAuditResponse>, Status> {
+    async fn list_audit(
+        &self,
+        req: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
         let p = principal_of(&req);
         let r = req.into_inner();
-        self.record(p.as_ref(), "ListAudit", format!("from {}", r.from_seq)).await?;
+        self.record(p.as_ref(), "ListAudit", format!("from {}", r.from_seq))
+            .await?;
         self.ctx.read_barrier().await?;
         let limit = match r.limit {
             0 => 1000,
@@ -301,7 +320,10 @@ impl Admin for AdminService {
         Ok(Response::new(ListAuditResponse { records, head_seq }))
     }
 
-    async fn verify_audit(&self, req: Request<VerifyAuditRequest>) -> Result<Response<VerifyAuditResponse>, Status> {
+    async fn verify_audit(
+        &self,
+        req: Request<VerifyAuditRequest>,
+    ) -> Result<Response<VerifyAuditResponse>, Status> {
         let p = principal_of(&req);
         self.record(p.as_ref(), "VerifyAudit", "-".into()).await?;
         let head = self.ctx.reader.audit_head().map_err(status::read)?;

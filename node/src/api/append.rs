@@ -32,7 +32,15 @@ pub async fn append(
     };
     check_header(ctx, &header)?;
     let target = format!("{}/{}", header.tenant, header.mailbox);
-    authorize(ctx, principal, "AppendMessage", &header.tenant, target, Action::Write).await?;
+    authorize(
+        ctx,
+        principal,
+        "AppendMessage",
+        &header.tenant,
+        target,
+        Action::Write,
+    )
+    .await?;
     ctx.read_barrier().await?;
     let (tenant, mailbox) = (header.tenant.as_str(), header.mailbox.as_str());
     if ctx

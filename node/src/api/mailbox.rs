@@ -13,9 +13,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::tenant_keys::{new_blob, MessageCipher};
 use super::{append, messages, watch};
+use crate::access::{authorize, Action, Principal};
 use crate::command::{Command, CommandResult, NewMessage};
 use crate::crypto::HEADERS_CHUNK;
-use crate::access::{authorize, Action, Principal};
 use crate::ctx::{forwarded, Ctx, Route};
 use crate::model::MailboxRecord;
 use crate::{names, status};
@@ -122,13 +122,24 @@ fn target(tenant: &str, mailbox: &str, uid: Option<u32>) -> String {
 
 #[tonic::async_trait]
 impl Mailbox for MailboxService {
-    async fn create_mailbox(&self, req: Request<CreateMailboxRequest>) -> Result<Response<MailboxStatus>, Status> {
+    async fn create_mailbox(
+        &self,
+        req: Request<CreateMailboxRequest>,
+    ) -> Result<Response<MailboxStatus>, Status> {
         route_write!(self, req, p, create_mailbox);
         let r = req.into_inner();
         names::tenant(&r.tenant).map_err(status::name)?;
         names::mailbox(&r.mailbox).map_err(status::name)?;
         let t = target(&r.tenant, &r.mailbox, None);
-        authorize(&self.ctx, p.as_ref(), "CreateMailbox", &r.tenant, t, Action::ManageMailboxes).await?;
+        authorize(
+            &self.ctx,
+            p.as_ref(),
+            "CreateMailbox",
+            &r.tenant,
+            t,
+            Action::ManageMailboxes,
+        )
+        .await?;
         let uidvalidity = (append::now_ms() / 1000) as u32;
         self.run(Command::CreateMailbox {
             tenant: r.tenant.clone(),
@@ -147,7 +158,15 @@ impl Mailbox for MailboxService {
         let p = principal_of(&req);
         let r = req.into_inner();
         names::tenant(&r.tenant).map_err(status::name)?;
-        authorize(&self.ctx, p.as_ref(), "ListMailboxes", &r.tenant, r.tenant.clone(), Action::Read).await?;
+        authorize(
+            &self.ctx,
+            p.as_ref(),
+            "ListMailboxes",
+            &r.tenant,
+            r.tenant.clone(),
+            Action::Read,
+        )
+        .await?;
         self.ctx.read_barrier().await?;
         if self.ctx.reader.tenant(&r.tenant).map_err(status::read)?.is_none() {
             return Err(Status::not_found("tenant not found"));
@@ -170,7 +189,15 @@ impl Mailbox for MailboxService {
         let p = principal_of(&req);
         let r = req.into_inner();
         let t = target(&r.tenant, &r.mailbox, None);
-        authorize(&self.ctx, p.as_ref(), "GetMailboxStatus", &r.tenant, t, Action::Read).await?;
+        authorize(
+            &self.ctx,
+            p.as_ref(),
+            "GetMailboxStatus",
+            &r.tenant,
+            t,
+            Action::Read,
+        )
+        .await?;
         self.ctx.read_barrier().await?;
         let m = self.existing_mailbox(&r.tenant, &r.mailbox)?;
         Ok(Response::new(self.mailbox_status(&r.tenant, &r.mailbox, &m)?))
@@ -182,14 +209,21 @@ impl Mailbox for MailboxService {
     ) -> Result<Response<AppendMessageResponse>, Status> {
         let p = principal_of(&req);
         match self.ctx.route(req.metadata())? {
-            Route::Local => Ok(Response::new(append::append(&self.ctx, p.as_ref(), req.into_inner()).await?)),
-            Route::Forward(ch) => forward_append(self.ctx.mailbox_client(ch), p.as_ref(), req.into_inner()).await,
+            Route::Local => Ok(Response::new(
+                append::append(&self.ctx, p.as_ref(), req.into_inner()).await?,
+            )),
+            Route::Forward(ch) => {
+                forward_append(self.ctx.mailbox_client(ch), p.as_ref(), req.into_inner()).await
+            }
         }
     }
 
     type GetMessageStream = RespStream<GetMessageResponse>;
 
-    async fn get_message(&self, req: Request<GetMessageRequest>) -> Result<Response<Self::GetMessageStream>, Status> {
+    async fn get_message(
+        &self,
+        req: Request<GetMessageRequest>,
+    ) -> Result<Response<Self::GetMessageStream>, Status> {
         let p = principal_of(&req);
         let r = req.into_inner();
         let t = target(&r.tenant, &r.mailbox, Some(r.uid));
@@ -217,10 +251,17 @@ impl Mailbox for MailboxService {
         let p = authorize(&self.ctx, p.as_ref(), "ListMessages", &r.tenant, t, Action::Read).await?;
         self.ctx.read_barrier().await?;
         self.existing_mailbox(&r.tenant, &r.mailbox)?;
-        Ok(Response::new(messages::list(&self.ctx, &r, p.may_view_addresses(&r.tenant))?))
+        Ok(Response::new(messages::list(
+            &self.ctx,
+            &r,
+            p.may_view_addresses(&r.tenant),
+        )?))
     }
 
-    async fn update_flags(&self, req: Request<UpdateFlagsRequest>) -> Result<Response<UpdateFlagsResponse>, Status> {
+    async fn update_flags(
+        &self,
+        req: Request<UpdateFlagsRequest>,
+    ) -> Result<Response<UpdateFlagsResponse>, Status> {
         route_write!(self, req, p, update_flags);
         let r = req.into_inner();
         let t = target(&r.tenant, &r.mailbox, Some(r.uid));
@@ -242,7 +283,10 @@ impl Mailbox for MailboxService {
         Ok(Response::new(UpdateFlagsResponse { modseq, flags }))
     }
 
-    async fn claim_message(&self, req: Request<ClaimMessageRequest>) -> Result<Response<ClaimMessageResponse>, Status> {
+    async fn claim_message(
+        &self,
+        req: Request<ClaimMessageRequest>,
+    ) -> Result<Response<ClaimMessageResponse>, Status> {
         route_write!(self, req, p, claim_message);
         let r = req.into_inner();
         let t = target(&r.tenant, &r.mailbox, Some(r.uid));
@@ -263,7 +307,10 @@ impl Mailbox for MailboxService {
         }))
     }
 
-    async fn release_claim(&self, req: Request<ReleaseClaimRequest>) -> Result<Response<ReleaseClaimResponse>, Status> {
+    async fn release_claim(
+        &self,
+        req: Request<ReleaseClaimRequest>,
+    ) -> Result<Response<ReleaseClaimResponse>, Status> {
         route_write!(self, req, p, release_claim);
         let r = req.into_inner();
         let t = target(&r.tenant, &r.mailbox, Some(r.uid));
@@ -281,10 +328,17 @@ impl Mailbox for MailboxService {
         Ok(Response::new(ReleaseClaimResponse { modseq }))
     }
 
-    async fn move_message(&self, req: Request<MoveMessageRequest>) -> Result<Response<MoveMessageResponse>, Status> {
+    async fn move_message(
+        &self,
+        req: Request<MoveMessageRequest>,
+    ) -> Result<Response<MoveMessageResponse>, Status> {
         route_write!(self, req, p, move_message);
         let r = req.into_inner();
-        let t = format!("{} -> {}", target(&r.tenant, &r.mailbox, Some(r.uid)), r.destination);
+        let t = format!(
+            "{} -> {}",
+            target(&r.tenant, &r.mailbox, Some(r.uid)),
+            r.destination
+        );
         authorize(&self.ctx, p.as_ref(), "MoveMessage", &r.tenant, t, Action::Write).await?;
         self.ctx.read_barrier().await?;
         self.existing_mailbox(&r.tenant, &r.destination)?;
@@ -298,7 +352,9 @@ impl Mailbox for MailboxService {
             })
             .await?;
         match res {
-            CommandResult::Appended { uid, modseq, .. } => Ok(Response::new(MoveMessageResponse { uid, modseq })),
+            CommandResult::Appended { uid, modseq, .. } => {
+                Ok(Response::new(MoveMessageResponse { uid, modseq }))
+            }
             _ => Err(Status::internal("unexpected move result")),
         }
     }
@@ -310,7 +366,15 @@ impl Mailbox for MailboxService {
         route_write!(self, req, p, expunge_messages);
         let r = req.into_inner();
         let t = format!("{} uids {:?}", target(&r.tenant, &r.mailbox, None), r.uids);
-        authorize(&self.ctx, p.as_ref(), "ExpungeMessages", &r.tenant, t, Action::Write).await?;
+        authorize(
+            &self.ctx,
+            p.as_ref(),
+            "ExpungeMessages",
+            &r.tenant,
+            t,
+            Action::Write,
+        )
+        .await?;
         if r.uids.is_empty() {
             return Err(Status::invalid_argument("no uids given"));
         }
@@ -355,7 +419,15 @@ impl Mailbox for MailboxService {
         let p = principal_of(&req);
         let r = req.into_inner();
         let t = target(&r.tenant, &r.mailbox, None);
-        authorize(&self.ctx, p.as_ref(), "ExportMailbox", &r.tenant, t, Action::Export).await?;
+        authorize(
+            &self.ctx,
+            p.as_ref(),
+            "ExportMailbox",
+            &r.tenant,
+            t,
+            Action::Export,
+        )
+        .await?;
         self.ctx.read_barrier().await?;
         self.existing_mailbox(&r.tenant, &r.mailbox)?;
         let rx = messages::export(self.ctx.clone(), r.tenant, r.mailbox);

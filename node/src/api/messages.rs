@@ -10,9 +10,9 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::tenant_keys::MessageCipher;
+use crate::access::{mask_address, mask_addresses_in};
 use crate::crypto::HEADERS_CHUNK;
 use crate::ctx::Ctx;
-use crate::access::{mask_address, mask_addresses_in};
 use crate::model::{decode, HeaderSummary, MessageRecord};
 use crate::status;
 
@@ -50,7 +50,11 @@ pub fn summary(
 }
 
 /// `ListMessages` after the read barrier.
-pub fn list(ctx: &Ctx, req: &ListMessagesRequest, view_addresses: bool) -> Result<ListMessagesResponse, Status> {
+pub fn list(
+    ctx: &Ctx,
+    req: &ListMessagesRequest,
+    view_addresses: bool,
+) -> Result<ListMessagesResponse, Status> {
     let (tenant, mailbox) = (req.tenant.as_str(), req.mailbox.as_str());
     let mbox = ctx
         .reader
@@ -153,7 +157,11 @@ fn body(ctx: &Ctx, tenant: &str, mailbox: &str, m: &MessageRecord) -> Result<Vec
 }
 
 /// Streams every message of a mailbox, in UID order, one at a time.
-pub fn export(ctx: Arc<Ctx>, tenant: String, mailbox: String) -> mpsc::Receiver<Result<ExportedMessage, Status>> {
+pub fn export(
+    ctx: Arc<Ctx>,
+    tenant: String,
+    mailbox: String,
+) -> mpsc::Receiver<Result<ExportedMessage, Status>> {
     let (tx, rx) = mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
         let mut next = 0u32;
@@ -202,17 +210,19 @@ fn masked_stream(
 ) -> Result<mpsc::Receiver<Result<GetMessageResponse, Status>>, Status> {
     let (tx, rx) = mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
-        let frames = std::iter::once(Ok(Frame::Metadata(first))).chain(
-            match body(&ctx, &tenant, &mailbox, &m) {
+        let frames =
+            std::iter::once(Ok(Frame::Metadata(first))).chain(match body(&ctx, &tenant, &mailbox, &m) {
                 Ok(raw) => mask_addresses_in(&raw)
                     .chunks(ctx.config.limits.chunk_bytes)
                     .map(|c| Ok(Frame::Chunk(c.to_vec())))
                     .collect::<Vec<_>>(),
                 Err(e) => vec![Err(e)],
-            },
-        );
+            });
         for f in frames {
-            if tx.blocking_send(f.map(|frame| GetMessageResponse { frame: Some(frame) })).is_err() {
+            if tx
+                .blocking_send(f.map(|frame| GetMessageResponse { frame: Some(frame) }))
+                .is_err()
+            {
                 return;
             }
         }

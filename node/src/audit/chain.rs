@@ -164,11 +164,17 @@ mod tests {
 
         let mut edited = v.clone();
         edited[2].event.identity = "mallory".into();
-        assert_eq!(verify_chain(edited.into_iter().map(Ok), head), Err(ChainError::Altered(3)));
+        assert_eq!(
+            verify_chain(edited.into_iter().map(Ok), head),
+            Err(ChainError::Altered(3))
+        );
 
         let mut deleted = v.clone();
         deleted.remove(1);
-        assert!(matches!(verify_chain(deleted.into_iter().map(Ok), head), Err(ChainError::Gap { .. })));
+        assert!(matches!(
+            verify_chain(deleted.into_iter().map(Ok), head),
+            Err(ChainError::Gap { .. })
+        ));
 
         let mut reordered = v.clone();
         reordered.swap(1, 2);

@@ -36,10 +36,20 @@ pub struct AuditRecorder {
 
 impl AuditRecorder {
     /// Starts the batching task.
-    pub fn start(node: u64, raft: Raft, proposer: Proposer, peers: PeerClients, fail_closed: bool) -> AuditRecorder {
+    pub fn start(
+        node: u64,
+        raft: Raft,
+        proposer: Proposer,
+        peers: PeerClients,
+        fail_closed: bool,
+    ) -> AuditRecorder {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(run(rx, raft, proposer, peers));
-        AuditRecorder { tx, fail_closed, node }
+        AuditRecorder {
+            tx,
+            fail_closed,
+            node,
+        }
     }
 
     /// Records an event. With `fail_closed`, waits until it is committed and
@@ -63,7 +73,9 @@ impl AuditRecorder {
             .map_err(|_| Status::unavailable("audit log unavailable"))?;
         match rx.await {
             Ok(true) => Ok(()),
-            _ => Err(Status::unavailable("the access could not be recorded in the audit log; refused")),
+            _ => Err(Status::unavailable(
+                "the access could not be recorded in the audit log; refused",
+            )),
         }
     }
 
@@ -112,7 +124,12 @@ async fn run(mut rx: mpsc::Receiver<Item>, raft: Raft, proposer: Proposer, peers
     }
 }
 
-async fn submit(raft: &Raft, proposer: &Proposer, peers: &PeerClients, events: &[AuditEvent]) -> Result<(), String> {
+async fn submit(
+    raft: &Raft,
+    proposer: &Proposer,
+    peers: &PeerClients,
+    events: &[AuditEvent],
+) -> Result<(), String> {
     let m = raft.metrics().borrow().clone();
     let leader = m.current_leader.ok_or("no leader")?;
     if leader == m.id {
@@ -131,7 +148,12 @@ async fn submit(raft: &Raft, proposer: &Proposer, peers: &PeerClients, events: &
         .map(|n| n.raft_addr.clone())
         .ok_or("leader address unknown")?;
     let mut c = peers.client(&addr).map_err(|e| e.to_string())?;
-    let mut req = tonic::Request::new(RaftPayload { data: encode(&events) });
+    let mut req = tonic::Request::new(RaftPayload {
+        data: encode(&events),
+    });
     req.set_timeout(Duration::from_secs(5));
-    c.propose_audit(req).await.map(|_| ()).map_err(|s| s.message().to_string())
+    c.propose_audit(req)
+        .await
+        .map(|_| ())
+        .map_err(|s| s.message().to_string())
 }

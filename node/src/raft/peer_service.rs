@@ -6,9 +6,9 @@ use mailvault_proto::raft::raft_peer_server::RaftPeer;
 use mailvault_proto::raft::{RaftPayload, ReadIndexRequest, ReadIndexResponse};
 use tonic::{Request, Response, Status};
 
-use crate::model::{decode, encode};
 use crate::audit::AuditEvent;
 use crate::command::Command;
+use crate::model::{decode, encode};
 use crate::proposer::Proposer;
 use crate::types::Raft;
 

@@ -35,5 +35,10 @@ pub fn open_db(dir: &Path) -> Result<Db, rocksdb::Error> {
 /// Opens an existing database read-only (for offline checks of a stopped node).
 pub fn open_db_read_only(dir: &Path) -> Result<Db, rocksdb::Error> {
     let opts = Options::default();
-    Ok(Arc::new(DB::open_cf_for_read_only(&opts, dir, [CF_LOG, CF_META, CF_SM], false)?))
+    Ok(Arc::new(DB::open_cf_for_read_only(
+        &opts,
+        dir,
+        [CF_LOG, CF_META, CF_SM],
+        false,
+    )?))
 }

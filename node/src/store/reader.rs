@@ -75,7 +75,10 @@ impl MailReader {
 
     /// Whether a certificate serial is revoked.
     pub fn serial_revoked(&self, serial: &str) -> R<bool> {
-        Ok(self.db.get_pinned_cf(self.cf(), keys::revoked_serial(serial))?.is_some())
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(), keys::revoked_serial(serial))?
+            .is_some())
     }
 
     /// The audit chain head.
@@ -100,7 +103,11 @@ impl MailReader {
             .db
             .iterator_cf(self.cf(), IteratorMode::From(&keys::audit(0), Direction::Forward));
         let records = it
-            .take_while(|item| item.as_ref().map(|(k, _)| k.first() == Some(&keys::AUDIT)).unwrap_or(true))
+            .take_while(|item| {
+                item.as_ref()
+                    .map(|(k, _)| k.first() == Some(&keys::AUDIT))
+                    .unwrap_or(true)
+            })
             .map(|item| match item {
                 Ok((_, v)) => decode::<AuditRecord>(&v).map_err(|_| ()),
                 Err(_) => Err(()),

@@ -84,7 +84,8 @@ where
             let (acceptor, tx, hooks) = (acceptor.clone(), tx.clone(), hooks.clone());
             tokio::spawn(async move {
                 let (precheck, admit, on_fail) = &*hooks;
-                let fail = |reason: String, peer: Option<Peer>| on_fail(HandshakeFailure { addr, reason, peer });
+                let fail =
+                    |reason: String, peer: Option<Peer>| on_fail(HandshakeFailure { addr, reason, peer });
                 if let Err(reason) = precheck(&addr) {
                     return fail(reason, None);
                 }
@@ -94,7 +95,11 @@ where
                     Ok(Err(e)) => return fail(format!("TLS handshake failed: {e}"), None),
                     Err(_) => return fail("TLS handshake timed out".into(), None),
                 };
-                let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first().cloned());
+                let leaf = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first().cloned());
                 let Some((identity, serial)) = leaf.as_deref().and_then(identity_of) else {
                     return fail("client certificate names no identity".into(), None);
                 };

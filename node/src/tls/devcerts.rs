@@ -7,8 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use rcgen::{
-    date_time_ymd, BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    date_time_ymd, BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 /// A certificate and its private key, PEM-encoded.
@@ -76,7 +76,9 @@ impl DevCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         if server {
-            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ServerAuth);
         }
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -105,7 +107,11 @@ impl DevCa {
     }
 
     /// A client certificate valid between two dates `(y, m, d)` (for expiry tests).
-    pub fn client_valid(&self, user: &str, valid: Option<((i32, u8, u8), (i32, u8, u8))>) -> Result<Pems, Error> {
+    pub fn client_valid(
+        &self,
+        user: &str,
+        valid: Option<((i32, u8, u8), (i32, u8, u8))>,
+    ) -> Result<Pems, Error> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = name(user);
         params
@@ -121,7 +127,11 @@ impl DevCa {
 
 /// Writes a CA, one certificate per node and one per client user into `dir`:
 /// `ca.pem`, `node-<id>.pem/.key`, `client-<user>.pem/.key`.
-pub fn write_all(dir: &Path, nodes: &[(u64, Vec<IpAddr>)], users: &[String]) -> Result<DevCa, Box<dyn std::error::Error>> {
+pub fn write_all(
+    dir: &Path,
+    nodes: &[(u64, Vec<IpAddr>)],
+    users: &[String],
+) -> Result<DevCa, Box<dyn std::error::Error>> {
     std::fs::create_dir_all(dir)?;
     let ca = DevCa::new("mailvault development CA")?;
     ca.pems.save(dir, "ca")?;

@@ -40,7 +40,11 @@ pub struct Peer {
 /// Parses the identity and serial of a DER certificate.
 pub fn identity_of(der: &[u8]) -> Option<(CertIdentity, String)> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let serial = cert.tbs_certificate.raw_serial_as_string().replace(':', "").to_lowercase();
+    let serial = cert
+        .tbs_certificate
+        .raw_serial_as_string()
+        .replace(':', "")
+        .to_lowercase();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
             if let GeneralName::URI(uri) = name {
@@ -55,6 +59,12 @@ pub fn identity_of(der: &[u8]) -> Option<(CertIdentity, String)> {
             }
         }
     }
-    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
     (!cn.is_empty()).then_some((CertIdentity::User(cn), serial))
 }
