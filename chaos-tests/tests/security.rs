@@ -171,7 +171,18 @@ async fn every_denied_access_is_refused_and_audited() {
     let (_, serial) = mailvault_node::tls::identity_of(&der).unwrap();
     let tls = cluster.tls_with(Identity::from_pem(&temp.cert, &temp.key));
     let mut c = MailboxClient::new(lazy_channel(&cluster.client_addr(2), tls, None));
-    status_of(&mut c, "acme").await.unwrap();
+    // The grant is replicated; node 3 may apply it a moment later.
+    retry(Duration::from_secs(5), || {
+        let mut c = c.clone();
+        async move {
+            match status_of(&mut c, "acme").await {
+                Err(e) if e.code() == Code::PermissionDenied => Err(tonic::Status::unavailable("not yet")),
+                r => r,
+            }
+        }
+    })
+    .await
+    .unwrap();
     cluster
         .admin(0)
         .await
@@ -249,7 +260,10 @@ async fn every_denied_access_is_refused_and_audited() {
         denied(r) && r.result.contains("UnknownIssuer")
     })
     .await;
-    wait_audited(&cluster, "expired", |r| denied(r) && r.result.contains("Expired")).await;
+    wait_audited(&cluster, "expired", |r| {
+        denied(r) && r.result.to_lowercase().contains("expired")
+    })
+    .await;
     wait_audited(&cluster, "peer port", |r| {
         denied(r) && r.action == "raft-peer-connect"
     })

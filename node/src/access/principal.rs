@@ -67,7 +67,12 @@ pub async fn authorize(
         return Ok(p.clone());
     }
     let reason = format!("denied: no role on tenant {tenant} permits {action:?}");
-    ctx.lockout.fail(Some(&p.identity), p.source);
+    if ctx.lockout.fail(Some(&p.identity), p.source) {
+        let _ = ctx
+            .audit
+            .record(p.event("lockout", "-".into(), "locked out"))
+            .await;
+    }
     let _ = ctx.audit.record(p.event(rpc, target, &reason)).await;
     metrics::counter!("mailvault_denied_total").increment(1);
     Err(Status::permission_denied(format!(
