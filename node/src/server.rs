@@ -250,15 +250,14 @@ fn record_refused(audit: &AuditRecorder, lockout: Option<&Lockout>, action: &str
     if let Some(l) = lockout {
         l.fail(identity.as_deref(), Some(f.addr.ip()));
     }
-    let event = AuditEvent {
-        time_ms: crate::api::now_ms(),
-        identity: identity.unwrap_or_else(|| "-".into()),
-        source: f.addr.ip().to_string(),
-        action: action.to_string(),
-        target: "-".into(),
-        result: format!("denied: {}", f.reason),
-        node: 0,
-    };
+    let identity = identity.unwrap_or_else(|| "-".into());
+    let event = AuditEvent::new(
+        &identity,
+        Some(f.addr.ip()),
+        action,
+        "-",
+        &format!("denied: {}", f.reason),
+    );
     let audit = audit.clone();
     tokio::spawn(async move {
         let _ = audit.record(event).await;

@@ -268,28 +268,13 @@ async fn deny(
         reason.push_str("; now locked out");
         let _ = ctx
             .audit
-            .record(AuditEvent {
-                time_ms: crate::api::now_ms(),
-                identity: identity.to_string(),
-                source: source.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
-                action: "lockout".into(),
-                target: "-".into(),
-                result: "locked out".into(),
-                node: 0,
-            })
+            .record(AuditEvent::new(identity, source, "lockout", "-", "locked out"))
             .await;
     }
+    let result = format!("denied: {reason}");
     let _ = ctx
         .audit
-        .record(AuditEvent {
-            time_ms: crate::api::now_ms(),
-            identity: identity.to_string(),
-            source: source.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
-            action: method.to_string(),
-            target: "-".into(),
-            result: format!("denied: {reason}"),
-            node: 0,
-        })
+        .record(AuditEvent::new(identity, source, method, "-", &result))
         .await;
     Status::permission_denied(reason)
 }

@@ -36,15 +36,7 @@ impl Principal {
 
     /// An audit event for this principal.
     pub fn event(&self, action: &str, target: String, result: &str) -> AuditEvent {
-        AuditEvent {
-            time_ms: crate::api::now_ms(),
-            identity: self.identity.clone(),
-            source: self.source_text(),
-            action: action.to_string(),
-            target,
-            result: result.to_string(),
-            node: 0,
-        }
+        AuditEvent::new(&self.identity, self.source, action, &target, result)
     }
 }
 

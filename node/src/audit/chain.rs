@@ -30,6 +30,27 @@ pub struct AuditEvent {
     pub node: u64,
 }
 
+impl AuditEvent {
+    /// An event stamped now; the recorder fills in the node.
+    pub fn new(
+        identity: &str,
+        source: Option<std::net::IpAddr>,
+        action: &str,
+        target: &str,
+        result: &str,
+    ) -> Self {
+        AuditEvent {
+            time_ms: crate::api::now_ms(),
+            identity: identity.to_string(),
+            source: source.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+            action: action.to_string(),
+            target: target.to_string(),
+            result: result.to_string(),
+            node: 0,
+        }
+    }
+}
+
 /// A chained audit record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
