@@ -1,42 +1,64 @@
-//! `mailvault-admin bench`: an append load generator against a running cluster.
+//! `mailvault-admin bench`: a load generator against a running cluster.
 //!
-//! Every client appends unique messages of a fixed size until the count or the
-//! duration is reached (both bounded). It prints throughput, latency
-//! percentiles, errors, and fsyncs per acknowledged append (from the nodes'
-//! `/metrics`, summed over all nodes, so 3 replicas syncing once each count 3).
+//! Workloads: `append` (every client appends unique messages of a fixed size)
+//! and `read` (the run first appends `--read-set` messages, then every client
+//! fetches random ones of them, metadata and body). Both stop at `--count` or
+//! `--duration`, whichever comes first. It prints throughput, latency
+//! percentiles, errors and, for appends, fsyncs per acknowledged append (from
+//! the nodes' `/metrics`, summed over all nodes, so 3 replicas syncing once
+//! each count 3).
 
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use mailvault_proto::v1::append_message_request::Frame;
+use mailvault_proto::v1::mailbox_client::MailboxClient;
 use mailvault_proto::v1::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Mutex;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
 
 use crate::client::{admin, mailbox, status_err};
 use crate::Output;
 
+/// What the clients do.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Workload {
+    /// Append unique messages.
+    Append,
+    /// Fetch random messages of a set appended first (metadata and body).
+    Read,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
+    /// What the clients do.
+    #[arg(long, value_enum, default_value = "append")]
+    workload: Workload,
     /// Concurrent clients.
     #[arg(long, default_value_t = 16)]
     clients: usize,
     /// Message size in bytes.
     #[arg(long, default_value_t = 4096)]
     size: usize,
-    /// Total appends (the run also stops at --duration).
+    /// Total operations (the run also stops at --duration).
     #[arg(long, default_value_t = 5000)]
     count: u64,
     /// Longest run in seconds.
     #[arg(long, default_value_t = 30)]
     duration: u64,
-    /// Tenant to write to (created if missing).
+    /// For `read`: how many messages are appended first and then read at random.
+    #[arg(long, default_value_t = 100)]
+    read_set: u64,
+    /// Tenant to use (created if missing and this identity may create it).
     #[arg(long, default_value = "bench")]
     tenant: String,
-    /// Mailbox to write to (created if missing).
+    /// Mailbox to use (created if missing).
     #[arg(long, default_value = "inbox")]
     mailbox: String,
 }
@@ -85,108 +107,223 @@ async fn scrape(addr: &str, metric: &str) -> Option<f64> {
         .or(Some(0.0))
 }
 
-pub async fn run(endpoint: &str, output: Output, a: BenchArgs) -> anyhow::Result<()> {
-    let mut adm = admin(endpoint).await?;
-    if let Err(s) = adm
-        .create_tenant(CreateTenantRequest {
-            tenant: a.tenant.clone(),
-        })
-        .await
-    {
-        if s.code() != tonic::Code::AlreadyExists {
-            return Err(status_err(s));
-        }
+/// What one driven load measured.
+struct Measured {
+    hist: Histogram<u64>,
+    errors: u64,
+    seconds: f64,
+}
+
+/// Runs `op(client, n)` for n = 0, 1, … on `clients` concurrent clients until
+/// `count` operations were started or `duration` passed.
+async fn drive<F, Fut>(
+    endpoint: &str,
+    clients: usize,
+    count: u64,
+    duration: Duration,
+    op: F,
+) -> anyhow::Result<Measured>
+where
+    F: Fn(MailboxClient<Channel>, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), tonic::Status>> + Send,
+{
+    let next = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (next, errors, op) = (next.clone(), errors.clone(), op.clone());
+        let c = mailbox(endpoint).await?;
+        tasks.push(tokio::spawn(async move {
+            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= count || Instant::now() >= deadline {
+                    break;
+                }
+                let t = Instant::now();
+                match op(c.clone(), n).await {
+                    Ok(()) => {
+                        let _ = local.record(t.elapsed().as_micros() as u64);
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            local
+        }));
     }
-    let mut mb = mailbox(endpoint).await?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for t in tasks {
+        hist.add(&t.await?)?;
+    }
+    Ok(Measured {
+        hist,
+        errors: errors.load(Ordering::Relaxed),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+async fn append_one(
+    mut c: MailboxClient<Channel>,
+    tenant: String,
+    mailbox: String,
+    key: String,
+    body: Vec<u8>,
+) -> Result<(), tonic::Status> {
+    let frames = vec![
+        AppendMessageRequest {
+            frame: Some(Frame::Header(AppendHeader {
+                tenant,
+                mailbox,
+                idempotency_key: key,
+                ..Default::default()
+            })),
+        },
+        AppendMessageRequest {
+            frame: Some(Frame::Chunk(body)),
+        },
+    ];
+    c.append_message(tokio_stream::iter(frames)).await.map(|_| ())
+}
+
+async fn read_one(
+    mut c: MailboxClient<Channel>,
+    tenant: String,
+    mailbox: String,
+    uid: u32,
+) -> Result<(), tonic::Status> {
+    let mut s = c
+        .get_message(GetMessageRequest { tenant, mailbox, uid })
+        .await?
+        .into_inner();
+    let mut frames = 0;
+    while let Some(frame) = s.next().await {
+        frame?;
+        frames += 1;
+    }
+    match frames {
+        0 => Err(tonic::Status::data_loss("empty message stream")),
+        _ => Ok(()),
+    }
+}
+
+/// Creates the tenant (if this identity may) and the mailbox, unless they exist.
+async fn prepare(endpoint: &str, a: &BenchArgs) -> anyhow::Result<()> {
+    let req = CreateTenantRequest {
+        tenant: a.tenant.clone(),
+    };
+    // A front-end identity may not create tenants: then the tenant must exist.
+    if let Ok(mut adm) = admin(endpoint).await {
+        let _ = adm.create_tenant(req).await;
+    }
     let req = CreateMailboxRequest {
         tenant: a.tenant.clone(),
         mailbox: a.mailbox.clone(),
     };
-    if let Err(s) = mb.create_mailbox(req).await {
-        if s.code() != tonic::Code::AlreadyExists {
-            return Err(status_err(s));
-        }
+    match mailbox(endpoint).await?.create_mailbox(req).await {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
+        Err(s) if s.code() == tonic::Code::PermissionDenied => Err(anyhow::anyhow!(
+            "{}\nhint: the bench identity needs a role on the tenant, e.g. \
+             `mailvault-admin access grant <identity> --tenant {} --role tenant-admin`",
+            status_err(s),
+            a.tenant
+        )),
+        Err(s) => Err(status_err(s)),
     }
-    let before = fsyncs(endpoint).await;
-    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
-    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+}
+
+pub async fn run(endpoint: &str, output: Output, a: BenchArgs) -> anyhow::Result<()> {
+    prepare(endpoint, &a).await?;
     let run_id = crate::mail::random_key();
-    let deadline = Instant::now() + Duration::from_secs(a.duration);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..a.clients {
-        let (hist, next, errors, a, run_id) = (
-            hist.clone(),
-            next.clone(),
-            errors.clone(),
-            a.clone(),
-            run_id.clone(),
-        );
-        let mut c = mailbox(endpoint).await?;
-        tasks.push(tokio::spawn(async move {
-            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-            loop {
-                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if n >= a.count || Instant::now() >= deadline {
-                    break;
-                }
-                let frames = vec![
-                    AppendMessageRequest {
-                        frame: Some(Frame::Header(AppendHeader {
-                            tenant: a.tenant.clone(),
-                            mailbox: a.mailbox.clone(),
-                            idempotency_key: format!("{run_id}-{n}"),
-                            ..Default::default()
-                        })),
-                    },
-                    AppendMessageRequest {
-                        frame: Some(Frame::Chunk(message(a.size, n))),
-                    },
-                ];
-                let t = Instant::now();
-                match c.append_message(tokio_stream::iter(frames)).await {
-                    Ok(_) => {
-                        let _ = local.record(t.elapsed().as_micros() as u64);
-                    }
-                    Err(_) => {
-                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
+    let (tenant, mbox, size) = (a.tenant.clone(), a.mailbox.clone(), a.size);
+    let append = move |c, n: u64, run: String| {
+        append_one(
+            c,
+            tenant.clone(),
+            mbox.clone(),
+            format!("{run}-{n}"),
+            message(size, n),
+        )
+    };
+    let duration = Duration::from_secs(a.duration);
+    let mut fsyncs_per_append = None;
+    let measured = match a.workload {
+        Workload::Append => {
+            let before = fsyncs(endpoint).await;
+            let run = run_id.clone();
+            let op = move |c, n| append(c, n, run.clone());
+            let m = drive(endpoint, a.clients, a.count, duration, op).await?;
+            if let (Some(b), Some(after)) = (before, fsyncs(endpoint).await) {
+                if !m.hist.is_empty() {
+                    fsyncs_per_append = Some((after - b) / m.hist.len() as f64);
                 }
             }
-            hist.lock().await.add(&local).expect("same bounds");
-        }));
-    }
-    for t in tasks {
-        t.await?;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let after = fsyncs(endpoint).await;
-    let h = hist.lock().await;
-    let ok = h.len();
-    let errors = errors.load(std::sync::atomic::Ordering::Relaxed);
-    let per_append = match (before, after) {
-        (Some(b), Some(a)) if ok > 0 => Some((a - b) / ok as f64),
-        _ => None,
+            m
+        }
+        Workload::Read => {
+            let run = format!("{run_id}-set");
+            let seed = move |c, n| append(c, n, run.clone());
+            let set = a.read_set.max(1);
+            let seeded = drive(endpoint, a.clients.min(8), set, duration, seed).await?;
+            anyhow::ensure!(
+                seeded.errors == 0,
+                "{} of {set} messages for the read set failed to append",
+                seeded.errors
+            );
+            let status = mailbox(endpoint)
+                .await?
+                .get_mailbox_status(GetMailboxStatusRequest {
+                    tenant: a.tenant.clone(),
+                    mailbox: a.mailbox.clone(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let top = status.uidnext.saturating_sub(1);
+            let low = top.saturating_sub(set as u32 - 1).max(1);
+            let (tenant, mbox) = (a.tenant.clone(), a.mailbox.clone());
+            // A fixed stride through the set: no random source needed, every message read.
+            let op = move |c, n: u64| {
+                let uid = low + (n.wrapping_mul(7919) % u64::from(top - low + 1)) as u32;
+                read_one(c, tenant.clone(), mbox.clone(), uid)
+            };
+            drive(endpoint, a.clients, a.count, duration, op).await?
+        }
     };
+    report(output, &a, &measured, fsyncs_per_append);
+    Ok(())
+}
+
+fn report(output: Output, a: &BenchArgs, m: &Measured, fsyncs_per_append: Option<f64>) {
+    let h = &m.hist;
+    let ops = h.len();
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let doc = json!({
-        "clients": a.clients, "size": a.size, "appends": ok, "errors": errors,
-        "seconds": elapsed, "appends_per_sec": ok as f64 / elapsed,
-        "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "max_ms": h.max() as f64 / 1000.0,
-        "fsyncs_per_append_all_nodes": per_append,
-    });
+    let workload = match a.workload {
+        Workload::Append => "append",
+        Workload::Read => "read",
+    };
     match output {
-        Output::Json => println!("{doc}"),
+        Output::Json => println!(
+            "{}",
+            json!({
+                "workload": workload, "clients": a.clients, "size": a.size, "ops": ops,
+                "errors": m.errors, "seconds": m.seconds, "ops_per_sec": ops as f64 / m.seconds,
+                "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "max_ms": h.max() as f64 / 1000.0,
+                "fsyncs_per_append_all_nodes": fsyncs_per_append,
+            })
+        ),
         Output::Text => {
             println!(
-                "{} clients, {} B: {} appends in {:.1}s = {:.0}/s; errors {}",
+                "{workload}: {} clients, {} B: {ops} ops in {:.1}s = {:.0}/s; errors {}",
                 a.clients,
                 a.size,
-                ok,
-                elapsed,
-                ok as f64 / elapsed,
-                errors
+                m.seconds,
+                ops as f64 / m.seconds,
+                m.errors
             );
             println!(
                 "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
@@ -195,11 +332,15 @@ pub async fn run(endpoint: &str, output: Output, a: BenchArgs) -> anyhow::Result
                 ms(0.99),
                 h.max() as f64 / 1000.0
             );
-            match per_append {
-                Some(f) => println!("fsyncs per acknowledged append (sum over all nodes): {f:.3}"),
-                None => println!("fsyncs per append: unavailable (ops endpoints unreachable)"),
+            match (a.workload, fsyncs_per_append) {
+                (Workload::Append, Some(f)) => {
+                    println!("fsyncs per acknowledged append (sum over all nodes): {f:.3}")
+                }
+                (Workload::Append, None) => {
+                    println!("fsyncs per append: unavailable (ops endpoints unreachable)")
+                }
+                (Workload::Read, _) => {}
             }
         }
     }
-    Ok(())
 }

@@ -22,6 +22,8 @@ pub struct ClusterOptions {
     pub max_message_bytes: u64,
     /// `audit.fail_closed`.
     pub audit_fail_closed: bool,
+    /// Unsafe test modes for every node (`MAILVAULT_TEST_MODES`), empty for none.
+    pub test_modes: String,
 }
 
 impl Default for ClusterOptions {
@@ -31,6 +33,7 @@ impl Default for ClusterOptions {
             snapshot_every: 5000,
             max_message_bytes: 50 * 1024 * 1024,
             audit_fail_closed: false,
+            test_modes: String::new(),
         }
     }
 }
@@ -48,6 +51,7 @@ pub struct Cluster {
     nodes: Vec<NodeProc>,
     ca: DevCa,
     ca_pem: String,
+    test_modes: String,
 }
 
 /// The identity [`Cluster::admin`] uses: a bootstrap operator.
@@ -154,6 +158,7 @@ impl Cluster {
             nodes,
             ca,
             ca_pem,
+            test_modes: opts.test_modes.clone(),
         };
         for i in 0..c.nodes.len() {
             c.start_node(i);
@@ -277,6 +282,7 @@ impl Cluster {
             .open(n.dir.join("node.log"))
             .expect("node log");
         let child = Command::new(node_binary())
+            .env(mailvault_node::test_modes::ENV, &self.test_modes)
             .arg("--config")
             .arg(n.dir.join("node.toml"))
             .stdin(Stdio::null())
@@ -287,9 +293,76 @@ impl Cluster {
         n.child = Some(child);
     }
 
+    /// Sets the unsafe test modes of nodes started from now on.
+    pub fn set_test_modes(&mut self, modes: &str) {
+        self.test_modes = modes.to_string();
+    }
+
+    /// Stops every node (SIGTERM, then SIGKILL after 10 s) and starts them
+    /// again with the current test modes; waits for a leader.
+    pub async fn restart_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop(i);
+        }
+        for i in 0..self.nodes.len() {
+            self.start_node(i);
+        }
+        self.wait_for_leader(Duration::from_secs(30)).await;
+    }
+
+    /// Stops node `i` gracefully (SIGTERM; SIGKILL if it has not exited within 10 s).
+    pub fn stop(&mut self, i: usize) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        let Some(mut c) = self.nodes[i].child.take() else {
+            return;
+        };
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(c.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    /// Node `i`'s own loopback address (its listeners and its peer traffic).
+    pub fn ip(&self, i: usize) -> std::net::Ipv4Addr {
+        self.nodes[i].ip.parse().expect("node ip")
+    }
+
+    /// A name for this cluster, unique among clusters running at once.
+    pub fn tag(&self) -> String {
+        self.nodes[0].ip.replace('.', "_")
+    }
+
+    /// Stops node `i`'s process with SIGSTOP (it keeps its sockets, answers nothing).
+    pub fn pause(&mut self, i: usize) {
+        self.signal(i, nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a paused node `i` run again (SIGCONT).
+    pub fn resume(&mut self, i: usize) {
+        self.signal(i, nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&mut self, i: usize, sig: nix::sys::signal::Signal) {
+        if let Some(c) = &self.nodes[i].child {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig);
+        }
+    }
+
     /// Kills node `i` with SIGKILL and reaps it.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {
+            // A paused process dies of SIGKILL too; SIGCONT is harmless otherwise.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGCONT,
+            );
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -5,8 +5,12 @@
 //! concurrently running tests never share a port; every process is killed and
 //! every directory removed when the [`Cluster`] is dropped.
 
+pub mod checker;
 mod client;
 mod cluster;
+pub mod history;
+pub mod net;
+pub mod scenario;
 
 pub use client::*;
 pub use cluster::{admin_binary, node_binary, Cluster, ClusterOptions, ADMIN, FRONTEND};

@@ -79,7 +79,7 @@ async fn acknowledged_appends_survive_leader_kill_and_retries_create_no_duplicat
     // Every node, including the restarted old leader, holds every acknowledged
     // append exactly once, with the bytes that were written.
     for i in 0..cluster.len() {
-        let mut c = cluster.mailbox(i).await;
+        let c = cluster.mailbox(i).await;
         let listed = retry(Duration::from_secs(30), || {
             let mut c = c.clone();
             async move {
@@ -105,7 +105,14 @@ async fn acknowledged_appends_survive_leader_kill_and_retries_create_no_duplicat
         }
         assert_eq!(listed.len(), acked.len(), "node {i} holds unacknowledged extras");
         for (key, uid) in acked.iter().take(10) {
-            let (_, bytes) = fetch(&mut c, T, M, *uid).await.unwrap();
+            // Leadership may move back to the restarted active node meanwhile:
+            // reads then fail UNAVAILABLE for a moment, and are retried.
+            let (_, bytes) = retry(Duration::from_secs(20), || {
+                let mut c = c.clone();
+                async move { fetch(&mut c, T, M, *uid).await }
+            })
+            .await
+            .unwrap();
             assert_eq!(bytes, body_for(key));
         }
         let uids: Vec<u32> = listed.iter().map(|m| m.uid).collect();

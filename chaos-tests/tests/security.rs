@@ -154,8 +154,10 @@ async fn every_denied_access_is_refused_and_audited() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    // Nor may a tenant identity use the admin API.
-    let e = AdminClient::new(cluster.channel_as(0, "acme-agent", ip("127.0.1.6")))
+    // Nor may a tenant identity use the admin API. (Another identity: four
+    // denials are all acme-agent may collect before the fifth locks it out.)
+    cluster.grant("acme-reader", "acme", "reader").await;
+    let e = AdminClient::new(cluster.channel_as(0, "acme-reader", ip("127.0.1.6")))
         .create_tenant(CreateTenantRequest {
             tenant: "evil".into(),
         })
@@ -264,8 +266,9 @@ async fn every_denied_access_is_refused_and_audited() {
         denied(r) && r.result.to_lowercase().contains("expired")
     })
     .await;
+    // Refused on the peer port, audited, but not counted towards lockout.
     wait_audited(&cluster, "peer port", |r| {
-        denied(r) && r.action == "raft-peer-connect"
+        r.result.starts_with("refused: ") && r.action == "raft-peer-connect"
     })
     .await;
     wait_audited(&cluster, "wrong tenant", |r| {
@@ -273,7 +276,7 @@ async fn every_denied_access_is_refused_and_audited() {
     })
     .await;
     wait_audited(&cluster, "admin call", |r| {
-        denied(r) && r.identity == "acme-agent" && r.action == "CreateTenant"
+        denied(r) && r.identity == "acme-reader" && r.action == "CreateTenant"
     })
     .await;
     wait_audited(&cluster, "revoked", |r| {
@@ -289,11 +292,121 @@ async fn every_denied_access_is_refused_and_audited() {
     })
     .await;
     wait_audited(&cluster, "locked out", |r| {
-        denied(r) && r.source == "127.0.0.3" && r.result.contains("locked out")
+        denied(r) && r.source == "127.0.0.3" && r.result.ends_with("now locked out")
+    })
+    .await;
+    wait_audited(&cluster, "refused while locked out", |r| {
+        // Refused before the TLS handshake, so without an identity.
+        r.source == "127.0.0.3" && r.action == "client-connect" && r.result == "refused: locked out"
     })
     .await;
     let metric = scrape_metric(&cluster.ops_addr(1), "mailvault_lockouts_total").await;
     assert!(metric >= Some(1.0), "lockouts visible in metrics: {metric:?}");
+}
+
+/// The denials of `identity` that node `i` has applied from the audit log.
+async fn denials_seen_by(cluster: &Cluster, i: usize, identity: &str) -> usize {
+    let mut a = cluster.admin_as(i, "auditor").await;
+    let records = a
+        .list_audit(ListAuditRequest {
+            from_seq: 1,
+            limit: 10_000,
+        })
+        .await
+        .map(|r| r.into_inner().records)
+        .unwrap_or_default();
+    records
+        .iter()
+        .filter(|r| r.identity == identity && r.result.starts_with("denied: "))
+        .count()
+}
+
+/// Calls node `i` as `identity` from `from` until the answer says "locked out".
+async fn wait_locked_out(cluster: &Cluster, i: usize, identity: &str, from: &str) {
+    let mut c = MailboxClient::new(cluster.channel_as(i, identity, ip(from)));
+    for _ in 0..100 {
+        match status_of(&mut c, "acme").await {
+            Err(e) if e.code() == Code::PermissionDenied && e.message().contains("locked out") => return,
+            Ok(_) => panic!("{identity} from {from} got through node {i} while locked out"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    panic!("{identity} from {from} was never locked out on node {i}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lockout_holds_on_every_node_and_survives_a_restart() {
+    let mut cluster = setup().await;
+    cluster.grant("trudy-ok", "acme", "reader").await;
+    // Four denials spread over the three nodes: no node saw five by itself.
+    for (node, times) in [(0, 2), (1, 1), (2, 1)] {
+        let mut c = MailboxClient::new(cluster.channel_as(node, "trudy", ip("127.0.2.1")));
+        for _ in 0..times {
+            let e = status_of(&mut c, "acme").await.unwrap_err();
+            assert_eq!(e.code(), Code::PermissionDenied);
+            assert!(!e.message().contains("locked out"), "locked out too early: {e:?}");
+        }
+    }
+    // Once node 3 has applied the other nodes' denials, its first one is the fifth.
+    for _ in 0..100 {
+        if denials_seen_by(&cluster, 2, "trudy").await >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(denials_seen_by(&cluster, 2, "trudy").await >= 4);
+    tokio::time::sleep(Duration::from_millis(300)).await; // the follower wakes on apply
+    let mut c = MailboxClient::new(cluster.channel_as(2, "trudy", ip("127.0.2.1")));
+    let e = status_of(&mut c, "acme").await.unwrap_err();
+    assert!(
+        e.message().contains("now locked out"),
+        "the fifth denial, counted cluster-wide, did not lock out: {e:?}"
+    );
+    // Node 3 started the lockout; every node enforces it, for the identity
+    // from anywhere and for the address whoever presents a certificate.
+    for node in 0..3 {
+        wait_locked_out(&cluster, node, "trudy", "127.0.2.2").await;
+        // A locked-out address does not even get a TLS session (once the
+        // node has applied the lockout record, a moment after it started).
+        let mut refused = false;
+        for _ in 0..50 {
+            let mut c = MailboxClient::new(cluster.channel_as(node, "trudy-ok", ip("127.0.2.1")));
+            if status_of(&mut c, "acme").await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(refused, "node {node} let a locked-out address in");
+        wait_audited(&cluster, "connection from a locked-out address", |r| {
+            r.node == node as u64 + 1
+                && r.source == "127.0.2.1"
+                && r.action == "client-connect"
+                && r.result == "refused: locked out"
+        })
+        .await;
+    }
+    // A restarted node still enforces it (replayed from the audit log before serving).
+    cluster.kill(0);
+    cluster.start_node(0);
+    let mut c = MailboxClient::new(cluster.channel_as(0, "trudy", ip("127.0.2.3")));
+    let e = retry(Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move {
+            match status_of(&mut c, "acme").await {
+                Ok(_) => Err(tonic::Status::internal("a locked-out identity got through")),
+                Err(e) if e.code() == Code::PermissionDenied => Ok(e),
+                Err(e) => Err(e),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(e.message().contains("locked out"), "after a restart: {e:?}");
+    // An identity in good standing from another address is unaffected.
+    let mut ok = MailboxClient::new(cluster.channel_as(1, "trudy-ok", ip("127.0.2.4")));
+    status_of(&mut ok, "acme").await.unwrap();
+    let _ = &mut c;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tonic::Status;
 
-use crate::access::{Lockout, Principal, ON_BEHALF_OF, ON_BEHALF_SERIAL, ON_BEHALF_SOURCE};
+use crate::access::{Denials, Principal, ON_BEHALF_OF, ON_BEHALF_SERIAL, ON_BEHALF_SOURCE};
 use crate::audit::AuditRecorder;
 use crate::config::Config;
 use crate::crypto::Keyring;
@@ -44,8 +44,10 @@ pub struct Ctx {
     pub applied: watch::Receiver<u64>,
     /// Audit log recorder.
     pub audit: AuditRecorder,
-    /// Failure counters and lockouts.
-    pub lockout: Lockout,
+    /// Denied attempts: audit, failure counters and lockouts.
+    pub denials: Denials,
+    /// Unsafe test modes (none in production).
+    pub test_modes: crate::test_modes::TestModes,
 }
 
 /// Where a write must go.

@@ -19,5 +19,6 @@ pub mod raft;
 pub mod server;
 pub mod status;
 pub mod store;
+pub mod test_modes;
 pub mod tls;
 pub mod types;

@@ -12,17 +12,19 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::access::{AccessLayer, Lockout};
+use crate::access::{follow_audit_log, AccessLayer, Denials, Lockout, REFUSED, REFUSED_LOCKED};
 use crate::api::{AdminService, MailboxService};
-use crate::audit::{AuditEvent, AuditRecorder};
+use crate::audit::AuditRecorder;
 use crate::config::Config;
 use crate::crypto::{Keyring, MasterKey};
 use crate::ctx::Ctx;
 use crate::proposer::Proposer;
 use crate::raft::{
-    bootstrap_if_fresh, raft_config, PeerClients, PeerNetwork, PeerService, PEER_MAX_MESSAGE_BYTES,
+    bootstrap_if_fresh, place_leadership, raft_config, PeerClients, PeerNetwork, PeerService,
+    PEER_MAX_MESSAGE_BYTES,
 };
 use crate::store::{open_db, LogStore, MailReader, StateMachine};
+use crate::test_modes::TestModes;
 use crate::tls::{accept_loop, client_tls, server_config, CertIdentity, HandshakeFailure, Peer};
 use crate::types::Raft;
 
@@ -35,6 +37,13 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         "starting mailvault-node"
     );
 
+    let test_modes = TestModes::from_env()?;
+    if test_modes.any() {
+        tracing::error!(
+            ?test_modes,
+            "UNSAFE TEST MODES ACTIVE: never run this node in production"
+        );
+    }
     let master = MasterKey::load(&config.master_key_file)?;
     let keyring = Keyring::new(&master);
     drop(master);
@@ -54,7 +63,11 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .context("cannot install the metrics recorder")?;
 
     let server_tls = server_config(&config.tls).context("cannot load the TLS certificates")?;
-    let peers = PeerClients::new(client_tls(&config.tls).context("cannot load the TLS certificates")?);
+    let local = Some(config.raft_listen.ip()).filter(|ip| !ip.is_unspecified());
+    let peers = PeerClients::new(
+        client_tls(&config.tls).context("cannot load the TLS certificates")?,
+        local,
+    );
     tracing::info!("certificates loaded");
     let raft = Raft::new(
         id,
@@ -82,9 +95,11 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         config.audit.fail_closed,
     );
     let lockout = Lockout::new(
+        id,
         config.access.lockout_threshold,
         Duration::from_secs(config.access.lockout_minutes * 60),
     );
+    let denials = Denials::new(lockout.clone(), audit.clone());
     let reader = MailReader::new(db.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -94,7 +109,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES);
     // The peer listener admits node certificates only.
     let peer_incoming = {
-        let (audit, reader) = (audit.clone(), reader.clone());
+        let (denials, reader) = (denials.clone(), reader.clone());
         accept_loop(
             raft_listener,
             server_tls.clone(),
@@ -104,7 +119,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
                 CertIdentity::Node(_) => Err("node certificate revoked".into()),
                 CertIdentity::User(_) => Err("only node certificates may use the peer listener".into()),
             },
-            move |f| record_refused(&audit, None, "raft-peer-connect", f),
+            // Not counted towards lockout: a node whose certificate lapsed must
+            // not get its address locked out of the client listeners too.
+            move |f| record_refused(&denials, "raft-peer-connect", false, f),
         )
     };
     let mut stop = stop_rx.clone();
@@ -122,12 +139,6 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         tracing::info!("bootstrapped a fresh cluster");
     }
 
-    let proposer = Proposer::start(
-        raft.clone(),
-        config.raft.max_batch_bytes,
-        Duration::from_millis(config.limits.write_timeout_ms),
-    );
-    let reader = MailReader::new(db.clone());
     let ctx = Arc::new(Ctx {
         id,
         config: config.clone(),
@@ -138,9 +149,29 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         peers,
         applied,
         audit: audit.clone(),
-        lockout: lockout.clone(),
+        denials: denials.clone(),
+        test_modes,
     });
     tasks.spawn(watch_leader(raft.clone()));
+    // Leadership returns to the active node; a backup campaigns only as a last resort.
+    tokio::spawn(place_leadership(
+        id,
+        config.me().role,
+        raft.clone(),
+        ctx.peers.clone(),
+        Duration::from_millis(config.raft.election_timeout_max_ms),
+    ));
+    // Lockouts and failures recorded by other nodes reach this one through
+    // the audit log; those of the last period are replayed before serving.
+    let follow_from = lockout
+        .replay(&ctx.reader)
+        .context("cannot replay recent lockouts from the audit log")?;
+    tokio::spawn(follow_audit_log(
+        lockout.clone(),
+        ctx.reader.clone(),
+        ctx.applied.clone(),
+        follow_from,
+    ));
 
     let (health_reporter, health_svc) = tonic_health::server::health_reporter();
     health_reporter
@@ -157,16 +188,16 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     // The client listener admits any certificate of the cluster CA; the access
     // layer then decides per call. Locked-out addresses are refused at once.
     let client_incoming = {
-        let (audit, lockout2) = (audit.clone(), lockout.clone());
+        let (d1, d2) = (denials.clone(), denials.clone());
         accept_loop(
             client_listener,
             server_tls,
-            move |addr| match lockout.is_locked(None, Some(addr.ip())) {
-                true => Err("source address locked out".into()),
+            move |addr| match d1.is_locked(None, Some(addr.ip())) {
+                true => Err(REFUSED_LOCKED.into()),
                 false => Ok(()),
             },
             |_| Ok(()),
-            move |f| record_refused(&audit, Some(&lockout2), "client-connect", f),
+            move |f| record_refused(&d2, "client-connect", true, f),
         )
     };
     let access = AccessLayer::new(ctx.clone());
@@ -242,24 +273,26 @@ async fn watch_leader(raft: Raft) -> anyhow::Result<()> {
     }
 }
 
-/// Audits a refused connection and counts it against its source (and identity).
-fn record_refused(audit: &AuditRecorder, lockout: Option<&Lockout>, action: &str, f: HandshakeFailure) {
-    let identity = f.peer.as_ref().map(|p| p.identity.to_string());
+/// Audits a refused connection and, with `count`, counts it against its
+/// source (and identity).
+fn record_refused(denials: &Denials, action: &'static str, count: bool, f: HandshakeFailure) {
+    let identity = f
+        .peer
+        .as_ref()
+        .map(|p| p.identity.to_string())
+        .unwrap_or_else(|| "-".into());
     tracing::warn!(source = %f.addr, reason = %f.reason, "connection refused");
     metrics::counter!("mailvault_connections_refused_total").increment(1);
-    if let Some(l) = lockout {
-        l.fail(identity.as_deref(), Some(f.addr.ip()));
-    }
-    let identity = identity.unwrap_or_else(|| "-".into());
-    let event = AuditEvent::new(
-        &identity,
-        Some(f.addr.ip()),
-        action,
-        "-",
-        &format!("denied: {}", f.reason),
-    );
-    let audit = audit.clone();
+    let denials = denials.clone();
     tokio::spawn(async move {
-        let _ = audit.record(event).await;
+        let source = Some(f.addr.ip());
+        if f.reason == REFUSED_LOCKED {
+            denials.refuse_locked(&identity, source, action).await;
+        } else if !count {
+            let result = format!("{REFUSED}{}", f.reason);
+            denials.refuse(&identity, source, action, &result).await;
+        } else {
+            denials.deny(&identity, source, action, "-", &f.reason).await;
+        }
     });
 }

@@ -80,3 +80,5 @@ pub type StoredMembership = openraft::StoredMembership<NodeId, Member>;
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Member>;
 /// A log entry.
 pub type Entry = openraft::Entry<TypeConfig>;
+/// Raft metrics.
+pub type RaftMetrics = openraft::RaftMetrics<NodeId, Member>;

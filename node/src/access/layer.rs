@@ -12,7 +12,6 @@ use tower::{Layer, Service};
 
 use super::policy::ClusterRole;
 use super::principal::Principal;
-use crate::audit::AuditEvent;
 use crate::ctx::Ctx;
 use crate::tls::{identity_of, CertIdentity};
 
@@ -144,7 +143,7 @@ async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
     let addr = info.and_then(|i| i.get_ref().remote_addr()).map(|a| a.ip());
     let leaf = info.and_then(|i| i.peer_certs()).and_then(|c| c.first().cloned());
     let Some((cert_identity, serial)) = leaf.as_deref().and_then(identity_of) else {
-        return Err(deny(ctx, "-", addr, &method, "no client certificate identity", true).await);
+        return Err(deny(ctx, "-", addr, &method, "no client certificate identity").await);
     };
     let (identity, is_node, serial, source) = match cert_identity {
         CertIdentity::Node(id) => match header(req, ON_BEHALF_OF) {
@@ -158,16 +157,9 @@ async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
         },
         CertIdentity::User(u) => (u, false, serial, addr),
     };
-    if ctx.lockout.is_locked(Some(&identity), source) {
-        return Err(deny(
-            ctx,
-            &identity,
-            source,
-            &method,
-            "locked out after repeated failures",
-            false,
-        )
-        .await);
+    if ctx.denials.is_locked(Some(&identity), source) {
+        ctx.denials.refuse_locked(&identity, source, &method).await;
+        return Err(Status::permission_denied("locked out after repeated failures"));
     }
     let class = classify(path);
     if is_node {
@@ -185,7 +177,6 @@ async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
                 source,
                 &method,
                 "nodes may not call this directly",
-                true,
             )
             .await),
         };
@@ -196,27 +187,11 @@ async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
         .map_err(crate::status::read)?
         .unwrap_or_default();
     if policy.revoked || ctx.reader.serial_revoked(&serial).map_err(crate::status::read)? {
-        let status = deny(
-            ctx,
-            &identity,
-            source,
-            &method,
-            "certificate or identity revoked",
-            true,
-        )
-        .await;
+        let status = deny(ctx, &identity, source, &method, "certificate or identity revoked").await;
         return Err(Status::unauthenticated(status.message().to_string()));
     }
     if !policy.allows_source(source) {
-        return Err(deny(
-            ctx,
-            &identity,
-            source,
-            &method,
-            "source address not allowed",
-            true,
-        )
-        .await);
+        return Err(deny(ctx, &identity, source, &method, "source address not allowed").await);
     }
     let bootstrap = ctx.config.access.operators.contains(&identity);
     let operator = bootstrap || policy.cluster_roles.contains(&ClusterRole::Operator);
@@ -235,7 +210,6 @@ async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
             source,
             &method,
             "missing cluster role for this call",
-            true,
         )
         .await);
     }
@@ -253,28 +227,10 @@ async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
 }
 
 /// Audits a denial, counts it towards lockout, and builds the status.
-async fn deny(
-    ctx: &Ctx,
-    identity: &str,
-    source: Option<IpAddr>,
-    method: &str,
-    reason: &str,
-    count: bool,
-) -> Status {
-    metrics::counter!("mailvault_denied_total").increment(1);
-    let id = (identity != "-").then_some(identity);
-    let mut reason = reason.to_string();
-    if count && ctx.lockout.fail(id, source) {
-        reason.push_str("; now locked out");
-        let _ = ctx
-            .audit
-            .record(AuditEvent::new(identity, source, "lockout", "-", "locked out"))
-            .await;
+async fn deny(ctx: &Ctx, identity: &str, source: Option<IpAddr>, method: &str, reason: &str) -> Status {
+    let locked = ctx.denials.deny(identity, source, method, "-", reason).await;
+    match locked {
+        true => Status::permission_denied(format!("{reason}; now locked out")),
+        false => Status::permission_denied(reason),
     }
-    let result = format!("denied: {reason}");
-    let _ = ctx
-        .audit
-        .record(AuditEvent::new(identity, source, method, "-", &result))
-        .await;
-    Status::permission_denied(reason)
 }

@@ -5,13 +5,15 @@
 //! method class) and puts a [`Principal`] into the request. Tenant-scoped
 //! checks, which need the request body, all go through [`authorize`].
 
+mod denials;
 mod layer;
 mod lockout;
 mod policy;
 mod principal;
 
+pub use denials::Denials;
 pub use layer::{AccessLayer, ON_BEHALF_OF, ON_BEHALF_SERIAL, ON_BEHALF_SOURCE};
-pub use lockout::Lockout;
+pub use lockout::{follow_audit_log, Lockout, Started, DENIED, LOCKOUT_ACTION, REFUSED, REFUSED_LOCKED};
 pub use policy::{
     mask_address, mask_addresses_in, Action, ClusterRole, IdentityPolicy, TenantRole, ANY_TENANT,
 };

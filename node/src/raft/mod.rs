@@ -1,9 +1,11 @@
 //! Raft plumbing: the peer transport (client and server) and start-up.
 
+mod leadership;
 mod network;
 mod peer_service;
 mod setup;
 
+pub use leadership::run as place_leadership;
 pub use network::{PeerClients, PeerNetwork};
 pub use peer_service::PeerService;
 pub use setup::{bootstrap_if_fresh, raft_config};

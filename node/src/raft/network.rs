@@ -25,14 +25,18 @@ use crate::types::{Member, NodeId, TypeConfig};
 #[derive(Clone)]
 pub struct PeerClients {
     tls: ClientTlsConfig,
+    local: Option<std::net::IpAddr>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl PeerClients {
-    /// Peer channels presenting `tls`'s identity.
-    pub fn new(tls: ClientTlsConfig) -> PeerClients {
+    /// Peer channels presenting `tls`'s identity, connecting from `local`
+    /// when given (this node's own address, so peer traffic always leaves
+    /// from the address the node is known by).
+    pub fn new(tls: ClientTlsConfig, local: Option<std::net::IpAddr>) -> PeerClients {
         PeerClients {
             tls,
+            local,
             channels: Arc::default(),
         }
     }
@@ -48,6 +52,12 @@ impl PeerClients {
             .tls_config(self.tls.clone())?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
+            .local_address(self.local)
+            // A peer that stops answering (partition, pause) is noticed and
+            // the connection replaced, instead of waiting for TCP to give up.
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true)
             .connect_lazy();
         map.insert(addr.to_string(), c.clone());
         Ok(c)

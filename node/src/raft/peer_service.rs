@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use mailvault_proto::raft::raft_peer_server::RaftPeer;
-use mailvault_proto::raft::{RaftPayload, ReadIndexRequest, ReadIndexResponse};
+use mailvault_proto::raft::{
+    CampaignRequest, CampaignResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse,
+};
 use tonic::{Request, Response, Status};
 
 use crate::audit::AuditEvent;
@@ -73,5 +75,15 @@ impl RaftPeer for PeerService {
             .await
             .map_err(crate::status::propose)?;
         reply(&())
+    }
+
+    async fn campaign(&self, _req: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {
+        tracing::info!("asked by the leader to campaign (leadership placement)");
+        self.raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|_| Status::unavailable("raft is shutting down"))?;
+        Ok(Response::new(CampaignResponse {}))
     }
 }

@@ -96,6 +96,30 @@ impl MailReader {
         Ok(out)
     }
 
+    /// The sequence number from which on audit records are at most a minute
+    /// older than `since_ms` (records come from several nodes, whose clocks
+    /// differ a little). Scans backwards from the newest record.
+    pub fn audit_first_seq_since(&self, since_ms: i64) -> R<u64> {
+        const SKEW_MS: i64 = 60_000;
+        let end = keys::audit(u64::MAX);
+        let it = self
+            .db
+            .iterator_cf(self.cf(), IteratorMode::From(&end, Direction::Reverse));
+        let mut first = self.audit_head()?.seq + 1;
+        for item in it {
+            let (k, v) = item?;
+            if k.first() != Some(&keys::AUDIT) {
+                break;
+            }
+            let rec: AuditRecord = decode(&v).map_err(|_| ReadError::Corrupt)?;
+            if rec.event.time_ms < since_ms - SKEW_MS {
+                break;
+            }
+            first = rec.seq;
+        }
+        Ok(first)
+    }
+
     /// Verifies the whole audit chain in this node's store.
     pub fn verify_audit(&self) -> R<Result<u64, ChainError>> {
         let head = self.audit_head()?;

@@ -1,0 +1,167 @@
+//! `mailvault-bench`: measurements that need clusters of their own, started
+//! by the harness on loopback, driven by `mailvault-admin bench`.
+//!
+//! `mailvault-bench audit-cost` measures what auditing reads costs: one
+//! cluster, alternating rounds with the audit of successful reads on and off
+//! (the `unaudited-reads` test mode), the same read load each round.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mailvault_chaos::{admin_binary, create_tenant_and_mailbox, Cluster, ClusterOptions, FRONTEND};
+use serde_json::{json, Value};
+
+#[derive(Parser, Debug)]
+#[command(about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Reads/s with and without the audit of reads, same cluster, same run.
+    AuditCost {
+        /// Concurrent reading clients.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Seconds per measured round.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Rounds per mode (alternating, to even out drift on a shared machine).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Message size in bytes.
+        #[arg(long, default_value_t = 4096)]
+        size: usize,
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs `mailvault-admin bench` as the front end against `endpoint`.
+fn admin_bench(dir: &Path, endpoint: &str, args: &[String]) -> anyhow::Result<Value> {
+    let out = Command::new(admin_binary())
+        .arg("--endpoint")
+        .arg(endpoint)
+        .arg("--ca")
+        .arg(dir.join("ca.pem"))
+        .arg("--cert")
+        .arg(dir.join(format!("client-{FRONTEND}.pem")))
+        .arg("--key")
+        .arg(dir.join(format!("client-{FRONTEND}.key")))
+        .args(["--output", "json", "bench"])
+        .args(args)
+        .output()
+        .context("cannot run mailvault-admin")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "mailvault-admin bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).context("bench printed no JSON")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+async fn audit_cost(
+    clients: usize,
+    seconds: u64,
+    rounds: usize,
+    size: usize,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+    create_tenant_and_mailbox(&cluster, 0, "bench", "inbox").await;
+    let _ = cluster.tls_for(FRONTEND); // writes the front end's certificate files
+    let modes = [("audited", ""), ("unaudited", "unaudited-reads")];
+    let mut rows = Vec::new();
+    for round in 1..=rounds {
+        for (name, mode) in modes {
+            cluster.set_test_modes(mode);
+            cluster.restart_all().await;
+            let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+            let endpoint = cluster.client_addr(leader);
+            let args: Vec<String> = [
+                "--workload",
+                "read",
+                "--clients",
+                &clients.to_string(),
+                "--size",
+                &size.to_string(),
+                "--count",
+                "100000000",
+                "--duration",
+                &seconds.to_string(),
+                "--read-set",
+                "200",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let r = admin_bench(cluster.dir(), &endpoint, &args)?;
+            eprintln!("round {round} {name}: {r}");
+            rows.push((name, round, r));
+        }
+    }
+    let rate = |name: &str| {
+        median(
+            rows.iter()
+                .filter(|(n, _, _)| *n == name)
+                .filter_map(|(_, _, r)| r["ops_per_sec"].as_f64())
+                .collect(),
+        )
+    };
+    let (with, without) = (rate("audited"), rate("unaudited"));
+    if as_json {
+        let doc = json!({
+            "clients": clients, "seconds": seconds, "size": size,
+            "reads_per_sec_audited": with, "reads_per_sec_unaudited": without,
+            "ratio_audited_over_unaudited": with / without,
+            "rounds": rows.iter().map(|(n, r, v)| json!({"mode": n, "round": r, "result": v})).collect::<Vec<_>>(),
+        });
+        println!("{doc}");
+    } else {
+        println!("| mode | round | reads/s | p50 ms | p99 ms | errors |");
+        println!("|---|---|---|---|---|---|");
+        for (name, round, r) in &rows {
+            println!(
+                "| {name} | {round} | {:.0} | {:.2} | {:.2} | {} |",
+                r["ops_per_sec"].as_f64().unwrap_or(f64::NAN),
+                r["p50_ms"].as_f64().unwrap_or(f64::NAN),
+                r["p99_ms"].as_f64().unwrap_or(f64::NAN),
+                r["errors"]
+            );
+        }
+        println!(
+            "\nmedian reads/s: audited {with:.0}, unaudited {without:.0}; audited/unaudited = {:.3}",
+            with / without
+        );
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    match Cli::parse().command {
+        Cmd::AuditCost {
+            clients,
+            seconds,
+            rounds,
+            size,
+            json,
+        } => audit_cost(clients, seconds, rounds, size, json).await,
+    }
+}

@@ -1,0 +1,591 @@
+//! One chaos scenario: a cluster of real nodes, a workload of concurrent
+//! appends and reads recorded as a history, faults injected on a schedule
+//! drawn from a printed seed, a heal, the recovery bounds, every replica's
+//! final state, and the checker's verdict.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mailvault_proto::v1::mailbox_client::MailboxClient;
+use mailvault_proto::v1::CreateMailboxRequest;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::checker::{check, Report};
+use crate::history::{digest, Event, Outcome, Recorder, Seen};
+use crate::net::Net;
+use crate::{
+    append, create_tenant_and_mailbox, fetch, list_all, retry, test_message, Cluster, ClusterOptions,
+};
+
+/// The tenant every scenario writes to.
+pub const TENANT: &str = "chaos";
+
+/// A class of fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `kill -9` of a random node, restarted after 0–5 s.
+    KillRandom,
+    /// `kill -9` of the leader, restarted after 0–5 s.
+    KillLeader,
+    /// SIGSTOP of the leader for longer than the election timeout, then SIGCONT.
+    PauseLeader,
+    /// The leader cut off from every other node (clients still reach it).
+    IsolateLeader,
+    /// A random minority cut off from the majority.
+    MinoritySplit,
+    /// The leader's outgoing packets to the others dropped; it still hears them.
+    OneWay,
+    /// A quarter of the packets between all nodes dropped.
+    Lossy,
+}
+
+impl Fault {
+    /// Every fault class.
+    pub const ALL: [Fault; 7] = [
+        Fault::KillRandom,
+        Fault::KillLeader,
+        Fault::PauseLeader,
+        Fault::IsolateLeader,
+        Fault::MinoritySplit,
+        Fault::OneWay,
+        Fault::Lossy,
+    ];
+
+    /// A short name, for tables and file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::KillRandom => "kill-random",
+            Fault::KillLeader => "kill-leader",
+            Fault::PauseLeader => "pause-leader",
+            Fault::IsolateLeader => "isolate-leader",
+            Fault::MinoritySplit => "minority-split",
+            Fault::OneWay => "one-way",
+            Fault::Lossy => "lossy",
+        }
+    }
+
+    /// Parses [`Fault::name`].
+    pub fn parse(s: &str) -> Option<Fault> {
+        Fault::ALL.into_iter().find(|f| f.name() == s)
+    }
+
+    fn needs_network(self) -> bool {
+        matches!(
+            self,
+            Fault::IsolateLeader | Fault::MinoritySplit | Fault::OneWay | Fault::Lossy
+        )
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// The fault class.
+    pub fault: Fault,
+    /// Seed of every random choice (printed, so a run can be replayed).
+    pub seed: u64,
+    /// Cluster size.
+    pub nodes: usize,
+    /// How long the workload and the faults run.
+    pub duration: Duration,
+    /// Concurrent appending clients.
+    pub writers: usize,
+    /// Concurrent reading clients.
+    pub readers: usize,
+    /// Mailboxes written to.
+    pub mailboxes: usize,
+    /// Unsafe test modes of the nodes (canaries), empty for none.
+    pub test_modes: String,
+}
+
+impl Scenario {
+    /// The CI shape: 3 nodes, 20 s, 6 writers, 2 readers, 3 mailboxes.
+    pub fn ci(fault: Fault, seed: u64) -> Scenario {
+        Scenario {
+            fault,
+            seed,
+            nodes: 3,
+            duration: Duration::from_secs(20),
+            writers: 6,
+            readers: 2,
+            mailboxes: 3,
+            test_modes: String::new(),
+        }
+    }
+}
+
+/// How long the cluster took to recover after the last heal.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// Until every running node agreed on a leader.
+    pub leader: Duration,
+    /// Until a new append was acknowledged and a linearizable read saw it.
+    pub write_and_read: Duration,
+    /// Until every node had applied the same log index.
+    pub converged: Duration,
+}
+
+/// What a scenario found.
+#[derive(Debug)]
+pub struct Verdict {
+    /// The scenario's seed.
+    pub seed: u64,
+    /// The checker's report, plus any recovery bound missed.
+    pub report: Report,
+    /// Recovery times.
+    pub recovery: Recovery,
+    /// Faults injected.
+    pub faults: usize,
+    /// Where the history was written.
+    pub history: PathBuf,
+    /// Wall time of the whole scenario.
+    pub elapsed: Duration,
+}
+
+/// Recovery bounds after the last heal.
+const LEADER_BOUND: Duration = Duration::from_secs(5);
+const WRITE_READ_BOUND: Duration = Duration::from_secs(10);
+const CONVERGE_BOUND: Duration = Duration::from_secs(30);
+/// Longest a single client call may take before it counts as indeterminate.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on the appends of one writer, whatever the duration.
+const MAX_APPENDS_PER_WRITER: u64 = 2_000;
+
+fn mailbox_name(i: usize) -> String {
+    format!("mb{i}")
+}
+
+/// Whether an error says for certain that the request was refused and not applied.
+fn definite(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::FailedPrecondition
+    )
+}
+
+async fn writer(
+    clients: Vec<MailboxClient<Channel>>,
+    rec: Recorder,
+    w: usize,
+    seed: u64,
+    mailboxes: usize,
+    until: Instant,
+) {
+    let mut rng = SmallRng::seed_from_u64(seed ^ (0x5eed_0000 + w as u64));
+    let mut n = 0;
+    while Instant::now() < until && n < MAX_APPENDS_PER_WRITER {
+        let mailbox = mailbox_name(rng.random_range(0..mailboxes));
+        let key = format!("w{w}-{n}");
+        n += 1;
+        let body = test_message(&key, "customer@example.org", &key, rng.random_range(300..8000));
+        let start_ms = rec.now_ms();
+        let mut outcome = Outcome::Indeterminate;
+        // Retries of one message use the same idempotency key, on other nodes.
+        for attempt in 0..3 {
+            let mut c = clients[rng.random_range(0..clients.len())].clone();
+            match tokio::time::timeout(CALL_TIMEOUT, append(&mut c, TENANT, &mailbox, &key, &body)).await {
+                Ok(Ok(r)) => {
+                    outcome = Outcome::Ok { uid: r.uid };
+                    break;
+                }
+                Ok(Err(s)) if definite(&s) && attempt == 0 => {
+                    outcome = Outcome::Failed;
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        rec.push(Event::Append {
+            client: w as u32,
+            mailbox,
+            key,
+            digest: digest(&body),
+            start_ms,
+            end_ms: rec.now_ms(),
+            outcome,
+        });
+    }
+}
+
+async fn reader(
+    clients: Vec<MailboxClient<Channel>>,
+    rec: Recorder,
+    r: usize,
+    seed: u64,
+    mailboxes: usize,
+    until: Instant,
+) {
+    let mut rng = SmallRng::seed_from_u64(seed ^ (0x4ead_0000 + r as u64));
+    while Instant::now() < until {
+        let mailbox = mailbox_name(rng.random_range(0..mailboxes));
+        let node = rng.random_range(0..clients.len());
+        let mut c = clients[node].clone();
+        let start_ms = rec.now_ms();
+        if let Ok(Ok(list)) = tokio::time::timeout(CALL_TIMEOUT, list_all(&mut c, TENANT, &mailbox)).await {
+            rec.push(Event::Read {
+                client: 1000 + r as u32,
+                node,
+                mailbox,
+                start_ms,
+                end_ms: rec.now_ms(),
+                messages: list
+                    .into_iter()
+                    .map(|m| Seen {
+                        uid: m.uid,
+                        key: m.subject,
+                        digest: None,
+                    })
+                    .collect(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(20..200))).await;
+    }
+}
+
+/// The node most running nodes name as leader right now (calls time out after 1 s).
+async fn leader_guess(cluster: &mut Cluster) -> Option<usize> {
+    let mut votes = vec![0usize; cluster.len()];
+    for i in 0..cluster.len() {
+        if !cluster.is_running(i) {
+            continue;
+        }
+        let mut a = cluster.admin(i).await;
+        let mut req = tonic::Request::new(mailvault_proto::v1::NodeStatusRequest {});
+        req.set_timeout(Duration::from_secs(1));
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), a.node_status(req)).await {
+            let s = s.into_inner();
+            if s.has_leader && s.leader_id >= 1 && (s.leader_id as usize) <= cluster.len() {
+                votes[s.leader_id as usize - 1] += 1;
+            }
+        }
+    }
+    let (best, n) = votes.iter().enumerate().max_by_key(|(_, n)| **n)?;
+    (*n > 0).then_some(best)
+}
+
+/// Injects one fault, waits while it lasts, and heals it.
+async fn inject(cluster: &mut Cluster, net: Option<&Net>, fault: Fault, rng: &mut SmallRng, rec: &Recorder) {
+    let n = cluster.len();
+    let leader = leader_guess(cluster).await.unwrap_or(0);
+    let lasting = Duration::from_millis(rng.random_range(1500..4000));
+    let ips: Vec<_> = (0..n).map(|i| cluster.ip(i)).collect();
+    match fault {
+        Fault::KillRandom | Fault::KillLeader => {
+            let victim = match fault {
+                Fault::KillLeader => leader,
+                _ => rng.random_range(0..n),
+            };
+            rec.fault(format!("kill -9 node {}", victim + 1));
+            cluster.kill(victim);
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..5000))).await;
+            rec.fault(format!("restart node {}", victim + 1));
+            cluster.start_node(victim);
+        }
+        Fault::PauseLeader => {
+            rec.fault(format!("SIGSTOP node {} (leader)", leader + 1));
+            cluster.pause(leader);
+            // Longer than the election timeout (at most 1.6 s in test clusters).
+            tokio::time::sleep(lasting + Duration::from_millis(1000)).await;
+            rec.fault(format!("SIGCONT node {}", leader + 1));
+            cluster.resume(leader);
+        }
+        Fault::IsolateLeader | Fault::MinoritySplit | Fault::OneWay | Fault::Lossy => {
+            let net = net.expect("network faults need nftables");
+            let others: Vec<_> = (0..n).filter(|&i| i != leader).map(|i| ips[i]).collect();
+            let what = match fault {
+                Fault::IsolateLeader => {
+                    let _ = net.partition(&[ips[leader]], &others);
+                    format!("isolate node {} (leader)", leader + 1)
+                }
+                Fault::MinoritySplit => {
+                    let mut order: Vec<usize> = (0..n).collect();
+                    for i in (1..n).rev() {
+                        order.swap(i, rng.random_range(0..=i));
+                    }
+                    let (minority, majority) = order.split_at((n - 1) / 2);
+                    let side = |v: &[usize]| v.iter().map(|&i| ips[i]).collect::<Vec<_>>();
+                    let _ = net.partition(&side(minority), &side(majority));
+                    format!("split nodes {minority:?} from {majority:?} (0-based)")
+                }
+                Fault::OneWay => {
+                    for &o in &others {
+                        let _ = net.cut(ips[leader], o);
+                    }
+                    format!("drop node {} (leader) -> others", leader + 1)
+                }
+                _ => {
+                    for &a in &ips {
+                        for &b in ips.iter().filter(|&&b| b != a) {
+                            let _ = net.lossy(a, b, 25);
+                        }
+                    }
+                    "drop 25% between all nodes".to_string()
+                }
+            };
+            rec.fault(what);
+            tokio::time::sleep(lasting).await;
+            rec.fault("heal network");
+            let _ = net.heal();
+        }
+    }
+}
+
+/// Waits for the recovery bounds; returns the times and any bound missed.
+async fn recover(cluster: &mut Cluster, rec: &Recorder) -> (Recovery, Vec<String>) {
+    let mut missed = Vec::new();
+    let healed = Instant::now();
+    let mut r = Recovery::default();
+    let leader = loop {
+        if let Some(l) = leader_guess(cluster).await {
+            if cluster.is_running(l) {
+                break Some(l);
+            }
+        }
+        if healed.elapsed() > CONVERGE_BOUND {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    r.leader = healed.elapsed();
+    if leader.is_none() || r.leader > LEADER_BOUND {
+        missed.push(format!(
+            "no leader within {LEADER_BOUND:?} of the heal (took {:?})",
+            r.leader
+        ));
+    }
+    // A fresh append, acknowledged, then seen by a linearizable read on another node.
+    let key = "probe-after-heal".to_string();
+    let body = test_message(&key, "customer@example.org", &key, 500);
+    let start_ms = rec.now_ms();
+    let mut c = cluster.mailbox(0).await;
+    let acked = retry(WRITE_READ_BOUND, || {
+        let mut c = c.clone();
+        let (key, body) = (key.clone(), body.clone());
+        async move { append(&mut c, TENANT, &mailbox_name(0), &key, &body).await }
+    })
+    .await;
+    rec.push(Event::Append {
+        client: 9999,
+        mailbox: mailbox_name(0),
+        key: key.clone(),
+        digest: digest(&body),
+        start_ms,
+        end_ms: rec.now_ms(),
+        outcome: match &acked {
+            Ok(a) => Outcome::Ok { uid: a.uid },
+            Err(_) => Outcome::Indeterminate,
+        },
+    });
+    let mut seen = false;
+    let reader_node = cluster.len() - 1;
+    let mut rc = cluster.mailbox(reader_node).await;
+    while acked.is_ok() && healed.elapsed() < WRITE_READ_BOUND * 2 {
+        if let Ok(l) = list_all(&mut rc, TENANT, &mailbox_name(0)).await {
+            seen = l.iter().any(|m| m.subject == key);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    r.write_and_read = healed.elapsed();
+    if !seen || r.write_and_read > WRITE_READ_BOUND {
+        missed.push(format!(
+            "no acknowledged write seen by a read within {WRITE_READ_BOUND:?} (took {:?}; acked {}, seen {seen})",
+            r.write_and_read,
+            acked.is_ok()
+        ));
+    }
+    let _ = &mut c;
+    // Every node at the same applied index.
+    loop {
+        let mut applied = Vec::new();
+        for i in 0..cluster.len() {
+            applied.push(cluster.applied_index(i).await);
+        }
+        let first = applied[0];
+        if first.is_some() && applied.iter().all(|a| *a == first) {
+            break;
+        }
+        if healed.elapsed() > CONVERGE_BOUND {
+            missed.push(format!(
+                "nodes did not converge within {CONVERGE_BOUND:?}: applied {applied:?}"
+            ));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    r.converged = healed.elapsed();
+    (r, missed)
+}
+
+/// Every node's copy of every mailbox, bodies fetched and digested.
+async fn finals(cluster: &Cluster, mailboxes: usize, rec: &Recorder) -> Vec<String> {
+    let mut problems = Vec::new();
+    for node in 0..cluster.len() {
+        let c = cluster.mailbox(node).await;
+        for m in 0..mailboxes {
+            let mailbox = mailbox_name(m);
+            let listed = retry(Duration::from_secs(20), || {
+                let mut c = c.clone();
+                let mailbox = mailbox.clone();
+                async move { list_all(&mut c, TENANT, &mailbox).await }
+            })
+            .await;
+            let listed = match listed {
+                Ok(l) => l,
+                Err(s) => {
+                    problems.push(format!("node {node} cannot list {mailbox}: {:?}", s.code()));
+                    continue;
+                }
+            };
+            let mut messages = Vec::new();
+            for s in listed {
+                let fetched = retry(Duration::from_secs(20), || {
+                    let mut c = c.clone();
+                    let mailbox = mailbox.clone();
+                    async move { fetch(&mut c, TENANT, &mailbox, s.uid).await }
+                })
+                .await;
+                let digest = match fetched {
+                    Ok((_, bytes)) => Some(digest(&bytes)),
+                    Err(e) => {
+                        problems.push(format!(
+                            "node {node} cannot read {mailbox} uid {}: {:?}",
+                            s.uid,
+                            e.code()
+                        ));
+                        None
+                    }
+                };
+                messages.push(Seen {
+                    uid: s.uid,
+                    key: s.subject,
+                    digest,
+                });
+            }
+            rec.push(Event::Final {
+                node,
+                mailbox,
+                messages,
+            });
+        }
+    }
+    problems
+}
+
+/// Runs a scenario and writes its history to `out_dir`.
+pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
+    let started = Instant::now();
+    eprintln!(
+        "chaos scenario {} seed {} ({} nodes, {:?})",
+        s.fault.name(),
+        s.seed,
+        s.nodes,
+        s.duration
+    );
+    let mut cluster = Cluster::start(ClusterOptions {
+        nodes: s.nodes,
+        test_modes: s.test_modes.clone(),
+        ..Default::default()
+    })
+    .await;
+    let net = match s.fault.needs_network() {
+        true => Some(Net::new(&cluster.tag())?),
+        false => None,
+    };
+    create_tenant_and_mailbox(&cluster, 0, TENANT, &mailbox_name(0)).await;
+    let mut c = cluster.mailbox(0).await;
+    for m in 1..s.mailboxes {
+        retry(Duration::from_secs(20), || {
+            let mut c = c.clone();
+            let req = CreateMailboxRequest {
+                tenant: TENANT.into(),
+                mailbox: mailbox_name(m),
+            };
+            async move { c.create_mailbox(req).await }
+        })
+        .await?;
+    }
+    let _ = &mut c;
+    let rec = Recorder::new();
+    let until = Instant::now() + s.duration;
+    let mut clients = Vec::new();
+    for i in 0..cluster.len() {
+        clients.push(cluster.mailbox(i).await);
+    }
+    let mut tasks = Vec::new();
+    for w in 0..s.writers {
+        tasks.push(tokio::spawn(writer(
+            clients.clone(),
+            rec.clone(),
+            w,
+            s.seed,
+            s.mailboxes,
+            until,
+        )));
+    }
+    for r in 0..s.readers {
+        tasks.push(tokio::spawn(reader(
+            clients.clone(),
+            rec.clone(),
+            r,
+            s.seed,
+            s.mailboxes,
+            until,
+        )));
+    }
+    let mut rng = SmallRng::seed_from_u64(s.seed);
+    let mut faults = 0;
+    // Faults while at least 5 s of workload remain, so the last one heals inside it.
+    while Instant::now() + Duration::from_secs(5) < until {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(500..2000))).await;
+        inject(&mut cluster, net.as_ref(), s.fault, &mut rng, &rec).await;
+        faults += 1;
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    if let Some(n) = &net {
+        let _ = n.heal();
+    }
+    for i in 0..cluster.len() {
+        if !cluster.is_running(i) {
+            cluster.start_node(i);
+        }
+    }
+    let (recovery, missed) = recover(&mut cluster, &rec).await;
+    let unreadable = finals(&cluster, s.mailboxes, &rec).await;
+    std::fs::create_dir_all(out_dir)?;
+    let history = out_dir.join(format!("{}-{}.jsonl", s.fault.name(), s.seed));
+    rec.save(&history)?;
+    let mut report = check(&rec.events());
+    report.violations.extend(missed);
+    report.violations.extend(unreadable);
+    Ok(Verdict {
+        seed: s.seed,
+        report,
+        recovery,
+        faults,
+        history,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// A seed from the environment (`MAILVAULT_CHAOS_SEED`) or the clock.
+pub fn seed_from_env() -> u64 {
+    std::env::var("MAILVAULT_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        })
+}

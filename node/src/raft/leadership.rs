@@ -1,0 +1,115 @@
+//! Leadership placement: which node leads, and how leadership gets there.
+//!
+//! * **Handing over.** The leader asks a better-placed voter to take over once
+//!   that voter's log matches its own: the active node from anyone, a standby
+//!   from a backup. The voter starts an election (peer RPC `Campaign`), which
+//!   it wins with an up-to-date log; openraft 0.9 has no leader transfer. So
+//!   leadership returns to the active node after it recovers.
+//! * **Last resort.** A backup voter never campaigns on its own. But when it
+//!   cannot reach a leader that confirms its leadership for several election
+//!   timeouts, it campaigns: its log may be the only complete one (a write
+//!   committed by the old leader and the backup alone, before the standby had
+//!   it), and then no standby can win a vote. Without this the cluster would
+//!   stay leaderless until the old leader came back. Once the standby has
+//!   caught up, the backup hands leadership over again.
+
+use std::time::{Duration, Instant};
+
+use crate::config::Role;
+use crate::raft::PeerClients;
+use crate::types::{NodeId, Raft};
+
+/// Leadership is handed over at most this often, so a flapping node causes no election storm.
+const HANDOVER_EVERY: Duration = Duration::from_secs(5);
+
+/// Lower is better placed to lead.
+fn rank(role: Role) -> u8 {
+    match role {
+        Role::Active => 0,
+        Role::Standby => 1,
+        Role::Backup => 2,
+        Role::Spare | Role::Dr => 3,
+    }
+}
+
+/// Runs the placement loop of node `id` (role `role`) until Raft stops.
+pub async fn run(id: NodeId, role: Role, raft: Raft, peers: PeerClients, election_timeout_max: Duration) {
+    let tick = Duration::from_millis(500);
+    let last_resort_after = election_timeout_max * 3;
+    let mut last_handover: Option<Instant> = None;
+    let mut leaderless_since: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(tick).await;
+        let m = raft.metrics().borrow().clone();
+        if m.running_state.is_err() {
+            return;
+        }
+        if m.current_leader == Some(id) {
+            leaderless_since = None;
+            if last_handover.is_none_or(|t| t.elapsed() >= HANDOVER_EVERY)
+                && hand_over(id, role, &m, &peers).await
+            {
+                last_handover = Some(Instant::now());
+            }
+            continue;
+        }
+        if role != Role::Backup {
+            continue;
+        }
+        let confirmed = match m
+            .current_leader
+            .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
+        {
+            Some(leader) => peers.read_index(&leader.raft_addr, tick).await.is_ok(),
+            None => false,
+        };
+        if confirmed {
+            leaderless_since = None;
+            continue;
+        }
+        let since = *leaderless_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= last_resort_after {
+            tracing::warn!(
+                after = ?since.elapsed(),
+                "no leader confirmed; this backup campaigns as a last resort"
+            );
+            metrics::counter!("mailvault_backup_campaigns_total").increment(1);
+            let _ = raft.trigger().elect().await;
+            leaderless_since = None;
+        }
+    }
+}
+
+/// As leader, asks the best-placed caught-up voter to take over. Returns
+/// whether it asked.
+async fn hand_over(id: NodeId, role: Role, m: &crate::types::RaftMetrics, peers: &PeerClients) -> bool {
+    let Some(replication) = &m.replication else {
+        return false;
+    };
+    let last = m.last_log_index.unwrap_or(0);
+    let membership = m.membership_config.membership();
+    let best = membership
+        .voter_ids()
+        .filter(|v| *v != id)
+        .filter_map(|v| {
+            let node = membership.get_node(&v)?;
+            let matched = replication.get(&v)?.as_ref()?.index;
+            (rank(node.role) < rank(role) && matched == last)
+                .then(|| (rank(node.role), v, node.raft_addr.clone()))
+        })
+        .min();
+    let Some((_, target, addr)) = best else {
+        return false;
+    };
+    tracing::info!(target, "handing leadership to a better-placed voter");
+    let Ok(mut c) = peers.client(&addr) else {
+        return false;
+    };
+    let mut req = tonic::Request::new(mailvault_proto::raft::CampaignRequest {});
+    req.set_timeout(Duration::from_secs(2));
+    if let Err(e) = c.campaign(req).await {
+        tracing::warn!(target, error = %e.message(), "handover request failed");
+    }
+    metrics::counter!("mailvault_leader_handovers_total").increment(1);
+    true
+}

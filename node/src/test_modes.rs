@@ -1,0 +1,83 @@
+//! Unsafe modes for measurements and for proving that tests can fail.
+//!
+//! They exist only in builds with the `test-modes` feature (the workspace's
+//! test harness enables it; a release build of `mailvault-node` alone does
+//! not), and even there only when `MAILVAULT_TEST_MODES` names them. A node
+//! started with the variable set but without the feature refuses to start, so
+//! a production binary can never silently run in one of these modes.
+
+/// The environment variable naming the active modes, comma-separated.
+pub const ENV: &str = "MAILVAULT_TEST_MODES";
+
+/// The active unsafe modes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TestModes {
+    /// Successful reads of mail are not written to the audit log (to measure
+    /// what auditing reads costs). Denials and writes are still audited.
+    pub unaudited_reads: bool,
+}
+
+/// Why the modes could not be enabled.
+#[derive(Debug, thiserror::Error)]
+pub enum TestModeError {
+    /// The variable is set, but this build has no test modes.
+    #[error("{ENV} is set, but this mailvault-node was built without the `test-modes` feature")]
+    NotCompiled,
+    /// The variable names a mode that does not exist.
+    #[error("{ENV} names an unknown mode `{0}` (known: unaudited-reads)")]
+    Unknown(String),
+}
+
+impl TestModes {
+    /// The modes named by `MAILVAULT_TEST_MODES` (none when it is unset or empty).
+    pub fn from_env() -> Result<TestModes, TestModeError> {
+        let spec = std::env::var(ENV).unwrap_or_default();
+        TestModes::parse(&spec)
+    }
+
+    /// Parses a comma-separated list of mode names.
+    pub fn parse(spec: &str) -> Result<TestModes, TestModeError> {
+        let mut modes = TestModes::default();
+        let names: Vec<&str> = spec.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        if names.is_empty() {
+            return Ok(modes);
+        }
+        if !cfg!(feature = "test-modes") {
+            return Err(TestModeError::NotCompiled);
+        }
+        for name in names {
+            match name {
+                "unaudited-reads" => modes.unaudited_reads = true,
+                other => return Err(TestModeError::Unknown(other.to_string())),
+            }
+        }
+        Ok(modes)
+    }
+
+    /// Whether any mode is active.
+    pub fn any(&self) -> bool {
+        *self != TestModes::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_variable_means_no_modes_and_unknown_names_are_refused() {
+        assert_eq!(TestModes::parse(" ").unwrap(), TestModes::default());
+        if cfg!(feature = "test-modes") {
+            assert!(TestModes::parse("unaudited-reads").unwrap().unaudited_reads);
+            assert!(matches!(
+                TestModes::parse("unaudited-reads,bogus"),
+                Err(TestModeError::Unknown(_))
+            ));
+        } else {
+            assert!(matches!(
+                TestModes::parse("unaudited-reads"),
+                Err(TestModeError::NotCompiled)
+            ));
+        }
+    }
+}
