@@ -6,6 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mailvault_node::tls::devcerts::DevCa;
+
+use crate::disk::LoopFs;
 use mailvault_proto::v1::admin_client::AdminClient;
 use mailvault_proto::v1::mailbox_client::MailboxClient;
 use mailvault_proto::v1::NodeStatusRequest;
@@ -24,6 +26,9 @@ pub struct ClusterOptions {
     pub audit_fail_closed: bool,
     /// Unsafe test modes for every node (`MAILVAULT_TEST_MODES`), empty for none.
     pub test_modes: String,
+    /// When non-zero, every node's data directory is a loop-mounted ext4 of
+    /// this many MiB (for power cuts and full disks; needs root).
+    pub loop_fs_mb: u64,
 }
 
 impl Default for ClusterOptions {
@@ -34,6 +39,7 @@ impl Default for ClusterOptions {
             max_message_bytes: 50 * 1024 * 1024,
             audit_fail_closed: false,
             test_modes: String::new(),
+            loop_fs_mb: 0,
         }
     }
 }
@@ -43,6 +49,7 @@ struct NodeProc {
     ip: String,
     dir: PathBuf,
     child: Option<Child>,
+    fs: Option<LoopFs>,
 }
 
 /// A running test cluster.
@@ -108,12 +115,13 @@ impl Cluster {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let base = random_base();
-        let nodes: Vec<NodeProc> = (1..=opts.nodes as u64)
+        let mut nodes: Vec<NodeProc> = (1..=opts.nodes as u64)
             .map(|id| NodeProc {
                 id,
                 ip: format!("{base}.{}", 10 + id),
                 dir: dir.path().join(format!("node{id}")),
                 child: None,
+                fs: None,
             })
             .collect();
         let mut members = String::new();
@@ -131,8 +139,14 @@ impl Cluster {
         }
         let ca = DevCa::new("test CA").expect("CA");
         ca.pems.save(dir.path(), "ca").expect("write CA");
-        for n in &nodes {
+        for n in &mut nodes {
             std::fs::create_dir_all(&n.dir).expect("node dir");
+            if opts.loop_fs_mb > 0 {
+                let image = dir.path().join(format!("node{}.img", n.id));
+                let fs = LoopFs::create(&image, &n.dir.join("data"), opts.loop_fs_mb)
+                    .expect("loop-mounted data directory (needs root and loop devices)");
+                n.fs = Some(fs);
+            }
             let ip: std::net::IpAddr = n.ip.parse().expect("ip");
             ca.node(n.id, &[ip])
                 .expect("node cert")
@@ -329,6 +343,23 @@ impl Cluster {
         let _ = c.wait();
     }
 
+    /// Cuts node `i`'s power: kills it and throws away every write its
+    /// filesystem had not synced. Needs `loop_fs_mb`. Start it again after.
+    pub fn power_cut(&mut self, i: usize) {
+        self.kill(i);
+        self.nodes[i]
+            .fs
+            .as_mut()
+            .expect("power cuts need ClusterOptions::loop_fs_mb")
+            .power_cut()
+            .expect("power cut");
+    }
+
+    /// Node `i`'s data filesystem, when it has one of its own.
+    pub fn data_fs(&self, i: usize) -> Option<&LoopFs> {
+        self.nodes[i].fs.as_ref()
+    }
+
     /// Node `i`'s own loopback address (its listeners and its peer traffic).
     pub fn ip(&self, i: usize) -> std::net::Ipv4Addr {
         self.nodes[i].ip.parse().expect("node ip")
@@ -455,6 +486,10 @@ impl Drop for Cluster {
         }
         for i in 0..self.nodes.len() {
             self.kill(i);
+        }
+        // Unmount before the temp directory is removed.
+        for n in &mut self.nodes {
+            n.fs.take();
         }
     }
 }

@@ -8,6 +8,7 @@
 pub mod checker;
 mod client;
 mod cluster;
+pub mod disk;
 pub mod history;
 pub mod net;
 pub mod scenario;

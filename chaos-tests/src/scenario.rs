@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use mailvault_proto::v1::mailbox_client::MailboxClient;
-use mailvault_proto::v1::CreateMailboxRequest;
+use mailvault_proto::v1::{CreateMailboxRequest, TriggerSnapshotRequest};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
@@ -40,11 +40,15 @@ pub enum Fault {
     OneWay,
     /// A quarter of the packets between all nodes dropped.
     Lossy,
+    /// Power cut of a random node: unsynced writes are gone on restart.
+    PowerLossOne,
+    /// Power cut of every node at once (a datacenter outage).
+    PowerLossAll,
 }
 
 impl Fault {
     /// Every fault class.
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 9] = [
         Fault::KillRandom,
         Fault::KillLeader,
         Fault::PauseLeader,
@@ -52,6 +56,8 @@ impl Fault {
         Fault::MinoritySplit,
         Fault::OneWay,
         Fault::Lossy,
+        Fault::PowerLossOne,
+        Fault::PowerLossAll,
     ];
 
     /// A short name, for tables and file names.
@@ -64,12 +70,18 @@ impl Fault {
             Fault::MinoritySplit => "minority-split",
             Fault::OneWay => "one-way",
             Fault::Lossy => "lossy",
+            Fault::PowerLossOne => "power-loss-one",
+            Fault::PowerLossAll => "power-loss-all",
         }
     }
 
     /// Parses [`Fault::name`].
     pub fn parse(s: &str) -> Option<Fault> {
         Fault::ALL.into_iter().find(|f| f.name() == s)
+    }
+
+    fn needs_disk(self) -> bool {
+        matches!(self, Fault::PowerLossOne | Fault::PowerLossAll)
     }
 
     fn needs_network(self) -> bool {
@@ -288,6 +300,17 @@ async fn inject(cluster: &mut Cluster, net: Option<&Net>, fault: Fault, rng: &mu
             rec.fault(format!("restart node {}", victim + 1));
             cluster.start_node(victim);
         }
+        Fault::PowerLossOne | Fault::PowerLossAll => {
+            let victims: Vec<usize> = match fault {
+                Fault::PowerLossAll => (0..n).collect(),
+                _ => vec![rng.random_range(0..n)],
+            };
+            rec.fault(format!("power cut of nodes {victims:?} (0-based)"));
+            tokio::task::block_in_place(|| victims.iter().for_each(|&v| cluster.power_cut(v)));
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..3000))).await;
+            rec.fault("power back");
+            victims.iter().for_each(|&v| cluster.start_node(v));
+        }
         Fault::PauseLeader => {
             rec.fault(format!("SIGSTOP node {} (leader)", leader + 1));
             cluster.pause(leader);
@@ -492,6 +515,7 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
     let mut cluster = Cluster::start(ClusterOptions {
         nodes: s.nodes,
         test_modes: s.test_modes.clone(),
+        loop_fs_mb: if s.fault.needs_disk() { 256 } else { 0 },
         ..Default::default()
     })
     .await;
@@ -513,6 +537,21 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
         .await?;
     }
     let _ = &mut c;
+    // A snapshot on every node makes the setup (tenant, grants, mailboxes)
+    // durable by itself, so a canary that skips fsync loses workload mail,
+    // not the policy that lets the checker read it back.
+    for i in 0..cluster.len() {
+        let mut a = cluster.admin(i).await;
+        retry(Duration::from_secs(20), || {
+            let mut a = a.clone();
+            async move {
+                a.trigger_snapshot(TriggerSnapshotRequest { purge_log: false })
+                    .await
+            }
+        })
+        .await?;
+        let _ = &mut a;
+    }
     let rec = Recorder::new();
     let until = Instant::now() + s.duration;
     let mut clients = Vec::new();
@@ -567,6 +606,9 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
     let mut report = check(&rec.events());
     report.violations.extend(missed);
     report.violations.extend(unreadable);
+    if !report.ok() {
+        cluster.dump_logs();
+    }
     Ok(Verdict {
         seed: s.seed,
         report,

@@ -85,3 +85,13 @@ async fn one_way_partition_loses_nothing_acknowledged() {
 async fn lossy_links_lose_nothing_acknowledged() {
     scenario(Fault::Lossy).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_loss_of_one_node_loses_nothing_acknowledged() {
+    scenario(Fault::PowerLossOne).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_loss_of_every_node_loses_nothing_acknowledged() {
+    scenario(Fault::PowerLossAll).await;
+}

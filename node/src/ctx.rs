@@ -46,6 +46,8 @@ pub struct Ctx {
     pub audit: AuditRecorder,
     /// Denied attempts: audit, failure counters and lockouts.
     pub denials: Denials,
+    /// The leader's read fence (see `crate::raft::ReadFence`).
+    pub fence: crate::raft::ReadFence,
     /// Unsafe test modes (none in production).
     pub test_modes: crate::test_modes::TestModes,
 }
@@ -112,11 +114,19 @@ impl Ctx {
     /// confirms its leadership with a quorum (read index), and this node has
     /// applied up to that index.
     pub async fn read_barrier(&self) -> Result<(), Status> {
+        if self.test_modes.stale_reads {
+            return Ok(());
+        }
         if self.is_leader() {
-            let r = tokio::time::timeout(READ_TIMEOUT, self.raft.ensure_linearizable()).await;
+            let r = tokio::time::timeout(READ_TIMEOUT, async {
+                self.fence.index().await?;
+                Ok(self.raft.ensure_linearizable().await)
+            })
+            .await;
             return match r {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(_)) => Err(Status::unavailable("leadership lost; retry")),
+                Ok(Err(s)) => Err(s),
+                Ok(Ok(Ok(_))) => Ok(()),
+                Ok(Ok(Err(_))) => Err(Status::unavailable("leadership lost; retry")),
                 Err(_) => Err(Status::unavailable("leadership could not be confirmed in time")),
             };
         }

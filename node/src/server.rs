@@ -20,7 +20,7 @@ use crate::crypto::{Keyring, MasterKey};
 use crate::ctx::Ctx;
 use crate::proposer::Proposer;
 use crate::raft::{
-    bootstrap_if_fresh, place_leadership, raft_config, PeerClients, PeerNetwork, PeerService,
+    bootstrap_if_fresh, place_leadership, raft_config, PeerClients, PeerNetwork, PeerService, ReadFence,
     PEER_MAX_MESSAGE_BYTES,
 };
 use crate::store::{open_db, LogStore, MailReader, StateMachine};
@@ -53,7 +53,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let db = open_db(&config.data_dir.join("db"))
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
-    let log_store = LogStore::new(db.clone());
+    let mut log_store = LogStore::new(db.clone());
+    if test_modes.ack_before_fsync {
+        log_store = log_store.without_append_sync();
+    }
     let state_machine = StateMachine::open(db.clone(), &config.data_dir.join("snapshots"))?;
     let applied = state_machine.applied_index();
     tracing::info!(applied = *applied.borrow(), "store opened");
@@ -104,7 +107,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    let peer_svc = RaftPeerServer::new(PeerService::new(raft.clone(), proposer.clone()))
+    let fence = ReadFence::new(raft.clone());
+    let peer_svc = RaftPeerServer::new(PeerService::new(raft.clone(), proposer.clone(), fence.clone()))
         .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
         .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES);
     // The peer listener admits node certificates only.
@@ -150,6 +154,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         applied,
         audit: audit.clone(),
         denials: denials.clone(),
+        fence,
         test_modes,
     });
     tasks.spawn(watch_leader(raft.clone()));

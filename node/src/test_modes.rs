@@ -15,6 +15,12 @@ pub struct TestModes {
     /// Successful reads of mail are not written to the audit log (to measure
     /// what auditing reads costs). Denials and writes are still audited.
     pub unaudited_reads: bool,
+    /// Canary: the log store reports appends flushed without syncing the
+    /// WAL, so an acknowledged write can be lost in a power cut.
+    pub ack_before_fsync: bool,
+    /// Canary: reads are served from local state without the leader's
+    /// read-index check, so a deposed or lagging node serves stale data.
+    pub stale_reads: bool,
 }
 
 /// Why the modes could not be enabled.
@@ -24,7 +30,7 @@ pub enum TestModeError {
     #[error("{ENV} is set, but this mailvault-node was built without the `test-modes` feature")]
     NotCompiled,
     /// The variable names a mode that does not exist.
-    #[error("{ENV} names an unknown mode `{0}` (known: unaudited-reads)")]
+    #[error("{ENV} names an unknown mode `{0}` (known: unaudited-reads, ack-before-fsync, stale-reads)")]
     Unknown(String),
 }
 
@@ -48,6 +54,8 @@ impl TestModes {
         for name in names {
             match name {
                 "unaudited-reads" => modes.unaudited_reads = true,
+                "ack-before-fsync" => modes.ack_before_fsync = true,
+                "stale-reads" => modes.stale_reads = true,
                 other => return Err(TestModeError::Unknown(other.to_string())),
             }
         }

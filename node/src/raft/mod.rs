@@ -3,11 +3,13 @@
 mod leadership;
 mod network;
 mod peer_service;
+mod read_fence;
 mod setup;
 
 pub use leadership::run as place_leadership;
 pub use network::{PeerClients, PeerNetwork};
 pub use peer_service::PeerService;
+pub use read_fence::ReadFence;
 pub use setup::{bootstrap_if_fresh, raft_config};
 
 /// Largest peer message accepted, in bytes (entries carry up to a few MiB of chunks).

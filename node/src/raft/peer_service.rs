@@ -8,6 +8,7 @@ use mailvault_proto::raft::{
 };
 use tonic::{Request, Response, Status};
 
+use super::ReadFence;
 use crate::audit::AuditEvent;
 use crate::command::Command;
 use crate::model::{decode, encode};
@@ -19,12 +20,17 @@ use crate::types::Raft;
 pub struct PeerService {
     raft: Raft,
     proposer: Proposer,
+    fence: ReadFence,
 }
 
 impl PeerService {
     /// A service over `raft`; audit batches from followers go to `proposer`.
-    pub fn new(raft: Raft, proposer: Proposer) -> PeerService {
-        PeerService { raft, proposer }
+    pub fn new(raft: Raft, proposer: Proposer, fence: ReadFence) -> PeerService {
+        PeerService {
+            raft,
+            proposer,
+            fence,
+        }
     }
 }
 
@@ -57,13 +63,18 @@ impl RaftPeer for PeerService {
         &self,
         _req: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexResponse>, Status> {
-        // Confirms leadership with a quorum, then names the index to wait for.
-        let fut = self.raft.get_read_log_id();
+        // Confirms leadership with a quorum, then names the index to wait for:
+        // the read index, and at least this process's fence entry.
+        let fut = async {
+            let fence = self.fence.index().await;
+            (self.raft.get_read_log_id().await, fence)
+        };
         match tokio::time::timeout(Duration::from_secs(5), fut).await {
-            Ok(Ok((read_log_id, _applied))) => Ok(Response::new(ReadIndexResponse {
-                index: read_log_id.map(|l| l.index).unwrap_or(0),
+            Ok((Ok(_), Err(s))) => Err(s),
+            Ok((Ok((read_log_id, _applied)), Ok(fence))) => Ok(Response::new(ReadIndexResponse {
+                index: read_log_id.map(|l| l.index).unwrap_or(0).max(fence),
             })),
-            Ok(Err(_)) => Err(Status::unavailable("not the leader")),
+            Ok((Err(_), _)) => Err(Status::unavailable("not the leader")),
             Err(_) => Err(Status::unavailable("leadership could not be confirmed in time")),
         }
     }

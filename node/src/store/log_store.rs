@@ -21,6 +21,8 @@ const KEY_PURGED: &[u8] = b"last_purged";
 #[derive(Clone)]
 pub struct LogStore {
     db: Db,
+    /// False only in the `ack-before-fsync` canary (see `crate::test_modes`).
+    sync_appends: bool,
 }
 
 fn idx(i: u64) -> [u8; 8] {
@@ -30,7 +32,18 @@ fn idx(i: u64) -> [u8; 8] {
 impl LogStore {
     /// A log store over an open database.
     pub fn new(db: Db) -> LogStore {
-        LogStore { db }
+        LogStore {
+            db,
+            sync_appends: true,
+        }
+    }
+
+    /// The `ack-before-fsync` canary: appends are reported flushed without
+    /// syncing the WAL. A data-loss bug on purpose, so the chaos tests can
+    /// show they catch it; only reachable through `crate::test_modes`.
+    pub fn without_append_sync(mut self) -> LogStore {
+        self.sync_appends = false;
+        self
     }
 
     fn cf_log(&self) -> &rocksdb::ColumnFamily {
@@ -156,16 +169,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             wb.put_cf(cf, idx(e.log_id.index), encode(&e));
         }
         let db = self.db.clone();
+        let sync = self.sync_appends;
         // Write, then sync the WAL, and only then tell openraft the entries are flushed.
         let res = tokio::task::spawn_blocking(move || -> Result<(), rocksdb::Error> {
             db.write(wb)?;
-            db.flush_wal(true)
+            match sync {
+                true => db.flush_wal(true),
+                false => Ok(()),
+            }
         })
         .await
         .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         match res {
             Ok(()) => {
-                metrics::counter!("mailvault_fsyncs_total").increment(1);
+                if sync {
+                    metrics::counter!("mailvault_fsyncs_total").increment(1);
+                }
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }
