@@ -29,6 +29,9 @@ pub struct ClusterOptions {
     /// When non-zero, every node's data directory is a loop-mounted ext4 of
     /// this many MiB (for power cuts and full disks; needs root).
     pub loop_fs_mb: u64,
+    /// Run every node under libfaketime, its wall clock set by
+    /// [`Cluster::set_clock`] (monotonic time stays real).
+    pub fake_clock: bool,
 }
 
 impl Default for ClusterOptions {
@@ -40,6 +43,7 @@ impl Default for ClusterOptions {
             audit_fail_closed: false,
             test_modes: String::new(),
             loop_fs_mb: 0,
+            fake_clock: false,
         }
     }
 }
@@ -59,6 +63,7 @@ pub struct Cluster {
     ca: DevCa,
     ca_pem: String,
     test_modes: String,
+    fake_clock: bool,
 }
 
 /// The identity [`Cluster::admin`] uses: a bootstrap operator.
@@ -83,6 +88,19 @@ pub fn node_binary() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// libfaketime's preload library, if installed.
+pub fn libfaketime() -> Option<PathBuf> {
+    [
+        // The thread-safe variant: nodes are multi-threaded.
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/faketime/libfaketimeMT.so.1",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
 }
 
 /// The `mailvault-admin` binary, beside `mailvault-node`.
@@ -173,7 +191,13 @@ impl Cluster {
             ca,
             ca_pem,
             test_modes: opts.test_modes.clone(),
+            fake_clock: opts.fake_clock,
         };
+        if c.fake_clock {
+            for i in 0..c.nodes.len() {
+                c.set_clock(i, "+0");
+            }
+        }
         for i in 0..c.nodes.len() {
             c.start_node(i);
         }
@@ -288,6 +312,9 @@ impl Cluster {
 
     /// Starts (or restarts) node `i`.
     pub fn start_node(&mut self, i: usize) {
+        if self.exited(i).is_some() {
+            self.nodes[i].child = None;
+        }
         let n = &mut self.nodes[i];
         assert!(n.child.is_none(), "node {} already running", n.id);
         let log = std::fs::OpenOptions::new()
@@ -295,7 +322,15 @@ impl Cluster {
             .append(true)
             .open(n.dir.join("node.log"))
             .expect("node log");
-        let child = Command::new(node_binary())
+        let mut cmd = Command::new(node_binary());
+        if self.fake_clock {
+            let lib = libfaketime().expect("libfaketime (Debian package `faketime`) not installed");
+            cmd.env("LD_PRELOAD", lib)
+                .env("FAKETIME_TIMESTAMP_FILE", n.dir.join("faketime"))
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                .env("FAKETIME_CACHE_DURATION", "1");
+        }
+        let child = cmd
             .env(mailvault_node::test_modes::ENV, &self.test_modes)
             .arg("--config")
             .arg(n.dir.join("node.toml"))
@@ -355,6 +390,13 @@ impl Cluster {
             .expect("power cut");
     }
 
+    /// Sets node `i`'s wall clock (needs `fake_clock`), in libfaketime's
+    /// syntax: `+0` is real time, `-90s x1.5` 90 s behind and running 1.5×.
+    /// Takes effect within a second, without a restart.
+    pub fn set_clock(&self, i: usize, spec: &str) {
+        std::fs::write(self.nodes[i].dir.join("faketime"), format!("{spec}\n")).expect("write faketime spec");
+    }
+
     /// Node `i`'s data filesystem, when it has one of its own.
     pub fn data_fs(&self, i: usize) -> Option<&LoopFs> {
         self.nodes[i].fs.as_ref()
@@ -397,6 +439,14 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// How node `i`'s process ended, if it ended by itself (not killed by the harness).
+    pub fn exited(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        self.nodes[i]
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Whether node `i`'s process is running.

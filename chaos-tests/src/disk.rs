@@ -93,14 +93,28 @@ impl LoopFs {
         self.mount()
     }
 
-    /// Fills the filesystem, leaving about `leave_kb` KiB free; returns the filler file.
-    pub fn fill(&self, leave_kb: u64) -> anyhow::Result<PathBuf> {
-        let filler = self.mount.join("filler");
+    /// Fills the filesystem, leaving about `leave_kb` KiB free (0: full).
+    pub fn fill(&self, leave_kb: u64) -> anyhow::Result<()> {
+        let filler = self.filler();
         let stat = nix::sys::statvfs::statvfs(&self.mount)?;
-        let free = stat.blocks_available() * stat.fragment_size();
-        let want = free.saturating_sub(leave_kb * 1024);
-        run("fallocate", &["-l", &want.to_string(), path(&filler)])?;
-        Ok(filler)
+        // Nodes run as root in the tests, and root may use the reserved blocks too.
+        let free = stat.blocks_free() * stat.fragment_size();
+        let want = free.saturating_sub(leave_kb * 1024).max(4096);
+        if let Err(e) = run("fallocate", &["-l", &want.to_string(), path(&filler)]) {
+            // Whatever part was allocated still fills the disk; keep it (see `unfill`).
+            let got = std::fs::metadata(&filler).map(|m| m.len()).unwrap_or(0);
+            anyhow::ensure!(got > 0, "{e}");
+        }
+        Ok(())
+    }
+
+    /// Frees what [`LoopFs::fill`] took.
+    pub fn unfill(&self) {
+        let _ = std::fs::remove_file(self.filler());
+    }
+
+    fn filler(&self) -> PathBuf {
+        self.mount.join("filler")
     }
 }
 

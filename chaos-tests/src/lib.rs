@@ -14,4 +14,4 @@ pub mod net;
 pub mod scenario;
 
 pub use client::*;
-pub use cluster::{admin_binary, node_binary, Cluster, ClusterOptions, ADMIN, FRONTEND};
+pub use cluster::{admin_binary, libfaketime, node_binary, Cluster, ClusterOptions, ADMIN, FRONTEND};

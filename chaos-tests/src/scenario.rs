@@ -44,11 +44,15 @@ pub enum Fault {
     PowerLossOne,
     /// Power cut of every node at once (a datacenter outage).
     PowerLossAll,
+    /// One node's wall clock off by up to ±10 minutes and running 0.5–2× fast.
+    ClockSkew,
+    /// One node's data filesystem full; then space freed and the node restarted.
+    DiskFull,
 }
 
 impl Fault {
     /// Every fault class.
-    pub const ALL: [Fault; 9] = [
+    pub const ALL: [Fault; 11] = [
         Fault::KillRandom,
         Fault::KillLeader,
         Fault::PauseLeader,
@@ -58,6 +62,8 @@ impl Fault {
         Fault::Lossy,
         Fault::PowerLossOne,
         Fault::PowerLossAll,
+        Fault::ClockSkew,
+        Fault::DiskFull,
     ];
 
     /// A short name, for tables and file names.
@@ -72,6 +78,8 @@ impl Fault {
             Fault::Lossy => "lossy",
             Fault::PowerLossOne => "power-loss-one",
             Fault::PowerLossAll => "power-loss-all",
+            Fault::ClockSkew => "clock-skew",
+            Fault::DiskFull => "disk-full",
         }
     }
 
@@ -81,7 +89,7 @@ impl Fault {
     }
 
     fn needs_disk(self) -> bool {
-        matches!(self, Fault::PowerLossOne | Fault::PowerLossAll)
+        matches!(self, Fault::PowerLossOne | Fault::PowerLossAll | Fault::DiskFull)
     }
 
     fn needs_network(self) -> bool {
@@ -311,6 +319,45 @@ async fn inject(cluster: &mut Cluster, net: Option<&Net>, fault: Fault, rng: &mu
             rec.fault("power back");
             victims.iter().for_each(|&v| cluster.start_node(v));
         }
+        Fault::ClockSkew => {
+            let victim = rng.random_range(0..n);
+            let offset = rng.random_range(30..600) * if rng.random_bool(0.5) { 1 } else { -1 };
+            let rate = [0.5, 0.8, 1.5, 2.0][rng.random_range(0..4)];
+            let spec = format!("{offset:+}s x{rate}");
+            rec.fault(format!("clock of node {} set to {spec}", victim + 1));
+            cluster.set_clock(victim, &spec);
+            tokio::time::sleep(lasting + Duration::from_millis(2000)).await;
+            rec.fault(format!("clock of node {} back to real time", victim + 1));
+            cluster.set_clock(victim, "+0");
+        }
+        Fault::DiskFull => {
+            let victim = rng.random_range(0..n);
+            rec.fault(format!("filesystem of node {} full", victim + 1));
+            if let Some(Err(e)) = cluster.data_fs(victim).map(|fs| fs.fill(0)) {
+                rec.fault(format!("could not fill the filesystem: {e}"));
+            }
+            // The write-ahead log has space preallocated; a snapshot (memtable
+            // flush, snapshot file) is sure to need new space.
+            let mut a = cluster.admin(victim).await;
+            let mut req = tonic::Request::new(TriggerSnapshotRequest { purge_log: false });
+            req.set_timeout(Duration::from_secs(5));
+            let snap = a.trigger_snapshot(req).await;
+            rec.fault(format!(
+                "snapshot on the full node: {}",
+                match &snap {
+                    Ok(_) => "succeeded".to_string(),
+                    Err(s) => format!("failed {:?}", s.code()),
+                }
+            ));
+            tokio::time::sleep(lasting).await;
+            if let Some(fs) = cluster.data_fs(victim) {
+                fs.unfill();
+            }
+            // RocksDB stays read-only after a failed write: restart the node.
+            rec.fault(format!("space freed; node {} restarted", victim + 1));
+            cluster.kill(victim);
+            cluster.start_node(victim);
+        }
         Fault::PauseLeader => {
             rec.fault(format!("SIGSTOP node {} (leader)", leader + 1));
             cluster.pause(leader);
@@ -516,6 +563,7 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
         nodes: s.nodes,
         test_modes: s.test_modes.clone(),
         loop_fs_mb: if s.fault.needs_disk() { 256 } else { 0 },
+        fake_clock: s.fault == Fault::ClockSkew,
         ..Default::default()
     })
     .await;
@@ -593,7 +641,11 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
     if let Some(n) = &net {
         let _ = n.heal();
     }
+    let mut crashed = Vec::new();
     for i in 0..cluster.len() {
+        if let Some(status) = cluster.exited(i) {
+            crashed.push(format!("node {i} exited by itself ({status})"));
+        }
         if !cluster.is_running(i) {
             cluster.start_node(i);
         }
@@ -606,6 +658,7 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
     let mut report = check(&rec.events());
     report.violations.extend(missed);
     report.violations.extend(unreadable);
+    report.violations.extend(crashed);
     if !report.ok() {
         cluster.dump_logs();
     }

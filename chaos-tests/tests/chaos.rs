@@ -95,3 +95,13 @@ async fn power_loss_of_one_node_loses_nothing_acknowledged() {
 async fn power_loss_of_every_node_loses_nothing_acknowledged() {
     scenario(Fault::PowerLossAll).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_skew_on_one_node_loses_nothing_acknowledged() {
+    scenario(Fault::ClockSkew).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_on_one_node_loses_nothing_acknowledged() {
+    scenario(Fault::DiskFull).await;
+}

@@ -11,6 +11,10 @@ ensure_prerequisites() {
   command -v cc >/dev/null || missing+=(build-essential)
   dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
   command -v curl >/dev/null || missing+=(curl)
+  # The chaos tests: nft (partitions), mkfs.ext4/e2fsck (power cuts), libfaketime (clock skew).
+  command -v nft >/dev/null || missing+=(nftables)
+  command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
+  dpkg -s faketime >/dev/null 2>&1 || missing+=(faketime)
   if ((${#missing[@]})); then
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
