@@ -28,6 +28,8 @@ pub struct Report {
     pub indeterminate_present: usize,
     /// Reads checked.
     pub reads: usize,
+    /// Claims and releases checked for linearizability.
+    pub claims: usize,
 }
 
 impl Report {
@@ -81,7 +83,53 @@ pub fn check(events: &[Event]) -> Report {
     }
     check_finals(events, &written, &mut r);
     check_reads(events, &written, &mut r);
+    check_claim_history(events, &mut r);
     r
+}
+
+/// Search steps per message before the claim check gives up (a failure).
+const CLAIM_SEARCH_STEPS: u64 = 2_000_000;
+
+fn check_claim_history(events: &[Event], r: &mut Report) {
+    use crate::linearizable::{check_claims, ClaimOp, Verdict};
+    let mut agents: HashMap<&str, u32> = HashMap::new();
+    let mut per_message: BTreeMap<(&str, u32), Vec<ClaimOp>> = BTreeMap::new();
+    for e in events {
+        if let Event::Claim {
+            mailbox,
+            uid,
+            agent,
+            release,
+            start_ms,
+            end_ms,
+            outcome,
+            ..
+        } = e
+        {
+            let next = agents.len() as u32;
+            let agent = *agents.entry(agent).or_insert(next);
+            per_message.entry((mailbox, *uid)).or_default().push(ClaimOp {
+                agent,
+                release: *release,
+                start: *start_ms,
+                end: *end_ms,
+                outcome: *outcome,
+            });
+            r.claims += 1;
+        }
+    }
+    for ((mailbox, uid), ops) in per_message {
+        match check_claims(&ops, CLAIM_SEARCH_STEPS) {
+            Verdict::Linearizable => {}
+            Verdict::NotLinearizable => r.violations.push(format!(
+                "{mailbox} uid {uid}: the {} claims and releases are not linearizable",
+                ops.len()
+            )),
+            Verdict::Timeout(steps) => r.violations.push(format!(
+                "{mailbox} uid {uid}: claim check gave up after {steps} steps (counts as a failure)"
+            )),
+        }
+    }
 }
 
 /// Violations within one listing: order, duplicates, unknown or altered messages.

@@ -27,6 +27,18 @@ pub enum Outcome {
     Indeterminate,
 }
 
+/// How a claim or release ended, as the client saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClaimOutcome {
+    /// It took effect.
+    Ok,
+    /// Refused for certain (claimed by another agent; not the claimant).
+    Refused,
+    /// Timed out or the connection broke: it may or may not have taken effect.
+    Indeterminate,
+}
+
 /// One message as a read returned it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seen {
@@ -82,6 +94,25 @@ pub enum Event {
         mailbox: String,
         /// Every message, in UID order, each with the digest of its bytes.
         messages: Vec<Seen>,
+    },
+    /// A claim or release of a shared message, from its start to its end.
+    Claim {
+        /// The client that made it.
+        client: u32,
+        /// The mailbox.
+        mailbox: String,
+        /// The message.
+        uid: u32,
+        /// The agent claiming or releasing.
+        agent: String,
+        /// True for a release, false for a claim.
+        release: bool,
+        /// Start, in milliseconds since the run began.
+        start_ms: u64,
+        /// End, in milliseconds since the run began.
+        end_ms: u64,
+        /// How it ended.
+        outcome: ClaimOutcome,
     },
     /// A fault injected or healed (for the reader of the history; not checked).
     Fault {

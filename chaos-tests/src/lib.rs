@@ -10,6 +10,7 @@ mod client;
 mod cluster;
 pub mod disk;
 pub mod history;
+pub mod linearizable;
 pub mod net;
 pub mod scenario;
 

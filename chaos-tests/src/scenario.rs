@@ -7,14 +7,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use mailvault_proto::v1::mailbox_client::MailboxClient;
-use mailvault_proto::v1::{CreateMailboxRequest, TriggerSnapshotRequest};
+use mailvault_proto::v1::{
+    ClaimMessageRequest, CreateMailboxRequest, ReleaseClaimRequest, TriggerSnapshotRequest,
+};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::checker::{check, Report};
-use crate::history::{digest, Event, Outcome, Recorder, Seen};
+use crate::history::{digest, ClaimOutcome, Event, Outcome, Recorder, Seen};
 use crate::net::Net;
 use crate::{
     append, create_tenant_and_mailbox, fetch, list_all, retry, test_message, Cluster, ClusterOptions,
@@ -117,12 +119,14 @@ pub struct Scenario {
     pub readers: usize,
     /// Mailboxes written to.
     pub mailboxes: usize,
+    /// Concurrent agents claiming and releasing shared messages.
+    pub claimers: usize,
     /// Unsafe test modes of the nodes (canaries), empty for none.
     pub test_modes: String,
 }
 
 impl Scenario {
-    /// The CI shape: 3 nodes, 20 s, 6 writers, 2 readers, 3 mailboxes.
+    /// The CI shape: 3 nodes, 20 s, 6 writers, 2 readers, 3 claimers, 3 mailboxes.
     pub fn ci(fault: Fault, seed: u64) -> Scenario {
         Scenario {
             fault,
@@ -132,6 +136,7 @@ impl Scenario {
             writers: 6,
             readers: 2,
             mailboxes: 3,
+            claimers: 3,
             test_modes: String::new(),
         }
     }
@@ -267,6 +272,94 @@ async fn reader(
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(20..200))).await;
     }
+}
+
+/// Messages appended at setup that the claimers compete for.
+const SHARED: u32 = 4;
+
+async fn claimer(
+    clients: Vec<MailboxClient<Channel>>,
+    rec: Recorder,
+    c: usize,
+    seed: u64,
+    shared: Vec<u32>,
+    until: Instant,
+) {
+    let mut rng = SmallRng::seed_from_u64(seed ^ (0xc1a1_0000 + c as u64));
+    let agent = format!("agent-{c}");
+    while Instant::now() < until {
+        let uid = shared[rng.random_range(0..shared.len())];
+        let release = rng.random_bool(0.4);
+        let mut cl = clients[rng.random_range(0..clients.len())].clone();
+        let start_ms = rec.now_ms();
+        let (tenant, mailbox) = (TENANT.to_string(), mailbox_name(0));
+        let call = async {
+            match release {
+                false => cl
+                    .claim_message(ClaimMessageRequest {
+                        tenant,
+                        mailbox,
+                        uid,
+                        agent: agent.clone(),
+                    })
+                    .await
+                    .map(|_| ()),
+                true => cl
+                    .release_claim(ReleaseClaimRequest {
+                        tenant,
+                        mailbox,
+                        uid,
+                        agent: agent.clone(),
+                    })
+                    .await
+                    .map(|_| ()),
+            }
+        };
+        let outcome = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(())) => ClaimOutcome::Ok,
+            Ok(Err(s)) if s.code() == Code::FailedPrecondition => ClaimOutcome::Refused,
+            _ => ClaimOutcome::Indeterminate,
+        };
+        rec.push(Event::Claim {
+            client: 2000 + c as u32,
+            mailbox: mailbox_name(0),
+            uid,
+            agent: agent.clone(),
+            release,
+            start_ms,
+            end_ms: rec.now_ms(),
+            outcome,
+        });
+        tokio::time::sleep(Duration::from_millis(rng.random_range(20..150))).await;
+    }
+}
+
+/// Appends the messages the claimers compete for; returns their UIDs.
+async fn append_shared(cluster: &Cluster, rec: &Recorder) -> anyhow::Result<Vec<u32>> {
+    let c = cluster.mailbox(0).await;
+    let mut uids = Vec::new();
+    for i in 0..SHARED {
+        let key = format!("shared-{i}");
+        let body = test_message(&key, "customer@example.org", &key, 1000);
+        let start_ms = rec.now_ms();
+        let r = retry(Duration::from_secs(20), || {
+            let mut c = c.clone();
+            let (key, body) = (key.clone(), body.clone());
+            async move { append(&mut c, TENANT, &mailbox_name(0), &key, &body).await }
+        })
+        .await?;
+        rec.push(Event::Append {
+            client: 9998,
+            mailbox: mailbox_name(0),
+            key,
+            digest: digest(&body),
+            start_ms,
+            end_ms: rec.now_ms(),
+            outcome: Outcome::Ok { uid: r.uid },
+        });
+        uids.push(r.uid);
+    }
+    Ok(uids)
 }
 
 /// The node most running nodes name as leader right now (calls time out after 1 s).
@@ -601,6 +694,7 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
         let _ = &mut a;
     }
     let rec = Recorder::new();
+    let shared = append_shared(&cluster, &rec).await?;
     let until = Instant::now() + s.duration;
     let mut clients = Vec::new();
     for i in 0..cluster.len() {
@@ -626,6 +720,10 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
             s.mailboxes,
             until,
         )));
+    }
+    for c in 0..s.claimers {
+        let (clients, rec, shared) = (clients.clone(), rec.clone(), shared.clone());
+        tasks.push(tokio::spawn(claimer(clients, rec, c, s.seed, shared, until)));
     }
     let mut rng = SmallRng::seed_from_u64(s.seed);
     let mut faults = 0;

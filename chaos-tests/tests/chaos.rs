@@ -20,7 +20,7 @@ async fn scenario(fault: Fault) {
         .expect("scenario could not run");
     let r = &v.report;
     eprintln!(
-        "{}: seed {} faults {} acked {} indeterminate {} (present {}) reads {} | leader {:?} write+read {:?} converged {:?} | {:?} | history {}",
+        "{}: seed {} faults {} acked {} indeterminate {} (present {}) reads {} claims {} | leader {:?} write+read {:?} converged {:?} | {:?} | history {}",
         fault.name(),
         v.seed,
         v.faults,
@@ -28,6 +28,7 @@ async fn scenario(fault: Fault) {
         r.indeterminate,
         r.indeterminate_present,
         r.reads,
+        r.claims,
         v.recovery.leader,
         v.recovery.write_and_read,
         v.recovery.converged,
@@ -49,6 +50,7 @@ async fn scenario(fault: Fault) {
         r.acked
     );
     assert!(r.reads >= 10, "too few successful reads ({})", r.reads);
+    assert!(r.claims >= 50, "too few claims and releases ({})", r.claims);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
