@@ -170,6 +170,37 @@ pub struct Verdict {
     pub elapsed: Duration,
 }
 
+impl Verdict {
+    /// The verdict's figures as the cells of one markdown table row (see [`Verdict::TABLE_HEAD`]).
+    pub fn row(&self, fault: Fault) -> String {
+        let r = &self.report;
+        format!(
+            "| {} | {} | {} | {} | {} ({}) | {} | {} | {:.2}s | {:.2}s | {:.2}s | {:.0}s | {} | {} |",
+            fault.name(),
+            self.seed,
+            self.faults,
+            r.acked,
+            r.indeterminate,
+            r.indeterminate_present,
+            r.reads,
+            r.claims,
+            self.recovery.leader.as_secs_f64(),
+            self.recovery.write_and_read.as_secs_f64(),
+            self.recovery.converged.as_secs_f64(),
+            self.elapsed.as_secs_f64(),
+            if r.ok() {
+                "ok".to_string()
+            } else {
+                format!("{} violations", r.violations.len())
+            },
+            self.history.display()
+        )
+    }
+
+    /// The header of the table [`Verdict::row`] fills.
+    pub const TABLE_HEAD: &'static str = "| fault | seed | faults | acked | indeterminate (present) | reads | claims | leader | write+read | converged | wall | result | history |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+}
+
 /// Recovery bounds after the last heal.
 const LEADER_BOUND: Duration = Duration::from_secs(5);
 const WRITE_READ_BOUND: Duration = Duration::from_secs(10);
@@ -501,9 +532,10 @@ async fn inject(cluster: &mut Cluster, net: Option<&Net>, fault: Fault, rng: &mu
 }
 
 /// Waits for the recovery bounds; returns the times and any bound missed.
-async fn recover(cluster: &mut Cluster, rec: &Recorder) -> (Recovery, Vec<String>) {
+/// Measures, from the last heal on (the workload still running), until a
+/// leader is agreed and until an acknowledged write is seen by a read.
+async fn recover(cluster: &mut Cluster, rec: &Recorder, healed: Instant) -> (Recovery, Vec<String>) {
     let mut missed = Vec::new();
-    let healed = Instant::now();
     let mut r = Recovery::default();
     let leader = loop {
         if let Some(l) = leader_guess(cluster).await {
@@ -565,7 +597,12 @@ async fn recover(cluster: &mut Cluster, rec: &Recorder) -> (Recovery, Vec<String
         ));
     }
     let _ = &mut c;
-    // Every node at the same applied index.
+    (r, missed)
+}
+
+/// Waits, once the workload has stopped, until every node has applied the
+/// same log index; records the time since the last heal.
+async fn converge(cluster: &Cluster, healed: Instant, r: &mut Recovery, missed: &mut Vec<String>) {
     loop {
         let mut applied = Vec::new();
         for i in 0..cluster.len() {
@@ -584,7 +621,6 @@ async fn recover(cluster: &mut Cluster, rec: &Recorder) -> (Recovery, Vec<String
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     r.converged = healed.elapsed();
-    (r, missed)
 }
 
 /// Every node's copy of every mailbox, bodies fetched and digested.
@@ -733,12 +769,8 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
         inject(&mut cluster, net.as_ref(), s.fault, &mut rng, &rec).await;
         faults += 1;
     }
-    for t in tasks {
-        let _ = t.await;
-    }
-    if let Some(n) = &net {
-        let _ = n.heal();
-    }
+    // Every fault is healed here; the recovery bounds run from now.
+    let healed = Instant::now();
     let mut crashed = Vec::new();
     for i in 0..cluster.len() {
         if let Some(status) = cluster.exited(i) {
@@ -748,7 +780,11 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
             cluster.start_node(i);
         }
     }
-    let (recovery, missed) = recover(&mut cluster, &rec).await;
+    let (mut recovery, mut missed) = recover(&mut cluster, &rec, healed).await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    converge(&cluster, healed, &mut recovery, &mut missed).await;
     let unreadable = finals(&cluster, s.mailboxes, &rec).await;
     std::fs::create_dir_all(out_dir)?;
     let history = out_dir.join(format!("{}-{}.jsonl", s.fault.name(), s.seed));

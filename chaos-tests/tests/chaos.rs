@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use mailvault_chaos::scenario::{run, seed_from_env, Fault, Scenario};
+use mailvault_chaos::scenario::{run, seed_from_env, Fault, Scenario, Verdict};
 
 fn out_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos-histories")
@@ -19,22 +19,7 @@ async fn scenario(fault: Fault) {
         .await
         .expect("scenario could not run");
     let r = &v.report;
-    eprintln!(
-        "{}: seed {} faults {} acked {} indeterminate {} (present {}) reads {} claims {} | leader {:?} write+read {:?} converged {:?} | {:?} | history {}",
-        fault.name(),
-        v.seed,
-        v.faults,
-        r.acked,
-        r.indeterminate,
-        r.indeterminate_present,
-        r.reads,
-        r.claims,
-        v.recovery.leader,
-        v.recovery.write_and_read,
-        v.recovery.converged,
-        v.elapsed,
-        v.history.display()
-    );
+    eprintln!("{}\n{}", Verdict::TABLE_HEAD, v.row(fault));
     assert!(
         r.ok(),
         "{} (seed {}) violated:\n  {}\nhistory: {}",

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use mailvault_chaos::checker::check;
 use mailvault_chaos::history::load;
-use mailvault_chaos::scenario::{run, Fault, Scenario};
+use mailvault_chaos::scenario::{run, Fault, Scenario, Verdict};
 
 #[derive(Parser, Debug)]
 #[command(about)]
@@ -90,29 +90,9 @@ async fn soak(
         rows.push((fault, v));
         n += 1;
     }
-    println!("| fault | seed | faults | acked | indeterminate (present) | reads | leader | write+read | converged | result | history |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("{}", Verdict::TABLE_HEAD);
     for (fault, v) in &rows {
-        let r = &v.report;
-        println!(
-            "| {} | {} | {} | {} | {} ({}) | {} | {:.2}s | {:.2}s | {:.2}s | {} | {} |",
-            fault.name(),
-            v.seed,
-            v.faults,
-            r.acked,
-            r.indeterminate,
-            r.indeterminate_present,
-            r.reads,
-            v.recovery.leader.as_secs_f64(),
-            v.recovery.write_and_read.as_secs_f64(),
-            v.recovery.converged.as_secs_f64(),
-            if r.ok() {
-                "ok".to_string()
-            } else {
-                format!("{} violations", r.violations.len())
-            },
-            v.history.display()
-        );
+        println!("{}", v.row(*fault));
     }
     Ok(rows.iter().all(|(_, v)| v.report.ok()))
 }
