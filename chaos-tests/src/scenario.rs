@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use mailvault_proto::v1::mailbox_client::MailboxClient;
 use mailvault_proto::v1::{
-    ClaimMessageRequest, CreateMailboxRequest, ReleaseClaimRequest, TriggerSnapshotRequest,
+    ClaimMessageRequest, CreateMailboxRequest, ReleaseClaimRequest, StateDigestRequest,
+    TriggerSnapshotRequest,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -149,7 +150,7 @@ pub struct Recovery {
     pub leader: Duration,
     /// Until a new append was acknowledged and a linearizable read saw it.
     pub write_and_read: Duration,
-    /// Until every node had applied the same log index.
+    /// Until every node had applied the same log index with the same state digest.
     pub converged: Duration,
 }
 
@@ -603,18 +604,30 @@ async fn recover(cluster: &mut Cluster, rec: &Recorder, healed: Instant) -> (Rec
 /// Waits, once the workload has stopped, until every node has applied the
 /// same log index; records the time since the last heal.
 async fn converge(cluster: &Cluster, healed: Instant, r: &mut Recovery, missed: &mut Vec<String>) {
+    let mut last = Vec::new();
     loop {
-        let mut applied = Vec::new();
+        last.clear();
         for i in 0..cluster.len() {
-            applied.push(cluster.applied_index(i).await);
+            let mut a = cluster.admin(i).await;
+            let d = a.state_digest(StateDigestRequest {}).await.ok().map(|d| {
+                let d = d.into_inner();
+                (d.applied_index, d.sha256)
+            });
+            last.push(d);
         }
-        let first = applied[0];
-        if first.is_some() && applied.iter().all(|a| *a == first) {
+        if last[0].is_some() && last.iter().all(|d| *d == last[0]) {
             break;
         }
         if healed.elapsed() > CONVERGE_BOUND {
+            let shown: Vec<String> = last
+                .iter()
+                .map(|d| match d {
+                    Some((i, h)) => format!("{i}:{}", &h[..12]),
+                    None => "unreachable".into(),
+                })
+                .collect();
             missed.push(format!(
-                "nodes did not converge within {CONVERGE_BOUND:?}: applied {applied:?}"
+                "replicas did not reach the same applied index and state digest within {CONVERGE_BOUND:?}: {shown:?}"
             ));
             break;
         }

@@ -107,7 +107,7 @@ fn classify(path: &str) -> MethodClass {
     match (service, method) {
         ("grpc.health.v1.Health", _) | ("grpc.reflection.v1.ServerReflection", _) => MethodClass::Open,
         ("mailvault.v1.Mailbox", _) => MethodClass::Tenant,
-        ("mailvault.v1.Admin", "NodeStatus") => MethodClass::Status,
+        ("mailvault.v1.Admin", "NodeStatus" | "StateDigest") => MethodClass::Status,
         ("mailvault.v1.Admin", "ListAudit" | "VerifyAudit") => MethodClass::Audit,
         ("mailvault.v1.Admin", _) => MethodClass::Admin,
         _ => MethodClass::Unknown,

@@ -320,6 +320,22 @@ impl Admin for AdminService {
         Ok(Response::new(ListAuditResponse { records, head_seq }))
     }
 
+    async fn state_digest(
+        &self,
+        _req: Request<StateDigestRequest>,
+    ) -> Result<Response<StateDigestResponse>, Status> {
+        let reader = self.ctx.reader.clone();
+        let (applied, hash, records) = tokio::task::spawn_blocking(move || reader.state_digest())
+            .await
+            .map_err(|_| Status::internal("digest task failed"))?
+            .map_err(status::read)?;
+        Ok(Response::new(StateDigestResponse {
+            applied_index: applied,
+            sha256: hex(&hash),
+            records,
+        }))
+    }
+
     async fn verify_audit(
         &self,
         req: Request<VerifyAuditRequest>,
