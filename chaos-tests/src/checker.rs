@@ -30,6 +30,8 @@ pub struct Report {
     pub reads: usize,
     /// Claims and releases checked for linearizability.
     pub claims: usize,
+    /// Changes delivered by watches.
+    pub watched: usize,
 }
 
 impl Report {
@@ -84,7 +86,57 @@ pub fn check(events: &[Event]) -> Report {
     check_finals(events, &written, &mut r);
     check_reads(events, &written, &mut r);
     check_claim_history(events, &mut r);
+    check_watches(events, &mut r);
     r
+}
+
+/// A watch delivers changes in MODSEQ order, each once, and announces only
+/// messages that exist (the final state has them) with the UID they keep.
+fn check_watches(events: &[Event], r: &mut Report) {
+    let mut final_uids: HashMap<&str, BTreeSet<u32>> = HashMap::new();
+    for e in events {
+        if let Event::Final {
+            mailbox, messages, ..
+        } = e
+        {
+            final_uids
+                .entry(mailbox)
+                .or_default()
+                .extend(messages.iter().map(|m| m.uid));
+        }
+    }
+    for e in events {
+        let Event::Watch {
+            node,
+            mailbox,
+            start_ms,
+            changes,
+            ..
+        } = e
+        else {
+            continue;
+        };
+        r.watched += changes.len();
+        let what = format!("watch of {mailbox} on node {node} at {start_ms}ms");
+        if let Some(w) = changes.windows(2).find(|w| w[0].modseq >= w[1].modseq) {
+            r.violations.push(format!(
+                "{what}: MODSEQ {} delivered after {}",
+                w[1].modseq, w[0].modseq
+            ));
+        }
+        let appended: Vec<u32> = changes.iter().filter(|c| c.appended).map(|c| c.uid).collect();
+        if let Some(w) = appended.windows(2).find(|w| w[0] >= w[1]) {
+            r.violations.push(format!(
+                "{what}: arrival of uid {} announced after uid {}",
+                w[1], w[0]
+            ));
+        }
+        let known = final_uids.get(mailbox.as_str());
+        if let Some(uid) = appended.iter().find(|u| known.is_none_or(|k| !k.contains(u))) {
+            r.violations
+                .push(format!("{what}: announced uid {uid}, which no replica holds"));
+        }
+    }
 }
 
 /// Search steps per message before the claim check gives up (a failure).
@@ -437,6 +489,43 @@ mod tests {
             v.iter().any(|v| v.contains("lacks c, acknowledged at 40ms")),
             "{v:?}"
         );
+    }
+
+    #[test]
+    fn out_of_order_duplicate_and_phantom_watch_changes_are_caught() {
+        let change = |modseq, uid| crate::history::Change {
+            modseq,
+            uid,
+            appended: true,
+        };
+        let watch = |changes| Event::Watch {
+            client: 7,
+            node: 1,
+            mailbox: "mb".into(),
+            start_ms: 0,
+            end_ms: 50,
+            changes,
+        };
+        let mut h = good();
+        h.push(watch(vec![change(1, 1), change(2, 2), change(3, 3)]));
+        let r = check(&h);
+        assert!(r.ok(), "{:?}", r.violations);
+        assert_eq!(r.watched, 3);
+        let mut h = good();
+        h.push(watch(vec![change(2, 2), change(1, 1)]));
+        assert!(violations(h)
+            .iter()
+            .any(|v| v.contains("MODSEQ 1 delivered after 2")));
+        let mut h = good();
+        h.push(watch(vec![change(1, 1), change(2, 9)]));
+        assert!(violations(h)
+            .iter()
+            .any(|v| v.contains("uid 9, which no replica holds")));
+        let mut h = good();
+        h.push(watch(vec![change(1, 2), change(2, 2)]));
+        assert!(violations(h)
+            .iter()
+            .any(|v| v.contains("arrival of uid 2 announced after uid 2")));
     }
 
     #[test]

@@ -39,6 +39,17 @@ pub enum ClaimOutcome {
     Indeterminate,
 }
 
+/// One change a watch delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// Its MODSEQ.
+    pub modseq: u64,
+    /// The message.
+    pub uid: u32,
+    /// True when the change is the message's arrival.
+    pub appended: bool,
+}
+
 /// One message as a read returned it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seen {
@@ -113,6 +124,21 @@ pub enum Event {
         end_ms: u64,
         /// How it ended.
         outcome: ClaimOutcome,
+    },
+    /// A watch of a mailbox from MODSEQ 0, and the changes it delivered.
+    Watch {
+        /// The client that made it.
+        client: u32,
+        /// The node that served it.
+        node: usize,
+        /// The mailbox.
+        mailbox: String,
+        /// Start, in milliseconds since the run began.
+        start_ms: u64,
+        /// End, in milliseconds since the run began.
+        end_ms: u64,
+        /// The changes, in the order delivered.
+        changes: Vec<Change>,
     },
     /// A fault injected or healed (for the reader of the history; not checked).
     Fault {

@@ -17,7 +17,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::checker::{check, Report};
-use crate::history::{digest, ClaimOutcome, Event, Outcome, Recorder, Seen};
+use crate::history::{digest, Change, ClaimOutcome, Event, Outcome, Recorder, Seen};
 use crate::net::Net;
 use crate::{
     append, create_tenant_and_mailbox, fetch, list_all, retry, test_message, Cluster, ClusterOptions,
@@ -176,7 +176,7 @@ impl Verdict {
     pub fn row(&self, fault: Fault) -> String {
         let r = &self.report;
         format!(
-            "| {} | {} | {} | {} | {} ({}) | {} | {} | {:.2}s | {:.2}s | {:.2}s | {:.0}s | {} | {} |",
+            "| {} | {} | {} | {} | {} ({}) | {} | {} | {} | {:.2}s | {:.2}s | {:.2}s | {:.0}s | {} | {} |",
             fault.name(),
             self.seed,
             self.faults,
@@ -185,6 +185,7 @@ impl Verdict {
             r.indeterminate_present,
             r.reads,
             r.claims,
+            r.watched,
             self.recovery.leader.as_secs_f64(),
             self.recovery.write_and_read.as_secs_f64(),
             self.recovery.converged.as_secs_f64(),
@@ -199,7 +200,7 @@ impl Verdict {
     }
 
     /// The header of the table [`Verdict::row`] fills.
-    pub const TABLE_HEAD: &'static str = "| fault | seed | faults | acked | indeterminate (present) | reads | claims | leader | write+read | converged | wall | result | history |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+    pub const TABLE_HEAD: &'static str = "| fault | seed | faults | acked | indeterminate (present) | reads | claims | watched changes | leader | write+read | converged | wall | result | history |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 }
 
 /// Recovery bounds after the last heal.
@@ -303,6 +304,54 @@ async fn reader(
             });
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(20..200))).await;
+    }
+}
+
+/// Watches mailboxes from MODSEQ 0 for a few seconds at a time.
+async fn watcher(
+    clients: Vec<MailboxClient<Channel>>,
+    rec: Recorder,
+    w: usize,
+    seed: u64,
+    mailboxes: usize,
+    until: Instant,
+) {
+    use mailvault_proto::v1::{ChangeKind, WatchMailboxRequest};
+    use tokio_stream::StreamExt;
+    let mut rng = SmallRng::seed_from_u64(seed ^ (0x3a7c_0000 + w as u64));
+    while Instant::now() < until {
+        let mailbox = mailbox_name(rng.random_range(0..mailboxes));
+        let node = rng.random_range(0..clients.len());
+        let mut c = clients[node].clone();
+        let start_ms = rec.now_ms();
+        let watch_for = Duration::from_millis(rng.random_range(1000..4000));
+        let req = WatchMailboxRequest {
+            tenant: TENANT.into(),
+            mailbox: mailbox.clone(),
+            since_modseq: 0,
+        };
+        let Ok(Ok(stream)) = tokio::time::timeout(CALL_TIMEOUT, c.watch_mailbox(req)).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut stream = stream.into_inner();
+        let mut changes = Vec::new();
+        let stop = tokio::time::Instant::now() + watch_for;
+        while let Ok(Some(Ok(ch))) = tokio::time::timeout_at(stop, stream.next()).await {
+            changes.push(Change {
+                modseq: ch.modseq,
+                uid: ch.uid,
+                appended: ch.kind == ChangeKind::Appended as i32,
+            });
+        }
+        rec.push(Event::Watch {
+            client: 3000 + w as u32,
+            node,
+            mailbox,
+            start_ms,
+            end_ms: rec.now_ms(),
+            changes,
+        });
     }
 }
 
@@ -769,6 +818,11 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
             s.mailboxes,
             until,
         )));
+    }
+    let watchers = s.readers.min(2);
+    for w in 0..watchers {
+        let (clients, rec) = (clients.clone(), rec.clone());
+        tasks.push(tokio::spawn(watcher(clients, rec, w, s.seed, s.mailboxes, until)));
     }
     for c in 0..s.claimers {
         let (clients, rec, shared) = (clients.clone(), rec.clone(), shared.clone());

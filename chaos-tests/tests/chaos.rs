@@ -36,6 +36,7 @@ async fn scenario(fault: Fault) {
     );
     assert!(r.reads >= 10, "too few successful reads ({})", r.reads);
     assert!(r.claims >= 50, "too few claims and releases ({})", r.claims);
+    assert!(r.watched >= 50, "too few changes watched ({})", r.watched);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
