@@ -40,12 +40,21 @@ async fn must_fail(fault: Fault, test_modes: &str, expected: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledging_before_fsync_is_caught_as_lost_mail() {
     // Acknowledged entries that were never synced vanish in the power cut:
-    // the checker finds them lost, or the cluster cannot even recover
-    // (a node's vote survives but the log it promised does not).
+    // the checker finds them lost; or, when the cut comes early, whole
+    // mailboxes are gone (no final state, announced messages no replica
+    // holds), or the cluster cannot even recover (a node's vote survives but
+    // the log it promised does not).
     must_fail(
         Fault::PowerLossAll,
         "ack-before-fsync",
-        &["is lost", "exited by itself", "no leader within"],
+        &[
+            "is lost",
+            "no final state",
+            "which no replica holds",
+            "exited by itself",
+            "no leader within",
+            "did not reach the same applied index",
+        ],
     )
     .await;
 }
