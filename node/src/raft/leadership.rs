@@ -1,8 +1,8 @@
 //! Leadership placement: which node leads, and how leadership gets there.
 //!
 //! * **Handing over.** The leader asks a better-placed voter to take over once
-//!   that voter's log matches its own: the active node from anyone, a standby
-//!   from a backup. The voter starts an election (peer RPC `Campaign`), which
+//!   that voter's log matches its own and the leader has led for 10 s: the
+//!   active node from anyone, a standby from a backup. The voter starts an election (peer RPC `Campaign`), which
 //!   it wins with an up-to-date log; openraft 0.9 has no leader transfer. So
 //!   leadership returns to the active node after it recovers.
 //! * **Last resort.** A backup voter never campaigns on its own. But when it
@@ -21,6 +21,10 @@ use crate::types::{NodeId, Raft};
 
 /// Leadership is handed over at most this often, so a flapping node causes no election storm.
 const HANDOVER_EVERY: Duration = Duration::from_secs(5);
+/// A new leader keeps leadership at least this long before handing it over,
+/// so a failover or a healed partition is not followed at once by another
+/// election.
+const SETTLE: Duration = Duration::from_secs(10);
 
 /// Lower is better placed to lead.
 fn rank(role: Role) -> u8 {
@@ -38,6 +42,7 @@ pub async fn run(id: NodeId, role: Role, raft: Raft, peers: PeerClients, electio
     let last_resort_after = election_timeout_max * 3;
     let mut last_handover: Option<Instant> = None;
     let mut leaderless_since: Option<Instant> = None;
+    let mut leading_since: Option<(u64, Instant)> = None;
     loop {
         tokio::time::sleep(tick).await;
         let m = raft.metrics().borrow().clone();
@@ -46,13 +51,18 @@ pub async fn run(id: NodeId, role: Role, raft: Raft, peers: PeerClients, electio
         }
         if m.current_leader == Some(id) {
             leaderless_since = None;
-            if last_handover.is_none_or(|t| t.elapsed() >= HANDOVER_EVERY)
-                && hand_over(id, role, &m, &peers).await
-            {
+            let since = match leading_since {
+                Some((term, t)) if term == m.current_term => t,
+                _ => leading_since.insert((m.current_term, Instant::now())).1,
+            };
+            let settled = since.elapsed() >= SETTLE;
+            let due = last_handover.is_none_or(|t| t.elapsed() >= HANDOVER_EVERY);
+            if settled && due && hand_over(id, role, &m, &peers).await {
                 last_handover = Some(Instant::now());
             }
             continue;
         }
+        leading_since = None;
         if role != Role::Backup {
             continue;
         }
