@@ -20,11 +20,6 @@ impl Denials {
         Denials { lockout, audit }
     }
 
-    /// The lockout state.
-    pub fn lockout(&self) -> &Lockout {
-        &self.lockout
-    }
-
     /// Whether the identity or the address is locked out now.
     pub fn is_locked(&self, identity: Option<&str>, source: Option<IpAddr>) -> bool {
         self.lockout.is_locked(identity, source)

@@ -140,11 +140,18 @@ impl Lockout {
     /// Learns from a replicated audit record: a lockout another node started
     /// is enforced here too, and a denial another node recorded counts here.
     /// With `own`, this node's own denials count as well (replay after a
-    /// restart, when the in-memory counts are gone).
+    /// restart, when the in-memory counts are gone). Every audited access
+    /// passes through here, so records that matter to neither return before
+    /// the lock is taken.
     pub fn observe(&self, event: &AuditEvent, own: bool) {
+        let is_lockout = event.action == LOCKOUT_ACTION;
+        let counts = event.result.starts_with(DENIED) && (own || event.node != self.node);
+        if !is_lockout && !counts {
+            return;
+        }
         let now = now_ms();
         let mut map = self.entries.lock().expect("lockout lock");
-        if event.action == LOCKOUT_ACTION {
+        if is_lockout {
             let Some(until) = event
                 .result
                 .strip_prefix(LOCKED_UNTIL)
@@ -160,7 +167,7 @@ impl Lockout {
                 e.locked_until = Some(e.locked_until.map_or(until, |t| t.max(until)));
                 e.failures.clear();
             }
-        } else if event.result.starts_with(DENIED) && (own || event.node != self.node) {
+        } else {
             if now - event.time_ms >= self.period_ms {
                 return;
             }
@@ -182,6 +189,15 @@ impl Lockout {
                 !e.failures.is_empty() || e.locked_until.is_some_and(|t| t > now)
             });
         }
+        Self::set_gauge(map, now);
+    }
+
+    /// Brings `mailvault_locked_out` up to date (lockouts also end by themselves).
+    fn refresh_gauge(&self) {
+        Self::set_gauge(&self.entries.lock().expect("lockout lock"), now_ms());
+    }
+
+    fn set_gauge(map: &HashMap<String, Entry>, now: i64) {
         metrics::gauge!("mailvault_locked_out").set(
             map.values()
                 .filter(|e| e.locked_until.is_some_and(|t| t > now))
@@ -193,16 +209,22 @@ impl Lockout {
     /// included, so a restart does not lift a lockout nor reset the counts.
     /// Returns the sequence number to follow the log from.
     pub fn replay(&self, reader: &MailReader) -> Result<u64, ReadError> {
-        let from = reader.audit_first_seq_since(now_ms() - self.period_ms)?;
-        let mut next = from;
+        let mut next = reader.audit_first_seq_since(now_ms() - self.period_ms)?;
         loop {
-            let page = reader.audit_records(next, PAGE)?;
-            let Some(last) = page.last() else {
+            let (after, read) = self.observe_page(reader, next, true)?;
+            next = after;
+            if read < PAGE {
                 return Ok(next);
-            };
-            next = last.seq + 1;
-            page.iter().for_each(|rec| self.observe(&rec.event, true));
+            }
         }
+    }
+
+    /// Observes one page of audit records from sequence number `next`;
+    /// returns the sequence number after the page and how many it held.
+    fn observe_page(&self, reader: &MailReader, next: u64, own: bool) -> Result<(u64, usize), ReadError> {
+        let page = reader.audit_records(next, PAGE)?;
+        page.iter().for_each(|rec| self.observe(&rec.event, own));
+        Ok((page.last().map_or(next, |rec| rec.seq + 1), page.len()))
     }
 }
 
@@ -219,16 +241,15 @@ pub async fn follow_audit_log(
 ) {
     loop {
         let (l, r) = (lockout.clone(), reader.clone());
-        let step = tokio::task::spawn_blocking(move || -> Result<(u64, usize), ReadError> {
-            let page = r.audit_records(next, PAGE)?;
-            page.iter().for_each(|rec| l.observe(&rec.event, false));
-            Ok((page.last().map_or(next, |rec| rec.seq + 1), page.len()))
-        })
-        .await;
-        match step {
-            Ok(Ok((n, len))) => {
-                next = n;
-                if len == PAGE {
+        let step = tokio::task::spawn_blocking(move || {
+            let page = l.observe_page(&r, next, false);
+            l.refresh_gauge();
+            page
+        });
+        match step.await {
+            Ok(Ok((after, read))) => {
+                next = after;
+                if read == PAGE {
                     continue;
                 }
             }
