@@ -154,6 +154,19 @@ pub async fn create_tenant_and_mailbox(cluster: &crate::Cluster, i: usize, tenan
     })
     .await
     .expect("create tenant");
+    create_mailbox(cluster, i, tenant, mailbox)
+        .await
+        .expect("create mailbox");
+}
+
+/// Creates a mailbox through node `i`, retrying while the cluster settles; a
+/// mailbox that exists already (an earlier attempt went through) is fine.
+pub async fn create_mailbox(
+    cluster: &crate::Cluster,
+    i: usize,
+    tenant: &str,
+    mailbox: &str,
+) -> Result<(), Status> {
     let mb = cluster.mailbox(i).await;
     retry(Duration::from_secs(20), || {
         let mut m = mb.clone();
@@ -169,7 +182,23 @@ pub async fn create_tenant_and_mailbox(cluster: &crate::Cluster, i: usize, tenan
         }
     })
     .await
-    .expect("create mailbox");
+}
+
+/// Builds a snapshot on every node (which syncs and flushes its store),
+/// retrying while the cluster settles.
+pub async fn snapshot_every_node(cluster: &crate::Cluster) -> Result<(), Status> {
+    for i in 0..cluster.len() {
+        let a = cluster.admin(i).await;
+        retry(Duration::from_secs(20), || {
+            let mut a = a.clone();
+            async move {
+                a.trigger_snapshot(TriggerSnapshotRequest { purge_log: false })
+                    .await
+            }
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 /// A recognisable test message.

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use mailvault_proto::v1::mailbox_client::MailboxClient;
 use mailvault_proto::v1::{
-    ClaimMessageRequest, CreateMailboxRequest, ReleaseClaimRequest, StateDigestRequest,
-    TriggerSnapshotRequest,
+    ClaimMessageRequest, ReleaseClaimRequest, StateDigestRequest, TriggerSnapshotRequest,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -20,7 +19,8 @@ use crate::checker::{check, Report};
 use crate::history::{digest, Change, ClaimOutcome, Event, Outcome, Recorder, Seen};
 use crate::net::Net;
 use crate::{
-    append, create_tenant_and_mailbox, fetch, list_all, retry, test_message, Cluster, ClusterOptions,
+    append, create_mailbox, create_tenant_and_mailbox, fetch, list_all, retry, snapshot_every_node,
+    test_message, Cluster, ClusterOptions,
 };
 
 /// The tenant every scenario writes to.
@@ -767,34 +767,13 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
         false => None,
     };
     create_tenant_and_mailbox(&cluster, 0, TENANT, &mailbox_name(0)).await;
-    let mut c = cluster.mailbox(0).await;
     for m in 1..s.mailboxes {
-        retry(Duration::from_secs(20), || {
-            let mut c = c.clone();
-            let req = CreateMailboxRequest {
-                tenant: TENANT.into(),
-                mailbox: mailbox_name(m),
-            };
-            async move { c.create_mailbox(req).await }
-        })
-        .await?;
+        create_mailbox(&cluster, 0, TENANT, &mailbox_name(m)).await?;
     }
-    let _ = &mut c;
     // A snapshot on every node makes the setup (tenant, grants, mailboxes)
     // durable by itself, so a canary that skips fsync loses workload mail,
     // not the policy that lets the checker read it back.
-    for i in 0..cluster.len() {
-        let mut a = cluster.admin(i).await;
-        retry(Duration::from_secs(20), || {
-            let mut a = a.clone();
-            async move {
-                a.trigger_snapshot(TriggerSnapshotRequest { purge_log: false })
-                    .await
-            }
-        })
-        .await?;
-        let _ = &mut a;
-    }
+    snapshot_every_node(&cluster).await?;
     let rec = Recorder::new();
     let shared = append_shared(&cluster, &rec).await?;
     let until = Instant::now() + s.duration;

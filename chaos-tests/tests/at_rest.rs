@@ -6,7 +6,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use mailvault_chaos::*;
-use mailvault_proto::v1::TriggerSnapshotRequest;
 
 const T: &str = "tenant-canary-acme";
 const M: &str = "inbox";
@@ -49,19 +48,7 @@ async fn no_plaintext_mail_in_any_data_directory() {
     // A large one too, so staged chunks are covered.
     let big = test_message(secrets[1], secrets[2], secrets[0], 3 * 1024 * 1024);
     append(&mut c, T, M, "big", &big).await.unwrap();
-    for i in 0..cluster.len() {
-        let mut a = cluster.admin(i).await;
-        retry(Duration::from_secs(20), || {
-            let mut a = a.clone();
-            async move {
-                a.trigger_snapshot(TriggerSnapshotRequest { purge_log: false })
-                    .await
-            }
-        })
-        .await
-        .unwrap();
-        let _ = &mut a;
-    }
+    snapshot_every_node(&cluster).await.unwrap();
     // The reads still work, so the data is really there.
     let (_, bytes) = fetch(&mut c, T, M, 21).await.unwrap();
     assert_eq!(bytes, big);
