@@ -28,7 +28,8 @@ pub struct Report {
     pub indeterminate_present: usize,
     /// Reads checked.
     pub reads: usize,
-    /// Claims and releases checked for linearizability.
+    /// Claims, releases, conditional flag updates and reads of shared
+    /// messages checked for linearizability.
     pub claims: usize,
     /// Changes delivered by watches.
     pub watched: usize,
@@ -139,46 +140,67 @@ fn check_watches(events: &[Event], r: &mut Report) {
     }
 }
 
-/// Search steps per message before the claim check gives up (a failure).
+/// Search steps per message before the shared-message check gives up (a failure).
 const CLAIM_SEARCH_STEPS: u64 = 2_000_000;
 
+/// Claims, releases, conditional flag updates and reads of each shared
+/// message must be linearizable (see [`crate::linearizable`]).
 fn check_claim_history(events: &[Event], r: &mut Report) {
-    use crate::linearizable::{check_claims, ClaimOp, Verdict};
+    use crate::history::{SharedOp, SharedOutcome};
+    use crate::linearizable::{check_message, MsgOp, OpKind, OpOutcome, Verdict};
     let mut agents: HashMap<&str, u32> = HashMap::new();
-    let mut per_message: BTreeMap<(&str, u32), Vec<ClaimOp>> = BTreeMap::new();
+    let mut per_message: BTreeMap<(&str, u32), Vec<MsgOp>> = BTreeMap::new();
     for e in events {
-        if let Event::Claim {
+        let Event::Shared {
             mailbox,
             uid,
             agent,
-            release,
+            what,
             start_ms,
             end_ms,
             outcome,
             ..
         } = e
-        {
+        else {
+            continue;
+        };
+        fn id<'a>(agents: &mut HashMap<&'a str, u32>, name: &'a str) -> u32 {
             let next = agents.len() as u32;
-            let agent = *agents.entry(agent).or_insert(next);
-            per_message.entry((mailbox, *uid)).or_default().push(ClaimOp {
-                agent,
-                release: *release,
-                start: *start_ms,
-                end: *end_ms,
-                outcome: *outcome,
-            });
-            r.claims += 1;
+            *agents.entry(name).or_insert(next)
         }
+        let agent = id(&mut agents, agent);
+        let outcome = match outcome {
+            SharedOutcome::Ok { modseq, claimed_by } => OpOutcome::Ok {
+                modseq: *modseq,
+                claimant: claimed_by.as_deref().map(|c| id(&mut agents, c)),
+            },
+            SharedOutcome::Refused => OpOutcome::Refused,
+            SharedOutcome::Indeterminate => OpOutcome::Indeterminate,
+        };
+        let kind = match what {
+            SharedOp::Claim => OpKind::Claim,
+            SharedOp::Release => OpKind::Release,
+            SharedOp::SetFlagsIfUnchanged { since } => OpKind::SetFlagsIfUnchanged(*since),
+            SharedOp::Read => OpKind::Read,
+        };
+        per_message.entry((mailbox, *uid)).or_default().push(MsgOp {
+            agent,
+            kind,
+            start: *start_ms,
+            end: *end_ms,
+            outcome,
+        });
+        r.claims += 1;
     }
     for ((mailbox, uid), ops) in per_message {
-        match check_claims(&ops, CLAIM_SEARCH_STEPS) {
+        match check_message(&ops, 0, CLAIM_SEARCH_STEPS) {
             Verdict::Linearizable => {}
             Verdict::NotLinearizable => r.violations.push(format!(
-                "{mailbox} uid {uid}: the {} claims and releases are not linearizable",
+                "{mailbox} uid {uid}: the {} claims, releases, conditional updates and reads are not linearizable",
                 ops.len()
             )),
             Verdict::Timeout(steps) => r.violations.push(format!(
-                "{mailbox} uid {uid}: claim check gave up after {steps} steps (counts as a failure)"
+                "{mailbox} uid {uid}: shared-message check gave up after {steps} steps (counts as a failure)"
             )),
         }
     }

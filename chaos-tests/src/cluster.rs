@@ -32,6 +32,9 @@ pub struct ClusterOptions {
     /// Run every node under libfaketime, its wall clock set by
     /// [`Cluster::set_clock`] (monotonic time stays real).
     pub fake_clock: bool,
+    /// Keep the production Raft timing (heartbeat and election timeouts of
+    /// the node's defaults) instead of the faster timing of test clusters.
+    pub production_timing: bool,
 }
 
 impl Default for ClusterOptions {
@@ -44,6 +47,7 @@ impl Default for ClusterOptions {
             test_modes: String::new(),
             loop_fs_mb: 0,
             fake_clock: false,
+            production_timing: false,
         }
     }
 }
@@ -108,7 +112,8 @@ pub fn admin_binary() -> PathBuf {
     node_binary().with_file_name("mailvault-admin")
 }
 
-fn random_base() -> String {
+/// A random `127.a.b` prefix, so clusters started at once never share an address.
+pub fn random_base() -> String {
     let mut b = [0u8; 2];
     getrandom::fill(&mut b).expect("random");
     format!("127.{}.{}", 1 + b[0] % 250, 1 + b[1] % 250)
@@ -171,7 +176,7 @@ impl Cluster {
                 .save(&n.dir, "node")
                 .expect("write node cert");
             let cfg = format!(
-                "node_id = {id}\ndata_dir = \"{data}\"\nclient_listen = \"{ip}:{CLIENT_PORT}\"\nraft_listen = \"{ip}:{RAFT_PORT}\"\nops_listen = \"{ip}:{OPS_PORT}\"\nmaster_key_file = \"{key}\"\nlog = \"info,openraft=warn\"\n\n[tls]\nca_file = \"{ca}\"\ncert_file = \"{nd}/node.pem\"\nkey_file = \"{nd}/node.key\"\n\n[access]\noperators = [\"{ADMIN}\"]\n\n[audit]\nfail_closed = {fail_closed}\n\n{members}[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 800\nelection_timeout_max_ms = 1600\nsnapshot_every = {snap}\n\n[limits]\nmax_message_bytes = {max}\n",
+                "node_id = {id}\ndata_dir = \"{data}\"\nclient_listen = \"{ip}:{CLIENT_PORT}\"\nraft_listen = \"{ip}:{RAFT_PORT}\"\nops_listen = \"{ip}:{OPS_PORT}\"\nmaster_key_file = \"{key}\"\nlog = \"info,openraft=warn\"\n\n[tls]\nca_file = \"{ca}\"\ncert_file = \"{nd}/node.pem\"\nkey_file = \"{nd}/node.key\"\n\n[access]\noperators = [\"{ADMIN}\"]\n\n[audit]\nfail_closed = {fail_closed}\n\n{members}[raft]\n{timing}snapshot_every = {snap}\n\n[limits]\nmax_message_bytes = {max}\n",
                 id = n.id,
                 data = n.dir.join("data").display(),
                 ip = n.ip,
@@ -181,6 +186,10 @@ impl Cluster {
                 ca = dir.path().join("ca.pem").display(),
                 nd = n.dir.display(),
                 fail_closed = opts.audit_fail_closed,
+                timing = match opts.production_timing {
+                    true => "",
+                    false => "heartbeat_ms = 100\nelection_timeout_min_ms = 800\nelection_timeout_max_ms = 1600\n",
+                },
             );
             std::fs::write(n.dir.join("node.toml"), cfg).expect("write config");
         }
@@ -439,6 +448,11 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Node `i`'s process id, if it is running.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(|c| c.id())
     }
 
     /// How node `i`'s process ended, if it ended by itself (not killed by the harness).

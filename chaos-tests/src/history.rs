@@ -27,13 +27,36 @@ pub enum Outcome {
     Indeterminate,
 }
 
-/// How a claim or release ended, as the client saw it.
+/// An operation on a shared message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ClaimOutcome {
-    /// It took effect.
-    Ok,
-    /// Refused for certain (claimed by another agent; not the claimant).
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum SharedOp {
+    /// Claim it for the agent.
+    Claim,
+    /// Release the agent's claim.
+    Release,
+    /// Toggle a flag with `unchanged_since` set to this MODSEQ.
+    SetFlagsIfUnchanged {
+        /// The MODSEQ the update was conditional on.
+        since: u64,
+    },
+    /// Read its summary (claimant and MODSEQ).
+    Read,
+}
+
+/// How an operation on a shared message ended, as the client saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SharedOutcome {
+    /// It took effect (a read: it returned).
+    Ok {
+        /// The message's MODSEQ the response named.
+        modseq: u64,
+        /// For a read: the claimant it saw (`None`: unclaimed).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        claimed_by: Option<String>,
+    },
+    /// Refused for certain (claimed by another agent; not the claimant; modified since).
     Refused,
     /// Timed out or the connection broke: it may or may not have taken effect.
     Indeterminate,
@@ -106,24 +129,25 @@ pub enum Event {
         /// Every message, in UID order, each with the digest of its bytes.
         messages: Vec<Seen>,
     },
-    /// A claim or release of a shared message, from its start to its end.
-    Claim {
+    /// A claim, release, conditional flag update or read of a shared
+    /// message, from its start to its end.
+    Shared {
         /// The client that made it.
         client: u32,
         /// The mailbox.
         mailbox: String,
         /// The message.
         uid: u32,
-        /// The agent claiming or releasing.
+        /// The agent making it.
         agent: String,
-        /// True for a release, false for a claim.
-        release: bool,
+        /// What it did.
+        what: SharedOp,
         /// Start, in milliseconds since the run began.
         start_ms: u64,
         /// End, in milliseconds since the run began.
         end_ms: u64,
         /// How it ended.
-        outcome: ClaimOutcome,
+        outcome: SharedOutcome,
     },
     /// A watch of a mailbox from MODSEQ 0, and the changes it delivered.
     Watch {

@@ -5,6 +5,7 @@
 //! concurrently running tests never share a port; every process is killed and
 //! every directory removed when the [`Cluster`] is dropped.
 
+pub mod bench;
 pub mod checker;
 mod client;
 mod cluster;

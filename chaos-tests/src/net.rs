@@ -95,6 +95,20 @@ impl Net {
         ))
     }
 
+    /// Slows the link from `from` to `to` to `kib_per_sec` KiB/s: packets over
+    /// the rate are dropped, so TCP backs off and retransmits, and messages
+    /// take seconds instead of microseconds (`tc netem` delay is not
+    /// available here; a rate limit is what nftables can do).
+    pub fn slow(&self, from: Ipv4Addr, to: Ipv4Addr, kib_per_sec: u32) -> Result<(), NetError> {
+        check_loopback(from);
+        check_loopback(to);
+        nft(&format!(
+            "add rule ip {} faults ip saddr {from} ip daddr {to} limit rate over {} kbytes/second drop",
+            self.table,
+            kib_per_sec.max(1)
+        ))
+    }
+
     /// Cuts both directions between every node of `a` and every node of `b`.
     pub fn partition(&self, a: &[Ipv4Addr], b: &[Ipv4Addr]) -> Result<(), NetError> {
         for &x in a {

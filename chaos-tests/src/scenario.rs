@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use mailvault_proto::v1::mailbox_client::MailboxClient;
 use mailvault_proto::v1::{
-    ClaimMessageRequest, ReleaseClaimRequest, StateDigestRequest, TriggerSnapshotRequest,
+    ClaimMessageRequest, ListMessagesRequest, ReleaseClaimRequest, StateDigestRequest,
+    TriggerSnapshotRequest, UpdateFlagsRequest,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -16,7 +17,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::checker::{check, Report};
-use crate::history::{digest, Change, ClaimOutcome, Event, Outcome, Recorder, Seen};
+use crate::history::{digest, Change, Event, Outcome, Recorder, Seen, SharedOp, SharedOutcome};
 use crate::net::Net;
 use crate::{
     append, create_mailbox, create_tenant_and_mailbox, fetch, list_all, retry, snapshot_every_node,
@@ -43,8 +44,12 @@ pub enum Fault {
     OneWay,
     /// A quarter of the packets between all nodes dropped.
     Lossy,
+    /// The leader's links to the others, both ways, throttled to 16–128 KiB/s.
+    SlowLinks,
     /// Power cut of a random node: unsynced writes are gone on restart.
     PowerLossOne,
+    /// Power cut of a majority of the nodes at once, the leader among them.
+    PowerLossMajority,
     /// Power cut of every node at once (a datacenter outage).
     PowerLossAll,
     /// One node's wall clock off by up to ±10 minutes and running 0.5–2× fast.
@@ -55,7 +60,7 @@ pub enum Fault {
 
 impl Fault {
     /// Every fault class.
-    pub const ALL: [Fault; 11] = [
+    pub const ALL: [Fault; 13] = [
         Fault::KillRandom,
         Fault::KillLeader,
         Fault::PauseLeader,
@@ -63,7 +68,9 @@ impl Fault {
         Fault::MinoritySplit,
         Fault::OneWay,
         Fault::Lossy,
+        Fault::SlowLinks,
         Fault::PowerLossOne,
+        Fault::PowerLossMajority,
         Fault::PowerLossAll,
         Fault::ClockSkew,
         Fault::DiskFull,
@@ -79,7 +86,9 @@ impl Fault {
             Fault::MinoritySplit => "minority-split",
             Fault::OneWay => "one-way",
             Fault::Lossy => "lossy",
+            Fault::SlowLinks => "slow-links",
             Fault::PowerLossOne => "power-loss-one",
+            Fault::PowerLossMajority => "power-loss-majority",
             Fault::PowerLossAll => "power-loss-all",
             Fault::ClockSkew => "clock-skew",
             Fault::DiskFull => "disk-full",
@@ -92,13 +101,16 @@ impl Fault {
     }
 
     fn needs_disk(self) -> bool {
-        matches!(self, Fault::PowerLossOne | Fault::PowerLossAll | Fault::DiskFull)
+        matches!(
+            self,
+            Fault::PowerLossOne | Fault::PowerLossMajority | Fault::PowerLossAll | Fault::DiskFull
+        )
     }
 
     fn needs_network(self) -> bool {
         matches!(
             self,
-            Fault::IsolateLeader | Fault::MinoritySplit | Fault::OneWay | Fault::Lossy
+            Fault::IsolateLeader | Fault::MinoritySplit | Fault::OneWay | Fault::Lossy | Fault::SlowLinks
         )
     }
 }
@@ -358,6 +370,76 @@ async fn watcher(
 /// Messages appended at setup that the claimers compete for.
 const SHARED: u32 = 4;
 
+/// One operation on a shared message: what the client saw, or why not.
+async fn shared_op(
+    c: &mut MailboxClient<Channel>,
+    uid: u32,
+    agent: &str,
+    op: SharedOp,
+    flag_on: bool,
+) -> Result<(u64, Option<String>), Status> {
+    let (tenant, mailbox) = (TENANT.to_string(), mailbox_name(0));
+    let agent = agent.to_string();
+    Ok(match op {
+        SharedOp::Claim => {
+            let r = c
+                .claim_message(ClaimMessageRequest {
+                    tenant,
+                    mailbox,
+                    uid,
+                    agent,
+                })
+                .await?;
+            (r.into_inner().modseq, None)
+        }
+        SharedOp::Release => {
+            let r = c
+                .release_claim(ReleaseClaimRequest {
+                    tenant,
+                    mailbox,
+                    uid,
+                    agent,
+                })
+                .await?;
+            (r.into_inner().modseq, None)
+        }
+        SharedOp::SetFlagsIfUnchanged { since } => {
+            let flag = vec!["$Handled".to_string()];
+            let (add, remove) = if flag_on { (flag, vec![]) } else { (vec![], flag) };
+            let req = UpdateFlagsRequest {
+                tenant,
+                mailbox,
+                uid,
+                add,
+                remove,
+                unchanged_since: Some(since),
+            };
+            (c.update_flags(req).await?.into_inner().modseq, None)
+        }
+        SharedOp::Read => {
+            let req = ListMessagesRequest {
+                tenant,
+                mailbox,
+                uid_min: uid,
+                uid_max: uid,
+                page_size: 1,
+                ..Default::default()
+            };
+            let list = c.list_messages(req).await?.into_inner();
+            let m = list
+                .messages
+                .into_iter()
+                .next()
+                .ok_or_else(|| Status::not_found("shared message missing"))?;
+            let holder = (!m.claimed_by.is_empty()).then_some(m.claimed_by);
+            (m.modseq, holder)
+        }
+    })
+}
+
+/// An agent claiming, releasing, conditionally flagging and reading the
+/// shared messages. A conditional update names the MODSEQ this agent last
+/// saw for the message, so some succeed and some are refused.
 async fn claimer(
     clients: Vec<MailboxClient<Channel>>,
     rec: Recorder,
@@ -368,45 +450,32 @@ async fn claimer(
 ) {
     let mut rng = SmallRng::seed_from_u64(seed ^ (0xc1a1_0000 + c as u64));
     let agent = format!("agent-{c}");
+    let mut last_seen: std::collections::HashMap<u32, u64> = Default::default();
     while Instant::now() < until {
         let uid = shared[rng.random_range(0..shared.len())];
-        let release = rng.random_bool(0.4);
+        let op = match (rng.random_range(0..100), last_seen.get(&uid)) {
+            (0..30, _) => SharedOp::Claim,
+            (30..55, _) => SharedOp::Release,
+            (55..80, Some(&since)) => SharedOp::SetFlagsIfUnchanged { since },
+            _ => SharedOp::Read,
+        };
         let mut cl = clients[rng.random_range(0..clients.len())].clone();
         let start_ms = rec.now_ms();
-        let (tenant, mailbox) = (TENANT.to_string(), mailbox_name(0));
-        let call = async {
-            match release {
-                false => cl
-                    .claim_message(ClaimMessageRequest {
-                        tenant,
-                        mailbox,
-                        uid,
-                        agent: agent.clone(),
-                    })
-                    .await
-                    .map(|_| ()),
-                true => cl
-                    .release_claim(ReleaseClaimRequest {
-                        tenant,
-                        mailbox,
-                        uid,
-                        agent: agent.clone(),
-                    })
-                    .await
-                    .map(|_| ()),
-            }
-        };
+        let call = shared_op(&mut cl, uid, &agent, op, rng.random_bool(0.5));
         let outcome = match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Ok(Ok(())) => ClaimOutcome::Ok,
-            Ok(Err(s)) if s.code() == Code::FailedPrecondition => ClaimOutcome::Refused,
-            _ => ClaimOutcome::Indeterminate,
+            Ok(Ok((modseq, claimed_by))) => {
+                last_seen.insert(uid, modseq);
+                SharedOutcome::Ok { modseq, claimed_by }
+            }
+            Ok(Err(s)) if s.code() == Code::FailedPrecondition => SharedOutcome::Refused,
+            _ => SharedOutcome::Indeterminate,
         };
-        rec.push(Event::Claim {
+        rec.push(Event::Shared {
             client: 2000 + c as u32,
             mailbox: mailbox_name(0),
             uid,
             agent: agent.clone(),
-            release,
+            what: op,
             start_ms,
             end_ms: rec.now_ms(),
             outcome,
@@ -482,9 +551,19 @@ async fn inject(cluster: &mut Cluster, net: Option<&Net>, fault: Fault, rng: &mu
             rec.fault(format!("restart node {}", victim + 1));
             cluster.start_node(victim);
         }
-        Fault::PowerLossOne | Fault::PowerLossAll => {
+        Fault::PowerLossOne | Fault::PowerLossMajority | Fault::PowerLossAll => {
             let victims: Vec<usize> = match fault {
                 Fault::PowerLossAll => (0..n).collect(),
+                Fault::PowerLossMajority => {
+                    let mut others: Vec<usize> = (0..n).filter(|&i| i != leader).collect();
+                    for i in (1..others.len()).rev() {
+                        others.swap(i, rng.random_range(0..=i));
+                    }
+                    let mut v = vec![leader];
+                    v.extend(others.into_iter().take(n / 2));
+                    v.sort();
+                    v
+                }
                 _ => vec![rng.random_range(0..n)],
             };
             rec.fault(format!("power cut of nodes {victims:?} (0-based)"));
@@ -524,10 +603,16 @@ async fn inject(cluster: &mut Cluster, net: Option<&Net>, fault: Fault, rng: &mu
                 }
             ));
             tokio::time::sleep(lasting).await;
+            // A node whose storage write failed stops Raft and exits non-zero
+            // (crash-only); its supervisor, here the harness, restarts it.
+            let state = match cluster.exited(victim) {
+                Some(status) => format!("had exited ({status})"),
+                None => "still running".to_string(),
+            };
+            rec.fault(format!("node {} {state} with its disk full", victim + 1));
             if let Some(fs) = cluster.data_fs(victim) {
                 fs.unfill();
             }
-            // RocksDB stays read-only after a failed write: restart the node.
             rec.fault(format!("space freed; node {} restarted", victim + 1));
             cluster.kill(victim);
             cluster.start_node(victim);
@@ -540,7 +625,7 @@ async fn inject(cluster: &mut Cluster, net: Option<&Net>, fault: Fault, rng: &mu
             rec.fault(format!("SIGCONT node {}", leader + 1));
             cluster.resume(leader);
         }
-        Fault::IsolateLeader | Fault::MinoritySplit | Fault::OneWay | Fault::Lossy => {
+        Fault::IsolateLeader | Fault::MinoritySplit | Fault::OneWay | Fault::Lossy | Fault::SlowLinks => {
             let net = net.expect("network faults need nftables");
             let others: Vec<_> = (0..n).filter(|&i| i != leader).map(|i| ips[i]).collect();
             let what = match fault {
@@ -563,6 +648,14 @@ async fn inject(cluster: &mut Cluster, net: Option<&Net>, fault: Fault, rng: &mu
                         let _ = net.cut(ips[leader], o);
                     }
                     format!("drop node {} (leader) -> others", leader + 1)
+                }
+                Fault::SlowLinks => {
+                    let rate = [16, 32, 64, 128][rng.random_range(0..4)];
+                    for &o in &others {
+                        let _ = net.slow(ips[leader], o, rate);
+                        let _ = net.slow(o, ips[leader], rate);
+                    }
+                    format!("links of node {} (leader) slowed to {rate} KiB/s", leader + 1)
                 }
                 _ => {
                     for &a in &ips {

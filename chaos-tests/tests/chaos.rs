@@ -35,7 +35,11 @@ async fn scenario(fault: Fault) {
         r.acked
     );
     assert!(r.reads >= 10, "too few successful reads ({})", r.reads);
-    assert!(r.claims >= 50, "too few claims and releases ({})", r.claims);
+    assert!(
+        r.claims >= 50,
+        "too few operations on shared messages ({})",
+        r.claims
+    );
     assert!(r.watched >= 50, "too few changes watched ({})", r.watched);
 }
 
@@ -75,8 +79,18 @@ async fn lossy_links_lose_nothing_acknowledged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_links_to_the_leader_lose_nothing_acknowledged() {
+    scenario(Fault::SlowLinks).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_loss_of_one_node_loses_nothing_acknowledged() {
     scenario(Fault::PowerLossOne).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_loss_of_a_majority_loses_nothing_acknowledged() {
+    scenario(Fault::PowerLossMajority).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,6 +33,12 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
     let m = s.ctx.raft.metrics().borrow().clone();
     let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
     let last = m.last_log_index.unwrap_or(0);
+    if let Err(fatal) = &m.running_state {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("raft stopped: {fatal}\n"),
+        );
+    }
     match m.current_leader {
         None => (StatusCode::SERVICE_UNAVAILABLE, "no leader\n".into()),
         Some(_) if last.saturating_sub(applied) > 1000 => (

@@ -238,20 +238,25 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         "serving"
     );
 
-    tokio::select! {
-        _ = shutdown => tracing::info!("shutdown requested"),
-        Some(res) = tasks.join_next() => {
-            let res = res.context("listener task panicked").and_then(|r| r);
-            if let Err(e) = &res {
-                tracing::error!(error = %e, "a listener stopped; shutting down");
-            }
+    let res = tokio::select! {
+        _ = shutdown => {
+            tracing::info!("shutdown requested");
+            Ok(())
         }
-    }
+        Some(res) = tasks.join_next() => {
+            let res = res.context("a task panicked").and_then(|r| r);
+            match &res {
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "stopping: a task failed"),
+                Ok(()) => tracing::error!("stopping: a task ended early"),
+            }
+            res.and_then(|()| Err(anyhow::anyhow!("a listener ended early")))
+        }
+    };
     let _ = stop_tx.send(true);
     raft.shutdown().await.ok();
     tasks.abort_all();
     tracing::info!("stopped");
-    Ok(())
+    res
 }
 
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -260,20 +265,29 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListe
         .with_context(|| format!("cannot listen on {addr} ({what})"))
 }
 
-/// Counts leader changes for `/metrics` and logs them.
+/// Counts leader changes for `/metrics` and logs them. Ends with an error
+/// when Raft stops by itself (a storage write or read failed, e.g. a full
+/// disk): the node then exits non-zero, as a crash-only service should, so
+/// its supervisor restarts it rather than leaving a member that answers but
+/// can do nothing.
 async fn watch_leader(raft: Raft) -> anyhow::Result<()> {
     let mut rx = raft.metrics();
     let mut last = None;
     loop {
-        let leader = rx.borrow_and_update().current_leader;
+        let (leader, running) = {
+            let m = rx.borrow_and_update();
+            (m.current_leader, m.running_state.clone())
+        };
+        if let Err(fatal) = running {
+            anyhow::bail!("raft stopped: {fatal}");
+        }
         if leader != last {
             metrics::counter!("mailvault_leader_changes_total").increment(1);
             tracing::info!(leader = ?leader, "leader changed");
             last = leader;
         }
         if rx.changed().await.is_err() {
-            // Raft stopped; park so the listener set does not end early.
-            std::future::pending::<()>().await;
+            anyhow::bail!("raft stopped");
         }
     }
 }

@@ -21,6 +21,9 @@ pub struct TestModes {
     /// Canary: reads are served from local state without the leader's
     /// read-index check, so a deposed or lagging node serves stale data.
     pub stale_reads: bool,
+    /// Message parts are stored unencrypted (in an envelope of their own
+    /// format, opened only in this mode), to measure what encryption costs.
+    pub plaintext: bool,
 }
 
 /// Why the modes could not be enabled.
@@ -30,7 +33,7 @@ pub enum TestModeError {
     #[error("{ENV} is set, but this mailvault-node was built without the `test-modes` feature")]
     NotCompiled,
     /// The variable names a mode that does not exist.
-    #[error("{ENV} names an unknown mode `{0}` (known: unaudited-reads, ack-before-fsync, stale-reads)")]
+    #[error("{ENV} names an unknown mode `{0}` (known: unaudited-reads, ack-before-fsync, stale-reads, plaintext)")]
     Unknown(String),
 }
 
@@ -56,6 +59,7 @@ impl TestModes {
                 "unaudited-reads" => modes.unaudited_reads = true,
                 "ack-before-fsync" => modes.ack_before_fsync = true,
                 "stale-reads" => modes.stale_reads = true,
+                "plaintext" => modes.plaintext = true,
                 other => return Err(TestModeError::Unknown(other.to_string())),
             }
         }

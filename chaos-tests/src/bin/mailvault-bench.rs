@@ -1,6 +1,9 @@
 //! `mailvault-bench`: measurements that need clusters of their own, started
 //! by the harness on loopback, driven by `mailvault-admin bench`.
 //!
+//! `mailvault-bench compare` runs mailvault side by side with a 3-node etcd
+//! and the machine's floor (see `mailvault_chaos::bench`).
+//!
 //! `mailvault-bench audit-cost` measures what auditing reads costs: one
 //! cluster, alternating rounds with the audit of successful reads on and off
 //! (the `unaudited-reads` test mode), the same read load each round.
@@ -23,6 +26,26 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// mailvault against etcd and the floor: throughput, latency, fsyncs and
+    /// CPU per write, encryption cost and failover gap; a markdown table and
+    /// a JSON file of ratios.
+    Compare {
+        /// Value sizes in bytes.
+        #[arg(long, value_delimiter = ',', default_value = "4096,65536,1048576")]
+        sizes: Vec<usize>,
+        /// Client counts.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        clients: Vec<usize>,
+        /// Seconds per measured cell.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Failover rounds per system.
+        #[arg(long, default_value_t = 2)]
+        failover_rounds: usize,
+        /// Directory for compare.md and compare.json.
+        #[arg(long, default_value = "bench-results")]
+        out: std::path::PathBuf,
+    },
     /// Reads/s with and without the audit of reads, same cluster, same run.
     AuditCost {
         /// Concurrent reading clients.
@@ -156,6 +179,26 @@ async fn audit_cost(
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     match Cli::parse().command {
+        Cmd::Compare {
+            sizes,
+            clients,
+            seconds,
+            failover_rounds,
+            out,
+        } => {
+            anyhow::ensure!(
+                !sizes.is_empty() && !clients.is_empty(),
+                "no sizes or no client counts"
+            );
+            let plan = mailvault_chaos::bench::Plan {
+                sizes,
+                clients,
+                seconds,
+                failover_rounds,
+                out,
+            };
+            mailvault_chaos::bench::compare(plan).await
+        }
         Cmd::AuditCost {
             clients,
             seconds,

@@ -1,8 +1,15 @@
 //! The Raft log in RocksDB. An append is acknowledged to openraft only after
 //! the WAL is synced to disk: acknowledged means fsynced.
+//!
+//! `append` writes the entries (to the memtable and the OS's copy of the
+//! WAL) on a blocking thread and returns, so Raft can already send them to
+//! the followers; one syncer thread per store then syncs the WAL and reports
+//! the entries flushed. Appends that queue up while a sync runs share the
+//! next one, so at high load one fsync covers many Raft entries.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::{mpsc, Arc};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogReader, Vote};
@@ -17,12 +24,34 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_PURGED: &[u8] = b"last_purged";
 
-/// The RocksDB-backed Raft log. Cloning shares the database.
+/// The RocksDB-backed Raft log. Cloning shares the database and the syncer.
 #[derive(Clone)]
 pub struct LogStore {
     db: Db,
     /// False only in the `ack-before-fsync` canary (see `crate::test_modes`).
     sync_appends: bool,
+    syncer: Arc<mpsc::Sender<LogFlushed<TypeConfig>>>,
+}
+
+/// Syncs the WAL for every batch of appends queued since the last sync, then
+/// reports them flushed, in order. Ends when every store clone is dropped.
+fn run_syncer(db: Db, rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = vec![first];
+        waiting.extend(rx.try_iter());
+        let res = db.flush_wal(true);
+        if res.is_ok() {
+            metrics::counter!("mailvault_fsyncs_total").increment(1);
+        }
+        metrics::histogram!("mailvault_appends_per_fsync").record(waiting.len() as f64);
+        for callback in waiting {
+            callback.log_io_completed(res.clone().map_err(|e| std::io::Error::other(e.to_string())));
+        }
+        if res.is_err() {
+            // Raft stops on the first failed sync; nothing later can be durable.
+            break;
+        }
+    }
 }
 
 fn idx(i: u64) -> [u8; 8] {
@@ -32,9 +61,16 @@ fn idx(i: u64) -> [u8; 8] {
 impl LogStore {
     /// A log store over an open database.
     pub fn new(db: Db) -> LogStore {
+        let (tx, rx) = mpsc::channel();
+        let sync_db = db.clone();
+        std::thread::Builder::new()
+            .name("wal-sync".into())
+            .spawn(move || run_syncer(sync_db, rx))
+            .expect("spawn the WAL sync thread");
         LogStore {
             db,
             sync_appends: true,
+            syncer: Arc::new(tx),
         }
     }
 
@@ -169,30 +205,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             wb.put_cf(cf, idx(e.log_id.index), encode(&e));
         }
         let db = self.db.clone();
-        let sync = self.sync_appends;
-        // Write, then sync the WAL, and only then tell openraft the entries are flushed.
-        let res = tokio::task::spawn_blocking(move || -> Result<(), rocksdb::Error> {
-            db.write(wb)?;
-            match sync {
-                true => db.flush_wal(true),
-                false => Ok(()),
-            }
-        })
-        .await
-        .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-        match res {
-            Ok(()) => {
-                if sync {
-                    metrics::counter!("mailvault_fsyncs_total").increment(1);
-                }
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(io_err(ErrorSubject::Logs, ErrorVerb::Write, e))
-            }
+        // Write (no sync), off the async workers; the syncer makes it durable.
+        tokio::task::spawn_blocking(move || db.write(wb))
+            .await
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        if !self.sync_appends {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
         }
+        self.syncer.send(callback).map_err(|_| {
+            io_err(
+                ErrorSubject::Logs,
+                ErrorVerb::Write,
+                std::io::Error::other("the WAL sync thread stopped after a failed sync"),
+            )
+        })
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
