@@ -66,11 +66,16 @@ pub struct MemberConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftTuning {
-    /// Leader heartbeat interval in milliseconds.
+    /// Leader heartbeat interval in milliseconds. openraft 0.9 also gives
+    /// each AppendEntries call this long to complete (calls carry at most
+    /// about 1 MiB of entries, see `raft::network`).
     pub heartbeat_ms: u64,
     /// Lower bound of the randomised election timeout in milliseconds.
     pub election_timeout_min_ms: u64,
     /// Upper bound of the randomised election timeout in milliseconds.
+    /// openraft 0.9 also holds a leader lease of this long: a follower that
+    /// last heard its leader waits the lease plus a random election timeout
+    /// before it campaigns, so failover takes 1.5–2× this.
     pub election_timeout_max_ms: u64,
     /// Build a snapshot after this many applied entries since the last one.
     pub snapshot_every: u64,
@@ -81,11 +86,11 @@ pub struct RaftTuning {
 impl Default for RaftTuning {
     fn default() -> Self {
         RaftTuning {
-            heartbeat_ms: 250,
-            election_timeout_min_ms: 1000,
-            election_timeout_max_ms: 2000,
+            heartbeat_ms: 150,
+            election_timeout_min_ms: 450,
+            election_timeout_max_ms: 900,
             snapshot_every: 5000,
-            max_batch_bytes: 4 * 1024 * 1024,
+            max_batch_bytes: 1024 * 1024,
         }
     }
 }

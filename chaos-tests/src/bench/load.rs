@@ -35,6 +35,9 @@ pub struct Load {
     pub first_endpoint: usize,
     /// Keep the time of every acknowledgement (for failover gaps).
     pub keep_ack_times: bool,
+    /// Give up an attempt after this long and retry on the next endpoint
+    /// (as a client with a request deadline does); `None`: wait for it.
+    pub attempt_timeout: Option<Duration>,
 }
 
 /// What a run measured.
@@ -105,7 +108,8 @@ pub async fn drive(target: Arc<dyn Target>, load: Load) -> Measured {
                 loop {
                     let t = Instant::now();
                     let left = deadline.saturating_duration_since(t);
-                    match tokio::time::timeout(left, target.write(client, endpoint, n)).await {
+                    let wait = load.attempt_timeout.map_or(left, |a| a.min(left));
+                    match tokio::time::timeout(wait, target.write(client, endpoint, n)).await {
                         Ok(Ok(())) => {
                             let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
                             if load.keep_ack_times {
@@ -117,6 +121,10 @@ pub async fn drive(target: Arc<dyn Target>, load: Load) -> Measured {
                             errors.fetch_add(1, Ordering::Relaxed);
                             endpoint = (endpoint + 1) % endpoints;
                             tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(_) if wait < left => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            endpoint = (endpoint + 1) % endpoints;
                         }
                         Err(_) => break,
                     }
@@ -146,26 +154,42 @@ pub async fn drive(target: Arc<dyn Target>, load: Load) -> Measured {
 }
 
 /// A message of exactly `size` bytes (at least its headers): RFC 5322
-/// headers, then a body of letters from a fixed pseudo-random sequence, so
-/// compression gains little, as with real (often already compressed) mail.
+/// headers naming `n`, then a body of letters from a fixed pseudo-random
+/// sequence in lines of 76, so compression gains little, as with real (often
+/// already compressed) mail. The body is made once per size and reused.
 pub fn value(size: usize, n: u64) -> Vec<u8> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static BODIES: OnceLock<Mutex<HashMap<usize, Arc<Vec<u8>>>>> = OnceLock::new();
+    let body = BODIES
+        .get_or_init(Default::default)
+        .lock()
+        .expect("bodies lock")
+        .entry(size)
+        .or_insert_with(|| Arc::new(letters(size)))
+        .clone();
     let head =
-        format!("From: bench@example.invalid\r\nTo: load@example.invalid\r\nSubject: bench {n}\r\n\r\n");
-    let mut v = head.into_bytes();
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ n;
-    while v.len() < size {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        // Lines of 76 letters, as in a base64 attachment.
-        let line_end = v.len() % 78 >= 76;
-        v.push(if line_end {
-            b"\r\n"[v.len() % 78 - 76]
-        } else {
-            b'A' + (x % 58) as u8
-        });
-    }
+        format!("From: bench@example.invalid\r\nTo: load@example.invalid\r\nSubject: bench {n:020}\r\n\r\n");
+    let mut v = Vec::with_capacity(size.max(head.len()));
+    v.extend_from_slice(head.as_bytes());
+    v.extend_from_slice(&body[head.len().min(body.len())..]);
     v
+}
+
+fn letters(size: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..size)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            match i % 78 {
+                76 => b'\r',
+                77 => b'\n',
+                _ => b'A' + (x % 58) as u8,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 //!   acknowledged write (summed over the nodes) and CPU seconds per 1,000
 //!   writes (summed over the server processes).
 //! * Encryption: mailvault with the `plaintext` test mode, alternating with
-//!   encryption on, same cluster.
+//!   encryption on, a fresh cluster each round.
 //! * Failover: the longest gap between acknowledgements when the leader is
 //!   killed with `kill -9` mid-load, for both.
 //!
@@ -283,6 +283,7 @@ async fn cell(
         max_writes: clients as u64,
         first_endpoint: leader,
         keep_ack_times: false,
+        attempt_timeout: None,
     };
     drive(target.clone(), warm).await;
     let pids = sys.pids();
@@ -296,6 +297,7 @@ async fn cell(
             max_writes: u64::MAX,
             first_endpoint: leader,
             keep_ack_times: false,
+            attempt_timeout: None,
         },
     )
     .await;
@@ -332,7 +334,8 @@ async fn cell(
 }
 
 /// The longest write gap when the leader is killed 4 s into a 14 s load of
-/// 16 clients writing 4 KiB values; the killed member restarts after 2 s.
+/// 16 clients writing 4 KiB values (1 s deadline per attempt, then the next
+/// endpoint); the killed member restarts after 2 s.
 async fn failover(sys: &mut System<'_>) -> anyhow::Result<Duration> {
     let leader = sys.leader().await?;
     let run = format!("f{}", RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
@@ -343,6 +346,9 @@ async fn failover(sys: &mut System<'_>) -> anyhow::Result<Duration> {
         max_writes: u64::MAX,
         first_endpoint: leader,
         keep_ack_times: true,
+        // Both systems get the same client: a 1 s deadline per attempt, then
+        // the next endpoint.
+        attempt_timeout: Some(Duration::from_secs(1)),
     };
     let started = Instant::now();
     let running = tokio::spawn(drive(target, load));
@@ -363,7 +369,8 @@ async fn failover(sys: &mut System<'_>) -> anyhow::Result<Duration> {
     Ok(gap)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median (NaN for none).
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     match v.len() {
         0 => f64::NAN,
@@ -372,14 +379,22 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Runs the whole comparison; prints and writes the results.
-pub async fn compare(plan: Plan) -> anyhow::Result<()> {
-    let mut mv = Cluster::start(ClusterOptions {
+/// A fresh 3-node mailvault with production Raft timing and the bench
+/// mailbox, in the given test modes.
+async fn mailvault_cluster(test_modes: &str) -> Cluster {
+    let c = Cluster::start(ClusterOptions {
         production_timing: true,
+        test_modes: test_modes.to_string(),
         ..Default::default()
     })
     .await;
-    create_tenant_and_mailbox(&mv, 0, TENANT, MAILBOX).await;
+    create_tenant_and_mailbox(&c, 0, TENANT, MAILBOX).await;
+    c
+}
+
+/// Runs the whole comparison; prints and writes the results.
+pub async fn compare(plan: Plan) -> anyhow::Result<()> {
+    let mut mv = mailvault_cluster("").await;
     let mut et = Etcd::start(3).await?;
 
     eprintln!("floor: fdatasync with 3 writers, gRPC round trip");
@@ -392,6 +407,35 @@ pub async fn compare(plan: Plan) -> anyhow::Result<()> {
         rtt_p50_ms,
     };
     eprintln!("  {floor:?}");
+
+    // Failover first, on clusters still small; both restart their killed member.
+    let mut gaps: Vec<(&str, f64)> = Vec::new();
+    for _ in 0..plan.failover_rounds {
+        let g = failover(&mut System::Etcd(&mut et)).await?;
+        gaps.push(("etcd", g.as_secs_f64() * 1000.0));
+        let g = failover(&mut System::Mailvault(&mut mv)).await?;
+        gaps.push(("mailvault", g.as_secs_f64() * 1000.0));
+    }
+
+    // Encryption on and off: a fresh cluster per round, alternating, so
+    // neither mode inherits the other's data, compactions or snapshots.
+    let enc_size = plan.sizes[0];
+    let mut enc = Vec::new();
+    for &clients in plan.clients.iter().filter(|&&c| c > 1) {
+        for mode in ["plaintext", "", "plaintext", "", "plaintext", ""] {
+            let mut fresh = mailvault_cluster(mode).await;
+            let variant = if mode.is_empty() { "encrypted" } else { "plaintext" };
+            let c = cell(
+                &mut System::Mailvault(&mut fresh),
+                variant,
+                enc_size,
+                clients,
+                plan.seconds,
+            )
+            .await?;
+            enc.push(c);
+        }
+    }
 
     let mut cells = Vec::new();
     for &size in &plan.sizes {
@@ -408,34 +452,6 @@ pub async fn compare(plan: Plan) -> anyhow::Result<()> {
                 .await?,
             );
         }
-    }
-
-    // Encryption on and off, alternating on the same cluster.
-    let enc_size = plan.sizes[0];
-    let mut enc = Vec::new();
-    for &clients in plan.clients.iter().filter(|&&c| c > 1) {
-        for mode in ["plaintext", "", "plaintext", ""] {
-            mv.set_test_modes(mode);
-            mv.restart_all().await;
-            let variant = if mode.is_empty() { "encrypted" } else { "plaintext" };
-            let c = cell(
-                &mut System::Mailvault(&mut mv),
-                variant,
-                enc_size,
-                clients,
-                plan.seconds,
-            )
-            .await?;
-            enc.push(c);
-        }
-    }
-
-    let mut gaps: Vec<(&str, f64)> = Vec::new();
-    for _ in 0..plan.failover_rounds {
-        let g = failover(&mut System::Etcd(&mut et)).await?;
-        gaps.push(("etcd", g.as_secs_f64() * 1000.0));
-        let g = failover(&mut System::Mailvault(&mut mv)).await?;
-        gaps.push(("mailvault", g.as_secs_f64() * 1000.0));
     }
 
     let doc = report(&plan, &floor, &cells, &enc, &gaps);
@@ -522,7 +538,7 @@ fn report(plan: &Plan, floor: &Floor, cells: &[Cell], enc: &[Cell], gaps: &[(&st
         })
         .collect();
     md.push_str(&format!(
-        "\nencryption ({} values, medians of 2 alternating rounds each):\n",
+        "\nencryption ({} values, medians of 3 alternating rounds each):\n",
         human(plan.sizes[0])
     ));
     for r in &enc_ratio {

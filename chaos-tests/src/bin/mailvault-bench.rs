@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use mailvault_chaos::bench::median;
 use mailvault_chaos::{admin_binary, create_tenant_and_mailbox, Cluster, ClusterOptions, FRONTEND};
 use serde_json::{json, Value};
 
@@ -87,15 +88,6 @@ fn admin_bench(dir: &Path, endpoint: &str, args: &[String]) -> anyhow::Result<Va
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).context("bench printed no JSON")
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 async fn audit_cost(

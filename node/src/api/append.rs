@@ -41,21 +41,31 @@ pub async fn append(
         Action::Write,
     )
     .await?;
-    ctx.read_barrier().await?;
     let (tenant, mailbox) = (header.tenant.as_str(), header.mailbox.as_str());
-    if ctx
-        .reader
-        .mailbox(tenant, mailbox)
-        .map_err(status::read)?
-        .is_none()
-    {
-        let what = if ctx.reader.tenant(tenant).map_err(status::read)?.is_none() {
-            "tenant not found"
-        } else {
-            "mailbox not found"
-        };
-        return Err(Status::not_found(what));
+    // No read barrier on the way in: the state machine checks the mailbox
+    // and the idempotency key again when it applies the append, so local
+    // state is enough here, and an append costs no extra quorum round. Only
+    // a mailbox missing locally is looked up again after a barrier (it may
+    // have been created just before a change of leader).
+    let exists = |ctx: &Ctx| {
+        ctx.reader
+            .mailbox(tenant, mailbox)
+            .map_err(status::read)
+            .map(|m| m.is_some())
+    };
+    if !exists(ctx)? {
+        ctx.read_barrier().await?;
+        if !exists(ctx)? {
+            let what = if ctx.reader.tenant(tenant).map_err(status::read)?.is_none() {
+                "tenant not found"
+            } else {
+                "mailbox not found"
+            };
+            return Err(Status::not_found(what));
+        }
     }
+    // A key found locally was committed (only committed entries are applied);
+    // one not found yet is caught by the state machine.
     if let Some(prev) = ctx
         .reader
         .idempotency(tenant, mailbox, &header.idempotency_key)

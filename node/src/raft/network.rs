@@ -155,13 +155,53 @@ enum Method {
     Snapshot,
 }
 
+/// Most entry bytes sent in one AppendEntries call (at least one entry is
+/// always sent). openraft 0.9 bounds a call by entry count only and gives it
+/// one heartbeat interval to complete; 64 entries of large messages would
+/// not fit in that, time out every time and leave a lagging follower behind
+/// for good. The rest follows in the next call (a partial success).
+const MAX_APPEND_BYTES: usize = 1024 * 1024;
+
+/// Approximate bytes of an entry's commands.
+fn entry_bytes(e: &crate::types::Entry) -> usize {
+    match &e.payload {
+        openraft::EntryPayload::Normal(b) => b.commands.iter().map(|c| c.approx_bytes()).sum::<usize>() + 64,
+        _ => 256,
+    }
+}
+
+/// Keeps the leading entries that fit in [`MAX_APPEND_BYTES`] (at least one);
+/// returns the last kept entry's log id when some were left out.
+fn bound_payload(rpc: &mut AppendEntriesRequest<TypeConfig>) -> Option<crate::types::LogId> {
+    let mut bytes = 0;
+    let keep = rpc
+        .entries
+        .iter()
+        .take_while(|e| {
+            bytes += entry_bytes(e);
+            bytes <= MAX_APPEND_BYTES
+        })
+        .count()
+        .max(1);
+    if keep >= rpc.entries.len() {
+        return None;
+    }
+    rpc.entries.truncate(keep);
+    rpc.entries.last().map(|e| e.log_id)
+}
+
 impl RaftNetwork<TypeConfig> for PeerConnection {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
-        self.call(Method::Append, &rpc, &option).await
+        let sent_up_to = bound_payload(&mut rpc);
+        let resp = self.call(Method::Append, &rpc, &option).await?;
+        Ok(match (resp, sent_up_to) {
+            (AppendEntriesResponse::Success, Some(last)) => AppendEntriesResponse::PartialSuccess(Some(last)),
+            (other, _) => other,
+        })
     }
 
     async fn install_snapshot(
@@ -178,5 +218,55 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
         self.call(Method::Vote, &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::Command;
+    use crate::types::{Batch, Entry};
+
+    fn entry(index: u64, bytes: usize) -> Entry {
+        Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: openraft::EntryPayload::Normal(Batch {
+                commands: vec![Command::PutChunk {
+                    tenant: "t".into(),
+                    blob: [0; 16],
+                    index: 0,
+                    ciphertext: serde_bytes::ByteBuf::from(vec![0u8; bytes]),
+                }],
+            }),
+        }
+    }
+
+    fn request(sizes: &[usize]) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &b)| entry(i as u64 + 1, b))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn large_payloads_are_sent_in_parts_of_at_most_a_mebibyte() {
+        // Small entries all go at once.
+        let mut r = request(&[1000; 10]);
+        assert_eq!(bound_payload(&mut r), None);
+        assert_eq!(r.entries.len(), 10);
+        // Five 300 KiB entries: three fit, the call reports up to the third.
+        let mut r = request(&[300 * 1024; 5]);
+        assert_eq!(bound_payload(&mut r).map(|l| l.index), Some(3));
+        assert_eq!(r.entries.len(), 3);
+        // An entry larger than the bound still goes, alone.
+        let mut r = request(&[4 << 20, 10]);
+        assert_eq!(bound_payload(&mut r).map(|l| l.index), Some(1));
+        assert_eq!(r.entries.len(), 1);
     }
 }
