@@ -163,7 +163,7 @@ impl Etcd {
     pub async fn leader(&self) -> Option<usize> {
         let mut ids = vec![0u64; self.len()];
         let mut leader = None;
-        for i in 0..self.len() {
+        for (i, id) in ids.iter_mut().enumerate() {
             if self.procs[i].is_none() {
                 continue;
             }
@@ -174,7 +174,7 @@ impl Etcd {
                 .await
                 .ok()?
                 .into_inner();
-            ids[i] = s.header.map(|h| h.member_id).unwrap_or(0);
+            *id = s.header.map(|h| h.member_id).unwrap_or(0);
             if s.leader == 0 || leader.is_some_and(|l| l != s.leader) {
                 return None;
             }
