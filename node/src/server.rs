@@ -131,6 +131,12 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let mut stop = stop_rx.clone();
     tasks.spawn(async move {
         tonic::transport::Server::builder()
+            // openraft gives an AppendEntries call one heartbeat interval and
+            // then drops it, which resets its HTTP/2 stream. Past h2's default
+            // of 20 pending reset streams the whole peer connection is torn
+            // down, so a slow follower (lossy link, one-way partition) would
+            // lose its connection again and again.
+            .http2_max_pending_accept_reset_streams(Some(10_000))
             .add_service(peer_svc)
             .serve_with_incoming_shutdown(peer_incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;
