@@ -179,13 +179,13 @@ pub fn check_message(ops: &[MsgOp], created_after: u64, max_steps: u64) -> Verdi
     ops.sort_by_key(|o| o.start);
     let n = ops.len();
     let done = |i: usize| ops[i].outcome != OpOutcome::Indeterminate;
-    // Indeterminate operations of the same agent and kind have the same
+    // Indeterminate claims and releases of the same agent have the same
     // effect, and the one that began first can go wherever a later one can:
     // only the first of them not yet linearized is tried (symmetry reduction;
     // without it the search tries every subset of them).
     let earlier_twin: Vec<Option<usize>> = (0..n)
         .map(|i| {
-            (!done(i))
+            (!done(i) && matches!(ops[i].kind, OpKind::Claim | OpKind::Release))
                 .then(|| {
                     (0..i)
                         .rev()
@@ -194,6 +194,7 @@ pub fn check_message(ops: &[MsgOp], created_after: u64, max_steps: u64) -> Verdi
                 .flatten()
         })
         .collect();
+    let unanswered_update = |i: usize| !done(i) && matches!(ops[i].kind, OpKind::SetFlagsIfUnchanged(_));
     let words = n.div_ceil(64).max(1);
     let start = State {
         claimant: None,
@@ -222,7 +223,31 @@ pub fn check_message(ops: &[MsgOp], created_after: u64, max_steps: u64) -> Verdi
         let ready = |i: usize| {
             !is_set(&bits, i) && ops[i].start <= horizon && earlier_twin[i].is_none_or(|j| is_set(&bits, j))
         };
-        for i in (0..n).filter(|&i| ready(i)) {
+        // Unanswered conditional updates all have the same effect when they
+        // take effect (the claimant stays, the MODSEQ rises to an unknown
+        // value), whoever sent them and whatever MODSEQ they were conditional
+        // on; they differ only in when they may go (after they began) and
+        // where (while the MODSEQ is at most their condition). Taking one
+        // while the MODSEQ is already unknown changes nothing, so it is never
+        // tried. Otherwise, with the MODSEQ exactly `v`, only the one with the
+        // smallest condition of at least `v` is tried: along any path the
+        // horizon and the MODSEQ only grow, so every update ready now stays
+        // ready, later uses need conditions at least as large, and keeping
+        // the larger conditions for later loses nothing (the exchange
+        // argument of interval scheduling). Without this, the search tries
+        // every subset of them.
+        let chosen_update = match state.modseq {
+            Modseq::Is(v) => (0..n)
+                .filter(|&i| ready(i) && unanswered_update(i))
+                .filter_map(|i| match ops[i].kind {
+                    OpKind::SetFlagsIfUnchanged(since) if since >= v => Some((since, i)),
+                    _ => None,
+                })
+                .min()
+                .map(|(_, i)| i),
+            Modseq::Above(_) => None,
+        };
+        for i in (0..n).filter(|&i| ready(i) && (!unanswered_update(i) || chosen_update == Some(i))) {
             // An indeterminate operation that took effect succeeded; one that
             // was refused changed nothing, the same as never happening.
             if let Some(next) = step(state, ops[i]) {
@@ -399,6 +424,61 @@ mod tests {
         h.push(op(0, Read, t + 1, t + 2, seen(1000, Some(2))));
         h.push(op(1, Claim, t + 3, t + 4, Refused));
         assert_eq!(check_message(&h, 0, 2_000_000), Verdict::Linearizable);
+    }
+
+    #[test]
+    fn many_unanswered_conditional_updates_stay_within_the_search_budget() {
+        // Agents read the message and send updates conditional on what they
+        // read; every update goes unanswered (a leader was killed), so the
+        // conditions all differ. Reads in between reveal the MODSEQ rising.
+        let mut h = Vec::new();
+        let mut t = 0;
+        let mut modseq = 10;
+        for round in 0..150u64 {
+            let agent = (round % 5) as u32;
+            h.push(op(agent, Read, t, t + 1, seen(modseq, None)));
+            h.push(op(agent, SetFlagsIfUnchanged(modseq), t + 2, 0, Indeterminate));
+            t += 3;
+            if round % 3 == 2 {
+                // One of the updates took effect: the MODSEQ is higher.
+                modseq += 7;
+            }
+        }
+        h.push(op(0, Read, t + 1, t + 2, seen(modseq, None)));
+        assert_eq!(check_message(&h, 0, 2_000_000), Verdict::Linearizable);
+        // Each rise needs an update that began before it and was conditional
+        // on the MODSEQ just before it: a rise that nothing explains is caught.
+        let mut bad = h.clone();
+        bad.push(op(1, Read, t + 3, t + 4, seen(modseq + 1, None)));
+        assert_eq!(check_message(&bad, 0, 2_000_000), Verdict::NotLinearizable);
+    }
+
+    #[test]
+    fn an_unanswered_update_is_used_at_most_once() {
+        // One unanswered update conditional on 3 can explain one rise, not two.
+        let h = [
+            op(1, Read, 0, 1, seen(3, None)),
+            op(1, SetFlagsIfUnchanged(3), 2, 0, Indeterminate),
+            op(2, Read, 10, 11, seen(5, None)),
+            op(2, SetFlagsIfUnchanged(5), 12, 0, Indeterminate),
+            op(3, Read, 20, 21, seen(6, None)),
+            op(3, Read, 30, 31, seen(8, None)),
+        ];
+        assert_eq!(check(&h), Verdict::NotLinearizable);
+        // With a second update conditional on 6 it passes.
+        let mut ok_h = h.to_vec();
+        ok_h.push(op(3, SetFlagsIfUnchanged(6), 22, 0, Indeterminate));
+        assert_eq!(check(&ok_h), Verdict::Linearizable);
+        // The smallest fitting condition is used first: the update
+        // conditional on 9 must be kept for the rise from 8.
+        let h = [
+            op(1, Read, 0, 1, seen(3, None)),
+            op(1, SetFlagsIfUnchanged(9), 2, 0, Indeterminate),
+            op(2, SetFlagsIfUnchanged(3), 3, 0, Indeterminate),
+            op(3, Read, 10, 11, seen(8, None)),
+            op(3, Read, 20, 21, seen(12, None)),
+        ];
+        assert_eq!(check(&h), Verdict::Linearizable);
     }
 
     #[test]

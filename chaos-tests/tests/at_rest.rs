@@ -61,7 +61,7 @@ async fn no_plaintext_mail_in_any_data_directory() {
             "node {i}: no SST was flushed"
         );
         assert!(
-            all.iter().any(|p| p.ends_with("current.data")),
+            all.iter().any(|p| p.extension().is_some_and(|e| e == "snap")),
             "node {i}: no snapshot on disk"
         );
         let mut saw_tenant = false;

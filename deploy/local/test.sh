@@ -10,4 +10,7 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 profile=default
 [ "${CI:-}" = true ] && profile=ci
+# The tests start the real binaries (mailvault-node, mailvault-admin), which
+# `cargo test` builds only for the package they belong to: build them all.
+cargo build --workspace --bins --quiet
 cargo nextest run --workspace --profile "$profile"

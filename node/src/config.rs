@@ -77,7 +77,8 @@ pub struct RaftTuning {
     /// last heard its leader waits the lease plus a random election timeout
     /// before it campaigns, so failover takes 1.5–2× this.
     pub election_timeout_max_ms: u64,
-    /// Build a snapshot after this many applied entries since the last one.
+    /// Build a snapshot after this many applied entries since the last one; as
+    /// many entries are kept in the log after it, for followers that lag.
     pub snapshot_every: u64,
     /// Upper bound of the bytes of client commands packed into one Raft entry.
     pub max_batch_bytes: usize,

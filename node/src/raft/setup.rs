@@ -17,7 +17,10 @@ pub fn raft_config(config: &Config) -> Result<openraft::Config, openraft::Config
         enable_elect: config.me().role.may_campaign(),
         max_payload_entries: 64,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_every),
-        max_in_snapshot_log_to_keep: 100,
+        // A follower that fell behind by less than a snapshot interval
+        // catches up from the log rather than by a whole snapshot, which
+        // costs as much as the data held (a brief stall, a restart).
+        max_in_snapshot_log_to_keep: r.snapshot_every,
         snapshot_max_chunk_size: 1024 * 1024,
         install_snapshot_timeout: 5000,
         ..Default::default()

@@ -1,13 +1,19 @@
-//! Snapshot data: a dump of the state-machine column family, and its files on disk.
+//! Snapshot data: a dump of the state-machine column family, streamed to and
+//! from files so that no snapshot is ever held in memory whole.
 //!
 //! Data format: `MVSNAP01`, then for each pair `len(key) be32, key, len(value) be32, value`,
-//! then a 32-byte SHA-256 of everything before it. Frozen format: do not change
-//! without a version bump.
+//! in key order, then a 32-byte SHA-256 of everything before it. Frozen
+//! format: do not change without a version bump.
+//!
+//! Installing one writes its pairs into an SST file that also carries a range
+//! deletion of the whole column family, and ingests it: the old state is
+//! replaced by the new in one atomic step, and a crash leaves one or the other.
 
-use std::io::Write;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use rocksdb::{IteratorMode, WriteBatch, WriteOptions};
+use rocksdb::{IngestExternalFileOptions, IteratorMode, Options, SstFileWriter};
 use sha2::{Digest, Sha256};
 
 use super::db::{Db, CF_SM};
@@ -15,6 +21,10 @@ use crate::model::{decode, encode};
 use crate::types::SnapshotMeta;
 
 const MAGIC: &[u8; 8] = b"MVSNAP01";
+const SUM_LEN: u64 = 32;
+/// Every key of the state machine sorts below this (keys are short and
+/// never begin with 0xff bytes throughout).
+const END_OF_KEYS: [u8; 64] = [0xff; 64];
 
 /// Why snapshot data was refused.
 #[derive(Debug, thiserror::Error)]
@@ -30,109 +40,304 @@ pub enum SnapshotError {
     Io(#[from] std::io::Error),
 }
 
-/// Dumps the state machine from a consistent RocksDB snapshot.
-pub fn dump(db: &Db) -> Result<Vec<u8>, SnapshotError> {
+/// A writer that hashes what passes through it.
+struct Hashing<W> {
+    inner: W,
+    sum: Sha256,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sum.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Dumps the state machine from a consistent RocksDB snapshot into a new
+/// file at `path`, synced. Returns its length.
+pub fn dump_to(db: &Db, path: &Path) -> Result<u64, SnapshotError> {
     let cf = db.cf_handle(CF_SM).expect("sm column family");
     let snap = db.snapshot();
-    let mut out = MAGIC.to_vec();
+    let file = File::create(path)?;
+    let mut out = Hashing {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        sum: Sha256::new(),
+    };
+    out.write_all(MAGIC)?;
     for item in snap.iterator_cf(cf, IteratorMode::Start) {
         let (k, v) = item?;
-        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
-        out.extend_from_slice(&k);
-        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
-        out.extend_from_slice(&v);
+        out.write_all(&(k.len() as u32).to_be_bytes())?;
+        out.write_all(&k)?;
+        out.write_all(&(v.len() as u32).to_be_bytes())?;
+        out.write_all(&v)?;
     }
-    let sum = Sha256::digest(&out);
-    out.extend_from_slice(&sum);
-    Ok(out)
+    let sum = out.sum.finalize();
+    let mut inner = out.inner;
+    inner.write_all(&sum)?;
+    let file = inner.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(file.metadata()?.len())
 }
 
-fn take<'a>(data: &mut &'a [u8], n: usize) -> Result<&'a [u8], SnapshotError> {
-    if data.len() < n {
+/// Checks a snapshot file's header and checksum, reading it once. Returns
+/// the length of its pairs section.
+pub fn verify_file(path: &Path) -> Result<u64, SnapshotError> {
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    if len < MAGIC.len() as u64 + SUM_LEN {
         return Err(SnapshotError::Corrupt("truncated"));
     }
-    let (head, tail) = data.split_at(n);
-    *data = tail;
-    Ok(head)
-}
-
-fn take_len(data: &mut &[u8]) -> Result<usize, SnapshotError> {
-    let b: [u8; 4] = take(data, 4)?.try_into().expect("4 bytes");
-    Ok(u32::from_be_bytes(b) as usize)
-}
-
-/// Verifies snapshot data and returns its key/value pairs section.
-fn verify(data: &[u8]) -> Result<&[u8], SnapshotError> {
-    if data.len() < MAGIC.len() + 32 || &data[..MAGIC.len()] != MAGIC {
+    let mut magic = [0u8; 8];
+    f.read_exact(&mut magic)?;
+    if &magic != MAGIC {
         return Err(SnapshotError::Corrupt("bad header"));
     }
-    let (body, sum) = data.split_at(data.len() - 32);
-    if Sha256::digest(body).as_slice() != sum {
+    let mut sum = Sha256::new();
+    sum.update(magic);
+    let body = len - SUM_LEN - MAGIC.len() as u64;
+    std::io::copy(&mut (&mut f).take(body), &mut HashSink(&mut sum))?;
+    let mut stored = [0u8; 32];
+    f.read_exact(&mut stored)?;
+    if sum.finalize().as_slice() != stored {
         return Err(SnapshotError::Corrupt("checksum mismatch"));
     }
-    Ok(&body[MAGIC.len()..])
+    Ok(body)
 }
 
-/// Replaces the whole state machine with the snapshot's content, durably.
-pub fn load(db: &Db, data: &[u8]) -> Result<(), SnapshotError> {
-    let mut pairs = verify(data)?;
-    let cf = db.cf_handle(CF_SM).expect("sm column family");
-    let mut wb = WriteBatch::default();
-    wb.delete_range_cf(cf, [0u8].as_slice(), [0xffu8; 64].as_slice());
-    while !pairs.is_empty() {
-        let kl = take_len(&mut pairs)?;
-        let k = take(&mut pairs, kl)?;
-        let vl = take_len(&mut pairs)?;
-        let v = take(&mut pairs, vl)?;
-        wb.put_cf(cf, k, v);
+struct HashSink<'a>(&'a mut Sha256);
+
+impl Write for HashSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
     }
-    let mut wo = WriteOptions::default();
-    wo.set_sync(true);
-    db.write_opt(wb, &wo)?;
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads one length-prefixed field, or `None` at a clean end.
+fn read_field(r: &mut impl Read, buf: &mut Vec<u8>, first: bool) -> Result<Option<()>, SnapshotError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if first && e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(SnapshotError::Corrupt("truncated"))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    buf.resize(u32::from_be_bytes(len) as usize, 0);
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => SnapshotError::Corrupt("truncated"),
+        _ => e.into(),
+    })?;
+    Ok(Some(()))
+}
+
+/// Replaces the whole state machine with the content of the snapshot file
+/// at `path`, atomically and durably. `work` is a scratch file path for the
+/// SST that is built and ingested.
+pub fn load_file(db: &Db, path: &Path, work: &Path) -> Result<(), SnapshotError> {
+    let body = verify_file(path)?;
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(MAGIC.len() as u64))?;
+    let mut pairs = BufReader::with_capacity(1 << 20, f.take(body));
+    let opts = Options::default();
+    let mut sst = SstFileWriter::create(&opts);
+    sst.open(work)?;
+    // Covers every key older than the file itself; the pairs in the file
+    // are not covered by its own range deletion.
+    sst.delete_range([0u8].as_slice(), END_OF_KEYS.as_slice())?;
+    let (mut k, mut v) = (Vec::new(), Vec::new());
+    while read_field(&mut pairs, &mut k, true)?.is_some() {
+        read_field(&mut pairs, &mut v, false)?;
+        sst.put(&k, &v)?;
+    }
+    sst.finish()?;
+    let cf = db.cf_handle(CF_SM).expect("sm column family");
+    let mut io = IngestExternalFileOptions::default();
+    io.set_move_files(true);
+    db.ingest_external_file_cf_opts(cf, &io, vec![work])?;
     Ok(())
 }
 
-/// The snapshot files of a node: `<dir>/current.meta` and `<dir>/current.data`.
+/// The snapshot files of a node, under one directory: `current.meta` names
+/// the current snapshot, whose data is in `<id>.snap`; snapshots being
+/// received are `incoming-*.tmp` until installed.
 #[derive(Debug, Clone)]
 pub struct SnapshotFiles {
     dir: PathBuf,
 }
 
 impl SnapshotFiles {
-    /// Files under `dir`, created if missing.
+    /// Files under `dir`, created if missing; leftovers of an interrupted
+    /// build or transfer are removed.
     pub fn new(dir: &Path) -> std::io::Result<SnapshotFiles> {
         std::fs::create_dir_all(dir)?;
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "tmp" || e == "sst") {
+                std::fs::remove_file(&path)?;
+            }
+        }
         Ok(SnapshotFiles {
             dir: dir.to_path_buf(),
         })
     }
 
-    fn write_synced(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-        let tmp = self.dir.join(format!("{name}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+    /// A fresh scratch path with this prefix and extension.
+    pub fn scratch(&self, prefix: &str, ext: &str) -> PathBuf {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        self.dir.join(format!("{prefix}-{nanos}.{ext}"))
+    }
+
+    /// Where the data of the snapshot with this id lives.
+    pub fn data_path(&self, meta: &SnapshotMeta) -> PathBuf {
+        let name: String = meta
+            .snapshot_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.dir.join(format!("{name}.snap"))
+    }
+
+    /// Makes the synced data file at `data` the current snapshot, described by
+    /// `meta`: data first, then the metadata that names it, then older data
+    /// files are removed.
+    pub fn commit(&self, meta: &SnapshotMeta, data: &Path) -> std::io::Result<()> {
+        let keep = self.data_path(meta);
+        std::fs::rename(data, &keep)?;
+        let tmp = self.scratch("meta", "tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(&encode(meta))?;
         f.sync_all()?;
-        std::fs::rename(&tmp, self.dir.join(name))?;
+        std::fs::rename(&tmp, self.dir.join("current.meta"))?;
+        File::open(&self.dir)?.sync_all()?;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "snap") && path != keep {
+                // Readers that opened it keep reading it until they close it.
+                std::fs::remove_file(&path)?;
+            }
+        }
         Ok(())
     }
 
-    /// Stores a snapshot durably, data first, then its metadata.
-    pub fn save(&self, meta: &SnapshotMeta, data: &[u8]) -> std::io::Result<()> {
-        self.write_synced("current.data", data)?;
-        self.write_synced("current.meta", &encode(meta))?;
-        std::fs::File::open(&self.dir)?.sync_all()
-    }
-
-    /// The stored snapshot, if any and intact.
-    pub fn read(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, SnapshotError> {
+    /// The stored snapshot's metadata and data path, if any, after checking
+    /// the data is intact.
+    pub fn read(&self) -> Result<Option<(SnapshotMeta, PathBuf)>, SnapshotError> {
         let meta = match std::fs::read(self.dir.join("current.meta")) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
         };
         let meta: SnapshotMeta = decode(&meta).map_err(|_| SnapshotError::Corrupt("bad metadata"))?;
-        let data = std::fs::read(self.dir.join("current.data"))?;
-        verify(&data)?;
-        Ok(Some((meta, data)))
+        let path = self.data_path(&meta);
+        verify_file(&path)?;
+        Ok(Some((meta, path)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::open_db;
+
+    fn put(db: &Db, k: &[u8], v: &[u8]) {
+        db.put_cf(db.cf_handle(CF_SM).unwrap(), k, v).unwrap();
+    }
+
+    fn all(db: &Db) -> Vec<(Vec<u8>, Vec<u8>)> {
+        db.iterator_cf(db.cf_handle(CF_SM).unwrap(), IteratorMode::Start)
+            .map(|kv| {
+                let (k, v) = kv.unwrap();
+                (k.to_vec(), v.to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_dump_loaded_elsewhere_replaces_everything_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open_db(&dir.path().join("a")).unwrap();
+        let b = open_db(&dir.path().join("b")).unwrap();
+        for i in 0..1000u32 {
+            put(&a, format!("m/{i:05}").as_bytes(), &vec![i as u8; 300]);
+        }
+        put(&b, b"m/00001", b"stale");
+        put(&b, b"zzz", b"only on b");
+        put(&b, b"\x01", b"low");
+        let file = dir.path().join("snap");
+        let len = dump_to(&a, &file).unwrap();
+        assert_eq!(len, std::fs::metadata(&file).unwrap().len());
+        load_file(&b, &file, &dir.path().join("work.sst")).unwrap();
+        assert_eq!(all(&a), all(&b));
+        // Later writes land on top, and a reopened database keeps it.
+        put(&b, b"zzz", b"new");
+        drop(b);
+        let b = open_db(&dir.path().join("b")).unwrap();
+        let got = all(&b);
+        assert_eq!(got.len(), 1001);
+        assert_eq!(got.last().unwrap(), &(b"zzz".to_vec(), b"new".to_vec()));
+    }
+
+    #[test]
+    fn an_empty_dump_empties_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open_db(&dir.path().join("a")).unwrap();
+        let b = open_db(&dir.path().join("b")).unwrap();
+        put(&b, b"k", b"v");
+        let file = dir.path().join("snap");
+        dump_to(&a, &file).unwrap();
+        load_file(&b, &file, &dir.path().join("work.sst")).unwrap();
+        assert!(all(&b).is_empty());
+    }
+
+    #[test]
+    fn corrupt_or_truncated_files_are_refused_and_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open_db(&dir.path().join("a")).unwrap();
+        let b = open_db(&dir.path().join("b")).unwrap();
+        put(&a, b"k1", b"v1");
+        put(&a, b"k2", b"v2");
+        put(&b, b"keep", b"me");
+        let file = dir.path().join("snap");
+        dump_to(&a, &file).unwrap();
+        let good = std::fs::read(&file).unwrap();
+        let work = dir.path().join("work.sst");
+        for (i, bad) in [
+            {
+                let mut d = good.clone();
+                d[12] ^= 1;
+                d
+            },
+            good[..good.len() - 1].to_vec(),
+            good[..20].to_vec(),
+            b"NOTASNAP".repeat(6),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            std::fs::write(&file, &bad).unwrap();
+            assert!(
+                matches!(load_file(&b, &file, &work), Err(SnapshotError::Corrupt(_))),
+                "case {i}"
+            );
+            assert_eq!(all(&b), vec![(b"keep".to_vec(), b"me".to_vec())]);
+        }
     }
 }

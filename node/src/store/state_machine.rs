@@ -1,17 +1,19 @@
 //! The replicated state machine: applies committed entries into RocksDB and
 //! builds, stores and installs snapshots.
 
-use std::io::Cursor;
+use std::io::Seek;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, Snapshot};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use super::apply::Tx;
 use super::db::{Db, CF_SM};
 use super::io_err;
-use super::snapshot::{dump, load, SnapshotError, SnapshotFiles};
+use super::snapshot::{dump_to, load_file, SnapshotError, SnapshotFiles};
 use crate::keys::{META_APPLIED, META_MEMBERSHIP};
 use crate::model::{decode, encode};
 use crate::types::{BatchResult, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
@@ -21,7 +23,10 @@ use crate::types::{BatchResult, Entry, LogId, SnapshotMeta, StorageError, Stored
 pub struct StateMachine {
     db: Db,
     files: SnapshotFiles,
-    current: Arc<Mutex<Option<(SnapshotMeta, Arc<Vec<u8>>)>>>,
+    /// The current snapshot's metadata and data file.
+    current: Arc<Mutex<Option<(SnapshotMeta, PathBuf)>>>,
+    /// The file a snapshot is being received into, if a transfer is under way.
+    receiving: Arc<Mutex<Option<PathBuf>>>,
     applied_tx: Arc<watch::Sender<u64>>,
 }
 
@@ -32,12 +37,12 @@ impl StateMachine {
             .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
         let current = files
             .read()
-            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?
-            .map(|(m, d)| (m, Arc::new(d)));
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
         let sm = StateMachine {
             db,
             files,
             current: Arc::new(Mutex::new(current)),
+            receiving: Arc::new(Mutex::new(None)),
             applied_tx: Arc::new(watch::channel(0).0),
         };
         let applied = sm.read_applied()?.0.map(|l| l.index).unwrap_or(0);
@@ -100,10 +105,37 @@ impl StateMachine {
     }
 }
 
+impl StateMachine {
+    /// The synced file holding the snapshot data `file` was given for: the
+    /// file it was received into, or, when the caller handed over another
+    /// file (the data of a snapshot built here, say), a copy of it.
+    fn received_file(&self, mut file: std::fs::File, received: Option<PathBuf>) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        let given = file.metadata()?;
+        if let Some(path) = received {
+            match std::fs::metadata(&path) {
+                Ok(m) if m.dev() == given.dev() && m.ino() == given.ino() => {
+                    file.sync_all()?;
+                    return Ok(path);
+                }
+                _ => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let path = self.files.scratch("incoming", "tmp");
+        let mut copy = std::fs::File::create(&path)?;
+        file.seek(std::io::SeekFrom::Start(0))?;
+        std::io::copy(&mut file, &mut copy)?;
+        copy.sync_all()?;
+        Ok(path)
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
+        let (meta, path) = tokio::task::spawn_blocking(move || {
             let snap_err = |e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e);
             // Make every applied write durable before the log it came from can be purged.
             this.db
@@ -112,27 +144,30 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let cf = this.db.cf_handle(CF_SM).expect("sm column family");
             this.db.flush_cf(cf).map_err(|e| snap_err(SnapshotError::Db(e)))?;
             let (applied, membership) = this.read_applied()?;
-            let data = dump(&this.db).map_err(snap_err)?;
+            let tmp = this.files.scratch("build", "tmp");
+            let len = dump_to(&this.db, &tmp).map_err(snap_err)?;
             let snapshot_id = match applied {
-                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
-                None => format!("empty-{}", data.len()),
+                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, len),
+                None => format!("empty-{len}"),
             };
             let meta = SnapshotMeta {
                 last_log_id: applied,
                 last_membership: membership,
                 snapshot_id,
             };
-            this.files.save(&meta, &data).map_err(snap_err_io)?;
-            let data = Arc::new(data);
-            *this.current.lock().expect("snapshot lock") = Some((meta.clone(), data.clone()));
+            this.files.commit(&meta, &tmp).map_err(snap_err_io)?;
+            let path = this.files.data_path(&meta);
+            *this.current.lock().expect("snapshot lock") = Some((meta.clone(), path.clone()));
             metrics::counter!("mailvault_snapshots_built_total").increment(1);
-            Ok(Snapshot {
-                meta,
-                snapshot: Box::new(Cursor::new(data.as_ref().clone())),
-            })
+            Ok::<_, StorageError>((meta, path))
         })
         .await
-        .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?
+        .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))??;
+        let snapshot = tokio::fs::File::open(&path).await.map_err(snap_err_io)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(snapshot),
+        })
     }
 }
 
@@ -168,20 +203,38 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let path = self.files.scratch("incoming", "tmp");
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await
+            .map_err(snap_err_io)?;
+        // A newer transfer supersedes an unfinished one.
+        if let Some(old) = self.receiving.lock().expect("snapshot lock").replace(path) {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
-        let data = snapshot.into_inner();
+        let subject = ErrorSubject::Snapshot(Some(meta.signature()));
+        let received = self.receiving.lock().expect("snapshot lock").take();
+        let mut snapshot = snapshot;
+        snapshot
+            .flush()
+            .await
+            .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        let file = snapshot.into_std().await;
         let this = self.clone();
         let meta2 = meta.clone();
-        let subject = ErrorSubject::Snapshot(Some(meta.signature()));
-        let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, StorageError> {
+        let path = tokio::task::spawn_blocking(move || -> Result<PathBuf, StorageError> {
             let err = |e| {
                 io_err(
                     ErrorSubject::Snapshot(Some(meta2.signature())),
@@ -189,7 +242,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     e,
                 )
             };
-            load(&this.db, &data).map_err(err)?;
+            let received = this
+                .received_file(file, received)
+                .map_err(|e| err(SnapshotError::Io(e)))?;
+            let work = this.files.scratch("install", "sst");
+            load_file(&this.db, &received, &work).map_err(err)?;
             // The metadata in the snapshot's own pairs is replaced by the meta we were given.
             let cf = this.db.cf_handle(CF_SM).expect("sm column family");
             let mut wo = rocksdb::WriteOptions::default();
@@ -201,13 +258,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .write_opt(wb, &wo)
                 .map_err(|e| err(SnapshotError::Db(e)))?;
             this.files
-                .save(&meta2, &data)
+                .commit(&meta2, &received)
                 .map_err(|e| err(SnapshotError::Io(e)))?;
-            Ok(data)
+            Ok(this.files.data_path(&meta2))
         })
         .await
         .map_err(|e| io_err(subject, ErrorVerb::Write, e))??;
-        *self.current.lock().expect("snapshot lock") = Some((meta.clone(), Arc::new(data)));
+        *self.current.lock().expect("snapshot lock") = Some((meta.clone(), path));
         let applied = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         self.applied_tx.send_replace(applied);
         metrics::counter!("mailvault_snapshots_installed_total").increment(1);
@@ -216,9 +273,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let cur = self.current.lock().expect("snapshot lock").clone();
-        Ok(cur.map(|(meta, data)| Snapshot {
+        let Some((meta, path)) = cur else {
+            return Ok(None);
+        };
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
+        Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data.as_ref().clone())),
+            snapshot: Box::new(file),
         }))
     }
 }
