@@ -3,8 +3,15 @@
 //! * **Handing over.** The leader asks a better-placed voter to take over once
 //!   that voter's log matches its own and the leader has led for 10 s: the
 //!   active node from anyone, a standby from a backup. The voter starts an election (peer RPC `Campaign`), which
-//!   it wins with an up-to-date log; openraft 0.9 has no leader transfer. So
-//!   leadership returns to the active node after it recovers.
+//!   it wins with an up-to-date log if a majority grants its vote; openraft
+//!   0.9 has no leader transfer. In a cluster of three the leader's own vote
+//!   is enough, so leadership returns to the active node after it recovers.
+//!   In a cluster of five it is not: followers that hear the leader refuse
+//!   votes during the leader lease (openraft's, the maximum election
+//!   timeout), the leader steps down, and is re-elected after an election
+//!   (seen in the chaos soak). A leader that leads again after handing over
+//!   counts the handover as failed and waits twice as long before the next
+//!   (5 s doubling to about 10 min); a proper transfer is a known gap.
 //! * **Last resort.** A backup voter never campaigns on its own. But when it
 //!   cannot reach a leader that confirms its leadership for several election
 //!   timeouts, it campaigns: its log may be the only complete one (a write
@@ -43,6 +50,8 @@ pub async fn run(id: NodeId, role: Role, raft: Raft, peers: PeerClients, electio
     let mut last_handover: Option<Instant> = None;
     let mut leaderless_since: Option<Instant> = None;
     let mut leading_since: Option<(u64, Instant)> = None;
+    let mut handed_to: Option<NodeId> = None;
+    let mut failed_handovers = 0u32;
     loop {
         tokio::time::sleep(tick).await;
         let m = raft.metrics().borrow().clone();
@@ -56,11 +65,26 @@ pub async fn run(id: NodeId, role: Role, raft: Raft, peers: PeerClients, electio
                 _ => leading_since.insert((m.current_term, Instant::now())).1,
             };
             let settled = since.elapsed() >= SETTLE;
-            let due = last_handover.is_none_or(|t| t.elapsed() >= HANDOVER_EVERY);
-            if settled && due && hand_over(id, role, &m, &peers).await {
-                last_handover = Some(Instant::now());
+            // Leading again after handing over: the handover failed (in a
+            // cluster of five, voters that hear the leader refuse votes for
+            // the lease, so only the leader's own vote goes to the target).
+            // Each failure costs an election; back off exponentially.
+            let backoff = HANDOVER_EVERY * 2u32.pow(failed_handovers.min(7));
+            let due = last_handover.is_none_or(|t| t.elapsed() >= backoff);
+            if settled && due {
+                if let Some(target) = hand_over(id, role, &m, &peers).await {
+                    if handed_to.replace(target).is_some() {
+                        failed_handovers += 1;
+                    }
+                    last_handover = Some(Instant::now());
+                }
             }
             continue;
+        }
+        if m.current_leader.is_some() && m.current_leader == handed_to {
+            // The handover worked.
+            handed_to = None;
+            failed_handovers = 0;
         }
         leading_since = None;
         if role != Role::Backup {
@@ -91,11 +115,14 @@ pub async fn run(id: NodeId, role: Role, raft: Raft, peers: PeerClients, electio
 }
 
 /// As leader, asks the best-placed caught-up voter to take over. Returns
-/// whether it asked.
-async fn hand_over(id: NodeId, role: Role, m: &crate::types::RaftMetrics, peers: &PeerClients) -> bool {
-    let Some(replication) = &m.replication else {
-        return false;
-    };
+/// the voter it asked, if any.
+async fn hand_over(
+    id: NodeId,
+    role: Role,
+    m: &crate::types::RaftMetrics,
+    peers: &PeerClients,
+) -> Option<NodeId> {
+    let replication = m.replication.as_ref()?;
     let last = m.last_log_index.unwrap_or(0);
     let membership = m.membership_config.membership();
     let best = membership
@@ -108,18 +135,14 @@ async fn hand_over(id: NodeId, role: Role, m: &crate::types::RaftMetrics, peers:
                 .then(|| (rank(node.role), v, node.raft_addr.clone()))
         })
         .min();
-    let Some((_, target, addr)) = best else {
-        return false;
-    };
+    let (_, target, addr) = best?;
     tracing::info!(target, "handing leadership to a better-placed voter");
-    let Ok(mut c) = peers.client(&addr) else {
-        return false;
-    };
+    let mut c = peers.client(&addr).ok()?;
     let mut req = tonic::Request::new(mailvault_proto::raft::CampaignRequest {});
     req.set_timeout(Duration::from_secs(2));
     if let Err(e) = c.campaign(req).await {
         tracing::warn!(target, error = %e.message(), "handover request failed");
     }
     metrics::counter!("mailvault_leader_handovers_total").increment(1);
-    true
+    Some(target)
 }
