@@ -535,6 +535,18 @@ impl Cluster {
         for n in &self.nodes {
             let text = std::fs::read_to_string(n.dir.join("node.log")).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
+            // A panic's message comes before its backtrace, which can push
+            // it out of the tail: print it first.
+            for (i, l) in lines
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.contains("panicked at"))
+            {
+                eprintln!("----- node {} panicked -----\n{l}", n.id);
+                for l in lines.iter().skip(i + 1).take(3) {
+                    eprintln!("{l}");
+                }
+            }
             eprintln!("----- node {} log (last 40 lines) -----", n.id);
             for l in &lines[lines.len().saturating_sub(40)..] {
                 eprintln!("{l}");

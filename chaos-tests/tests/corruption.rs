@@ -6,8 +6,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use mailvault_chaos::scenario::seed_from_env;
 use mailvault_chaos::*;
 use mailvault_node::store::{open_db, CF_SM};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use tonic::Code;
 
 const T: &str = "acme";
@@ -73,39 +76,55 @@ async fn read_all_from(cluster: &Cluster, i: usize, uids: &[u32]) -> (usize, usi
     (exact, failed)
 }
 
-/// Flips one bit in the value of the first stored chunk of node `i`.
-fn flip_a_ciphertext_bit(data_dir: &Path) {
+/// The test's random source, from a printed seed (`MAILVAULT_CHAOS_SEED`
+/// replays one).
+fn rng(test: &str) -> SmallRng {
+    let seed = seed_from_env();
+    eprintln!("corruption test {test} seed {seed}");
+    SmallRng::seed_from_u64(seed)
+}
+
+/// Flips one random bit in the ciphertext of one random stored chunk of the
+/// stopped node with this data directory.
+fn flip_a_ciphertext_bit(data_dir: &Path, rng: &mut SmallRng) {
     let db = open_db(&data_dir.join("db")).unwrap();
     let cf = db.cf_handle(CF_SM).unwrap();
     let prefix = [mailvault_node::keys::CHUNK];
-    let (key, mut value) = db
+    let chunks: Vec<(Vec<u8>, Vec<u8>)> = db
         .prefix_iterator_cf(cf, prefix)
-        .next()
-        .expect("a stored chunk")
-        .map(|(k, v)| (k.to_vec(), v.to_vec()))
-        .unwrap();
-    assert_eq!(key[0], mailvault_node::keys::CHUNK);
-    let at = value.len() / 2;
-    value[at] ^= 0x10;
+        .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
+        .take_while(|(k, _)| k[0] == mailvault_node::keys::CHUNK)
+        .collect();
+    assert!(!chunks.is_empty(), "no stored chunk");
+    let (key, mut value) = chunks[rng.random_range(0..chunks.len())].clone();
+    // In the second half: the ciphertext and its tag, past any header.
+    let at = rng.random_range(value.len() / 2..value.len());
+    let bit = rng.random_range(0..8);
+    eprintln!("flipping bit {bit} of byte {at} of a {}-byte chunk", value.len());
+    value[at] ^= 1 << bit;
     db.put_cf(cf, &key, &value).unwrap();
     db.flush_wal(true).unwrap();
 }
 
-/// Flips one byte in the middle of every file of node `i` whose name ends in `ext`.
-fn flip_bytes_in_files(data_dir: &Path, ext: &str) -> usize {
+/// Flips one random byte (with a random non-zero mask) in the second half of
+/// every file of the node whose name ends in `ext`.
+fn flip_bytes_in_files(data_dir: &Path, ext: &str, rng: &mut SmallRng) -> usize {
     let mut n = 0;
-    for e in std::fs::read_dir(data_dir.join("db")).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == ext) {
-            let mut bytes = std::fs::read(&p).unwrap();
-            if bytes.len() < 64 {
-                continue;
-            }
-            let at = bytes.len() / 2;
-            bytes[at] ^= 0xff;
-            std::fs::write(&p, bytes).unwrap();
-            n += 1;
+    let mut paths: Vec<_> = std::fs::read_dir(data_dir.join("db"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect();
+    paths.sort();
+    for p in paths {
+        let mut bytes = std::fs::read(&p).unwrap();
+        if bytes.len() < 64 {
+            continue;
         }
+        let at = rng.random_range(bytes.len() / 2..bytes.len());
+        bytes[at] ^= rng.random_range(1..=255u8);
+        std::fs::write(&p, bytes).unwrap();
+        n += 1;
     }
     n
 }
@@ -114,7 +133,7 @@ fn flip_bytes_in_files(data_dir: &Path, ext: &str) -> usize {
 async fn a_corrupted_ciphertext_is_refused_not_served() {
     let (mut cluster, uids) = setup(20).await;
     cluster.stop(2);
-    flip_a_ciphertext_bit(&cluster.data_dir(2));
+    flip_a_ciphertext_bit(&cluster.data_dir(2), &mut rng("ciphertext"));
     cluster.start_node(2);
     let (exact, failed) = read_all_from(&cluster, 2, &uids).await;
     assert_eq!(failed, 1, "exactly the damaged message fails on the damaged node");
@@ -141,8 +160,9 @@ async fn corrupted_sst_and_wal_files_never_serve_wrong_bytes() {
         .await
         .unwrap();
     cluster.stop(2);
-    let ssts = flip_bytes_in_files(&cluster.data_dir(2), "sst");
-    let wals = flip_bytes_in_files(&cluster.data_dir(2), "log");
+    let mut rng = rng("sst-and-wal");
+    let ssts = flip_bytes_in_files(&cluster.data_dir(2), "sst", &mut rng);
+    let wals = flip_bytes_in_files(&cluster.data_dir(2), "log", &mut rng);
     assert!(ssts > 0, "no SST file to corrupt");
     eprintln!("corrupted {ssts} SST and {wals} WAL files");
     cluster.start_node(2);
@@ -169,4 +189,32 @@ async fn corrupted_sst_and_wal_files_never_serve_wrong_bytes() {
     })
     .await
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_with_a_corrupted_wal_refuses_to_start_rather_than_forget() {
+    // The acknowledged entries are only in the WAL (no flush): a node that
+    // replayed it up to the damage and dropped the rest would have forgotten
+    // entries it acknowledged, which made the leader's openraft panic.
+    let (mut cluster, uids) = setup(20).await;
+    cluster.stop(2);
+    let wals = flip_bytes_in_files(&cluster.data_dir(2), "log", &mut rng("wal"));
+    assert!(wals > 0, "no WAL file to corrupt");
+    cluster.start_node(2);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    eprintln!("damaged node running: {}", cluster.is_running(2));
+    // The healthy nodes stay up and serve everything; the cluster still writes.
+    assert_eq!(read_all_from(&cluster, 0, &uids).await, (uids.len(), 0));
+    assert_eq!(read_all_from(&cluster, 1, &uids).await, (uids.len(), 0));
+    let c = cluster.mailbox(0).await;
+    retry(Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move { append(&mut c, T, M, "after", b"Subject: after\r\n\r\nafter").await }
+    })
+    .await
+    .unwrap();
+    assert!(
+        cluster.is_running(0) && cluster.is_running(1),
+        "a healthy node stopped"
+    );
 }

@@ -24,6 +24,17 @@ pub fn open_db(dir: &Path) -> Result<Db, rocksdb::Error> {
     // cost CPU (and would hide plaintext from the at-rest scan test).
     opts.set_compression_type(rocksdb::DBCompressionType::None);
     opts.set_max_background_jobs(2);
+    // The WAL holds the Raft log, whose synced entries this node has
+    // acknowledged to the leader. RocksDB's default (point-in-time recovery)
+    // silently drops everything after a corrupted record, so a node with a
+    // damaged WAL came back having forgotten acknowledged entries: its
+    // leader's openraft panicked on a follower whose log went backwards
+    // (found by the corruption test), and a voter that forgets could help
+    // elect a leader without a committed entry. Only an incomplete record at
+    // the tail (an unsynced write cut off by a crash, never acknowledged) is
+    // tolerated; any other corruption refuses to open, and the node must be
+    // re-seeded.
+    opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
     let cfs = [CF_LOG, CF_META, CF_SM].map(|name| {
         let mut o = Options::default();
         o.set_compression_type(rocksdb::DBCompressionType::None);
