@@ -76,6 +76,17 @@ async fn read_all_from(cluster: &Cluster, i: usize, uids: &[u32]) -> (usize, usi
     (exact, failed)
 }
 
+/// Waits until node 0 accepts a new message.
+async fn accepts_mail(cluster: &Cluster) {
+    let c = cluster.mailbox(0).await;
+    retry(Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move { append(&mut c, T, M, "after", b"Subject: after\r\n\r\nafter").await }
+    })
+    .await
+    .unwrap();
+}
+
 /// The test's random source, from a printed seed (`MAILVAULT_CHAOS_SEED`
 /// replays one).
 fn rng(test: &str) -> SmallRng {
@@ -182,13 +193,7 @@ async fn corrupted_sst_and_wal_files_never_serve_wrong_bytes() {
     }
     // The healthy majority keeps serving and accepting mail.
     assert_eq!(read_all_from(&cluster, 0, &uids).await, (uids.len(), 0));
-    let c = cluster.mailbox(0).await;
-    retry(Duration::from_secs(20), || {
-        let mut c = c.clone();
-        async move { append(&mut c, T, M, "after", b"Subject: after\r\n\r\nafter").await }
-    })
-    .await
-    .unwrap();
+    accepts_mail(&cluster).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,13 +211,7 @@ async fn a_follower_with_a_corrupted_wal_refuses_to_start_rather_than_forget() {
     // The healthy nodes stay up and serve everything; the cluster still writes.
     assert_eq!(read_all_from(&cluster, 0, &uids).await, (uids.len(), 0));
     assert_eq!(read_all_from(&cluster, 1, &uids).await, (uids.len(), 0));
-    let c = cluster.mailbox(0).await;
-    retry(Duration::from_secs(20), || {
-        let mut c = c.clone();
-        async move { append(&mut c, T, M, "after", b"Subject: after\r\n\r\nafter").await }
-    })
-    .await
-    .unwrap();
+    accepts_mail(&cluster).await;
     assert!(
         cluster.is_running(0) && cluster.is_running(1),
         "a healthy node stopped"
