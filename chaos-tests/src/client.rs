@@ -215,8 +215,8 @@ pub fn test_message(subject: &str, from: &str, body_marker: &str, size: usize) -
     m
 }
 
-/// Reads one counter or gauge from a node's `/metrics` (0 when not yet recorded).
-pub async fn scrape_metric(ops_addr: &str, name: &str) -> Option<f64> {
+/// The whole `/metrics` page of the node whose ops listener is `ops_addr`.
+pub async fn scrape_metrics(ops_addr: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(ops_addr).await.ok()?;
     s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {ops_addr}\r\n\r\n").as_bytes())
@@ -224,6 +224,12 @@ pub async fn scrape_metric(ops_addr: &str, name: &str) -> Option<f64> {
         .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).await.ok()?;
+    Some(body)
+}
+
+/// Reads one counter or gauge from a node's `/metrics` (0 when not yet recorded).
+pub async fn scrape_metric(ops_addr: &str, name: &str) -> Option<f64> {
+    let body = scrape_metrics(ops_addr).await?;
     Some(
         body.lines()
             .find(|l| l.split([' ', '{']).next() == Some(name))

@@ -35,6 +35,8 @@ pub struct ClusterOptions {
     /// Keep the production Raft timing (heartbeat and election timeouts of
     /// the node's defaults) instead of the faster timing of test clusters.
     pub production_timing: bool,
+    /// Extra TOML lines for every node's `[raft]` table (tuning experiments).
+    pub extra_raft: String,
 }
 
 impl Default for ClusterOptions {
@@ -48,6 +50,7 @@ impl Default for ClusterOptions {
             loop_fs_mb: 0,
             fake_clock: false,
             production_timing: false,
+            extra_raft: String::new(),
         }
     }
 }
@@ -176,12 +179,13 @@ impl Cluster {
                 .save(&n.dir, "node")
                 .expect("write node cert");
             let cfg = format!(
-                "node_id = {id}\ndata_dir = \"{data}\"\nclient_listen = \"{ip}:{CLIENT_PORT}\"\nraft_listen = \"{ip}:{RAFT_PORT}\"\nops_listen = \"{ip}:{OPS_PORT}\"\nmaster_key_file = \"{key}\"\nlog = \"info,openraft=warn\"\n\n[tls]\nca_file = \"{ca}\"\ncert_file = \"{nd}/node.pem\"\nkey_file = \"{nd}/node.key\"\n\n[access]\noperators = [\"{ADMIN}\"]\n\n[audit]\nfail_closed = {fail_closed}\n\n{members}[raft]\n{timing}snapshot_every = {snap}\n\n[limits]\nmax_message_bytes = {max}\n",
+                "node_id = {id}\ndata_dir = \"{data}\"\nclient_listen = \"{ip}:{CLIENT_PORT}\"\nraft_listen = \"{ip}:{RAFT_PORT}\"\nops_listen = \"{ip}:{OPS_PORT}\"\nmaster_key_file = \"{key}\"\nlog = \"info,openraft=warn\"\n\n[tls]\nca_file = \"{ca}\"\ncert_file = \"{nd}/node.pem\"\nkey_file = \"{nd}/node.key\"\n\n[access]\noperators = [\"{ADMIN}\"]\n\n[audit]\nfail_closed = {fail_closed}\n\n{members}[raft]\n{timing}{extra}snapshot_every = {snap}\n\n[limits]\nmax_message_bytes = {max}\n",
                 id = n.id,
                 data = n.dir.join("data").display(),
                 ip = n.ip,
                 key = key.display(),
                 snap = opts.snapshot_every,
+                extra = opts.extra_raft,
                 max = opts.max_message_bytes,
                 ca = dir.path().join("ca.pem").display(),
                 nd = n.dir.display(),

@@ -2,9 +2,15 @@
 //! (bounded by bytes), so one fsync serves many writes.
 //!
 //! One task takes commands from a queue. It drains whatever has queued up
-//! (up to `max_batch_bytes`) into a batch and proposes it, keeping a few
-//! batches in flight; while they commit, new commands queue up and form the
-//! next, larger batch.
+//! (up to `max_batch_bytes`) into a batch and proposes it, keeping at most
+//! `max_batches_in_flight` batches that are not full (default 1) in flight;
+//! while they commit, new commands queue up and form the next, larger batch.
+//! Full batches (large messages) go at once, a few at a time. openraft 0.9 writes
+//! and fsyncs each entry on the leader before it replicates it, one entry at
+//! a time, so more entries in flight do not overlap much: they mostly wait
+//! in openraft's queue, each costing its own fsync on every node (measured
+//! at 16 clients: one in flight gave the most writes/s and 0.125 fsyncs per
+//! write per node, against 0.23 with four).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,9 +20,6 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::command::{Command, CommandResult};
 use crate::types::{Batch, NodeId, Raft};
-
-/// Batches proposed concurrently.
-const MAX_IN_FLIGHT: usize = 4;
 
 /// Why a proposal did not produce a result.
 #[derive(Debug, thiserror::Error, Clone)]
@@ -46,9 +49,9 @@ pub struct Proposer {
 
 impl Proposer {
     /// Starts the group-commit task.
-    pub fn start(raft: Raft, max_batch_bytes: usize, timeout: Duration) -> Proposer {
+    pub fn start(raft: Raft, max_batch_bytes: usize, in_flight: usize, timeout: Duration) -> Proposer {
         let (tx, rx) = mpsc::channel(16 * 1024);
-        tokio::spawn(run(raft, rx, max_batch_bytes));
+        tokio::spawn(run(raft, rx, max_batch_bytes, in_flight));
         Proposer { tx, timeout }
     }
 
@@ -67,25 +70,77 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, max_batch_bytes: usize) {
-    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
-        let permit = permits.clone().acquire_owned().await.expect("semaphore open");
-        let mut bytes = first.command.approx_bytes();
-        let mut batch = vec![first];
-        while bytes < max_batch_bytes {
+/// Full batches proposed concurrently, at most (see [`run`]).
+const MAX_FULL_IN_FLIGHT: usize = 4;
+
+/// Commands gathered for one Raft entry.
+struct Gathering {
+    batch: Vec<Pending>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl Gathering {
+    fn push(&mut self, p: Pending) {
+        self.bytes += p.command.approx_bytes();
+        self.batch.push(p);
+    }
+
+    fn full(&self) -> bool {
+        self.bytes >= self.max_bytes
+    }
+
+    /// Takes what has queued up, until the batch is full.
+    fn drain(&mut self, rx: &mut mpsc::Receiver<Pending>) {
+        while !self.full() {
             match rx.try_recv() {
-                Ok(p) => {
-                    bytes += p.command.approx_bytes();
-                    batch.push(p);
-                }
+                Ok(p) => self.push(p),
                 Err(_) => break,
             }
         }
+    }
+}
+
+/// The group-commit loop. A batch that is not full waits until fewer than
+/// `in_flight` batches are committing, gathering the commands that arrive
+/// meanwhile, so that under load commands share entries (and fsyncs). A full
+/// batch cannot gain by waiting (large messages, each chunk about a batch):
+/// it goes at once, up to [`MAX_FULL_IN_FLIGHT`] batches in flight, so that
+/// the follower's part of one entry overlaps the leader's part of the next.
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, max_batch_bytes: usize, in_flight: usize) {
+    let partial = Arc::new(Semaphore::new(in_flight));
+    let all = Arc::new(Semaphore::new(in_flight.max(MAX_FULL_IN_FLIGHT)));
+    while let Some(first) = rx.recv().await {
+        let mut g = Gathering {
+            batch: Vec::new(),
+            bytes: 0,
+            max_bytes: max_batch_bytes,
+        };
+        g.push(first);
+        g.drain(&mut rx);
+        let mut partial_permit = None;
+        while !g.full() {
+            tokio::select! {
+                permit = partial.clone().acquire_owned() => {
+                    partial_permit = Some(permit.expect("semaphore open"));
+                    g.drain(&mut rx);
+                    break;
+                }
+                next = rx.recv() => match next {
+                    Some(p) => {
+                        g.push(p);
+                        g.drain(&mut rx);
+                    }
+                    None => break,
+                },
+            }
+        }
+        let permit = all.clone().acquire_owned().await.expect("semaphore open");
         let raft = raft.clone();
         tokio::spawn(async move {
-            commit(&raft, batch).await;
+            commit(&raft, g.batch).await;
             drop(permit);
+            drop(partial_permit);
         });
     }
 }

@@ -88,6 +88,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let proposer = Proposer::start(
         raft.clone(),
         config.raft.max_batch_bytes,
+        config.raft.max_batches_in_flight,
         Duration::from_millis(config.limits.write_timeout_ms),
     );
     let audit = AuditRecorder::start(

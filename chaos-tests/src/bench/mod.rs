@@ -382,9 +382,19 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 /// A fresh 3-node mailvault with production Raft timing and the bench
 /// mailbox, in the given test modes.
 async fn mailvault_cluster(test_modes: &str) -> Cluster {
+    tuned_cluster(test_modes, "").await
+}
+
+/// [`mailvault_cluster`] with extra `[raft]` settings (one per line).
+async fn tuned_cluster(test_modes: &str, raft: &str) -> Cluster {
     let c = Cluster::start(ClusterOptions {
         production_timing: true,
         test_modes: test_modes.to_string(),
+        extra_raft: if raft.is_empty() {
+            String::new()
+        } else {
+            format!("{raft}\n")
+        },
         ..Default::default()
     })
     .await;
@@ -466,6 +476,66 @@ pub async fn compare(plan: Plan) -> anyhow::Result<()> {
     eprintln!("written: {}/compare.md and compare.json", plan.out.display());
     Ok(())
 }
+
+/// One cell on a fresh 3-node system, for profiling and quick checks: the
+/// server PIDs are printed first (to attach `perf`), then the cell's line.
+pub async fn one_cell(
+    system: &str,
+    test_modes: &str,
+    raft: &str,
+    size: usize,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    let (mut mv, mut et);
+    let mut sys = match system {
+        "etcd" => {
+            et = Etcd::start(3).await?;
+            System::Etcd(&mut et)
+        }
+        "mailvault" => {
+            mv = tuned_cluster(test_modes, raft).await;
+            System::Mailvault(&mut mv)
+        }
+        other => anyhow::bail!("unknown system {other:?} (etcd or mailvault)"),
+    };
+    sys.leader().await?;
+    let pids: Vec<String> = sys.pids().iter().map(u32::to_string).collect();
+    eprintln!("pids: {}", pids.join(","));
+    let variant = if test_modes.is_empty() {
+        "default"
+    } else {
+        "test-modes"
+    };
+    cell(&mut sys, variant, size, clients, seconds).await?;
+    if let System::Mailvault(c) = &sys {
+        // The node's own stage timings, medians and 99th percentiles.
+        for i in 0..c.len() {
+            let Some(page) = crate::scrape_metrics(&c.ops_addr(i)).await else {
+                continue;
+            };
+            for line in page.lines().filter(|l| {
+                (l.contains("quantile=\"0.5\"") || l.contains("quantile=\"0.99\"") || !l.contains('{'))
+                    && STAGES.iter().any(|s| l.starts_with(s))
+            }) {
+                eprintln!("  node {i}: {line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The node histograms [`one_cell`] prints.
+const STAGES: [&str; 8] = [
+    "mailvault_commit_seconds",
+    "mailvault_commands_per_entry",
+    "mailvault_appends_per_fsync",
+    "mailvault_wal_sync_seconds",
+    "mailvault_log_write_seconds",
+    "mailvault_apply_seconds",
+    "mailvault_peer_append_seconds",
+    "mailvault_append_seconds",
+];
 
 /// The markdown table and the JSON document of ratios.
 fn report(plan: &Plan, floor: &Floor, cells: &[Cell], enc: &[Cell], gaps: &[(&str, f64)]) -> (String, Value) {

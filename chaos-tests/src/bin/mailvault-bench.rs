@@ -47,6 +47,29 @@ enum Cmd {
         #[arg(long, default_value = "bench-results")]
         out: std::path::PathBuf,
     },
+    /// One measured cell on a fresh 3-node system; prints the server PIDs
+    /// first, so a profiler can attach.
+    Cell {
+        /// `mailvault` or `etcd`.
+        #[arg(long, default_value = "mailvault")]
+        system: String,
+        /// Test modes for mailvault's nodes (e.g. `plaintext`).
+        #[arg(long, default_value = "")]
+        test_modes: String,
+        /// Extra `[raft]` settings for mailvault's nodes, TOML, `;`-separated
+        /// (e.g. `max_batches_in_flight = 1`).
+        #[arg(long, default_value = "")]
+        raft: String,
+        /// Value size in bytes.
+        #[arg(long, default_value_t = 4096)]
+        size: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Seconds measured.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Reads/s with and without the audit of reads, same cluster, same run.
     AuditCost {
         /// Concurrent reading clients.
@@ -190,6 +213,17 @@ async fn main() -> anyhow::Result<()> {
                 out,
             };
             mailvault_chaos::bench::compare(plan).await
+        }
+        Cmd::Cell {
+            system,
+            test_modes,
+            raft,
+            size,
+            clients,
+            seconds,
+        } => {
+            let raft = raft.replace(';', "\n");
+            mailvault_chaos::bench::one_cell(&system, &test_modes, &raft, size, clients, seconds).await
         }
         Cmd::AuditCost {
             clients,

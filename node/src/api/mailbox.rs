@@ -209,9 +209,12 @@ impl Mailbox for MailboxService {
     ) -> Result<Response<AppendMessageResponse>, Status> {
         let p = principal_of(&req);
         match self.ctx.route(req.metadata())? {
-            Route::Local => Ok(Response::new(
-                append::append(&self.ctx, p.as_ref(), req.into_inner()).await?,
-            )),
+            Route::Local => {
+                let started = std::time::Instant::now();
+                let r = append::append(&self.ctx, p.as_ref(), req.into_inner()).await?;
+                metrics::histogram!("mailvault_append_seconds").record(started.elapsed().as_secs_f64());
+                Ok(Response::new(r))
+            }
             Route::Forward(ch) => {
                 forward_append(self.ctx.mailbox_client(ch), p.as_ref(), req.into_inner()).await
             }

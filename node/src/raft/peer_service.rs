@@ -46,7 +46,10 @@ fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftPayload>, Status
 impl RaftPeer for PeerService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode_req(req)?;
-        reply(&self.raft.append_entries(rpc).await)
+        let started = std::time::Instant::now();
+        let r = reply(&self.raft.append_entries(rpc).await);
+        metrics::histogram!("mailvault_peer_append_seconds").record(started.elapsed().as_secs_f64());
+        r
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

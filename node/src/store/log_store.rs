@@ -39,7 +39,9 @@ fn run_syncer(db: Db, rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
     while let Ok(first) = rx.recv() {
         let mut waiting = vec![first];
         waiting.extend(rx.try_iter());
+        let started = std::time::Instant::now();
         let res = db.flush_wal(true);
+        metrics::histogram!("mailvault_wal_sync_seconds").record(started.elapsed().as_secs_f64());
         if res.is_ok() {
             metrics::counter!("mailvault_fsyncs_total").increment(1);
         }
@@ -205,11 +207,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             wb.put_cf(cf, idx(e.log_id.index), encode(&e));
         }
         let db = self.db.clone();
+        let started = std::time::Instant::now();
         // Write (no sync), off the async workers; the syncer makes it durable.
         tokio::task::spawn_blocking(move || db.write(wb))
             .await
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        metrics::histogram!("mailvault_log_write_seconds").record(started.elapsed().as_secs_f64());
         if !self.sync_appends {
             callback.log_io_completed(Ok(()));
             return Ok(());

@@ -21,6 +21,8 @@ use crate::model::{decode, encode};
 use crate::types::SnapshotMeta;
 
 const MAGIC: &[u8; 8] = b"MVSNAP01";
+/// Where versions before 2026-11-24 kept the current snapshot's data.
+const LEGACY_DATA: &str = "current.data";
 const SUM_LEN: u64 = 32;
 /// Every key of the state machine sorts below this (keys are short and
 /// never begin with 0xff bytes throughout).
@@ -58,10 +60,17 @@ impl<W: Write> Write for Hashing<W> {
 }
 
 /// Dumps the state machine from a consistent RocksDB snapshot into a new
-/// file at `path`, synced. Returns its length.
-pub fn dump_to(db: &Db, path: &Path) -> Result<u64, SnapshotError> {
+/// file at `path`, synced. Returns its length, and the values the keys in
+/// `read` had in that same RocksDB snapshot (so the metadata describing the
+/// dump — the applied log id — is exactly that of the dumped state, though
+/// entries keep being applied meanwhile).
+pub fn dump_to(db: &Db, path: &Path, read: &[&[u8]]) -> Result<(u64, Vec<Option<Vec<u8>>>), SnapshotError> {
     let cf = db.cf_handle(CF_SM).expect("sm column family");
     let snap = db.snapshot();
+    let values = read
+        .iter()
+        .map(|k| snap.get_cf(cf, k))
+        .collect::<Result<Vec<_>, _>>()?;
     let file = File::create(path)?;
     let mut out = Hashing {
         inner: BufWriter::with_capacity(1 << 20, file),
@@ -80,7 +89,7 @@ pub fn dump_to(db: &Db, path: &Path) -> Result<u64, SnapshotError> {
     inner.write_all(&sum)?;
     let file = inner.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
-    Ok(file.metadata()?.len())
+    Ok((file.metadata()?.len(), values))
 }
 
 /// Checks a snapshot file's header and checksum, reading it once. Returns
@@ -247,6 +256,13 @@ impl SnapshotFiles {
         };
         let meta: SnapshotMeta = decode(&meta).map_err(|_| SnapshotError::Corrupt("bad metadata"))?;
         let path = self.data_path(&meta);
+        // Versions before 2026-11-24 kept the data, in the same format, as
+        // `current.data`; give it the name the metadata now implies.
+        let legacy = self.dir.join(LEGACY_DATA);
+        if !path.exists() && legacy.exists() {
+            std::fs::rename(&legacy, &path)?;
+            File::open(&self.dir)?.sync_all()?;
+        }
         verify_file(&path)?;
         Ok(Some((meta, path)))
     }
@@ -282,7 +298,7 @@ mod tests {
         put(&b, b"zzz", b"only on b");
         put(&b, b"\x01", b"low");
         let file = dir.path().join("snap");
-        let len = dump_to(&a, &file).unwrap();
+        let (len, _) = dump_to(&a, &file, &[]).unwrap();
         assert_eq!(len, std::fs::metadata(&file).unwrap().len());
         load_file(&b, &file, &dir.path().join("work.sst")).unwrap();
         assert_eq!(all(&a), all(&b));
@@ -296,13 +312,45 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_stored_by_the_previous_version_is_found_and_renamed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(&dir.path().join("db")).unwrap();
+        put(&db, b"k", b"v");
+        let snaps = dir.path().join("snapshots");
+        std::fs::create_dir_all(&snaps).unwrap();
+        // The previous layout: `current.meta` and `current.data`.
+        dump_to(&db, &snaps.join(LEGACY_DATA), &[]).unwrap();
+        let meta = SnapshotMeta {
+            snapshot_id: "1-2-3-77".into(),
+            ..Default::default()
+        };
+        std::fs::write(snaps.join("current.meta"), encode(&meta)).unwrap();
+        let files = SnapshotFiles::new(&snaps).unwrap();
+        let (got, path) = files.read().unwrap().expect("snapshot found");
+        assert_eq!(got, meta);
+        assert_eq!(path, files.data_path(&meta));
+        assert!(!snaps.join(LEGACY_DATA).exists());
+        // It loads, and reading again finds it under its new name.
+        let other = open_db(&dir.path().join("other")).unwrap();
+        load_file(&other, &path, &dir.path().join("work.sst")).unwrap();
+        assert_eq!(all(&other), all(&db));
+        assert_eq!(files.read().unwrap().unwrap().1, path);
+        // A damaged legacy file is still refused.
+        std::fs::rename(&path, snaps.join(LEGACY_DATA)).unwrap();
+        let mut bytes = std::fs::read(snaps.join(LEGACY_DATA)).unwrap();
+        bytes[9] ^= 1;
+        std::fs::write(snaps.join(LEGACY_DATA), bytes).unwrap();
+        assert!(matches!(files.read(), Err(SnapshotError::Corrupt(_))));
+    }
+
+    #[test]
     fn an_empty_dump_empties_the_target() {
         let dir = tempfile::tempdir().unwrap();
         let a = open_db(&dir.path().join("a")).unwrap();
         let b = open_db(&dir.path().join("b")).unwrap();
         put(&b, b"k", b"v");
         let file = dir.path().join("snap");
-        dump_to(&a, &file).unwrap();
+        dump_to(&a, &file, &[]).unwrap();
         load_file(&b, &file, &dir.path().join("work.sst")).unwrap();
         assert!(all(&b).is_empty());
     }
@@ -316,7 +364,7 @@ mod tests {
         put(&a, b"k2", b"v2");
         put(&b, b"keep", b"me");
         let file = dir.path().join("snap");
-        dump_to(&a, &file).unwrap();
+        dump_to(&a, &file, &[]).unwrap();
         let good = std::fs::read(&file).unwrap();
         let work = dir.path().join("work.sst");
         for (i, bad) in [

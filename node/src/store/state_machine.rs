@@ -62,15 +62,7 @@ impl StateMachine {
                 .get_cf(cf, k)
                 .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
         };
-        let applied = match get(META_APPLIED)? {
-            Some(b) => decode(&b).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?,
-            None => None,
-        };
-        let membership = match get(META_MEMBERSHIP)? {
-            Some(b) => decode(&b).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?,
-            None => StoredMembership::default(),
-        };
-        Ok((applied, membership))
+        decode_applied(get(META_APPLIED)?, get(META_MEMBERSHIP)?)
     }
 
     fn apply_blocking(&self, entries: Vec<Entry>) -> Result<(Vec<BatchResult>, Option<u64>), StorageError> {
@@ -105,6 +97,23 @@ impl StateMachine {
     }
 }
 
+/// The applied log id and membership from their stored encodings.
+fn decode_applied(
+    applied: Option<Vec<u8>>,
+    membership: Option<Vec<u8>>,
+) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+    let err = |e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e);
+    let applied = match applied {
+        Some(b) => decode(&b).map_err(err)?,
+        None => None,
+    };
+    let membership = match membership {
+        Some(b) => decode(&b).map_err(err)?,
+        None => StoredMembership::default(),
+    };
+    Ok((applied, membership))
+}
+
 impl StateMachine {
     /// The synced file holding the snapshot data `file` was given for: the
     /// file it was received into, or, when the caller handed over another
@@ -132,10 +141,38 @@ impl StateMachine {
     }
 }
 
+impl StateMachine {
+    /// Makes the synced file `data` the current snapshot, described by `meta`,
+    /// and opens it for reading. Publishing, and opening the current file,
+    /// happen under one lock, so that a snapshot being sent is never removed
+    /// before it is opened. With `keep_newer`, a snapshot that would replace a
+    /// newer one (installed while this one was being built) is dropped and
+    /// the newer one returned instead.
+    fn publish(
+        &self,
+        meta: SnapshotMeta,
+        data: &std::path::Path,
+        keep_newer: bool,
+    ) -> std::io::Result<(SnapshotMeta, std::fs::File)> {
+        let mut current = self.current.lock().expect("snapshot lock");
+        if let Some((cur, path)) = current.as_ref() {
+            if keep_newer && cur.last_log_id > meta.last_log_id {
+                std::fs::remove_file(data)?;
+                return Ok((cur.clone(), std::fs::File::open(path)?));
+            }
+        }
+        self.files.commit(&meta, data)?;
+        let path = self.files.data_path(&meta);
+        let file = std::fs::File::open(&path)?;
+        *current = Some((meta.clone(), path));
+        Ok((meta, file))
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let this = self.clone();
-        let (meta, path) = tokio::task::spawn_blocking(move || {
+        let (meta, file) = tokio::task::spawn_blocking(move || {
             let snap_err = |e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e);
             // Make every applied write durable before the log it came from can be purged.
             this.db
@@ -143,9 +180,13 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 .map_err(|e| snap_err(SnapshotError::Db(e)))?;
             let cf = this.db.cf_handle(CF_SM).expect("sm column family");
             this.db.flush_cf(cf).map_err(|e| snap_err(SnapshotError::Db(e)))?;
-            let (applied, membership) = this.read_applied()?;
             let tmp = this.files.scratch("build", "tmp");
-            let len = dump_to(&this.db, &tmp).map_err(snap_err)?;
+            // The metadata is read from the same RocksDB snapshot as the
+            // data: entries are applied concurrently with the build.
+            let (len, mut meta_values) =
+                dump_to(&this.db, &tmp, &[META_APPLIED, META_MEMBERSHIP]).map_err(snap_err)?;
+            let membership = meta_values.pop().flatten();
+            let (applied, membership) = decode_applied(meta_values.pop().flatten(), membership)?;
             let snapshot_id = match applied {
                 Some(l) => format!("{}-{}-{}", l.leader_id, l.index, len),
                 None => format!("empty-{len}"),
@@ -155,18 +196,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 last_membership: membership,
                 snapshot_id,
             };
-            this.files.commit(&meta, &tmp).map_err(snap_err_io)?;
-            let path = this.files.data_path(&meta);
-            *this.current.lock().expect("snapshot lock") = Some((meta.clone(), path.clone()));
+            let published = this.publish(meta, &tmp, true).map_err(snap_err_io)?;
             metrics::counter!("mailvault_snapshots_built_total").increment(1);
-            Ok::<_, StorageError>((meta, path))
+            Ok::<_, StorageError>(published)
         })
         .await
         .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))??;
-        let snapshot = tokio::fs::File::open(&path).await.map_err(snap_err_io)?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(snapshot),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         })
     }
 }
@@ -189,9 +227,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let this = self.clone();
+        let started = std::time::Instant::now();
         let (results, last) = tokio::task::spawn_blocking(move || this.apply_blocking(entries))
             .await
             .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))??;
+        metrics::histogram!("mailvault_apply_seconds").record(started.elapsed().as_secs_f64());
         if let Some(i) = last {
             self.applied_tx.send_replace(i);
             metrics::gauge!("mailvault_applied_index").set(i as f64);
@@ -234,7 +274,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let file = snapshot.into_std().await;
         let this = self.clone();
         let meta2 = meta.clone();
-        let path = tokio::task::spawn_blocking(move || -> Result<PathBuf, StorageError> {
+        tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
             let err = |e| {
                 io_err(
                     ErrorSubject::Snapshot(Some(meta2.signature())),
@@ -257,14 +297,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             this.db
                 .write_opt(wb, &wo)
                 .map_err(|e| err(SnapshotError::Db(e)))?;
-            this.files
-                .commit(&meta2, &received)
+            this.publish(meta2.clone(), &received, false)
                 .map_err(|e| err(SnapshotError::Io(e)))?;
-            Ok(this.files.data_path(&meta2))
+            Ok(())
         })
         .await
         .map_err(|e| io_err(subject, ErrorVerb::Write, e))??;
-        *self.current.lock().expect("snapshot lock") = Some((meta.clone(), path));
         let applied = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         self.applied_tx.send_replace(applied);
         metrics::counter!("mailvault_snapshots_installed_total").increment(1);
@@ -272,16 +310,76 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let cur = self.current.lock().expect("snapshot lock").clone();
-        let Some((meta, path)) = cur else {
+        // Opened under the lock, so a snapshot published meanwhile cannot
+        // remove the file first.
+        let cur = self.current.lock().expect("snapshot lock");
+        let Some((meta, path)) = cur.as_ref() else {
             return Ok(None);
         };
-        let file = tokio::fs::File::open(&path)
-            .await
+        let file = std::fs::File::open(path)
             .map_err(|e| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
         Ok(Some(Snapshot {
-            meta,
-            snapshot: Box::new(file),
+            meta: meta.clone(),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::open_db;
+
+    fn meta(index: u64) -> SnapshotMeta {
+        SnapshotMeta {
+            last_log_id: Some(openraft::LogId::new(
+                openraft::CommittedLeaderId::new(1, 1),
+                index,
+            )),
+            snapshot_id: format!("1-1-{index}-0"),
+            ..Default::default()
+        }
+    }
+
+    fn data(sm: &StateMachine, tag: &[u8]) -> PathBuf {
+        let p = sm.files.scratch("build", "tmp");
+        std::fs::write(&p, tag).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_build_never_replaces_a_newer_snapshot_and_the_current_one_stays_readable() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::open(
+            open_db(&dir.path().join("db")).unwrap(),
+            &dir.path().join("snaps"),
+        )
+        .unwrap();
+        // A snapshot at index 10 is installed while one at index 5 is being built.
+        let (m, _) = sm.publish(meta(10), &data(&sm, b"ten"), false).unwrap();
+        assert_eq!(m, meta(10));
+        let late = data(&sm, b"five");
+        let (m, mut f) = sm.publish(meta(5), &late, true).unwrap();
+        assert_eq!(m, meta(10), "the newer snapshot stays current");
+        let mut got = Vec::new();
+        f.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"ten");
+        assert!(!late.exists(), "the stale build is removed");
+        // A file opened for sending stays readable after a newer one replaces it.
+        let (_, mut sending) = sm.publish(meta(11), &data(&sm, b"eleven"), true).unwrap();
+        sm.publish(meta(12), &data(&sm, b"twelve"), true).unwrap();
+        let mut got = Vec::new();
+        sending.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"eleven");
+        let current = sm.current.lock().unwrap().clone().unwrap();
+        assert_eq!(current.0, meta(12));
+        assert_eq!(std::fs::read(current.1).unwrap(), b"twelve");
+        let snaps: Vec<_> = std::fs::read_dir(dir.path().join("snaps"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".snap"))
+            .collect();
+        assert_eq!(snaps.len(), 1, "older data files are removed: {snaps:?}");
     }
 }
