@@ -163,7 +163,7 @@ async fn a_corrupted_ciphertext_is_refused_not_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupted_sst_and_wal_files_never_serve_wrong_bytes() {
+async fn corrupted_sst_blob_and_wal_files_never_serve_wrong_bytes() {
     let (mut cluster, uids) = setup(20).await;
     // Move the data into SST files first (a snapshot flushes the memtables).
     let mut a = cluster.admin(2).await;
@@ -174,8 +174,11 @@ async fn corrupted_sst_and_wal_files_never_serve_wrong_bytes() {
     let mut rng = rng("sst-and-wal");
     let ssts = flip_bytes_in_files(&cluster.data_dir(2), "sst", &mut rng);
     let wals = flip_bytes_in_files(&cluster.data_dir(2), "log", &mut rng);
+    // Messages this large live in blob files, out of the SSTs.
+    let blobs = flip_bytes_in_files(&cluster.data_dir(2), "blob", &mut rng);
     assert!(ssts > 0, "no SST file to corrupt");
-    eprintln!("corrupted {ssts} SST and {wals} WAL files");
+    assert!(blobs > 0, "no blob file to corrupt");
+    eprintln!("corrupted {ssts} SST, {blobs} blob and {wals} WAL files");
     cluster.start_node(2);
     // The damaged node may refuse to start or fail reads; it must never serve
     // wrong bytes. Give it a moment, then read whatever it serves.
@@ -198,11 +201,12 @@ async fn corrupted_sst_and_wal_files_never_serve_wrong_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_with_a_corrupted_wal_refuses_to_start_rather_than_forget() {
-    // The acknowledged entries are only in the WAL (no flush): a node that
-    // replayed it up to the damage and dropped the rest would have forgotten
-    // entries it acknowledged, which made the leader's openraft panic.
+    // The acknowledged entries are only in the WAL (no flush; killed, since a
+    // clean stop flushes): a node that replayed it up to the damage and
+    // dropped the rest would have forgotten entries it acknowledged, which
+    // made the leader's openraft panic.
     let (mut cluster, uids) = setup(20).await;
-    cluster.stop(2);
+    cluster.kill(2);
     let wals = flip_bytes_in_files(&cluster.data_dir(2), "log", &mut rng("wal"));
     assert!(wals > 0, "no WAL file to corrupt");
     cluster.start_node(2);

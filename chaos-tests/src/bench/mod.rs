@@ -509,7 +509,7 @@ pub async fn one_cell(
     };
     cell(&mut sys, variant, size, clients, seconds).await?;
     if let System::Mailvault(c) = &sys {
-        // The node's own stage timings, medians and 99th percentiles.
+        // The node's own stage timings (medians and 99th percentiles) and snapshot count.
         for i in 0..c.len() {
             let Some(page) = crate::scrape_metrics(&c.ops_addr(i)).await else {
                 continue;
@@ -525,8 +525,9 @@ pub async fn one_cell(
     Ok(())
 }
 
-/// The node histograms [`one_cell`] prints.
-const STAGES: [&str; 8] = [
+/// The node metrics [`one_cell`] prints.
+const STAGES: [&str; 9] = [
+    "mailvault_snapshots_built_total",
     "mailvault_commit_seconds",
     "mailvault_commands_per_entry",
     "mailvault_appends_per_fsync",

@@ -38,9 +38,34 @@ pub fn open_db(dir: &Path) -> Result<Db, rocksdb::Error> {
     let cfs = [CF_LOG, CF_META, CF_SM].map(|name| {
         let mut o = Options::default();
         o.set_compression_type(rocksdb::DBCompressionType::None);
+        if name != CF_META {
+            separate_large_values(&mut o);
+        }
         ColumnFamilyDescriptor::new(name, o)
     });
     Ok(Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?))
+}
+
+/// Values at least this long (log entries carrying mail, mail chunks) are
+/// kept in blob files, out of the LSM tree.
+pub const MIN_BLOB_SIZE: u64 = 4096;
+
+/// Keeps large values in blob files (RocksDB's integrated BlobDB), so that
+/// compactions move only keys and references: with values inline, each
+/// message was rewritten by every compaction that passed over it — in the
+/// log, which is purged soon after, and again in the state machine. Blob
+/// files whose values are all deleted (purged log entries, expunged mail)
+/// are dropped, and compaction moves live values out of the oldest quarter
+/// of blob files (forced once half of those is garbage), so space is
+/// reclaimed.
+fn separate_large_values(o: &mut Options) {
+    o.set_enable_blob_files(true);
+    o.set_min_blob_size(MIN_BLOB_SIZE);
+    o.set_blob_file_size(64 << 20);
+    o.set_blob_compression_type(rocksdb::DBCompressionType::None);
+    o.set_enable_blob_gc(true);
+    o.set_blob_gc_age_cutoff(0.25);
+    o.set_blob_gc_force_threshold(0.5);
 }
 
 /// Opens an existing database read-only (for offline checks of a stopped node).

@@ -63,10 +63,15 @@ impl<W: Write> Write for Hashing<W> {
 /// file at `path`, synced. Returns its length, and the values the keys in
 /// `read` had in that same RocksDB snapshot (so the metadata describing the
 /// dump — the applied log id — is exactly that of the dumped state, though
-/// entries keep being applied meanwhile).
+/// entries keep being applied meanwhile). Before it reads, the dumped state
+/// is flushed to SST files: state-machine writes bypass the WAL, so this is
+/// what makes it durable before the log entries it holds can be purged.
 pub fn dump_to(db: &Db, path: &Path, read: &[&[u8]]) -> Result<(u64, Vec<Option<Vec<u8>>>), SnapshotError> {
     let cf = db.cf_handle(CF_SM).expect("sm column family");
     let snap = db.snapshot();
+    // Everything written before the flush starts is on disk after it,
+    // which includes everything this snapshot sees.
+    db.flush_cf(cf)?;
     let values = read
         .iter()
         .map(|k| snap.get_cf(cf, k))

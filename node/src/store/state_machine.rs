@@ -90,9 +90,15 @@ impl StateMachine {
         if let Some(l) = last {
             tx.put_raw(META_APPLIED.to_vec(), encode(&Some(l)));
         }
-        // Not synced: the log holds every applied entry until a snapshot,
-        // and building a snapshot syncs the WAL first.
-        self.db.write(tx.batch).map_err(sm_err)?;
+        // Not in the WAL: the log already holds every applied entry (so a
+        // message is not written to the WAL twice), and keeps it until a
+        // snapshot has flushed the state that includes it. After a crash the
+        // state machine is back at its last flush, applied index included,
+        // and openraft applies the rest again from the log. A clean shutdown
+        // flushes it.
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.disable_wal(true);
+        self.db.write_opt(tx.batch, &wo).map_err(sm_err)?;
         Ok((results, last.map(|l| l.index)))
     }
 }
@@ -174,15 +180,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let this = self.clone();
         let (meta, file) = tokio::task::spawn_blocking(move || {
             let snap_err = |e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e);
-            // Make every applied write durable before the log it came from can be purged.
-            this.db
-                .flush_wal(true)
-                .map_err(|e| snap_err(SnapshotError::Db(e)))?;
-            let cf = this.db.cf_handle(CF_SM).expect("sm column family");
-            this.db.flush_cf(cf).map_err(|e| snap_err(SnapshotError::Db(e)))?;
             let tmp = this.files.scratch("build", "tmp");
             // The metadata is read from the same RocksDB snapshot as the
-            // data: entries are applied concurrently with the build.
+            // data: entries are applied concurrently with the build. The
+            // dump flushes that state to disk before the log it came from
+            // can be purged.
             let (len, mut meta_values) =
                 dump_to(&this.db, &tmp, &[META_APPLIED, META_MEMBERSHIP]).map_err(snap_err)?;
             let membership = meta_values.pop().flatten();
@@ -345,6 +347,50 @@ mod tests {
         let p = sm.files.scratch("build", "tmp");
         std::fs::write(&p, tag).unwrap();
         p
+    }
+
+    fn blank(index: u64) -> Entry {
+        Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    /// What a power cut leaves: the files as they are on disk now, with the
+    /// database still open (so nothing is flushed on close).
+    fn crash_copy(from: &std::path::Path, to: &std::path::Path) -> Db {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+        open_db(to).unwrap()
+    }
+
+    fn applied_in(db: Db, dir: &std::path::Path) -> Option<u64> {
+        let sm = StateMachine::open(db, &dir.join("snaps-copy")).unwrap();
+        sm.read_applied().unwrap().0.map(|l| l.index)
+    }
+
+    #[tokio::test]
+    async fn a_crash_leaves_the_state_of_the_last_snapshot_with_its_own_applied_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_dir = dir.path().join("db");
+        let mut sm = StateMachine::open(open_db(&db_dir).unwrap(), &dir.path().join("snaps")).unwrap();
+        sm.apply((1..=3).map(blank).collect::<Vec<_>>()).await.unwrap();
+        // Applied writes bypass the WAL: before any snapshot, a crash loses
+        // them all, applied index included (the log applies them again).
+        let copy = crash_copy(&db_dir, &dir.path().join("c1"));
+        assert_eq!(applied_in(copy, &dir.path().join("c1x")), None);
+        // A snapshot makes exactly the state it describes durable.
+        let snap = sm.build_snapshot().await.unwrap();
+        assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(3));
+        sm.apply((4..=6).map(blank).collect::<Vec<_>>()).await.unwrap();
+        let copy = crash_copy(&db_dir, &dir.path().join("c2"));
+        assert_eq!(applied_in(copy, &dir.path().join("c2x")), Some(3));
+        // A clean shutdown keeps everything.
+        drop(sm);
+        assert_eq!(applied_in(open_db(&db_dir).unwrap(), dir.path()), Some(6));
     }
 
     #[test]
