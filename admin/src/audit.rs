@@ -24,7 +24,8 @@ pub enum AuditCmd {
     },
     /// Verifies the hash chain: on a node over gRPC, or offline on a stopped node's data directory.
     Verify {
-        /// A stopped node's `data_dir` to verify offline.
+        /// A stopped node's `data_dir` to verify offline. Stop it cleanly first: after a
+        /// crash, records still only in its Raft log are not verified (a note says so).
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
@@ -43,6 +44,16 @@ pub async fn run(endpoint: &str, output: Output, cmd: AuditCmd) -> anyhow::Resul
         AuditCmd::Verify { data_dir: Some(dir) } => {
             let db = mailvault_node::store::open_db_read_only(&dir.join("db"))
                 .with_context(|| format!("cannot open the store in {}", dir.display()))?;
+            let (applied, committed) = mailvault_node::store::applied_and_committed(&db)
+                .map_err(|e| anyhow::anyhow!("cannot read the applied index: {e}"))?;
+            if committed > applied {
+                eprintln!(
+                    "note: this node was not stopped cleanly: its state is at log index {applied}, and \
+                     {} committed entries after it, which may hold audit records, are not yet applied; \
+                     start the node (it applies them) and stop it cleanly to verify those too",
+                    committed - applied
+                );
+            }
             let result = mailvault_node::store::MailReader::new(db).verify_audit()?;
             report(
                 output,

@@ -21,7 +21,7 @@ use crate::model::{decode, encode};
 use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
 
 const KEY_VOTE: &[u8] = b"vote";
-const KEY_COMMITTED: &[u8] = b"committed";
+pub(super) const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_PURGED: &[u8] = b"last_purged";
 
 /// The RocksDB-backed Raft log. Cloning shares the database and the syncer.

@@ -13,6 +13,26 @@ pub use log_store::LogStore;
 pub use reader::{MailReader, ReadError};
 pub use state_machine::StateMachine;
 
+/// For offline tools on a stopped node's data directory: the log index its
+/// state machine has applied, and the commit index its log knows of. A node
+/// that was not stopped cleanly (killed, power cut) has its state machine at
+/// its last flush; the committed entries after it are in its log, and the
+/// node applies them when it starts.
+pub fn applied_and_committed(db: &Db) -> Result<(u64, u64), Box<dyn std::error::Error + Send + Sync>> {
+    use crate::types::LogId;
+    let read = |cf: &str, key: &[u8]| -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+        let cf = db.cf_handle(cf).ok_or("missing column family")?;
+        Ok(match db.get_cf(cf, key)? {
+            Some(v) => crate::model::decode::<Option<LogId>>(&v)?.map_or(0, |l| l.index),
+            None => 0,
+        })
+    };
+    Ok((
+        read(CF_SM, crate::keys::META_APPLIED)?,
+        read(CF_META, log_store::KEY_COMMITTED)?,
+    ))
+}
+
 /// Converts any error into an openraft storage error of the given subject.
 pub(crate) fn io_err<E: std::error::Error + 'static>(
     subject: openraft::ErrorSubject<crate::types::NodeId>,
