@@ -33,6 +33,12 @@ pub fn applied_and_committed(db: &Db) -> Result<(u64, u64), Box<dyn std::error::
     ))
 }
 
+/// Flushes the state machine to SST files (its writes bypass the WAL), for a
+/// clean stop.
+pub fn flush_state(db: &Db) -> Result<(), rocksdb::Error> {
+    db.flush_cf(db.cf_handle(CF_SM).expect("sm column family"))
+}
+
 /// Converts any error into an openraft storage error of the given subject.
 pub(crate) fn io_err<E: std::error::Error + 'static>(
     subject: openraft::ErrorSubject<crate::types::NodeId>,
