@@ -21,7 +21,7 @@ use crate::model::{decode, encode};
 use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
 
 const KEY_VOTE: &[u8] = b"vote";
-pub(super) const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_PURGED: &[u8] = b"last_purged";
 
 /// The RocksDB-backed Raft log. Cloning shares the database and the syncer.
@@ -31,6 +31,22 @@ pub struct LogStore {
     /// False only in the `ack-before-fsync` canary (see `crate::test_modes`).
     sync_appends: bool,
     syncer: Arc<mpsc::Sender<LogFlushed<TypeConfig>>>,
+}
+
+/// Reads and decodes one Raft metadata value.
+fn read_meta<T: for<'a> serde::Deserialize<'a>>(db: &Db, key: &[u8]) -> Result<Option<T>, StorageError> {
+    let cf = db.cf_handle(CF_META).expect("meta column family");
+    let v = db
+        .get_cf(cf, key)
+        .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
+    v.map(|b| decode(&b))
+        .transpose()
+        .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))
+}
+
+/// The stored commit index (also for offline tools, without a `LogStore`).
+pub(super) fn read_committed(db: &Db) -> Result<Option<LogId>, StorageError> {
+    Ok(read_meta::<Option<LogId>>(db, KEY_COMMITTED)?.flatten())
 }
 
 /// Syncs the WAL for every batch of appends queued since the last sync, then
@@ -93,13 +109,7 @@ impl LogStore {
     }
 
     fn get_meta<T: for<'a> serde::Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
-        let v = self
-            .db
-            .get_cf(self.cf_meta(), key)
-            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
-        v.map(|b| decode(&b))
-            .transpose()
-            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))
+        read_meta(&self.db, key)
     }
 
     fn put_meta_synced<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), StorageError> {
@@ -193,7 +203,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+        read_committed(&self.db)
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>

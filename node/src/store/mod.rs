@@ -18,18 +18,11 @@ pub use state_machine::StateMachine;
 /// that was not stopped cleanly (killed, power cut) has its state machine at
 /// its last flush; the committed entries after it are in its log, and the
 /// node applies them when it starts.
-pub fn applied_and_committed(db: &Db) -> Result<(u64, u64), Box<dyn std::error::Error + Send + Sync>> {
-    use crate::types::LogId;
-    let read = |cf: &str, key: &[u8]| -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
-        let cf = db.cf_handle(cf).ok_or("missing column family")?;
-        Ok(match db.get_cf(cf, key)? {
-            Some(v) => crate::model::decode::<Option<LogId>>(&v)?.map_or(0, |l| l.index),
-            None => 0,
-        })
-    };
+pub fn applied_and_committed(db: &Db) -> Result<(u64, u64), crate::types::StorageError> {
+    let index = |l: Option<crate::types::LogId>| l.map_or(0, |l| l.index);
     Ok((
-        read(CF_SM, crate::keys::META_APPLIED)?,
-        read(CF_META, log_store::KEY_COMMITTED)?,
+        index(state_machine::read_applied(db)?.0),
+        index(log_store::read_committed(db)?),
     ))
 }
 

@@ -56,13 +56,7 @@ impl StateMachine {
     }
 
     fn read_applied(&self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
-        let cf = self.db.cf_handle(CF_SM).expect("sm column family");
-        let get = |k: &[u8]| {
-            self.db
-                .get_cf(cf, k)
-                .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
-        };
-        decode_applied(get(META_APPLIED)?, get(META_MEMBERSHIP)?)
+        read_applied(&self.db)
     }
 
     fn apply_blocking(&self, entries: Vec<Entry>) -> Result<(Vec<BatchResult>, Option<u64>), StorageError> {
@@ -101,6 +95,17 @@ impl StateMachine {
         self.db.write_opt(tx.batch, &wo).map_err(sm_err)?;
         Ok((results, last.map(|l| l.index)))
     }
+}
+
+/// The stored applied log id and membership (also for offline tools,
+/// without a `StateMachine`).
+pub(super) fn read_applied(db: &Db) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+    let cf = db.cf_handle(CF_SM).expect("sm column family");
+    let get = |k: &[u8]| {
+        db.get_cf(cf, k)
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
+    };
+    decode_applied(get(META_APPLIED)?, get(META_MEMBERSHIP)?)
 }
 
 /// The applied log id and membership from their stored encodings.
