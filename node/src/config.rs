@@ -78,9 +78,15 @@ pub struct RaftTuning {
     /// before it campaigns, so failover takes 1.5–2× this (plus up to 1.5
     /// heartbeats: openraft checks the timer on that tick).
     pub election_timeout_max_ms: u64,
-    /// Build a snapshot after this many applied entries since the last one; as
-    /// many entries are kept in the log after it, for followers that lag.
+    /// Build a snapshot after this many applied entries since the last one
+    /// at least (and see `snapshot_growth_percent`); as many entries are kept
+    /// in the log after it, for followers that lag.
     pub snapshot_every: u64,
+    /// …and only once the client commands applied since the last snapshot
+    /// amount to this percentage of its size, so that a node holding much
+    /// mail does not dump all of it every `snapshot_every` entries (0: the
+    /// entry count alone decides).
+    pub snapshot_growth_percent: u64,
     /// Upper bound of the bytes of client commands packed into one Raft entry.
     pub max_batch_bytes: usize,
     /// Raft entries of client commands smaller than `max_batch_bytes`
@@ -99,6 +105,7 @@ impl Default for RaftTuning {
             election_timeout_min_ms: 350,
             election_timeout_max_ms: 600,
             snapshot_every: 5000,
+            snapshot_growth_percent: 25,
             max_batch_bytes: 1024 * 1024,
             max_batches_in_flight: 1,
         }
@@ -274,6 +281,11 @@ impl Config {
         }
         if r.max_batch_bytes < 64 * 1024 {
             return bad("raft.max_batch_bytes must be at least 65536".into());
+        }
+        if r.snapshot_every == 0 || r.snapshot_growth_percent > 1000 {
+            return bad(
+                "raft.snapshot_every must be positive and raft.snapshot_growth_percent at most 1000".into(),
+            );
         }
         if !(1..=64).contains(&r.max_batches_in_flight) {
             return bad("raft.max_batches_in_flight must be between 1 and 64".into());

@@ -20,8 +20,8 @@ use crate::crypto::{Keyring, MasterKey};
 use crate::ctx::Ctx;
 use crate::proposer::Proposer;
 use crate::raft::{
-    bootstrap_if_fresh, place_leadership, raft_config, PeerClients, PeerNetwork, PeerService, ReadFence,
-    PEER_MAX_MESSAGE_BYTES,
+    bootstrap_if_fresh, place_leadership, raft_config, schedule_snapshots, snapshot_schedule, PeerClients,
+    PeerNetwork, PeerService, ReadFence, PEER_MAX_MESSAGE_BYTES,
 };
 use crate::store::{open_db, LogStore, MailReader, StateMachine};
 use crate::test_modes::TestModes;
@@ -77,9 +77,14 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         Arc::new(raft_config(&config)?),
         PeerNetwork::new(peers.clone()),
         log_store,
-        state_machine,
+        state_machine.clone(),
     )
     .await?;
+    tokio::spawn(schedule_snapshots(
+        raft.clone(),
+        state_machine,
+        snapshot_schedule(&config),
+    ));
     // Listen for peers before bootstrapping, so the first election can reach us.
     let raft_listener = bind(config.raft_listen, "raft").await?;
     let client_listener = bind(config.client_listen, "client").await?;

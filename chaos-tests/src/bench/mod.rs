@@ -382,12 +382,15 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 /// A fresh 3-node mailvault with production Raft timing and the bench
 /// mailbox, in the given test modes.
 async fn mailvault_cluster(test_modes: &str) -> Cluster {
-    tuned_cluster(test_modes, "").await
+    tuned_cluster(test_modes, "", None).await
 }
 
-/// [`mailvault_cluster`] with extra `[raft]` settings (one per line).
-async fn tuned_cluster(test_modes: &str, raft: &str) -> Cluster {
+/// [`mailvault_cluster`] with extra `[raft]` settings (one per line) and,
+/// when given, another `raft.snapshot_every`.
+async fn tuned_cluster(test_modes: &str, raft: &str, snapshot_every: Option<u64>) -> Cluster {
+    let defaults = ClusterOptions::default();
     let c = Cluster::start(ClusterOptions {
+        snapshot_every: snapshot_every.unwrap_or(defaults.snapshot_every),
         production_timing: true,
         test_modes: test_modes.to_string(),
         extra_raft: if raft.is_empty() {
@@ -395,7 +398,7 @@ async fn tuned_cluster(test_modes: &str, raft: &str) -> Cluster {
         } else {
             format!("{raft}\n")
         },
-        ..Default::default()
+        ..defaults
     })
     .await;
     create_tenant_and_mailbox(&c, 0, TENANT, MAILBOX).await;
@@ -477,16 +480,43 @@ pub async fn compare(plan: Plan) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One cell on a fresh 3-node system, for profiling and quick checks: the
-/// server PIDs are printed first (to attach `perf`), then the cell's line.
-pub async fn one_cell(
-    system: &str,
-    test_modes: &str,
-    raft: &str,
-    size: usize,
-    clients: usize,
-    seconds: u64,
-) -> anyhow::Result<()> {
+/// What [`one_cell`] measures, and on what.
+#[derive(Debug, Clone)]
+pub struct CellPlan {
+    /// `mailvault` or `etcd`.
+    pub system: String,
+    /// Test modes for mailvault's nodes.
+    pub test_modes: String,
+    /// Extra `[raft]` lines for mailvault's nodes.
+    pub raft: String,
+    /// `raft.snapshot_every` for mailvault's nodes, if not the default.
+    pub snapshot_every: Option<u64>,
+    /// Values of this size written (by 64 clients) before the cell, so that
+    /// it measures a system holding data rather than a fresh one.
+    pub preload: u64,
+    /// Value size in bytes.
+    pub size: usize,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Seconds measured.
+    pub seconds: u64,
+}
+
+/// One cell on a fresh (or preloaded) 3-node system, for profiling and
+/// quick checks: the server PIDs are printed first (to attach `perf`), then
+/// the cell's line.
+pub async fn one_cell(plan: CellPlan) -> anyhow::Result<()> {
+    let CellPlan {
+        system,
+        test_modes,
+        raft,
+        snapshot_every,
+        preload,
+        size,
+        clients,
+        seconds,
+    } = plan;
+    let (system, test_modes, raft) = (system.as_str(), test_modes.as_str(), raft.as_str());
     let (mut mv, mut et);
     let mut sys = match system {
         "etcd" => {
@@ -494,12 +524,29 @@ pub async fn one_cell(
             System::Etcd(&mut et)
         }
         "mailvault" => {
-            mv = tuned_cluster(test_modes, raft).await;
+            mv = tuned_cluster(test_modes, raft, snapshot_every).await;
             System::Mailvault(&mut mv)
         }
         other => anyhow::bail!("unknown system {other:?} (etcd or mailvault)"),
     };
-    sys.leader().await?;
+    let leader = sys.leader().await?;
+    if preload > 0 {
+        let load = Load {
+            clients: 64,
+            duration: Duration::from_secs(1800),
+            max_writes: preload,
+            first_endpoint: leader,
+            keep_ack_times: false,
+            attempt_timeout: None,
+        };
+        let m = drive(sys.target(64, size, "preload"), load).await;
+        eprintln!(
+            "preloaded {} values of {size} B in {:.0} s ({} errors)",
+            m.acked(),
+            m.seconds,
+            m.errors
+        );
+    }
     let pids: Vec<String> = sys.pids().iter().map(u32::to_string).collect();
     eprintln!("pids: {}", pids.join(","));
     let variant = if test_modes.is_empty() {

@@ -60,6 +60,13 @@ enum Cmd {
         /// (e.g. `max_batches_in_flight = 1`).
         #[arg(long, default_value = "")]
         raft: String,
+        /// `raft.snapshot_every` for mailvault's nodes (default: the test clusters').
+        #[arg(long)]
+        snapshot_every: Option<u64>,
+        /// Write this many values (of `--size`, 64 clients) before the cell,
+        /// to measure a system that holds data.
+        #[arg(long, default_value_t = 0)]
+        preload: u64,
         /// Value size in bytes.
         #[arg(long, default_value_t = 4096)]
         size: usize,
@@ -218,12 +225,23 @@ async fn main() -> anyhow::Result<()> {
             system,
             test_modes,
             raft,
+            snapshot_every,
+            preload,
             size,
             clients,
             seconds,
         } => {
-            let raft = raft.replace(';', "\n");
-            mailvault_chaos::bench::one_cell(&system, &test_modes, &raft, size, clients, seconds).await
+            mailvault_chaos::bench::one_cell(mailvault_chaos::bench::CellPlan {
+                system,
+                test_modes,
+                raft: raft.replace(';', "\n"),
+                snapshot_every,
+                preload,
+                size,
+                clients,
+                seconds,
+            })
+            .await
         }
         Cmd::AuditCost {
             clients,

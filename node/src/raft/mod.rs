@@ -5,12 +5,14 @@ mod network;
 mod peer_service;
 mod read_fence;
 mod setup;
+mod snapshots;
 
 pub use leadership::run as place_leadership;
 pub use network::{PeerClients, PeerNetwork};
 pub use peer_service::PeerService;
 pub use read_fence::ReadFence;
-pub use setup::{bootstrap_if_fresh, raft_config};
+pub use setup::{bootstrap_if_fresh, raft_config, snapshot_schedule};
+pub use snapshots::{run as schedule_snapshots, SnapshotSchedule};
 
 /// Largest peer message accepted, in bytes (entries carry up to a few MiB of chunks).
 pub const PEER_MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::Config;
+use crate::raft::SnapshotSchedule;
 use crate::types::{Member, NodeId, Raft};
 
 /// openraft's config derived from ours.
@@ -16,7 +17,8 @@ pub fn raft_config(config: &Config) -> Result<openraft::Config, openraft::Config
         // A backup node is a voter that never campaigns.
         enable_elect: config.me().role.may_campaign(),
         max_payload_entries: 64,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_every),
+        // Snapshots are requested by `raft::snapshots` (entries and bytes).
+        snapshot_policy: openraft::SnapshotPolicy::Never,
         // A follower that fell behind by less than a snapshot interval
         // catches up from the log rather than by a whole snapshot, which
         // costs as much as the data held (a brief stall, a restart).
@@ -26,6 +28,14 @@ pub fn raft_config(config: &Config) -> Result<openraft::Config, openraft::Config
         ..Default::default()
     }
     .validate()
+}
+
+/// When snapshots are built, from our config.
+pub fn snapshot_schedule(config: &Config) -> SnapshotSchedule {
+    SnapshotSchedule {
+        min_entries: config.raft.snapshot_every,
+        growth_percent: config.raft.snapshot_growth_percent,
+    }
 }
 
 /// Initializes a fresh cluster exactly once: only the lowest-numbered member

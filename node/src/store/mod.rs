@@ -11,7 +11,7 @@ mod state_machine;
 pub use db::{open_db, open_db_read_only, Db, CF_LOG, CF_META, CF_SM};
 pub use log_store::LogStore;
 pub use reader::{MailReader, ReadError};
-pub use state_machine::StateMachine;
+pub use state_machine::{SnapshotExtent, StateMachine};
 
 /// For offline tools on a stopped node's data directory: the log index its
 /// state machine has applied, and the commit index its log knows of. A node

@@ -3,6 +3,7 @@
 
 use std::io::Seek;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::RaftStateMachine;
@@ -28,6 +29,23 @@ pub struct StateMachine {
     /// The file a snapshot is being received into, if a transfer is under way.
     receiving: Arc<Mutex<Option<PathBuf>>>,
     applied_tx: Arc<watch::Sender<u64>>,
+    /// Bytes of client commands applied since the state machine was opened
+    /// (about their size in the log; for the snapshot schedule).
+    applied_bytes: Arc<AtomicU64>,
+    /// `applied_bytes` when the current snapshot became current.
+    bytes_at_snapshot: Arc<AtomicU64>,
+}
+
+/// The current snapshot, and how far the state machine has moved past it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotExtent {
+    /// The current snapshot's last log index (0 without one).
+    pub index: u64,
+    /// The current snapshot's data size in bytes (0 without one).
+    pub bytes: u64,
+    /// Bytes of client commands applied since it became current (since
+    /// the state machine was opened, if that was later).
+    pub applied_bytes_since: u64,
 }
 
 impl StateMachine {
@@ -44,6 +62,8 @@ impl StateMachine {
             current: Arc::new(Mutex::new(current)),
             receiving: Arc::new(Mutex::new(None)),
             applied_tx: Arc::new(watch::channel(0).0),
+            applied_bytes: Arc::new(AtomicU64::new(0)),
+            bytes_at_snapshot: Arc::new(AtomicU64::new(0)),
         };
         let applied = sm.read_applied()?.0.map(|l| l.index).unwrap_or(0);
         sm.applied_tx.send_replace(applied);
@@ -59,10 +79,33 @@ impl StateMachine {
         read_applied(&self.db)
     }
 
+    /// The current snapshot's last log index and size, and the bytes of
+    /// commands applied since.
+    pub fn snapshot_extent(&self) -> SnapshotExtent {
+        let current = self.current.lock().expect("snapshot lock");
+        let applied_bytes_since = self
+            .applied_bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.bytes_at_snapshot.load(Ordering::Relaxed));
+        let Some((meta, path)) = current.as_ref() else {
+            return SnapshotExtent {
+                index: 0,
+                bytes: 0,
+                applied_bytes_since,
+            };
+        };
+        SnapshotExtent {
+            index: meta.last_log_id.map(|l| l.index).unwrap_or(0),
+            bytes: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+            applied_bytes_since,
+        }
+    }
+
     fn apply_blocking(&self, entries: Vec<Entry>) -> Result<(Vec<BatchResult>, Option<u64>), StorageError> {
         let mut tx = Tx::new(&self.db);
         let mut results = Vec::with_capacity(entries.len());
         let mut last = None;
+        let mut bytes = 0;
         let sm_err = |e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
         for entry in entries {
             last = Some(entry.log_id);
@@ -71,6 +114,7 @@ impl StateMachine {
                 EntryPayload::Blank => {}
                 EntryPayload::Normal(batch) => {
                     for cmd in batch.commands {
+                        bytes += cmd.approx_bytes() as u64;
                         out.results.push(tx.apply(cmd).map_err(sm_err)?);
                     }
                 }
@@ -93,6 +137,7 @@ impl StateMachine {
         let mut wo = rocksdb::WriteOptions::default();
         wo.disable_wal(true);
         self.db.write_opt(tx.batch, &wo).map_err(sm_err)?;
+        self.applied_bytes.fetch_add(bytes, Ordering::Relaxed);
         Ok((results, last.map(|l| l.index)))
     }
 }
@@ -176,6 +221,10 @@ impl StateMachine {
         let path = self.files.data_path(&meta);
         let file = std::fs::File::open(&path)?;
         *current = Some((meta.clone(), path));
+        // What was applied while this snapshot was being built counts as
+        // part of it: a slight undercount of what the next one adds.
+        self.bytes_at_snapshot
+            .store(self.applied_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
         Ok((meta, file))
     }
 }
