@@ -506,25 +506,15 @@ pub struct CellPlan {
 /// quick checks: the server PIDs are printed first (to attach `perf`), then
 /// the cell's line.
 pub async fn one_cell(plan: CellPlan) -> anyhow::Result<()> {
-    let CellPlan {
-        system,
-        test_modes,
-        raft,
-        snapshot_every,
-        preload,
-        size,
-        clients,
-        seconds,
-    } = plan;
-    let (system, test_modes, raft) = (system.as_str(), test_modes.as_str(), raft.as_str());
+    let (size, preload) = (plan.size, plan.preload);
     let (mut mv, mut et);
-    let mut sys = match system {
+    let mut sys = match plan.system.as_str() {
         "etcd" => {
             et = Etcd::start(3).await?;
             System::Etcd(&mut et)
         }
         "mailvault" => {
-            mv = tuned_cluster(test_modes, raft, snapshot_every).await;
+            mv = tuned_cluster(&plan.test_modes, &plan.raft, plan.snapshot_every).await;
             System::Mailvault(&mut mv)
         }
         other => anyhow::bail!("unknown system {other:?} (etcd or mailvault)"),
@@ -549,12 +539,12 @@ pub async fn one_cell(plan: CellPlan) -> anyhow::Result<()> {
     }
     let pids: Vec<String> = sys.pids().iter().map(u32::to_string).collect();
     eprintln!("pids: {}", pids.join(","));
-    let variant = if test_modes.is_empty() {
+    let variant = if plan.test_modes.is_empty() {
         "default"
     } else {
         "test-modes"
     };
-    cell(&mut sys, variant, size, clients, seconds).await?;
+    cell(&mut sys, variant, size, plan.clients, plan.seconds).await?;
     if let System::Mailvault(c) = &sys {
         // The node's own stage timings (medians and 99th percentiles) and snapshot count.
         for i in 0..c.len() {
