@@ -41,7 +41,9 @@ impl SnapshotSchedule {
 const BUILD_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Requests a snapshot from openraft whenever [`SnapshotSchedule::due`]
-/// says so, one at a time. Ends when Raft stops.
+/// says so, one at a time. Ends at the first request after Raft has
+/// stopped, or with the runtime (a stopped node applies nothing more, so
+/// it only waits).
 pub async fn run(raft: Raft, sm: StateMachine, schedule: SnapshotSchedule) {
     let mut applied = sm.applied_index();
     loop {
