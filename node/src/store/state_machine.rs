@@ -24,8 +24,8 @@ use crate::types::{BatchResult, Entry, LogId, SnapshotMeta, StorageError, Stored
 pub struct StateMachine {
     db: Db,
     files: SnapshotFiles,
-    /// The current snapshot's metadata and data file.
-    current: Arc<Mutex<Option<(SnapshotMeta, PathBuf)>>>,
+    /// The current snapshot's metadata, data file and its size in bytes.
+    current: Arc<Mutex<Option<(SnapshotMeta, PathBuf, u64)>>>,
     /// The file a snapshot is being received into, if a transfer is under way.
     receiving: Arc<Mutex<Option<PathBuf>>>,
     applied_tx: Arc<watch::Sender<u64>>,
@@ -53,9 +53,14 @@ impl StateMachine {
     pub fn open(db: Db, snapshot_dir: &std::path::Path) -> Result<StateMachine, StorageError> {
         let files = SnapshotFiles::new(snapshot_dir)
             .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
-        let current = files
-            .read()
-            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        let read_err = |e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e);
+        let current = match files.read().map_err(read_err)? {
+            Some((meta, path)) => {
+                let len = std::fs::metadata(&path).map_err(|e| read_err(e.into()))?.len();
+                Some((meta, path, len))
+            }
+            None => None,
+        };
         let sm = StateMachine {
             db,
             files,
@@ -87,16 +92,12 @@ impl StateMachine {
             .applied_bytes
             .load(Ordering::Relaxed)
             .saturating_sub(self.bytes_at_snapshot.load(Ordering::Relaxed));
-        let Some((meta, path)) = current.as_ref() else {
-            return SnapshotExtent {
-                index: 0,
-                bytes: 0,
-                applied_bytes_since,
-            };
-        };
+        let (index, bytes) = current.as_ref().map_or((0, 0), |(meta, _, len)| {
+            (meta.last_log_id.map(|l| l.index).unwrap_or(0), *len)
+        });
         SnapshotExtent {
-            index: meta.last_log_id.map(|l| l.index).unwrap_or(0),
-            bytes: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+            index,
+            bytes,
             applied_bytes_since,
         }
     }
@@ -211,7 +212,7 @@ impl StateMachine {
         keep_newer: bool,
     ) -> std::io::Result<(SnapshotMeta, std::fs::File)> {
         let mut current = self.current.lock().expect("snapshot lock");
-        if let Some((cur, path)) = current.as_ref() {
+        if let Some((cur, path, _)) = current.as_ref() {
             if keep_newer && cur.last_log_id > meta.last_log_id {
                 std::fs::remove_file(data)?;
                 return Ok((cur.clone(), std::fs::File::open(path)?));
@@ -220,7 +221,7 @@ impl StateMachine {
         self.files.commit(&meta, data)?;
         let path = self.files.data_path(&meta);
         let file = std::fs::File::open(&path)?;
-        *current = Some((meta.clone(), path));
+        *current = Some((meta.clone(), path, file.metadata()?.len()));
         // What was applied while this snapshot was being built counts as
         // part of it: a slight undercount of what the next one adds.
         self.bytes_at_snapshot
@@ -369,7 +370,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Opened under the lock, so a snapshot published meanwhile cannot
         // remove the file first.
         let cur = self.current.lock().expect("snapshot lock");
-        let Some((meta, path)) = cur.as_ref() else {
+        let Some((meta, path, _)) = cur.as_ref() else {
             return Ok(None);
         };
         let file = std::fs::File::open(path)
