@@ -87,6 +87,10 @@ pub struct RaftTuning {
     /// mail does not dump all of it every `snapshot_every` entries (0: the
     /// entry count alone decides).
     pub snapshot_growth_percent: u64,
+    /// MiB of the newest Raft log entries also kept in memory, from which
+    /// the node replicates and applies them without reading them back from
+    /// disk (0: none; every read goes to RocksDB).
+    pub log_cache_mib: usize,
     /// Upper bound of the bytes of client commands packed into one Raft entry.
     pub max_batch_bytes: usize,
     /// Raft entries of client commands smaller than `max_batch_bytes`
@@ -106,6 +110,7 @@ impl Default for RaftTuning {
             election_timeout_max_ms: 600,
             snapshot_every: 5000,
             snapshot_growth_percent: 25,
+            log_cache_mib: 64,
             max_batch_bytes: 1024 * 1024,
             max_batches_in_flight: 1,
         }

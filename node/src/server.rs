@@ -53,12 +53,13 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let db = open_db(&config.data_dir.join("db"))
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
-    let mut log_store = LogStore::new(db.clone());
+    let mut log_store = LogStore::new(db.clone(), config.raft.log_cache_mib << 20);
     if test_modes.ack_before_fsync {
         log_store = log_store.without_append_sync();
     }
     let state_machine = StateMachine::open(db.clone(), &config.data_dir.join("snapshots"))?;
     let applied = state_machine.applied_index();
+    let audit_changes = state_machine.audit_changes();
     tracing::info!(applied = *applied.borrow(), "store opened");
 
     let prometheus = PrometheusBuilder::new()
@@ -186,7 +187,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     tokio::spawn(follow_audit_log(
         lockout.clone(),
         ctx.reader.clone(),
-        ctx.applied.clone(),
+        audit_changes,
         follow_from,
     ));
 

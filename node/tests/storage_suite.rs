@@ -4,19 +4,24 @@ use mailvault_node::store::{open_db, LogStore, StateMachine};
 use mailvault_node::types::{StorageError, TypeConfig};
 use openraft::testing::{StoreBuilder, Suite};
 
-struct RocksBuilder;
+/// Builds stores whose log keeps this many bytes of entries in memory.
+struct RocksBuilder(usize);
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for RocksBuilder {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = open_db(&dir.path().join("db")).expect("open db");
         let sm = StateMachine::open(db.clone(), &dir.path().join("snapshots"))?;
-        Ok((dir, LogStore::new(db), sm))
+        Ok((dir, LogStore::new(db, self.0), sm))
     }
 }
 
 #[test]
 fn rocksdb_stores_pass_the_openraft_storage_suite() -> Result<(), StorageError> {
-    Suite::test_all(RocksBuilder)?;
+    // With the in-memory log cache off, holding only the newest entry (so
+    // reads mix it and RocksDB), and holding all of the log.
+    for cache_bytes in [0, 1, 64 << 20] {
+        Suite::test_all(RocksBuilder(cache_bytes))?;
+    }
     Ok(())
 }

@@ -552,7 +552,10 @@ pub async fn one_cell(plan: CellPlan) -> anyhow::Result<()> {
                 continue;
             };
             for line in page.lines().filter(|l| {
-                (l.contains("quantile=\"0.5\"") || l.contains("quantile=\"0.99\"") || !l.contains('{'))
+                (l.contains("quantile=\"0.5\"")
+                    || l.contains("quantile=\"0.99\"")
+                    || l.contains("from=")
+                    || !l.contains('{'))
                     && STAGES.iter().any(|s| l.starts_with(s))
             }) {
                 eprintln!("  node {i}: {line}");
@@ -563,8 +566,9 @@ pub async fn one_cell(plan: CellPlan) -> anyhow::Result<()> {
 }
 
 /// The node metrics [`one_cell`] prints.
-const STAGES: [&str; 9] = [
+const STAGES: [&str; 10] = [
     "mailvault_snapshots_built_total",
+    "mailvault_log_reads_total",
     "mailvault_commit_seconds",
     "mailvault_commands_per_entry",
     "mailvault_appends_per_fsync",

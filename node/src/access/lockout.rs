@@ -232,11 +232,14 @@ impl Lockout {
 const PAGE: usize = 1024;
 
 /// Follows the replicated audit log from sequence number `next` for as long
-/// as the node runs, observing every record as it is applied.
+/// as the node runs, observing every record as it is applied: it reads the
+/// log when `audit_changes` says applied entries added records (not after
+/// every apply: most carry mail, and each look is a RocksDB seek), and
+/// refreshes the lockout gauge once a second meanwhile.
 pub async fn follow_audit_log(
     lockout: Lockout,
     reader: MailReader,
-    mut applied: watch::Receiver<u64>,
+    mut audit_changes: watch::Receiver<u64>,
     mut next: u64,
 ) {
     loop {
@@ -246,21 +249,27 @@ pub async fn follow_audit_log(
             l.refresh_gauge();
             page
         });
-        match step.await {
+        let failed = match step.await {
             Ok(Ok((after, read))) => {
                 next = after;
                 if read == PAGE {
                     continue;
                 }
+                false
             }
-            _ => tracing::warn!("cannot read the audit log for lockouts; retrying"),
-        }
-        // Wake on the next apply, and at least once a second.
-        if tokio::time::timeout(Duration::from_secs(1), applied.changed())
-            .await
-            .is_ok_and(|r| r.is_err())
-        {
-            return;
+            _ => {
+                tracing::warn!("cannot read the audit log for lockouts; retrying");
+                true
+            }
+        };
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), audit_changes.changed()).await {
+                Ok(Ok(())) => break,
+                Ok(Err(_)) => return,
+                Err(_) if failed => break,
+                // Lockouts also end by themselves.
+                Err(_) => lockout.refresh_gauge(),
+            }
         }
     }
 }

@@ -6,10 +6,13 @@
 //! the followers; one syncer thread per store then syncs the WAL and reports
 //! the entries flushed. Appends that queue up while a sync runs share the
 //! next one, so at high load one fsync covers many Raft entries.
+//!
+//! The newest entries are also kept in memory (`super::log_cache`), so that
+//! reading them back to replicate and apply them does not go to RocksDB.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogReader, Vote};
@@ -17,6 +20,7 @@ use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions};
 
 use super::db::{Db, CF_LOG, CF_META};
 use super::io_err;
+use super::log_cache::LogCache;
 use crate::model::{decode, encode};
 use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
 
@@ -31,6 +35,7 @@ pub struct LogStore {
     /// False only in the `ack-before-fsync` canary (see `crate::test_modes`).
     sync_appends: bool,
     syncer: Arc<mpsc::Sender<LogFlushed<TypeConfig>>>,
+    cache: Arc<Mutex<LogCache>>,
 }
 
 /// Reads and decodes one Raft metadata value.
@@ -51,19 +56,31 @@ pub(super) fn read_committed(db: &Db) -> Result<Option<LogId>, StorageError> {
 
 /// Syncs the WAL for every batch of appends queued since the last sync, then
 /// reports them flushed, in order. Ends when every store clone is dropped.
-fn run_syncer(db: Db, rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
+/// It holds the database only while it syncs, so that whoever drops the
+/// last handle closes it — not this thread, which a process may be exiting
+/// under (RocksDB aborted in a close racing the exit).
+fn run_syncer(db: std::sync::Weak<rocksdb::DB>, rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
     while let Ok(first) = rx.recv() {
         let mut waiting = vec![first];
         waiting.extend(rx.try_iter());
         let started = std::time::Instant::now();
-        let res = db.flush_wal(true);
+        let res = match db.upgrade() {
+            Some(db) => db
+                .flush_wal(true)
+                .map_err(|e| std::io::Error::other(e.to_string())),
+            None => Err(std::io::Error::other("the database is closed")),
+        };
         metrics::histogram!("mailvault_wal_sync_seconds").record(started.elapsed().as_secs_f64());
         if res.is_ok() {
             metrics::counter!("mailvault_fsyncs_total").increment(1);
         }
         metrics::histogram!("mailvault_appends_per_fsync").record(waiting.len() as f64);
         for callback in waiting {
-            callback.log_io_completed(res.clone().map_err(|e| std::io::Error::other(e.to_string())));
+            callback.log_io_completed(
+                res.as_ref()
+                    .map(|_| ())
+                    .map_err(|e| std::io::Error::other(e.to_string())),
+            );
         }
         if res.is_err() {
             // Raft stops on the first failed sync; nothing later can be durable.
@@ -77,10 +94,11 @@ fn idx(i: u64) -> [u8; 8] {
 }
 
 impl LogStore {
-    /// A log store over an open database.
-    pub fn new(db: Db) -> LogStore {
+    /// A log store over an open database, keeping about `cache_bytes` of
+    /// the newest entries in memory as well.
+    pub fn new(db: Db, cache_bytes: usize) -> LogStore {
         let (tx, rx) = mpsc::channel();
-        let sync_db = db.clone();
+        let sync_db = Arc::downgrade(&db);
         std::thread::Builder::new()
             .name("wal-sync".into())
             .spawn(move || run_syncer(sync_db, rx))
@@ -89,7 +107,12 @@ impl LogStore {
             db,
             sync_appends: true,
             syncer: Arc::new(tx),
+            cache: Arc::new(Mutex::new(LogCache::new(cache_bytes))),
         }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, LogCache> {
+        self.cache.lock().expect("log cache lock")
     }
 
     /// The `ack-before-fsync` canary: appends are reported flushed without
@@ -155,20 +178,37 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&s) => s + 1,
             Bound::Unbounded => 0,
         };
-        let mut out = Vec::new();
-        let it = self
-            .db
-            .iterator_cf(self.cf_log(), IteratorMode::From(&idx(start), Direction::Forward));
-        for item in it {
-            let (k, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            let i = u64::from_be_bytes(k.as_ref().try_into().expect("8-byte log key"));
-            if !range.contains(&i) {
-                break;
-            }
-            out.push(decode(&v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?);
+        let end = match range.end_bound() {
+            Bound::Included(&e) => Some(e + 1),
+            Bound::Excluded(&e) => Some(e),
+            Bound::Unbounded => None,
+        };
+        let cached = self.cache().get(start, end);
+        if let Some(entries) = cached {
+            metrics::counter!("mailvault_log_reads_total", "from" => "cache").increment(1);
+            return Ok(entries.iter().map(|e| Entry::clone(e)).collect());
         }
-        Ok(out)
+        metrics::counter!("mailvault_log_reads_total", "from" => "disk").increment(1);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || read_range(&db, start, end))
+            .await
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?
     }
+}
+
+/// Reads the entries `start..end` (`None`: to the last) from RocksDB.
+fn read_range(db: &Db, start: u64, end: Option<u64>) -> Result<Vec<Entry>, StorageError> {
+    let cf = db.cf_handle(CF_LOG).expect("log column family");
+    let mut out = Vec::new();
+    for item in db.iterator_cf(cf, IteratorMode::From(&idx(start), Direction::Forward)) {
+        let (k, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        let i = u64::from_be_bytes(k.as_ref().try_into().expect("8-byte log key"));
+        if end.is_some_and(|end| i >= end) {
+            break;
+        }
+        out.push(decode(&v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?);
+    }
+    Ok(out)
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
@@ -213,8 +253,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut wb = WriteBatch::default();
         let cf = self.cf_log();
+        let mut written = Vec::new();
         for e in entries {
-            wb.put_cf(cf, idx(e.log_id.index), encode(&e));
+            let bytes = encode(&e);
+            wb.put_cf(cf, idx(e.log_id.index), &bytes);
+            written.push((e, bytes.len()));
         }
         let db = self.db.clone();
         let started = std::time::Instant::now();
@@ -223,6 +266,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .await
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        self.cache().extend(written);
         metrics::histogram!("mailvault_log_write_seconds").record(started.elapsed().as_secs_f64());
         if !self.sync_appends {
             callback.log_io_completed(Ok(()));
@@ -238,10 +282,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.cache().remove_from(log_id.index);
         self.delete_range(log_id.index, u64::MAX, ErrorVerb::Delete)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.cache().remove_through(log_id.index);
         self.put_meta_synced(KEY_PURGED, &log_id)?;
         self.delete_range(0, log_id.index + 1, ErrorVerb::Delete)
     }

@@ -3,6 +3,7 @@
 
 mod apply;
 mod db;
+mod log_cache;
 mod log_store;
 mod reader;
 mod snapshot;

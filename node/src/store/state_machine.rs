@@ -15,6 +15,7 @@ use super::apply::Tx;
 use super::db::{Db, CF_SM};
 use super::io_err;
 use super::snapshot::{dump_to, load_file, SnapshotError, SnapshotFiles};
+use crate::command::Command;
 use crate::keys::{META_APPLIED, META_MEMBERSHIP};
 use crate::model::{decode, encode};
 use crate::types::{BatchResult, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
@@ -29,6 +30,8 @@ pub struct StateMachine {
     /// The file a snapshot is being received into, if a transfer is under way.
     receiving: Arc<Mutex<Option<PathBuf>>>,
     applied_tx: Arc<watch::Sender<u64>>,
+    /// Counts applies that added audit records (and installed snapshots).
+    audit_tx: Arc<watch::Sender<u64>>,
     /// Bytes of client commands applied since the state machine was opened
     /// (about their size in the log; for the snapshot schedule).
     applied_bytes: Arc<AtomicU64>,
@@ -67,6 +70,7 @@ impl StateMachine {
             current: Arc::new(Mutex::new(current)),
             receiving: Arc::new(Mutex::new(None)),
             applied_tx: Arc::new(watch::channel(0).0),
+            audit_tx: Arc::new(watch::channel(0).0),
             applied_bytes: Arc::new(AtomicU64::new(0)),
             bytes_at_snapshot: Arc::new(AtomicU64::new(0)),
         };
@@ -78,6 +82,17 @@ impl StateMachine {
     /// Watches the last applied log index (for readers waiting on a read index and watchers).
     pub fn applied_index(&self) -> watch::Receiver<u64> {
         self.applied_tx.subscribe()
+    }
+
+    /// Changes whenever applied entries added audit records or a snapshot
+    /// was installed (for the lockout follower, which would otherwise look
+    /// for new records after every apply).
+    pub fn audit_changes(&self) -> watch::Receiver<u64> {
+        self.audit_tx.subscribe()
+    }
+
+    fn audit_changed(&self) {
+        self.audit_tx.send_modify(|n| *n += 1);
     }
 
     fn read_applied(&self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
@@ -102,11 +117,17 @@ impl StateMachine {
         }
     }
 
-    fn apply_blocking(&self, entries: Vec<Entry>) -> Result<(Vec<BatchResult>, Option<u64>), StorageError> {
+    /// Applies `entries`; returns their results, the last index, and
+    /// whether they added audit records.
+    fn apply_blocking(
+        &self,
+        entries: Vec<Entry>,
+    ) -> Result<(Vec<BatchResult>, Option<u64>, bool), StorageError> {
         let mut tx = Tx::new(&self.db);
         let mut results = Vec::with_capacity(entries.len());
         let mut last = None;
         let mut bytes = 0;
+        let mut audited = false;
         let sm_err = |e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e);
         for entry in entries {
             last = Some(entry.log_id);
@@ -116,6 +137,7 @@ impl StateMachine {
                 EntryPayload::Normal(batch) => {
                     for cmd in batch.commands {
                         bytes += cmd.approx_bytes() as u64;
+                        audited |= matches!(cmd, Command::Audit { .. });
                         out.results.push(tx.apply(cmd).map_err(sm_err)?);
                     }
                 }
@@ -139,7 +161,7 @@ impl StateMachine {
         wo.disable_wal(true);
         self.db.write_opt(tx.batch, &wo).map_err(sm_err)?;
         self.applied_bytes.fetch_add(bytes, Ordering::Relaxed);
-        Ok((results, last.map(|l| l.index)))
+        Ok((results, last.map(|l| l.index), audited))
     }
 }
 
@@ -285,13 +307,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let this = self.clone();
         let started = std::time::Instant::now();
-        let (results, last) = tokio::task::spawn_blocking(move || this.apply_blocking(entries))
+        let (results, last, audited) = tokio::task::spawn_blocking(move || this.apply_blocking(entries))
             .await
             .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))??;
         metrics::histogram!("mailvault_apply_seconds").record(started.elapsed().as_secs_f64());
         if let Some(i) = last {
             self.applied_tx.send_replace(i);
             metrics::gauge!("mailvault_applied_index").set(i as f64);
+        }
+        if audited {
+            self.audit_changed();
         }
         Ok(results)
     }
@@ -362,6 +387,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .map_err(|e| io_err(subject, ErrorVerb::Write, e))??;
         let applied = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         self.applied_tx.send_replace(applied);
+        self.audit_changed();
         metrics::counter!("mailvault_snapshots_installed_total").increment(1);
         Ok(())
     }
