@@ -64,11 +64,10 @@ fn run_syncer(db: std::sync::Weak<rocksdb::DB>, rx: mpsc::Receiver<LogFlushed<Ty
         let mut waiting = vec![first];
         waiting.extend(rx.try_iter());
         let started = std::time::Instant::now();
-        let res = match db.upgrade() {
-            Some(db) => db
-                .flush_wal(true)
-                .map_err(|e| std::io::Error::other(e.to_string())),
-            None => Err(std::io::Error::other("the database is closed")),
+        // Kept as text: each callback takes its own `io::Error`.
+        let res: Result<(), String> = match db.upgrade() {
+            Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
+            None => Err("the database is closed".into()),
         };
         metrics::histogram!("mailvault_wal_sync_seconds").record(started.elapsed().as_secs_f64());
         if res.is_ok() {
@@ -76,11 +75,7 @@ fn run_syncer(db: std::sync::Weak<rocksdb::DB>, rx: mpsc::Receiver<LogFlushed<Ty
         }
         metrics::histogram!("mailvault_appends_per_fsync").record(waiting.len() as f64);
         for callback in waiting {
-            callback.log_io_completed(
-                res.as_ref()
-                    .map(|_| ())
-                    .map_err(|e| std::io::Error::other(e.to_string())),
-            );
+            callback.log_io_completed(res.clone().map_err(std::io::Error::other));
         }
         if res.is_err() {
             // Raft stops on the first failed sync; nothing later can be durable.
