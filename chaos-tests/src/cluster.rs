@@ -241,6 +241,30 @@ impl Cluster {
         })
         .await
         .expect("grant");
+        self.wait_all_applied().await;
+    }
+
+    /// Waits until every running node has applied what the most advanced
+    /// one has (a follower authorizes from its own copy of the policies, so
+    /// a change made through the leader reaches it a heartbeat later).
+    pub async fn wait_all_applied(&self) {
+        let mut target = 0;
+        for i in 0..self.len() {
+            target = target.max(self.applied_index(i).await.unwrap_or(0));
+        }
+        for i in (0..self.len()).filter(|&i| self.nodes[i].child.is_some()) {
+            crate::client::retry(Duration::from_secs(20), || async move {
+                match self.applied_index(i).await {
+                    Some(a) if a >= target => Ok(()),
+                    other => Err(tonic::Status::unavailable(format!(
+                        "node {} applied {other:?} of {target}",
+                        i + 1
+                    ))),
+                }
+            })
+            .await
+            .expect("every running node applies the change");
+        }
     }
 
     /// The cluster's CA (to issue more certificates).
