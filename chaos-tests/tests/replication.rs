@@ -1,10 +1,10 @@
 //! Replication: what one node acknowledges, every node serves; a node that was
 //! down catches up from the log and from a snapshot; large messages round-trip.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mailvault_chaos::*;
-use mailvault_proto::v1::TriggerSnapshotRequest;
+use mailvault_proto::v1::{NodeStatusRequest, NodeStatusResponse, TriggerSnapshotRequest};
 
 const T: &str = "acme";
 const M: &str = "support";
@@ -242,4 +242,116 @@ async fn nodes_snapshot_on_their_own_once_new_mail_reaches_a_share_of_the_last_s
         after.iter().zip(&before).all(|(a, b)| a > b),
         "{after:?} vs {before:?}"
     );
+}
+
+async fn status(cluster: &Cluster, i: usize) -> NodeStatusResponse {
+    let mut a = cluster.admin(i).await;
+    a.node_status(NodeStatusRequest {}).await.unwrap().into_inner()
+}
+
+/// Waits until every node has applied all of the leader's log, twice in a
+/// row a second apart (status calls are not audited, so nothing new comes);
+/// returns that index.
+async fn wait_quiet(cluster: &Cluster, leader: usize) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut previous = None;
+    loop {
+        assert!(Instant::now() < deadline, "the cluster never became quiet");
+        let last = status(cluster, leader).await.last_log_index;
+        let mut applied = Vec::new();
+        for i in 0..cluster.len() {
+            applied.push(status(cluster, i).await.applied_index);
+        }
+        if applied.iter().all(|&a| a == last) {
+            if previous == Some(last) {
+                return last;
+            }
+            previous = Some(last);
+        } else {
+            previous = None;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The leader syncs its own copy of an entry while the followers receive it
+/// (openraft 0.9 would have it wait for that sync first), and still a write
+/// is acknowledged, and the followers apply it, only once the leader's copy
+/// is on disk. The `slow-leader-sync` test mode holds each sync of the
+/// leader's appends back for 3 s (while a file says so, around this one
+/// write), so the order of events can be seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waits_for_the_leaders_own_sync_while_the_followers_already_hold_it() {
+    let slow = mailvault_node::test_modes::SLOW_LEADER_SYNC;
+    let mut cluster = Cluster::start(ClusterOptions {
+        test_modes: "slow-leader-sync".into(),
+        ..ClusterOptions::default()
+    })
+    .await;
+    create_tenant_and_mailbox(&cluster, 0, T, M).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let followers: Vec<usize> = (0..cluster.len()).filter(|&i| i != leader).collect();
+    let base = wait_quiet(&cluster, leader).await;
+
+    let slow_file = cluster
+        .data_dir(leader)
+        .join(mailvault_node::test_modes::SLOW_LEADER_SYNC_FILE);
+    std::fs::write(&slow_file, b"").unwrap();
+    let sent = Instant::now();
+    let mut c = cluster.mailbox(leader).await;
+    let body = test_message("Order 77", "bo@customer.example", "BODY-77", 2000);
+    let write = tokio::spawn(async move { append(&mut c, T, M, "slow-1", &body).await });
+
+    // The leader's sync of the entry is through 3 s after it was sent at
+    // the earliest. Until then the followers receive every new entry of the
+    // leader's (the write's, and the audit record of the call) — and apply
+    // none of them. Only samples taken wholly before then count.
+    let mut leader_last = base;
+    let mut received = Vec::new();
+    while received.len() < followers.len() {
+        assert!(
+            sent.elapsed() < slow,
+            "the followers did not receive the write before the leader synced it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if leader_last == base {
+            leader_last = status(&cluster, leader).await.last_log_index;
+            continue;
+        }
+        for &f in &followers {
+            let s = status(&cluster, f).await;
+            if sent.elapsed() >= slow {
+                break;
+            }
+            assert_eq!(
+                s.applied_index, base,
+                "node {f} applied an entry the leader had not synced"
+            );
+            if s.last_log_index >= leader_last && !received.contains(&f) {
+                received.push(f);
+            }
+        }
+    }
+
+    let r = write.await.unwrap().unwrap();
+    assert_eq!((r.uid, r.duplicate), (1, false));
+    assert!(
+        sent.elapsed() >= slow,
+        "acknowledged after {:?}, before the leader's sync",
+        sent.elapsed()
+    );
+
+    // Once synced, the followers learn that it is committed and apply it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for &f in &followers {
+        while status(&cluster, f).await.applied_index < leader_last {
+            assert!(Instant::now() < deadline, "node {f} never applied the write");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for &f in &followers {
+        let mut c = cluster.mailbox(f).await;
+        let (meta, _) = fetch(&mut c, T, M, 1).await.unwrap();
+        assert_eq!(meta.subject, "Order 77");
+    }
 }

@@ -20,8 +20,8 @@ use crate::crypto::{Keyring, MasterKey};
 use crate::ctx::Ctx;
 use crate::proposer::Proposer;
 use crate::raft::{
-    bootstrap_if_fresh, place_leadership, raft_config, schedule_snapshots, snapshot_schedule, PeerClients,
-    PeerNetwork, PeerService, ReadFence, PEER_MAX_MESSAGE_BYTES,
+    bootstrap_if_fresh, place_leadership, raft_config, resend_held_back_commits, schedule_snapshots,
+    snapshot_schedule, PeerClients, PeerNetwork, PeerService, ReadFence, PEER_MAX_MESSAGE_BYTES,
 };
 use crate::store::{open_db, LogStore, MailReader, StateMachine};
 use crate::test_modes::TestModes;
@@ -53,11 +53,22 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let db = open_db(&config.data_dir.join("db"))
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
-    let mut log_store = LogStore::new(db.clone(), config.raft.log_cache_mib << 20);
+    let mut log_store = LogStore::new(db.clone(), config.raft.log_cache_mib << 20)?;
     if test_modes.ack_before_fsync {
         log_store = log_store.without_append_sync();
     }
-    let state_machine = StateMachine::open(db.clone(), &config.data_dir.join("snapshots"))?;
+    if config.raft.pipeline_leader_fsync {
+        log_store = log_store.with_leader_pipelining(id);
+    }
+    if test_modes.slow_leader_sync {
+        log_store = log_store.with_leader_sync_delay(
+            crate::test_modes::SLOW_LEADER_SYNC,
+            config.data_dir.join(crate::test_modes::SLOW_LEADER_SYNC_FILE),
+        );
+    }
+    let durability = log_store.durability();
+    let state_machine = StateMachine::open(db.clone(), &config.data_dir.join("snapshots"))?
+        .applying_synced(durability.clone());
     let applied = state_machine.applied_index();
     let audit_changes = state_machine.audit_changes();
     tracing::info!(applied = *applied.borrow(), "store opened");
@@ -76,11 +87,12 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let raft = Raft::new(
         id,
         Arc::new(raft_config(&config)?),
-        PeerNetwork::new(peers.clone()),
+        PeerNetwork::new(peers.clone(), durability.clone()),
         log_store,
         state_machine.clone(),
     )
     .await?;
+    tokio::spawn(resend_held_back_commits(raft.clone(), durability));
     tokio::spawn(schedule_snapshots(
         raft.clone(),
         state_machine,

@@ -24,7 +24,18 @@ pub struct TestModes {
     /// Message parts are stored unencrypted (in an envelope of their own
     /// format, opened only in this mode), to measure what encryption costs.
     pub plaintext: bool,
+    /// While the file [`SLOW_LEADER_SYNC_FILE`] exists in the node's data
+    /// directory, each WAL sync of its pipelined leader appends waits
+    /// [`SLOW_LEADER_SYNC`] first, so tests can see what waits for the
+    /// leader's own copy to be on disk (`store::durability`). Slow, not unsafe.
+    pub slow_leader_sync: bool,
 }
+
+/// How long `slow-leader-sync` holds back each sync of a leader's appends.
+pub const SLOW_LEADER_SYNC: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The file in a node's data directory that turns `slow-leader-sync` on.
+pub const SLOW_LEADER_SYNC_FILE: &str = "slow-leader-sync";
 
 /// Why the modes could not be enabled.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +44,7 @@ pub enum TestModeError {
     #[error("{ENV} is set, but this mailvault-node was built without the `test-modes` feature")]
     NotCompiled,
     /// The variable names a mode that does not exist.
-    #[error("{ENV} names an unknown mode `{0}` (known: unaudited-reads, ack-before-fsync, stale-reads, plaintext)")]
+    #[error("{ENV} names an unknown mode `{0}` (known: unaudited-reads, ack-before-fsync, stale-reads, plaintext, slow-leader-sync)")]
     Unknown(String),
 }
 
@@ -60,6 +71,7 @@ impl TestModes {
                 "ack-before-fsync" => modes.ack_before_fsync = true,
                 "stale-reads" => modes.stale_reads = true,
                 "plaintext" => modes.plaintext = true,
+                "slow-leader-sync" => modes.slow_leader_sync = true,
                 other => return Err(TestModeError::Unknown(other.to_string())),
             }
         }

@@ -11,8 +11,12 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = open_db(&dir.path().join("db")).expect("open db");
-        let sm = StateMachine::open(db.clone(), &dir.path().join("snapshots"))?;
-        Ok((dir, LogStore::new(db, self.0), sm))
+        // Set up as a node is. (The suite saves only votes that are not
+        // committed, so its appends all wait for their sync; the pipelined
+        // path is tested in `store::log_store` and by the cluster tests.)
+        let log = LogStore::new(db.clone(), self.0)?.with_leader_pipelining(0);
+        let sm = StateMachine::open(db, &dir.path().join("snapshots"))?.applying_synced(log.durability());
+        Ok((dir, log, sm))
     }
 }
 

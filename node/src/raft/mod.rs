@@ -8,7 +8,7 @@ mod setup;
 mod snapshots;
 
 pub use leadership::run as place_leadership;
-pub use network::{PeerClients, PeerNetwork};
+pub use network::{resend_held_back_commits, PeerClients, PeerNetwork};
 pub use peer_service::PeerService;
 pub use read_fence::ReadFence;
 pub use setup::{bootstrap_if_fresh, raft_config, snapshot_schedule};

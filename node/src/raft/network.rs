@@ -18,6 +18,7 @@ use tonic::transport::{Channel, ClientTlsConfig};
 
 use super::PEER_MAX_MESSAGE_BYTES;
 use crate::model::{decode, encode};
+use crate::store::Durability;
 use crate::types::{Member, NodeId, TypeConfig};
 
 /// Cached peer channels, shared by the Raft network and the read-index client.
@@ -85,12 +86,14 @@ impl PeerClients {
 #[derive(Clone)]
 pub struct PeerNetwork {
     clients: PeerClients,
+    durability: Arc<Durability>,
 }
 
 impl PeerNetwork {
-    /// A network sharing the given channel cache.
-    pub fn new(clients: PeerClients) -> PeerNetwork {
-        PeerNetwork { clients }
+    /// A network sharing the given channel cache, telling followers a commit
+    /// index only as far as `durability` says this leader's log is on disk.
+    pub fn new(clients: PeerClients, durability: Arc<Durability>) -> PeerNetwork {
+        PeerNetwork { clients, durability }
     }
 }
 
@@ -99,6 +102,7 @@ pub struct PeerConnection {
     target: NodeId,
     addr: String,
     clients: PeerClients,
+    durability: Arc<Durability>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
@@ -109,6 +113,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
             target,
             addr: node.raft_addr.clone(),
             clients: self.clients.clone(),
+            durability: self.durability.clone(),
         }
     }
 }
@@ -145,6 +150,47 @@ impl PeerConnection {
         let result: Result<Resp, RaftError<NodeId, E>> =
             decode(&reply.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+/// How long a heartbeat waits for the leader's own sync of the commit index
+/// it carries, at most, before it goes with a lower one.
+const HEARTBEAT_SYNC_WAIT: Duration = Duration::from_millis(20);
+
+impl PeerConnection {
+    /// Tells the follower a commit index only as far as the leader's own log
+    /// is on disk (`store::durability`, rule 2). A heartbeat — sent when the
+    /// commit index moves — first waits briefly for that sync, which is
+    /// already under way; entries go at once. An index held back is noted,
+    /// so that a heartbeat sends it once synced.
+    async fn limit_commit(&self, rpc: &mut AppendEntriesRequest<TypeConfig>) {
+        let Some(commit) = rpc.leader_commit else {
+            return;
+        };
+        if rpc.entries.is_empty() {
+            self.durability
+                .wait_synced_through_for(commit.index, HEARTBEAT_SYNC_WAIT)
+                .await;
+        }
+        let limited = self.durability.commit_limit(rpc.leader_commit);
+        if limited != rpc.leader_commit {
+            self.durability.note_held_back(commit.index);
+            rpc.leader_commit = limited;
+        }
+    }
+}
+
+/// Sends a heartbeat — which carries the commit index — whenever a commit
+/// index held back from a follower (`PeerConnection::limit_commit`) is
+/// synced, so followers do not wait for the next regular heartbeat to apply
+/// it. Ends when Raft stops or a sync fails.
+pub async fn resend_held_back_commits(raft: crate::types::Raft, durability: Arc<Durability>) {
+    let mut held_back = durability.held_back();
+    while held_back.changed().await.is_ok() {
+        let index = *held_back.borrow_and_update();
+        if durability.wait_synced_through(index).await.is_err() || raft.trigger().heartbeat().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -197,6 +243,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
         let sent_up_to = bound_payload(&mut rpc);
+        self.limit_commit(&mut rpc).await;
         let resp = self.call(Method::Append, &rpc, &option).await?;
         Ok(match (resp, sent_up_to) {
             (AppendEntriesResponse::Success, Some(last)) => AppendEntriesResponse::PartialSuccess(Some(last)),
@@ -268,5 +315,64 @@ mod tests {
         let mut r = request(&[4 << 20, 10]);
         assert_eq!(bound_payload(&mut r).map(|l| l.index), Some(1));
         assert_eq!(r.entries.len(), 1);
+    }
+
+    fn log_id(index: u64) -> crate::types::LogId {
+        openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index)
+    }
+
+    fn connection(durability: Arc<Durability>) -> PeerConnection {
+        PeerConnection {
+            target: 2,
+            addr: "127.0.0.1:9".into(),
+            clients: PeerClients::new(ClientTlsConfig::new(), None),
+            durability,
+        }
+    }
+
+    #[tokio::test]
+    async fn followers_hear_of_a_commit_only_once_the_leader_has_synced_it() {
+        let durability = Arc::new(Durability::default());
+        let conn = connection(durability.clone());
+        let mut held_back = durability.held_back();
+        // Entries 1-4 are on disk; the leader's append of 5 is not yet.
+        durability.push(5, Some(log_id(4)));
+
+        // Entries go at once, with the commit index cut to the synced log.
+        let mut r = request(&[10; 5]);
+        r.leader_commit = Some(log_id(5));
+        conn.limit_commit(&mut r).await;
+        assert_eq!(r.leader_commit, Some(log_id(4)));
+        assert_eq!(r.entries.len(), 5);
+        assert!(held_back.has_changed().unwrap());
+        assert_eq!(*held_back.borrow_and_update(), 5);
+
+        // A commit index the leader has synced goes unchanged.
+        let mut r = request(&[10; 4]);
+        r.leader_commit = Some(log_id(4));
+        conn.limit_commit(&mut r).await;
+        assert_eq!(r.leader_commit, Some(log_id(4)));
+
+        // A heartbeat waits for a sync that comes in time…
+        let mut r = request(&[]);
+        r.leader_commit = Some(log_id(5));
+        let syncer = tokio::spawn({
+            let durability = durability.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                durability.synced_one();
+            }
+        });
+        conn.limit_commit(&mut r).await;
+        assert_eq!(r.leader_commit, Some(log_id(5)));
+        syncer.await.unwrap();
+
+        // …and goes with the synced log's commit if it does not.
+        durability.push(6, Some(log_id(5)));
+        let mut r = request(&[]);
+        r.leader_commit = Some(log_id(6));
+        conn.limit_commit(&mut r).await;
+        assert_eq!(r.leader_commit, Some(log_id(5)));
+        assert_eq!(*held_back.borrow_and_update(), 6);
     }
 }

@@ -3,6 +3,7 @@
 
 mod apply;
 mod db;
+mod durability;
 mod log_cache;
 mod log_store;
 mod reader;
@@ -10,6 +11,7 @@ mod snapshot;
 mod state_machine;
 
 pub use db::{open_db, open_db_read_only, Db, CF_LOG, CF_META, CF_SM};
+pub use durability::Durability;
 pub use log_store::LogStore;
 pub use reader::{MailReader, ReadError};
 pub use state_machine::{SnapshotExtent, StateMachine};

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use super::apply::Tx;
 use super::db::{Db, CF_SM};
+use super::durability::Durability;
 use super::io_err;
 use super::snapshot::{dump_to, load_file, SnapshotError, SnapshotFiles};
 use crate::command::Command;
@@ -37,6 +38,9 @@ pub struct StateMachine {
     applied_bytes: Arc<AtomicU64>,
     /// `applied_bytes` when the current snapshot became current.
     bytes_at_snapshot: Arc<AtomicU64>,
+    /// The log's unsynced leader appends: an entry is applied only once
+    /// it is on disk here (`super::durability`, rule 1).
+    durability: Option<Arc<Durability>>,
 }
 
 /// The current snapshot, and how far the state machine has moved past it.
@@ -73,10 +77,18 @@ impl StateMachine {
             audit_tx: Arc::new(watch::channel(0).0),
             applied_bytes: Arc::new(AtomicU64::new(0)),
             bytes_at_snapshot: Arc::new(AtomicU64::new(0)),
+            durability: None,
         };
         let applied = sm.read_applied()?.0.map(|l| l.index).unwrap_or(0);
         sm.applied_tx.send_replace(applied);
         Ok(sm)
+    }
+
+    /// Applies entries only once the log store reports them on disk here:
+    /// required with `LogStore::with_leader_pipelining`.
+    pub fn applying_synced(mut self, durability: Arc<Durability>) -> StateMachine {
+        self.durability = Some(durability);
+        self
     }
 
     /// Watches the last applied log index (for readers waiting on a read index and watchers).
@@ -305,6 +317,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        if let (Some(durability), Some(last)) = (&self.durability, entries.last()) {
+            let waited = std::time::Instant::now();
+            durability
+                .wait_synced_through(last.log_id.index)
+                .await
+                .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+            metrics::histogram!("mailvault_apply_sync_wait_seconds").record(waited.elapsed().as_secs_f64());
+        }
         let this = self.clone();
         let started = std::time::Instant::now();
         let (results, last, audited) = tokio::task::spawn_blocking(move || this.apply_blocking(entries))
