@@ -79,5 +79,13 @@ pub type StoredMembership = openraft::StoredMembership<NodeId, Member>;
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Member>;
 /// A log entry.
 pub type Entry = openraft::Entry<TypeConfig>;
+
+/// Approximate bytes of an entry's commands.
+pub fn entry_bytes(e: &Entry) -> usize {
+    match &e.payload {
+        openraft::EntryPayload::Normal(b) => b.commands.iter().map(|c| c.approx_bytes()).sum::<usize>() + 64,
+        _ => 256,
+    }
+}
 /// Raft metrics.
 pub type RaftMetrics = openraft::RaftMetrics<NodeId, Member>;

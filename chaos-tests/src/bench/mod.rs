@@ -566,9 +566,13 @@ pub async fn one_cell(plan: CellPlan) -> anyhow::Result<()> {
 }
 
 /// The node metrics [`one_cell`] prints.
-const STAGES: [&str; 10] = [
+const STAGES: [&str; 14] = [
     "mailvault_snapshots_built_total",
     "mailvault_log_reads_total",
+    "mailvault_pipelined_appends_total",
+    "mailvault_apply_sync_wait_seconds",
+    "mailvault_apply_from_disk_total",
+    "mailvault_write_stalls_total",
     "mailvault_commit_seconds",
     "mailvault_commands_per_entry",
     "mailvault_appends_per_fsync",

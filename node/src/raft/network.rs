@@ -19,7 +19,7 @@ use tonic::transport::{Channel, ClientTlsConfig};
 use super::PEER_MAX_MESSAGE_BYTES;
 use crate::model::{decode, encode};
 use crate::store::Durability;
-use crate::types::{Member, NodeId, TypeConfig};
+use crate::types::{entry_bytes, Member, NodeId, TypeConfig};
 
 /// Cached peer channels, shared by the Raft network and the read-index client.
 /// Every channel is mTLS with this node's certificate.
@@ -207,14 +207,6 @@ enum Method {
 /// not fit in that, time out every time and leave a lagging follower behind
 /// for good. The rest follows in the next call (a partial success).
 const MAX_APPEND_BYTES: usize = 1024 * 1024;
-
-/// Approximate bytes of an entry's commands.
-fn entry_bytes(e: &crate::types::Entry) -> usize {
-    match &e.payload {
-        openraft::EntryPayload::Normal(b) => b.commands.iter().map(|c| c.approx_bytes()).sum::<usize>() + 64,
-        _ => 256,
-    }
-}
 
 /// Keeps the leading entries that fit in [`MAX_APPEND_BYTES`] (at least one);
 /// returns the last kept entry's log id when some were left out.

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use rocksdb::WriteBatch;
+use rocksdb::{ReadOptions, ReadTier, WriteBatch};
 
 use crate::audit::{chain_hash, AuditHead, AuditRecord};
 use crate::command::{Command, CommandResult, NewMessage, Refusal};
@@ -22,6 +22,9 @@ pub(super) struct Tx<'a> {
     db: &'a Db,
     pub(super) batch: WriteBatch,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Reads only from the memtables and the block cache: a read that would
+    /// go to disk fails with `ErrorKind::Incomplete` instead.
+    memory_only: bool,
 }
 
 type Res<T> = Result<T, rocksdb::Error>;
@@ -32,6 +35,15 @@ impl<'a> Tx<'a> {
             db,
             batch: WriteBatch::default(),
             overlay: HashMap::new(),
+            memory_only: false,
+        }
+    }
+
+    /// A transaction whose reads never wait for the disk (see `memory_only`).
+    pub(super) fn in_memory(db: &'a Db) -> Tx<'a> {
+        Tx {
+            memory_only: true,
+            ..Tx::new(db)
         }
     }
 
@@ -42,6 +54,11 @@ impl<'a> Tx<'a> {
     fn get_raw(&self, key: &[u8]) -> Res<Option<Vec<u8>>> {
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.clone());
+        }
+        if self.memory_only {
+            let mut ro = ReadOptions::default();
+            ro.set_read_tier(ReadTier::BlockCache);
+            return self.db.get_cf_opt(self.cf(), key, &ro);
         }
         self.db.get_cf(self.cf(), key)
     }

@@ -23,7 +23,7 @@ use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogReader, Vote};
 use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions};
 
-use super::db::{Db, CF_LOG, CF_META};
+use super::db::{write_batch, Db, CF_LOG, CF_META};
 use super::durability::Durability;
 use super::io_err;
 use super::log_cache::LogCache;
@@ -350,12 +350,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             wb.put_cf(cf, idx(e.log_id.index), &bytes);
             written.push((e, bytes.len()));
         }
-        let db = self.db.clone();
         let started = std::time::Instant::now();
-        // Write (no sync), off the async workers; the syncer makes it durable.
-        tokio::task::spawn_blocking(move || db.write(wb))
+        // Write (no sync); the syncer makes it durable.
+        write_batch(&self.db, wb, WriteOptions::default)
             .await
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         let span = written
             .first()
