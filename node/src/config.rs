@@ -95,10 +95,10 @@ pub struct RaftTuning {
     pub max_batch_bytes: usize,
     /// Raft entries of client commands smaller than `max_batch_bytes`
     /// proposed and not yet committed, at most (full batches go at once, up to
-    /// four). openraft 0.9 writes and syncs each entry on the leader before it
-    /// replicates it, one entry at a time, so entries beyond what that
-    /// pipeline holds only wait in its queue; fewer in flight means commands
-    /// queue in the proposer instead and share larger entries (fewer fsyncs).
+    /// four). openraft 0.9 sends one AppendEntries call at a time to each
+    /// follower, so entries beyond that only wait in its queue; fewer in
+    /// flight means commands queue in the proposer instead and share larger
+    /// entries (fewer fsyncs).
     pub max_batches_in_flight: usize,
     /// The leader reports its own appends written before their fsync, so
     /// openraft replicates an entry while the leader syncs it (openraft 0.9
