@@ -368,17 +368,21 @@ async fn a_lockout_holds_on_every_node_and_survives_a_restart() {
         wait_locked_out(&cluster, node, "trudy", "127.0.2.2").await;
         // A locked-out address does not even get a TLS session (once the
         // node has applied the lockout record, a moment after it started).
-        let mut refused = false;
+        let mut refused = None;
         for _ in 0..50 {
             let mut c = MailboxClient::new(cluster.channel_as(node, "trudy-ok", ip("127.0.2.1")));
-            if status_of(&mut c, "acme").await.is_err() {
-                refused = true;
+            if let Err(e) = status_of(&mut c, "acme").await {
+                refused = Some(e);
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(refused, "node {node} let a locked-out address in");
-        wait_audited(&cluster, "connection from a locked-out address", |r| {
+        let refused = refused.unwrap_or_else(|| panic!("node {node} let a locked-out address in"));
+        // Named in the failure: a call that failed for another reason
+        // (not a refused handshake) leaves no such record.
+        let what =
+            format!("connection from a locked-out address to node {node} (the call failed with {refused:?})");
+        wait_audited(&cluster, &what, |r| {
             r.node == node as u64 + 1
                 && r.source == "127.0.2.1"
                 && r.action == "client-connect"
