@@ -285,6 +285,7 @@ async fn a_write_waits_for_the_leaders_own_sync_while_the_followers_already_hold
     let slow = mailvault_node::test_modes::SLOW_LEADER_SYNC;
     let mut cluster = Cluster::start(ClusterOptions {
         test_modes: "slow-leader-sync".into(),
+        extra_raft: "pipeline_leader_fsync = true\n".into(),
         ..ClusterOptions::default()
     })
     .await;

@@ -6,7 +6,8 @@
 //! commit costs two fsyncs in a row: the leader's, then a follower's. The log
 //! store therefore reports an append it makes *as leader* flushed as soon as
 //! it is written, and syncs it while the entry travels to the followers
-//! (`LogStore::with_leader_pipelining`). openraft then counts the leader's
+//! (`LogStore::with_leader_pipelining`, with `raft.pipeline_leader_fsync`,
+//! off by default). openraft then counts the leader's
 //! copy towards the commit before it is on disk, so its commit index on the
 //! leader can run ahead of what a quorum holds on disk. Three rules keep
 //! "visible or acknowledged ⇒ fsynced on a quorum":
