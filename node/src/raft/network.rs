@@ -169,12 +169,13 @@ impl PeerConnection {
         let Some(commit) = rpc.leader_commit else {
             return;
         };
-        if rpc.entries.is_empty() {
+        let mut limited = self.durability.commit_limit(rpc.leader_commit);
+        if limited != rpc.leader_commit && rpc.entries.is_empty() {
             self.durability
                 .wait_synced_through_for(commit.index, HEARTBEAT_SYNC_WAIT)
                 .await;
+            limited = self.durability.commit_limit(rpc.leader_commit);
         }
-        let limited = self.durability.commit_limit(rpc.leader_commit);
         if limited != rpc.leader_commit {
             self.durability.note_held_back(commit.index);
             rpc.leader_commit = limited;

@@ -71,7 +71,7 @@ fn separate_large_values(o: &mut Options) {
 /// Batches up to this size are written on the calling task's thread.
 pub const INLINE_WRITE_BYTES: usize = 64 * 1024;
 
-/// Writes `batch` (with `opts`), without ever blocking an async worker on
+/// Writes `batch` (WAL, no sync), without ever blocking an async worker on
 /// RocksDB for long: a small batch is written on the calling thread with
 /// `no_slowdown` — a write into the memtable and the OS's copy of the WAL,
 /// tens of microseconds, where handing it to the blocking pool and back cost
@@ -79,11 +79,11 @@ pub const INLINE_WRITE_BYTES: usize = 64 * 1024;
 /// single-client p50). If RocksDB would stall it (memtables full, too many
 /// L0 files), and for large batches, it is written on a blocking thread
 /// instead.
-pub async fn write_batch(db: &Db, batch: WriteBatch, opts: impl Fn() -> WriteOptions) -> std::io::Result<()> {
+pub async fn write_batch(db: &Db, batch: WriteBatch) -> std::io::Result<()> {
     let batch = if batch.size_in_bytes() <= INLINE_WRITE_BYTES {
         // Kept to retry with: a refused batch is consumed by the attempt.
         let copy = WriteBatch::from_data(batch.data());
-        let mut wo = opts();
+        let mut wo = WriteOptions::default();
         wo.set_no_slowdown(true);
         match db.write_opt(batch, &wo) {
             Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => {
@@ -96,8 +96,7 @@ pub async fn write_batch(db: &Db, batch: WriteBatch, opts: impl Fn() -> WriteOpt
         batch
     };
     let db = db.clone();
-    let wo = opts();
-    tokio::task::spawn_blocking(move || db.write_opt(batch, &wo))
+    tokio::task::spawn_blocking(move || db.write(batch))
         .await
         .map_err(std::io::Error::other)?
         .map_err(std::io::Error::other)

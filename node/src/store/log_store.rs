@@ -303,7 +303,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id: Option<LogId> = self.get_meta(KEY_PURGED)?;
-        let last_log_id = self.stored_last_log_id()?;
+        let last_log_id = self.last_entry_log_id()?.or(last_purged_log_id);
         Ok(LogState {
             last_purged_log_id,
             last_log_id,
@@ -352,7 +352,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         let started = std::time::Instant::now();
         // Write (no sync); the syncer makes it durable.
-        write_batch(&self.db, wb, WriteOptions::default)
+        write_batch(&self.db, wb)
             .await
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         let span = written
