@@ -36,6 +36,8 @@ pub struct ClusterOptions {
     /// the node's defaults) instead of the faster timing of test clusters.
     pub production_timing: bool,
     /// Extra TOML lines for every node's `[raft]` table (tuning experiments).
+    /// Defaults to `MAILVAULT_CHAOS_EXTRA_RAFT`, so that any test can be run
+    /// with a setting that is not the default (each line ends in `\n`).
     pub extra_raft: String,
 }
 
@@ -50,7 +52,9 @@ impl Default for ClusterOptions {
             loop_fs_mb: 0,
             fake_clock: false,
             production_timing: false,
-            extra_raft: String::new(),
+            extra_raft: std::env::var("MAILVAULT_CHAOS_EXTRA_RAFT")
+                .map(|s| s.replace("\\n", "\n"))
+                .unwrap_or_default(),
         }
     }
 }
@@ -590,6 +594,15 @@ impl Drop for Cluster {
         }
         for i in 0..self.nodes.len() {
             self.kill(i);
+        }
+        // `MAILVAULT_CHAOS_KEEP_LOGS=<dir>` keeps every node's log, for a
+        // run that passed but looked wrong (the temp dir goes below).
+        if let Some(keep) = std::env::var_os("MAILVAULT_CHAOS_KEEP_LOGS") {
+            let keep = PathBuf::from(keep);
+            let _ = std::fs::create_dir_all(&keep);
+            for n in &self.nodes {
+                let _ = std::fs::copy(n.dir.join("node.log"), keep.join(format!("node{}.log", n.id)));
+            }
         }
         // Unmount before the temp directory is removed.
         for n in &mut self.nodes {

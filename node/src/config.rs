@@ -104,11 +104,8 @@ pub struct RaftTuning {
     /// openraft replicates an entry while the leader syncs it (openraft 0.9
     /// otherwise waits for that sync first: two fsyncs per commit in a row).
     /// Commits are still applied, acknowledged and told to followers only
-    /// once the leader's copy is on disk (`store::durability`). `false`
-    /// (default): the leader syncs before it replicates. Off by default: with
-    /// it on, the chaos suite's one-way partition scenario acknowledged about
-    /// a third as many writes and took 1–11 s instead of ~0.1 s to serve a
-    /// fresh write after the heal, for a cause not yet found.
+    /// once the leader's copy is on disk (`store::durability`). On by
+    /// default; `false`: the leader syncs before it replicates.
     pub pipeline_leader_fsync: bool,
 }
 
@@ -123,7 +120,7 @@ impl Default for RaftTuning {
             log_cache_mib: 64,
             max_batch_bytes: 1024 * 1024,
             max_batches_in_flight: 1,
-            pipeline_leader_fsync: false,
+            pipeline_leader_fsync: true,
         }
     }
 }

@@ -7,7 +7,7 @@
 //! store therefore reports an append it makes *as leader* flushed as soon as
 //! it is written, and syncs it while the entry travels to the followers
 //! (`LogStore::with_leader_pipelining`, with `raft.pipeline_leader_fsync`,
-//! off by default). openraft then counts the leader's
+//! the default). openraft then counts the leader's
 //! copy towards the commit before it is on disk, so its commit index on the
 //! leader can run ahead of what a quorum holds on disk. Three rules keep
 //! "visible or acknowledged ⇒ fsynced on a quorum":
