@@ -5,8 +5,8 @@
 //! fetches random ones of them, metadata and body). Both stop at `--count` or
 //! `--duration`, whichever comes first. It prints throughput, latency
 //! percentiles, errors and, for appends, fsyncs per acknowledged append (from
-//! the nodes' `/metrics`, summed over all nodes, so 3 replicas syncing once
-//! each count 3).
+//! the `/metrics` of the ops endpoints given with `--ops`, summed over them,
+//! so 3 replicas syncing once each count 3).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +55,12 @@ pub struct BenchArgs {
     /// For `read`: how many messages are appended first and then read at random.
     #[arg(long, default_value_t = 100)]
     read_set: u64,
+    /// Ops endpoints (`host:port`, comma-separated) whose `/metrics` give the
+    /// fsyncs per append, or `auto` to list them from the cluster status,
+    /// which needs the operator or auditor cluster role (a denied call counts
+    /// towards this identity's lockout). Without it fsyncs are not measured.
+    #[arg(long, value_delimiter = ',')]
+    ops: Vec<String>,
     /// Tenant to use (created if missing and this identity may create it).
     #[arg(long, default_value = "bench")]
     tenant: String,
@@ -71,20 +77,39 @@ fn message(size: usize, n: u64) -> Vec<u8> {
     v
 }
 
-/// Sums `mailvault_fsyncs_total` over every member's ops endpoint.
-async fn fsyncs(endpoint: &str) -> Option<f64> {
-    let st = admin(endpoint)
-        .await
-        .ok()?
-        .node_status(NodeStatusRequest {})
-        .await
-        .ok()?
-        .into_inner();
-    let mut total = 0.0;
-    for m in st.members {
-        total += scrape(&m.ops_addr, "mailvault_fsyncs_total").await?;
+/// The ops endpoints to read fsyncs from (`--ops`), or why there are none.
+async fn ops_endpoints(endpoint: &str, ops: &[String]) -> Result<Vec<String>, String> {
+    match ops {
+        [] => Err(
+            "not measured: give --ops with the nodes' ops endpoints, or --ops auto \
+                   with an operator or auditor identity"
+                .into(),
+        ),
+        [auto] if auto == "auto" => {
+            let mut client = admin(endpoint)
+                .await
+                .map_err(|e| format!("cluster status: {e}"))?;
+            match client.node_status(NodeStatusRequest {}).await {
+                Ok(r) => Ok(r.into_inner().members.into_iter().map(|m| m.ops_addr).collect()),
+                Err(s) if s.code() == tonic::Code::PermissionDenied => Err(
+                    "--ops auto needs the operator or auditor cluster role, which this identity lacks".into(),
+                ),
+                Err(s) => Err(format!("cluster status: {}", status_err(s))),
+            }
+        }
+        list => Ok(list.to_vec()),
     }
-    Some(total)
+}
+
+/// Sums `mailvault_fsyncs_total` over the ops endpoints.
+async fn fsyncs(ops: &[String]) -> Result<f64, String> {
+    let mut total = 0.0;
+    for addr in ops {
+        total += scrape(addr, "mailvault_fsyncs_total")
+            .await
+            .ok_or_else(|| format!("ops endpoint {addr} unreachable"))?;
+    }
+    Ok(total)
 }
 
 async fn scrape(addr: &str, metric: &str) -> Option<f64> {
@@ -210,30 +235,49 @@ async fn read_one(
     }
 }
 
-/// Creates the tenant (if this identity may) and the mailbox, unless they exist.
+/// Creates the bench mailbox, and the tenant if it is missing. Makes no call
+/// the identity is not known to be allowed: a denied call counts towards its
+/// lockout (and its address's), so a tenant is created only once the
+/// mailbox call said it does not exist.
 async fn prepare(endpoint: &str, a: &BenchArgs) -> anyhow::Result<()> {
+    let create_mailbox = || async {
+        let req = CreateMailboxRequest {
+            tenant: a.tenant.clone(),
+            mailbox: a.mailbox.clone(),
+        };
+        match mailbox(endpoint).await?.create_mailbox(req).await {
+            Ok(_) => Ok(Ok(())),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(Ok(())),
+            Err(s) if s.code() == tonic::Code::PermissionDenied => Err(anyhow::anyhow!(
+                "{}\nhint: the bench identity needs a role on the tenant, e.g. \
+                 `mailvault-admin access grant <identity> --tenant {} --role tenant-admin`",
+                status_err(s),
+                a.tenant
+            )),
+            Err(s) => Ok(Err(s)),
+        }
+    };
+    match create_mailbox().await? {
+        Ok(()) => return Ok(()),
+        Err(s) if s.code() == tonic::Code::NotFound => {}
+        Err(s) => return Err(status_err(s)),
+    }
+    // The tenant does not exist: only an operator may create it.
     let req = CreateTenantRequest {
         tenant: a.tenant.clone(),
     };
-    // A front-end identity may not create tenants: then the tenant must exist.
-    if let Ok(mut adm) = admin(endpoint).await {
-        let _ = adm.create_tenant(req).await;
-    }
-    let req = CreateMailboxRequest {
-        tenant: a.tenant.clone(),
-        mailbox: a.mailbox.clone(),
-    };
-    match mailbox(endpoint).await?.create_mailbox(req).await {
-        Ok(_) => Ok(()),
-        Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
-        Err(s) if s.code() == tonic::Code::PermissionDenied => Err(anyhow::anyhow!(
-            "{}\nhint: the bench identity needs a role on the tenant, e.g. \
-             `mailvault-admin access grant <identity> --tenant {} --role tenant-admin`",
-            status_err(s),
+    match admin(endpoint).await?.create_tenant(req).await {
+        Ok(_) => {}
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+        Err(s) if s.code() == tonic::Code::PermissionDenied => anyhow::bail!(
+            "tenant {} does not exist, and this identity may not create it \
+             (an operator may: `mailvault-admin tenant create {}`)",
+            a.tenant,
             a.tenant
-        )),
-        Err(s) => Err(status_err(s)),
+        ),
+        Err(s) => return Err(status_err(s)),
     }
+    create_mailbox().await?.map_err(status_err)
 }
 
 pub async fn run(endpoint: &str, output: Output, a: BenchArgs) -> anyhow::Result<()> {
@@ -250,18 +294,26 @@ pub async fn run(endpoint: &str, output: Output, a: BenchArgs) -> anyhow::Result
         )
     };
     let duration = Duration::from_secs(a.duration);
-    let mut fsyncs_per_append = None;
+    let mut fsyncs_per_append = Err("not an append workload".to_string());
     let measured = match a.workload {
         Workload::Append => {
-            let before = fsyncs(endpoint).await;
+            let ops = ops_endpoints(endpoint, &a.ops).await;
+            let before = match &ops {
+                Ok(ops) => fsyncs(ops).await,
+                Err(e) => Err(e.clone()),
+            };
             let run = run_id.clone();
             let op = move |c, n| append(c, n, run.clone());
             let m = drive(endpoint, a.clients, a.count, duration, op).await?;
-            if let (Some(b), Some(after)) = (before, fsyncs(endpoint).await) {
-                if !m.hist.is_empty() {
-                    fsyncs_per_append = Some((after - b) / m.hist.len() as f64);
-                }
-            }
+            let after = match (&ops, &before) {
+                (Ok(ops), Ok(_)) => fsyncs(ops).await,
+                _ => Ok(0.0),
+            };
+            fsyncs_per_append = match (before, after) {
+                (Ok(_), Ok(_)) if m.hist.is_empty() => Err("no append was acknowledged".into()),
+                (Ok(b), Ok(after)) => Ok((after - b) / m.hist.len() as f64),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
             m
         }
         Workload::Read => {
@@ -298,7 +350,7 @@ pub async fn run(endpoint: &str, output: Output, a: BenchArgs) -> anyhow::Result
     Ok(())
 }
 
-fn report(output: Output, a: &BenchArgs, m: &Measured, fsyncs_per_append: Option<f64>) {
+fn report(output: Output, a: &BenchArgs, m: &Measured, fsyncs_per_append: Result<f64, String>) {
     let h = &m.hist;
     let ops = h.len();
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
@@ -313,7 +365,8 @@ fn report(output: Output, a: &BenchArgs, m: &Measured, fsyncs_per_append: Option
                 "workload": workload, "clients": a.clients, "size": a.size, "ops": ops,
                 "errors": m.errors, "seconds": m.seconds, "ops_per_sec": ops as f64 / m.seconds,
                 "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "max_ms": h.max() as f64 / 1000.0,
-                "fsyncs_per_append_all_nodes": fsyncs_per_append,
+                "fsyncs_per_append_all_nodes": fsyncs_per_append.as_ref().ok(),
+                "fsyncs_unavailable": fsyncs_per_append.as_ref().err(),
             })
         ),
         Output::Text => {
@@ -333,12 +386,10 @@ fn report(output: Output, a: &BenchArgs, m: &Measured, fsyncs_per_append: Option
                 h.max() as f64 / 1000.0
             );
             match (a.workload, fsyncs_per_append) {
-                (Workload::Append, Some(f)) => {
+                (Workload::Append, Ok(f)) => {
                     println!("fsyncs per acknowledged append (sum over all nodes): {f:.3}")
                 }
-                (Workload::Append, None) => {
-                    println!("fsyncs per append: unavailable (ops endpoints unreachable)")
-                }
+                (Workload::Append, Err(why)) => println!("fsyncs per append: unavailable ({why})"),
                 (Workload::Read, _) => {}
             }
         }

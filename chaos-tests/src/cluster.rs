@@ -292,6 +292,23 @@ impl Cluster {
         self.tls_with(Identity::from_pem(read("pem"), read("key")))
     }
 
+    /// A `mailvault-admin` command against `endpoint` as `identity` (its
+    /// certificate written on first use), trusting the cluster CA.
+    pub fn admin_command(&self, endpoint: &str, identity: &str) -> std::process::Command {
+        let _ = self.tls_for(identity);
+        let d = self.dir.path();
+        let mut c = std::process::Command::new(admin_binary());
+        c.arg("--endpoint")
+            .arg(endpoint)
+            .arg("--ca")
+            .arg(d.join("ca.pem"))
+            .arg("--cert")
+            .arg(d.join(format!("client-{identity}.pem")))
+            .arg("--key")
+            .arg(d.join(format!("client-{identity}.key")));
+        c
+    }
+
     /// TLS config presenting `identity`, trusting the cluster CA.
     pub fn tls_with(&self, identity: Identity) -> ClientTlsConfig {
         ClientTlsConfig::new()

@@ -316,3 +316,112 @@ async fn moves_expunges_and_watches_keep_uids_and_modseqs_monotonic() {
         .into_inner();
     assert_eq!((status.messages, status.uidnext), (2, 6));
 }
+
+/// `mailvault-admin` against node 1 as `identity`.
+fn admin_cli(cluster: &Cluster, identity: &str) -> tokio::process::Command {
+    cluster.admin_command(&cluster.client_addr(0), identity).into()
+}
+
+/// Runs `mailvault-admin --output json bench ARGS` as `identity`; its JSON report.
+async fn admin_bench(cluster: &Cluster, identity: &str, args: &[&str]) -> serde_json::Value {
+    let out = admin_cli(cluster, identity)
+        .args(["--output", "json", "bench"])
+        .args(args)
+        .output()
+        .await
+        .expect("run mailvault-admin");
+    assert!(
+        out.status.success(),
+        "mailvault-admin bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("a JSON report")
+}
+
+/// `mailvault-admin bench` against a real cluster: it stores the count it
+/// was given and reports it, with fsyncs per append from the ops endpoints
+/// it is given or (`--ops auto`, for an operator) finds, and the reason when
+/// it has none. A tenant identity makes at most the one denied call it asked
+/// for, so benchmarking does not lock the front end out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_bench_stores_what_it_reports_and_says_why_fsyncs_are_missing() {
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    create_tenant_and_mailbox(&cluster, 0, "bench", "inbox").await;
+    // The bootstrap operator may read the cluster status; give it the tenant too.
+    cluster.grant(ADMIN, "bench", "tenant-admin").await;
+    let inbox = || async {
+        cluster
+            .mailbox(0)
+            .await
+            .get_mailbox_status(GetMailboxStatusRequest {
+                tenant: "bench".into(),
+                mailbox: "inbox".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .messages
+    };
+    let ops = (0..cluster.len())
+        .map(|i| cluster.ops_addr(i))
+        .collect::<Vec<_>>()
+        .join(",");
+    let load = ["--clients", "4", "--size", "2048", "--count", "40"];
+    let with = |extra: &[&'static str]| [&load[..], extra].concat();
+    let fsyncs = |r: &serde_json::Value| {
+        assert_eq!(
+            (r["workload"].as_str(), r["ops"].as_u64(), r["errors"].as_u64()),
+            (Some("append"), Some(40), Some(0)),
+            "{r}"
+        );
+        (
+            r["fsyncs_per_append_all_nodes"].as_f64(),
+            r["fsyncs_unavailable"].as_str().map(str::to_owned),
+        )
+    };
+
+    // Every acknowledged append was synced by the leader and a follower at
+    // least, one sync shared by at most the 4 appends in flight: >= 0.5.
+    let r = admin_bench(&cluster, ADMIN, &with(&["--ops", "auto"])).await;
+    let (f, why) = fsyncs(&r);
+    assert!(f.is_some_and(|f| f >= 0.5) && why.is_none(), "{r}");
+    assert_eq!(inbox().await, 40);
+
+    // The front end's identity has tenant roles only: the ops endpoints given
+    // need none, without them there are no fsyncs, and `auto` is refused.
+    let mut args = load.to_vec();
+    args.extend(["--ops", ops.as_str()]);
+    let r = admin_bench(&cluster, FRONTEND, &args).await;
+    let (f, why) = fsyncs(&r);
+    assert!(f.is_some_and(|f| f >= 0.5) && why.is_none(), "{r}");
+    let r = admin_bench(&cluster, FRONTEND, &load).await;
+    let (f, why) = fsyncs(&r);
+    assert!(
+        f.is_none() && why.is_some_and(|w| w.contains("not measured")),
+        "{r}"
+    );
+    let r = admin_bench(&cluster, FRONTEND, &with(&["--ops", "auto"])).await;
+    let (f, why) = fsyncs(&r);
+    assert!(
+        f.is_none() && why.is_some_and(|w| w.contains("operator or auditor cluster role")),
+        "{r}"
+    );
+    assert_eq!(inbox().await, 160);
+
+    // A missing tenant: the front end may not create it, and says so.
+    let out = admin_cli(&cluster, FRONTEND)
+        .args(["bench", "--tenant", "nosuch", "--count", "1"])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("tenant nosuch does not exist"),
+        "{err}"
+    );
+
+    // Two denied calls in all: the front end is not locked out.
+    let r = admin_bench(&cluster, FRONTEND, &load).await;
+    fsyncs(&r);
+    assert_eq!(inbox().await, 200);
+}

@@ -8,14 +8,12 @@
 //! cluster, alternating rounds with the audit of successful reads on and off
 //! (the `unaudited-reads` test mode), the same read load each round.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mailvault_chaos::bench::median;
-use mailvault_chaos::{admin_binary, create_tenant_and_mailbox, Cluster, ClusterOptions, FRONTEND};
+use mailvault_chaos::{create_tenant_and_mailbox, Cluster, ClusterOptions, FRONTEND};
 use serde_json::{json, Value};
 
 #[derive(Parser, Debug)]
@@ -98,16 +96,9 @@ enum Cmd {
 }
 
 /// Runs `mailvault-admin bench` as the front end against `endpoint`.
-fn admin_bench(dir: &Path, endpoint: &str, args: &[String]) -> anyhow::Result<Value> {
-    let out = Command::new(admin_binary())
-        .arg("--endpoint")
-        .arg(endpoint)
-        .arg("--ca")
-        .arg(dir.join("ca.pem"))
-        .arg("--cert")
-        .arg(dir.join(format!("client-{FRONTEND}.pem")))
-        .arg("--key")
-        .arg(dir.join(format!("client-{FRONTEND}.key")))
+fn admin_bench(cluster: &Cluster, endpoint: &str, args: &[String]) -> anyhow::Result<Value> {
+    let out = cluster
+        .admin_command(endpoint, FRONTEND)
         .args(["--output", "json", "bench"])
         .args(args)
         .output()
@@ -129,7 +120,6 @@ async fn audit_cost(
 ) -> anyhow::Result<()> {
     let mut cluster = Cluster::start(ClusterOptions::default()).await;
     create_tenant_and_mailbox(&cluster, 0, "bench", "inbox").await;
-    let _ = cluster.tls_for(FRONTEND); // writes the front end's certificate files
     let modes = [("audited", ""), ("unaudited", "unaudited-reads")];
     let mut rows = Vec::new();
     for round in 1..=rounds {
@@ -155,7 +145,7 @@ async fn audit_cost(
             .iter()
             .map(|s| s.to_string())
             .collect();
-            let r = admin_bench(cluster.dir(), &endpoint, &args)?;
+            let r = admin_bench(&cluster, &endpoint, &args)?;
             eprintln!("round {round} {name}: {r}");
             rows.push((name, round, r));
         }
