@@ -297,22 +297,18 @@ pub async fn run(endpoint: &str, output: Output, a: BenchArgs) -> anyhow::Result
     let mut fsyncs_per_append = Err("not an append workload".to_string());
     let measured = match a.workload {
         Workload::Append => {
-            let ops = ops_endpoints(endpoint, &a.ops).await;
-            let before = match &ops {
-                Ok(ops) => fsyncs(ops).await,
-                Err(e) => Err(e.clone()),
+            // The ops endpoints and their fsyncs so far, or why there are none.
+            let before = match ops_endpoints(endpoint, &a.ops).await {
+                Ok(ops) => fsyncs(&ops).await.map(|n| (ops, n)),
+                Err(e) => Err(e),
             };
             let run = run_id.clone();
             let op = move |c, n| append(c, n, run.clone());
             let m = drive(endpoint, a.clients, a.count, duration, op).await?;
-            let after = match (&ops, &before) {
-                (Ok(ops), Ok(_)) => fsyncs(ops).await,
-                _ => Ok(0.0),
-            };
-            fsyncs_per_append = match (before, after) {
-                (Ok(_), Ok(_)) if m.hist.is_empty() => Err("no append was acknowledged".into()),
-                (Ok(b), Ok(after)) => Ok((after - b) / m.hist.len() as f64),
-                (Err(e), _) | (_, Err(e)) => Err(e),
+            fsyncs_per_append = match before {
+                Ok(_) if m.hist.is_empty() => Err("no append was acknowledged".into()),
+                Ok((ops, b)) => fsyncs(&ops).await.map(|after| (after - b) / m.hist.len() as f64),
+                Err(e) => Err(e),
             };
             m
         }

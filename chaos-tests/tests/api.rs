@@ -367,7 +367,6 @@ async fn admin_bench_stores_what_it_reports_and_says_why_fsyncs_are_missing() {
         .collect::<Vec<_>>()
         .join(",");
     let load = ["--clients", "4", "--size", "2048", "--count", "40"];
-    let with = |extra: &[&'static str]| [&load[..], extra].concat();
     let fsyncs = |r: &serde_json::Value| {
         assert_eq!(
             (r["workload"].as_str(), r["ops"].as_u64(), r["errors"].as_u64()),
@@ -382,16 +381,14 @@ async fn admin_bench_stores_what_it_reports_and_says_why_fsyncs_are_missing() {
 
     // Every acknowledged append was synced by the leader and a follower at
     // least, one sync shared by at most the 4 appends in flight: >= 0.5.
-    let r = admin_bench(&cluster, ADMIN, &with(&["--ops", "auto"])).await;
+    let r = admin_bench(&cluster, ADMIN, &[&load[..], &["--ops", "auto"]].concat()).await;
     let (f, why) = fsyncs(&r);
     assert!(f.is_some_and(|f| f >= 0.5) && why.is_none(), "{r}");
     assert_eq!(inbox().await, 40);
 
     // The front end's identity has tenant roles only: the ops endpoints given
     // need none, without them there are no fsyncs, and `auto` is refused.
-    let mut args = load.to_vec();
-    args.extend(["--ops", ops.as_str()]);
-    let r = admin_bench(&cluster, FRONTEND, &args).await;
+    let r = admin_bench(&cluster, FRONTEND, &[&load[..], &["--ops", &ops]].concat()).await;
     let (f, why) = fsyncs(&r);
     assert!(f.is_some_and(|f| f >= 0.5) && why.is_none(), "{r}");
     let r = admin_bench(&cluster, FRONTEND, &load).await;
@@ -400,7 +397,7 @@ async fn admin_bench_stores_what_it_reports_and_says_why_fsyncs_are_missing() {
         f.is_none() && why.is_some_and(|w| w.contains("not measured")),
         "{r}"
     );
-    let r = admin_bench(&cluster, FRONTEND, &with(&["--ops", "auto"])).await;
+    let r = admin_bench(&cluster, FRONTEND, &[&load[..], &["--ops", "auto"]].concat()).await;
     let (f, why) = fsyncs(&r);
     assert!(
         f.is_none() && why.is_some_and(|w| w.contains("operator or auditor cluster role")),
