@@ -5,6 +5,7 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/mailvault/v1/mailbox.proto",
+        "proto/mailvault/v1/errors.proto",
         "proto/mailvault/v1/admin.proto",
         "proto/mailvault/raft/v1/raft.proto",
     ];

@@ -44,6 +44,8 @@ pub async fn run(endpoint: &str, output: Output, cmd: AuditCmd) -> anyhow::Resul
         AuditCmd::Verify { data_dir: Some(dir) } => {
             let db = mailvault_node::store::open_db_read_only(&dir.join("db"))
                 .with_context(|| format!("cannot open the store in {}", dir.display()))?;
+            mailvault_node::store::data_version::check(&db)
+                .with_context(|| format!("cannot read the store in {}", dir.display()))?;
             let (applied, committed) = mailvault_node::store::applied_and_committed(&db)
                 .map_err(|e| anyhow::anyhow!("cannot read the applied index: {e}"))?;
             if committed > applied {

@@ -15,11 +15,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
-use mailvault_proto::v1::append_message_request::Frame;
 use mailvault_proto::v1::mailbox_client::MailboxClient;
 use mailvault_proto::v1::*;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
@@ -113,23 +111,8 @@ async fn fsyncs(ops: &[String]) -> Result<f64, String> {
 }
 
 async fn scrape(addr: &str, metric: &str) -> Option<f64> {
-    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-        .await
-        .ok()?
-        .ok()?;
-    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut body = String::new();
-    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut body))
-        .await
-        .ok()?
-        .ok()?;
-    body.lines()
-        .find(|l| l.starts_with(metric) && !l.starts_with('#'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .or(Some(0.0))
+    let page = mailvault_proto::client::scrape_metrics(addr, Duration::from_secs(2)).await?;
+    Some(mailvault_proto::client::metric_value(&page, metric))
 }
 
 /// What one driven load measured.
@@ -198,19 +181,13 @@ async fn append_one(
     key: String,
     body: Vec<u8>,
 ) -> Result<(), tonic::Status> {
-    let frames = vec![
-        AppendMessageRequest {
-            frame: Some(Frame::Header(AppendHeader {
-                tenant,
-                mailbox,
-                idempotency_key: key,
-                ..Default::default()
-            })),
-        },
-        AppendMessageRequest {
-            frame: Some(Frame::Chunk(body)),
-        },
-    ];
+    let header = AppendHeader {
+        tenant,
+        mailbox,
+        idempotency_key: key,
+        ..Default::default()
+    };
+    let frames = mailvault_proto::client::append_frames(header, &body);
     c.append_message(tokio_stream::iter(frames)).await.map(|_| ())
 }
 

@@ -75,6 +75,12 @@ pub async fn admin(endpoint: &str) -> anyhow::Result<AdminClient<Channel>> {
 }
 
 /// Turns a gRPC status into an error that names its code.
+/// A failed call as the CLI reports it: the code, the message and the stable
+/// reason of its `ErrorInfo` (see `proto/mailvault/v1/errors.proto`).
 pub fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    use tonic_types::StatusExt;
+    match s.get_details_error_info() {
+        Some(info) => anyhow::anyhow!("{:?}: {} (reason {})", s.code(), s.message(), info.reason),
+        None => anyhow::anyhow!("{:?}: {}", s.code(), s.message()),
+    }
 }

@@ -5,17 +5,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Subcommand;
 use comfy_table::Table;
-use mailvault_proto::v1::append_message_request::Frame;
-use mailvault_proto::v1::get_message_response::Frame as GetFrame;
 use mailvault_proto::v1::*;
 use serde_json::json;
-use tokio_stream::StreamExt;
 
 use crate::client::{admin, mailbox as mailbox_client, status_err};
 use crate::Output;
-
-/// Bytes per frame when streaming a message in.
-const FRAME_BYTES: usize = 256 * 1024;
 
 #[derive(Subcommand, Debug)]
 pub enum TenantCmd {
@@ -185,12 +179,7 @@ pub async fn mail(endpoint: &str, output: Output, cmd: MailCmd) -> anyhow::Resul
                 internal_date_ms: 0,
                 size: bytes.len() as u64,
             };
-            let mut frames = vec![AppendMessageRequest {
-                frame: Some(Frame::Header(header)),
-            }];
-            frames.extend(bytes.chunks(FRAME_BYTES).map(|c| AppendMessageRequest {
-                frame: Some(Frame::Chunk(c.to_vec())),
-            }));
+            let frames = mailvault_proto::client::append_frames(header, &bytes);
             let r = c
                 .append_message(tokio_stream::iter(frames))
                 .await
@@ -219,27 +208,15 @@ pub async fn mail(endpoint: &str, output: Output, cmd: MailCmd) -> anyhow::Resul
             mailbox,
             changed_since,
         } => {
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let r = c
-                    .list_messages(ListMessagesRequest {
-                        tenant: tenant.clone(),
-                        mailbox: mailbox.clone(),
-                        changed_since,
-                        page_token: token.clone(),
-                        page_size: 1000,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(status_err)?
-                    .into_inner();
-                all.extend(r.messages);
-                if r.next_page_token.is_empty() {
-                    break;
-                }
-                token = r.next_page_token;
-            }
+            let request = ListMessagesRequest {
+                tenant,
+                mailbox,
+                changed_since,
+                ..Default::default()
+            };
+            let all = mailvault_proto::client::list_all(&mut c, request)
+                .await
+                .map_err(status_err)?;
             print_messages(output, &all);
         }
         MailCmd::Get {
@@ -248,17 +225,10 @@ pub async fn mail(endpoint: &str, output: Output, cmd: MailCmd) -> anyhow::Resul
             uid,
             out,
         } => {
-            let mut s = c
-                .get_message(GetMessageRequest { tenant, mailbox, uid })
-                .await
-                .map_err(status_err)?
-                .into_inner();
-            let mut body = Vec::new();
-            while let Some(frame) = s.next().await {
-                if let Some(GetFrame::Chunk(b)) = frame.map_err(status_err)?.frame {
-                    body.extend_from_slice(&b);
-                }
-            }
+            let (_, body) =
+                mailvault_proto::client::read_message(&mut c, GetMessageRequest { tenant, mailbox, uid })
+                    .await
+                    .map_err(status_err)?;
             match out {
                 Some(p) => {
                     std::fs::write(&p, &body).with_context(|| format!("cannot write {}", p.display()))?

@@ -3,16 +3,12 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use mailvault_proto::v1::append_message_request::Frame;
-use mailvault_proto::v1::get_message_response::Frame as GetFrame;
 use mailvault_proto::v1::mailbox_client::MailboxClient;
 use mailvault_proto::v1::*;
-use tokio_stream::StreamExt;
 use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::{Code, Status};
 
-/// Bytes per frame when streaming a message in.
-pub const FRAME_BYTES: usize = 256 * 1024;
+pub use mailvault_proto::client::FRAME_BYTES;
 
 /// A lazily connecting mTLS channel to `addr`, optionally from a given local address.
 pub fn lazy_channel(addr: &str, tls: ClientTlsConfig, local: Option<std::net::IpAddr>) -> Channel {
@@ -28,18 +24,13 @@ pub fn lazy_channel(addr: &str, tls: ClientTlsConfig, local: Option<std::net::Ip
 
 /// The frames of an append.
 pub fn append_frames(tenant: &str, mailbox: &str, key: &str, body: &[u8]) -> Vec<AppendMessageRequest> {
-    let mut frames = vec![AppendMessageRequest {
-        frame: Some(Frame::Header(AppendHeader {
-            tenant: tenant.into(),
-            mailbox: mailbox.into(),
-            idempotency_key: key.into(),
-            ..Default::default()
-        })),
-    }];
-    frames.extend(body.chunks(FRAME_BYTES).map(|c| AppendMessageRequest {
-        frame: Some(Frame::Chunk(c.to_vec())),
-    }));
-    frames
+    let header = AppendHeader {
+        tenant: tenant.into(),
+        mailbox: mailbox.into(),
+        idempotency_key: key.into(),
+        ..Default::default()
+    };
+    mailvault_proto::client::append_frames(header, body)
 }
 
 /// Appends `body` with idempotency key `key`.
@@ -63,23 +54,12 @@ pub async fn fetch(
     mailbox: &str,
     uid: u32,
 ) -> Result<(MessageSummary, Vec<u8>), Status> {
-    let mut s = c
-        .get_message(GetMessageRequest {
-            tenant: tenant.into(),
-            mailbox: mailbox.into(),
-            uid,
-        })
-        .await?
-        .into_inner();
-    let mut meta = None;
-    let mut body = Vec::new();
-    while let Some(f) = s.next().await {
-        match f?.frame {
-            Some(GetFrame::Metadata(m)) => meta = Some(m),
-            Some(GetFrame::Chunk(b)) => body.extend_from_slice(&b),
-            None => {}
-        }
-    }
+    let request = GetMessageRequest {
+        tenant: tenant.into(),
+        mailbox: mailbox.into(),
+        uid,
+    };
+    let (meta, body) = mailvault_proto::client::read_message(c, request).await?;
     Ok((meta.ok_or_else(|| Status::internal("no metadata frame"))?, body))
 }
 
@@ -89,25 +69,12 @@ pub async fn list_all(
     tenant: &str,
     mailbox: &str,
 ) -> Result<Vec<MessageSummary>, Status> {
-    let mut all = Vec::new();
-    let mut token = String::new();
-    loop {
-        let r = c
-            .list_messages(ListMessagesRequest {
-                tenant: tenant.into(),
-                mailbox: mailbox.into(),
-                page_size: 1000,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        all.extend(r.messages);
-        if r.next_page_token.is_empty() {
-            return Ok(all);
-        }
-        token = r.next_page_token;
-    }
+    let request = ListMessagesRequest {
+        tenant: tenant.into(),
+        mailbox: mailbox.into(),
+        ..Default::default()
+    };
+    mailvault_proto::client::list_all(c, request).await
 }
 
 /// Retries `f` while it fails with a transient status, up to `timeout`.
@@ -217,24 +184,11 @@ pub fn test_message(subject: &str, from: &str, body_marker: &str, size: usize) -
 
 /// The whole `/metrics` page of the node whose ops listener is `ops_addr`.
 pub async fn scrape_metrics(ops_addr: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(ops_addr).await.ok()?;
-    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {ops_addr}\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.ok()?;
-    Some(body)
+    mailvault_proto::client::scrape_metrics(ops_addr, Duration::from_secs(10)).await
 }
 
 /// Reads one counter or gauge from a node's `/metrics` (0 when not yet recorded).
 pub async fn scrape_metric(ops_addr: &str, name: &str) -> Option<f64> {
-    let body = scrape_metrics(ops_addr).await?;
-    Some(
-        body.lines()
-            .find(|l| l.split([' ', '{']).next() == Some(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0),
-    )
+    let page = scrape_metrics(ops_addr).await?;
+    Some(mailvault_proto::client::metric_value(&page, name))
 }

@@ -101,6 +101,19 @@ pub fn node_binary() -> PathBuf {
     bin
 }
 
+/// The harness's node binary with the unsafe test modes compiled in
+/// (`mailvault-node-test-modes`, package `chaos-tests/test-node`), beside
+/// `mailvault-node`: used only for nodes started with test modes.
+pub fn test_modes_node_binary() -> PathBuf {
+    let bin = node_binary().with_file_name("mailvault-node-test-modes");
+    assert!(
+        bin.exists(),
+        "{} not built; run the tests through cargo",
+        bin.display()
+    );
+    bin
+}
+
 /// libfaketime's preload library, if installed.
 pub fn libfaketime() -> Option<PathBuf> {
     [
@@ -380,7 +393,11 @@ impl Cluster {
             .append(true)
             .open(n.dir.join("node.log"))
             .expect("node log");
-        let mut cmd = Command::new(node_binary());
+        // The shipped binary, unless the test asks for unsafe modes.
+        let mut cmd = match self.test_modes.is_empty() {
+            true => Command::new(node_binary()),
+            false => Command::new(test_modes_node_binary()),
+        };
         if self.fake_clock {
             let lib = libfaketime().expect("libfaketime (Debian package `faketime`) not installed");
             cmd.env("LD_PRELOAD", lib)

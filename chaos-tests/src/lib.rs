@@ -16,4 +16,6 @@ pub mod net;
 pub mod scenario;
 
 pub use client::*;
-pub use cluster::{admin_binary, libfaketime, node_binary, Cluster, ClusterOptions, ADMIN, FRONTEND};
+pub use cluster::{
+    admin_binary, libfaketime, node_binary, test_modes_node_binary, Cluster, ClusterOptions, ADMIN, FRONTEND,
+};

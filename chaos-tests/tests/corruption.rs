@@ -100,11 +100,11 @@ fn rng(test: &str) -> SmallRng {
 fn flip_a_ciphertext_bit(data_dir: &Path, rng: &mut SmallRng) {
     let db = open_db(&data_dir.join("db")).unwrap();
     let cf = db.cf_handle(CF_SM).unwrap();
-    let prefix = [mailvault_node::keys::CHUNK];
+    let prefix = [mailvault_node::state::keys::CHUNK];
     let chunks: Vec<(Vec<u8>, Vec<u8>)> = db
         .prefix_iterator_cf(cf, prefix)
         .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
-        .take_while(|(k, _)| k[0] == mailvault_node::keys::CHUNK)
+        .take_while(|(k, _)| k[0] == mailvault_node::state::keys::CHUNK)
         .collect();
     assert!(!chunks.is_empty(), "no stored chunk");
     let (key, mut value) = chunks[rng.random_range(0..chunks.len())].clone();

@@ -7,45 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// The role a node plays in the cluster (see the design brief, "Node roles").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Voter, preferred leader, serves the front ends.
-    #[default]
-    Active,
-    /// Voter that takes over when the active node fails.
-    Standby,
-    /// Voter that never campaigns; takes backups.
-    Backup,
-    /// Learner that can replace a dead voter.
-    Spare,
-    /// Learner in the disaster-recovery region.
-    Dr,
-}
-
-impl Role {
-    /// Whether a node of this role is a voting member when the cluster is bootstrapped.
-    pub fn is_voter(self) -> bool {
-        matches!(self, Role::Active | Role::Standby | Role::Backup)
-    }
-
-    /// Whether a node of this role may start an election.
-    pub fn may_campaign(self) -> bool {
-        matches!(self, Role::Active | Role::Standby)
-    }
-
-    /// The lowercase name used in config files and status output.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Active => "active",
-            Role::Standby => "standby",
-            Role::Backup => "backup",
-            Role::Spare => "spare",
-            Role::Dr => "dr",
-        }
-    }
-}
+use crate::state::Role;
 
 /// One member of the initial cluster, as written in `[members.<id>]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +22,17 @@ pub struct MemberConfig {
     /// Address of the member's ops listener (`/healthz`, `/readyz`, `/metrics`).
     #[serde(default)]
     pub ops_addr: String,
+}
+
+impl From<&MemberConfig> for crate::state::Member {
+    fn from(m: &MemberConfig) -> Self {
+        crate::state::Member {
+            role: m.role,
+            client_addr: m.client_addr.clone(),
+            raft_addr: m.raft_addr.clone(),
+            ops_addr: m.ops_addr.clone(),
+        }
+    }
 }
 
 /// Raft timing and batching knobs.

@@ -9,14 +9,15 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tonic::Status;
 
-use crate::access::{Denials, Principal, ON_BEHALF_OF, ON_BEHALF_SERIAL, ON_BEHALF_SOURCE};
+use crate::access::{Gate, Principal, ON_BEHALF_OF, ON_BEHALF_SERIAL, ON_BEHALF_SOURCE};
 use crate::audit::AuditRecorder;
 use crate::config::Config;
 use crate::crypto::Keyring;
+use crate::error::{ApiError, Reason};
 use crate::proposer::Proposer;
 use crate::raft::PeerClients;
+use crate::state::types::{Member, NodeId, Raft};
 use crate::store::MailReader;
-use crate::types::{Member, NodeId, Raft};
 
 /// Metadata header marking a request a follower forwarded to the leader.
 pub const FORWARDED: &str = "x-mailvault-forwarded";
@@ -44,8 +45,8 @@ pub struct Ctx {
     pub applied: watch::Receiver<u64>,
     /// Audit log recorder.
     pub audit: AuditRecorder,
-    /// Denied attempts: audit, failure counters and lockouts.
-    pub denials: Denials,
+    /// What the access checks work with (policies, denials, audit).
+    pub gate: Gate,
     /// The leader's read fence (see `crate::raft::ReadFence`).
     pub fence: crate::raft::ReadFence,
     /// Unsafe test modes (none in production).
@@ -80,15 +81,19 @@ impl Ctx {
             return Ok(Route::Local);
         }
         if metadata.contains_key(FORWARDED) {
-            return Err(Status::unavailable("leadership changed while forwarding; retry"));
+            return Err(ApiError::new(
+                Reason::LeadershipChanged,
+                "leadership changed while forwarding; retry",
+            )
+            .into());
         }
         let Some((_, leader)) = self.leader() else {
-            return Err(Status::unavailable("no leader elected; retry"));
+            return Err(no_leader());
         };
         let ch = self
             .peers
             .channel(&leader.client_addr)
-            .map_err(|_| Status::unavailable("leader unreachable"))?;
+            .map_err(|_| ApiError::new(Reason::LeaderUnreachable, "leader unreachable"))?;
         Ok(Route::Forward(ch))
     }
 
@@ -126,21 +131,36 @@ impl Ctx {
             return match r {
                 Ok(Err(s)) => Err(s),
                 Ok(Ok(Ok(_))) => Ok(()),
-                Ok(Ok(Err(_))) => Err(Status::unavailable("leadership lost; retry")),
-                Err(_) => Err(Status::unavailable("leadership could not be confirmed in time")),
+                Ok(Ok(Err(_))) => {
+                    Err(ApiError::new(Reason::LeadershipChanged, "leadership lost; retry").into())
+                }
+                Err(_) => Err(unconfirmed()),
             };
         }
         let Some((_, leader)) = self.leader() else {
-            return Err(Status::unavailable("no leader elected; retry"));
+            return Err(no_leader());
         };
         let index = self.peers.read_index(&leader.raft_addr, READ_TIMEOUT).await?;
         let mut applied = self.applied.clone();
         let r = tokio::time::timeout(READ_TIMEOUT, applied.wait_for(|a| *a >= index)).await;
         match r {
             Ok(Ok(_)) => Ok(()),
-            _ => Err(Status::unavailable("this node is behind the leader; retry")),
+            _ => Err(ApiError::new(Reason::ReplicaBehind, "this node is behind the leader; retry").into()),
         }
     }
+}
+
+fn no_leader() -> Status {
+    ApiError::new(Reason::NoLeader, "no leader elected; retry").into()
+}
+
+/// The leader could not confirm its leadership for a read in time.
+pub fn unconfirmed() -> Status {
+    ApiError::new(
+        Reason::LeadershipUnconfirmed,
+        "leadership could not be confirmed in time",
+    )
+    .into()
 }
 
 /// Wraps a request a follower forwards to the leader: marks it forwarded and

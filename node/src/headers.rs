@@ -1,6 +1,6 @@
 //! Parsing the header section of a message with mail-parser.
 
-use crate::model::HeaderSummary;
+use crate::state::records::HeaderSummary;
 
 /// Bytes of the message start that are parsed for headers.
 pub const HEADER_SCAN_BYTES: usize = 256 * 1024;

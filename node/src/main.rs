@@ -21,6 +21,11 @@ fn main() -> std::process::ExitCode {
     // One process-wide TLS crypto provider: aws-lc-rs.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let args = Args::parse();
+    // Before anything else: a binary without test modes refuses the variable.
+    if let Err(e) = mailvault_node::test_modes::TestModes::from_env() {
+        eprintln!("mailvault-node: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let config = match mailvault_node::config::Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::command::{Command, CommandResult};
-use crate::types::{Batch, NodeId, Raft};
+use crate::state::command::{Command, CommandResult};
+use crate::state::types::{Batch, NodeId, Raft};
 
 /// Why a proposal did not produce a result.
 #[derive(Debug, thiserror::Error, Clone)]

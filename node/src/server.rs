@@ -12,7 +12,7 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::access::{follow_audit_log, AccessLayer, Denials, Lockout, REFUSED, REFUSED_LOCKED};
+use crate::access::{follow_audit_log, AccessLayer, Denials, Gate, Lockout, REFUSED, REFUSED_LOCKED};
 use crate::api::{AdminService, MailboxService};
 use crate::audit::AuditRecorder;
 use crate::config::Config;
@@ -23,10 +23,10 @@ use crate::raft::{
     bootstrap_if_fresh, place_leadership, raft_config, resend_held_back_commits, schedule_snapshots,
     snapshot_schedule, PeerClients, PeerNetwork, PeerService, ReadFence, PEER_MAX_MESSAGE_BYTES,
 };
+use crate::state::types::Raft;
 use crate::store::{open_db, LogStore, MailReader, StateMachine};
 use crate::test_modes::TestModes;
 use crate::tls::{accept_loop, client_tls, server_config, CertIdentity, HandshakeFailure, Peer};
-use crate::types::Raft;
 
 /// Runs a node until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
@@ -53,13 +53,23 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let db = open_db(&config.data_dir.join("db"))
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+    // Before anything reads the store: refuse a newer data version, upgrade an older one.
+    let found = crate::store::data_version::upgrade(&db)
+        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+    tracing::info!(
+        found = ?found,
+        data_version = crate::state::version::DATA_VERSION,
+        "data version checked"
+    );
     let mut log_store = LogStore::new(db.clone(), config.raft.log_cache_mib << 20)?;
+    #[cfg(feature = "test-modes")]
     if test_modes.ack_before_fsync {
         log_store = log_store.without_append_sync();
     }
     if config.raft.pipeline_leader_fsync {
         log_store = log_store.with_leader_pipelining(id);
     }
+    #[cfg(feature = "test-modes")]
     if test_modes.slow_leader_sync {
         log_store = log_store.with_leader_sync_delay(
             crate::test_modes::SLOW_LEADER_SYNC,
@@ -172,13 +182,19 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         id,
         config: config.clone(),
         raft: raft.clone(),
-        reader,
+        reader: reader.clone(),
         keyring,
         proposer,
         peers,
         applied,
         audit: audit.clone(),
-        denials: denials.clone(),
+        gate: Gate {
+            reader: reader.clone(),
+            denials: denials.clone(),
+            audit: audit.clone(),
+            operators: config.access.operators.clone().into(),
+            unaudited_reads: test_modes.unaudited_reads,
+        },
         fence,
         test_modes,
     });
@@ -230,7 +246,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             move |f| record_refused(&d2, "client-connect", true, f),
         )
     };
-    let access = AccessLayer::new(ctx.clone());
+    let access = AccessLayer::new(ctx.gate.clone());
     let mut stop = stop_rx.clone();
     tasks.spawn(async move {
         tonic::transport::Server::builder()

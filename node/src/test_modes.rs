@@ -1,10 +1,12 @@
 //! Unsafe modes for measurements and for proving that tests can fail.
 //!
-//! They exist only in builds with the `test-modes` feature (the workspace's
-//! test harness enables it; a release build of `mailvault-node` alone does
-//! not), and even there only when `MAILVAULT_TEST_MODES` names them. A node
-//! started with the variable set but without the feature refuses to start, so
-//! a production binary can never silently run in one of these modes.
+//! They exist only in builds with the `test-modes` feature, which only the
+//! harness's own binary has (`mailvault-node-test-modes`, the package
+//! `chaos-tests/test-node`: these sources compiled a second time), and even
+//! there only when `MAILVAULT_TEST_MODES` names them. The shipped
+//! `mailvault-node` has no parser of mode names, and started with the variable
+//! set it refuses to start, so it can never run in one of these modes
+//! (`chaos-tests/tests/shipped_binary.rs` checks both).
 
 /// The environment variable naming the active modes, comma-separated.
 pub const ENV: &str = "MAILVAULT_TEST_MODES";
@@ -37,6 +39,18 @@ pub const SLOW_LEADER_SYNC: std::time::Duration = std::time::Duration::from_secs
 /// The file in a node's data directory that turns `slow-leader-sync` on.
 pub const SLOW_LEADER_SYNC_FILE: &str = "slow-leader-sync";
 
+/// The names of the modes this build can enable.
+#[cfg(feature = "test-modes")]
+const KNOWN: &[&str] = &[
+    "unaudited-reads",
+    "ack-before-fsync",
+    "stale-reads",
+    "plaintext",
+    "slow-leader-sync",
+];
+#[cfg(not(feature = "test-modes"))]
+const KNOWN: &[&str] = &[];
+
 /// Why the modes could not be enabled.
 #[derive(Debug, thiserror::Error)]
 pub enum TestModeError {
@@ -44,7 +58,7 @@ pub enum TestModeError {
     #[error("{ENV} is set, but this mailvault-node was built without the `test-modes` feature")]
     NotCompiled,
     /// The variable names a mode that does not exist.
-    #[error("{ENV} names an unknown mode `{0}` (known: unaudited-reads, ack-before-fsync, stale-reads, plaintext, slow-leader-sync)")]
+    #[error("{ENV} names an unknown mode `{0}` (known: {known})", known = KNOWN.join(", "))]
     Unknown(String),
 }
 
@@ -62,20 +76,30 @@ impl TestModes {
         if names.is_empty() {
             return Ok(modes);
         }
-        if !cfg!(feature = "test-modes") {
-            return Err(TestModeError::NotCompiled);
-        }
         for name in names {
-            match name {
-                "unaudited-reads" => modes.unaudited_reads = true,
-                "ack-before-fsync" => modes.ack_before_fsync = true,
-                "stale-reads" => modes.stale_reads = true,
-                "plaintext" => modes.plaintext = true,
-                "slow-leader-sync" => modes.slow_leader_sync = true,
-                other => return Err(TestModeError::Unknown(other.to_string())),
-            }
+            modes.enable(name)?;
         }
         Ok(modes)
+    }
+
+    #[cfg(feature = "test-modes")]
+    fn enable(&mut self, name: &str) -> Result<(), TestModeError> {
+        match name {
+            "unaudited-reads" => self.unaudited_reads = true,
+            "ack-before-fsync" => self.ack_before_fsync = true,
+            "stale-reads" => self.stale_reads = true,
+            "plaintext" => self.plaintext = true,
+            "slow-leader-sync" => self.slow_leader_sync = true,
+            other => return Err(TestModeError::Unknown(other.to_string())),
+        }
+        Ok(())
+    }
+
+    /// Without the feature there is no mode to enable, and no mode's name in
+    /// the binary.
+    #[cfg(not(feature = "test-modes"))]
+    fn enable(&mut self, _name: &str) -> Result<(), TestModeError> {
+        Err(TestModeError::NotCompiled)
     }
 
     /// Whether any mode is active.

@@ -1,7 +1,7 @@
 //! openraft's storage test suite against mailvault's RocksDB log store and state machine.
 
+use mailvault_node::state::types::{StorageError, TypeConfig};
 use mailvault_node::store::{open_db, LogStore, StateMachine};
-use mailvault_node::types::{StorageError, TypeConfig};
 use openraft::testing::{StoreBuilder, Suite};
 
 /// Builds stores whose log keeps this many bytes of entries in memory.

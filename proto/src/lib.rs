@@ -22,5 +22,7 @@ pub mod etcd {
     tonic::include_proto!("etcdserverpb");
 }
 
+pub mod client;
+
 /// Encoded file descriptor set of every service, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mailvault_descriptor.bin"));

@@ -5,7 +5,8 @@
 use std::net::IpAddr;
 
 use super::lockout::{Lockout, DENIED, REFUSED, REFUSED_LOCKED};
-use crate::audit::{AuditEvent, AuditRecorder};
+use crate::audit::AuditRecorder;
+use crate::state::audit::AuditEvent;
 
 /// Records denied attempts.
 #[derive(Clone)]

@@ -10,9 +10,10 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::Status;
 use tower::{Layer, Service};
 
-use super::policy::ClusterRole;
+use super::gate::Gate;
 use super::principal::Principal;
-use crate::ctx::Ctx;
+use crate::error::{ApiError, Reason};
+use crate::state::policy::ClusterRole;
 use crate::tls::{identity_of, CertIdentity};
 
 /// Header a node sets when it forwards a call: the original caller's identity.
@@ -25,13 +26,13 @@ pub const ON_BEHALF_SOURCE: &str = "x-mailvault-on-behalf-source";
 /// Authenticates every call and classifies its method.
 #[derive(Clone)]
 pub struct AccessLayer {
-    ctx: Arc<Ctx>,
+    gate: Arc<Gate>,
 }
 
 impl AccessLayer {
-    /// A layer over the node context.
-    pub fn new(ctx: Arc<Ctx>) -> AccessLayer {
-        AccessLayer { ctx }
+    /// A layer deciding with `gate`.
+    pub fn new(gate: Gate) -> AccessLayer {
+        AccessLayer { gate: Arc::new(gate) }
     }
 }
 
@@ -41,7 +42,7 @@ impl<S> Layer<S> for AccessLayer {
     fn layer(&self, inner: S) -> Self::Service {
         AccessService {
             inner,
-            ctx: self.ctx.clone(),
+            gate: self.gate.clone(),
         }
     }
 }
@@ -50,7 +51,7 @@ impl<S> Layer<S> for AccessLayer {
 #[derive(Clone)]
 pub struct AccessService<S> {
     inner: S,
-    ctx: Arc<Ctx>,
+    gate: Arc<Gate>,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -72,10 +73,10 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let ctx = self.ctx.clone();
+        let gate = self.gate.clone();
         let input = CallInfo::of(&req);
         Box::pin(async move {
-            match authenticate(&ctx, input).await {
+            match authenticate(&gate, input).await {
                 Ok(p) => {
                     req.extensions_mut().insert(p);
                     inner.call(req).await
@@ -135,7 +136,7 @@ fn header<'a>(req: &'a CallInfo, name: &str) -> Option<&'a str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
+async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> {
     let req = &call;
     let path = call.path.as_str();
     let method = path.rsplit('/').next().unwrap_or("-").to_string();
@@ -143,7 +144,15 @@ async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
     let addr = info.and_then(|i| i.get_ref().remote_addr()).map(|a| a.ip());
     let leaf = info.and_then(|i| i.peer_certs()).and_then(|c| c.first().cloned());
     let Some((cert_identity, serial)) = leaf.as_deref().and_then(identity_of) else {
-        return Err(deny(ctx, "-", addr, &method, "no client certificate identity").await);
+        return Err(deny(
+            gate,
+            "-",
+            addr,
+            &method,
+            Reason::CertificateWithoutIdentity,
+            "no client certificate identity",
+        )
+        .await);
     };
     let (identity, is_node, serial, source) = match cert_identity {
         CertIdentity::Node(id) => match header(req, ON_BEHALF_OF) {
@@ -157,9 +166,9 @@ async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
         },
         CertIdentity::User(u) => (u, false, serial, addr),
     };
-    if ctx.denials.is_locked(Some(&identity), source) {
-        ctx.denials.refuse_locked(&identity, source, &method).await;
-        return Err(Status::permission_denied("locked out after repeated failures"));
+    if gate.denials.is_locked(Some(&identity), source) {
+        gate.denials.refuse_locked(&identity, source, &method).await;
+        return Err(ApiError::new(Reason::LockedOut, "locked out after repeated failures").into());
     }
     let class = classify(path);
     if is_node {
@@ -172,28 +181,37 @@ async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
                 policy: Default::default(),
             }),
             _ => Err(deny(
-                ctx,
+                gate,
                 &identity,
                 source,
                 &method,
+                Reason::NodeNotAllowed,
                 "nodes may not call this directly",
             )
             .await),
         };
     }
-    let policy = ctx
+    let policy = gate
         .reader
         .identity_policy(&identity)
-        .map_err(crate::status::read)?
+        .map_err(crate::error::read)?
         .unwrap_or_default();
-    if policy.revoked || ctx.reader.serial_revoked(&serial).map_err(crate::status::read)? {
-        let status = deny(ctx, &identity, source, &method, "certificate or identity revoked").await;
-        return Err(Status::unauthenticated(status.message().to_string()));
+    if policy.revoked || gate.reader.serial_revoked(&serial).map_err(crate::error::read)? {
+        let reason = "certificate or identity revoked";
+        return Err(deny(gate, &identity, source, &method, Reason::Revoked, reason).await);
     }
     if !policy.allows_source(source) {
-        return Err(deny(ctx, &identity, source, &method, "source address not allowed").await);
+        return Err(deny(
+            gate,
+            &identity,
+            source,
+            &method,
+            Reason::SourceNotAllowed,
+            "source address not allowed",
+        )
+        .await);
     }
-    let bootstrap = ctx.config.access.operators.contains(&identity);
+    let bootstrap = gate.operators.contains(&identity);
     let operator = bootstrap || policy.cluster_roles.contains(&ClusterRole::Operator);
     let auditor = policy.cluster_roles.contains(&ClusterRole::Auditor);
     let allowed = match class {
@@ -205,10 +223,11 @@ async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
     };
     if !allowed {
         return Err(deny(
-            ctx,
+            gate,
             &identity,
             source,
             &method,
+            Reason::NoClusterRole,
             "missing cluster role for this call",
         )
         .await);
@@ -227,10 +246,18 @@ async fn authenticate(ctx: &Ctx, call: CallInfo) -> Result<Principal, Status> {
 }
 
 /// Audits a denial, counts it towards lockout, and builds the status.
-async fn deny(ctx: &Ctx, identity: &str, source: Option<IpAddr>, method: &str, reason: &str) -> Status {
-    let locked = ctx.denials.deny(identity, source, method, "-", reason).await;
-    match locked {
-        true => Status::permission_denied(format!("{reason}; now locked out")),
-        false => Status::permission_denied(reason),
-    }
+async fn deny(
+    gate: &Gate,
+    identity: &str,
+    source: Option<IpAddr>,
+    method: &str,
+    why: Reason,
+    reason: &str,
+) -> Status {
+    let locked = gate.denials.deny(identity, source, method, "-", reason).await;
+    let message = match locked {
+        true => format!("{reason}; now locked out"),
+        false => reason.to_string(),
+    };
+    ApiError::new(why, message).with("locked_out", locked).into()
 }

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::api::now_ms;
-use crate::audit::AuditEvent;
+use crate::clock::now_ms;
+use crate::state::audit::AuditEvent;
 use crate::store::{MailReader, ReadError};
 
 /// The audit action of a record that starts a lockout.

@@ -6,15 +6,15 @@
 //! checks, which need the request body, all go through [`authorize`].
 
 mod denials;
+mod gate;
 mod layer;
 mod lockout;
-mod policy;
+mod masking;
 mod principal;
 
 pub use denials::Denials;
+pub use gate::Gate;
 pub use layer::{AccessLayer, ON_BEHALF_OF, ON_BEHALF_SERIAL, ON_BEHALF_SOURCE};
 pub use lockout::{follow_audit_log, Lockout, Started, DENIED, LOCKOUT_ACTION, REFUSED, REFUSED_LOCKED};
-pub use policy::{
-    mask_address, mask_addresses_in, Action, ClusterRole, IdentityPolicy, TenantRole, ANY_TENANT,
-};
+pub use masking::{mask_address, mask_addresses_in};
 pub use principal::{authorize, Principal};

@@ -4,9 +4,10 @@ use std::net::IpAddr;
 
 use tonic::Status;
 
-use super::policy::{Action, IdentityPolicy};
-use crate::audit::AuditEvent;
-use crate::ctx::Ctx;
+use super::gate::Gate;
+use crate::error::{ApiError, Reason};
+use crate::state::audit::AuditEvent;
+use crate::state::policy::{Action, IdentityPolicy};
 
 /// Who is calling, as established by the access layer.
 #[derive(Debug, Clone)]
@@ -44,7 +45,7 @@ impl Principal {
 /// on `tenant`, or the call is denied `PERMISSION_DENIED`. Either way an
 /// audit record is written (`rpc`, `target` ids, result).
 pub async fn authorize(
-    ctx: &Ctx,
+    gate: &Gate,
     principal: Option<&Principal>,
     rpc: &str,
     tenant: &str,
@@ -52,16 +53,16 @@ pub async fn authorize(
     action: Action,
 ) -> Result<Principal, Status> {
     let Some(p) = principal else {
-        return Err(Status::unauthenticated("no authenticated identity"));
+        return Err(ApiError::new(Reason::NoIdentity, "no authenticated identity").into());
     };
     if p.policy.permits(tenant, action) {
-        if !(action == Action::Read && ctx.test_modes.unaudited_reads) {
-            ctx.audit.record(p.event(rpc, target, "allowed")).await?;
+        if !(action == Action::Read && gate.unaudited_reads) {
+            gate.audit.record(p.event(rpc, target, "allowed")).await?;
         }
         return Ok(p.clone());
     }
     let reason = format!("no role on tenant {tenant} permits {action:?}");
-    let locked = ctx
+    let locked = gate
         .denials
         .deny(&p.identity, p.source, rpc, &target, &reason)
         .await;
@@ -69,5 +70,7 @@ pub async fn authorize(
     if locked {
         message.push_str("; now locked out after repeated failures");
     }
-    Err(Status::permission_denied(message))
+    Err(ApiError::new(Reason::NoTenantRole, message)
+        .with("locked_out", locked)
+        .into())
 }

@@ -8,10 +8,12 @@ use mailvault_proto::v1::{AuditRecord as ProtoAudit, IdentityPolicy as ProtoPoli
 use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
-use crate::access::{ClusterRole, IdentityPolicy, Principal, TenantRole, ANY_TENANT};
-use crate::command::{Command, CommandResult};
+use crate::access::Principal;
 use crate::ctx::{forwarded, Ctx, Route};
-use crate::{names, status};
+use crate::error::{self, ApiError, Reason};
+use crate::names;
+use crate::state::command::{Command, CommandResult};
+use crate::state::policy::{ClusterRole, IdentityPolicy, TenantRole, ANY_TENANT};
 
 /// The admin service.
 #[derive(Clone)]
@@ -27,7 +29,7 @@ impl AdminService {
 
     /// Records an admin action (the access layer already checked the role).
     async fn record(&self, p: Option<&Principal>, action: &str, target: String) -> Result<(), Status> {
-        let p = p.ok_or_else(|| Status::unauthenticated("no authenticated identity"))?;
+        let p = p.ok_or_else(|| ApiError::new(Reason::NoIdentity, "no authenticated identity"))?;
         self.ctx.audit.record(p.event(action, target, "allowed")).await
     }
 }
@@ -58,14 +60,14 @@ fn policy_to_proto(identity: &str, p: &IdentityPolicy) -> ProtoPolicy {
 }
 
 fn policy_from_proto(p: &ProtoPolicy) -> Result<IdentityPolicy, Status> {
-    let bad = |m: String| Status::invalid_argument(m);
+    let bad = error::invalid;
     let mut out = IdentityPolicy {
         revoked: p.revoked,
         ..Default::default()
     };
     for tr in &p.tenant_roles {
         if tr.tenant != ANY_TENANT {
-            names::tenant(&tr.tenant).map_err(status::name)?;
+            names::tenant(&tr.tenant).map_err(error::name)?;
         }
         let set = out.tenant_roles.entry(tr.tenant.clone()).or_default();
         for r in &tr.roles {
@@ -117,9 +119,9 @@ impl Admin for AdminService {
                 .await;
         }
         let r = req.into_inner();
-        names::tenant(&r.tenant).map_err(status::name)?;
+        names::tenant(&r.tenant).map_err(error::name)?;
         self.record(p.as_ref(), "CreateTenant", r.tenant.clone()).await?;
-        let key = self.ctx.keyring.generate(&r.tenant, 1).map_err(status::crypto)?;
+        let key = self.ctx.keyring.generate(&r.tenant, 1).map_err(error::crypto)?;
         match self
             .ctx
             .proposer
@@ -128,9 +130,9 @@ impl Admin for AdminService {
                 key,
             })
             .await
-            .map_err(status::propose)?
+            .map_err(error::propose)?
         {
-            CommandResult::Refused(refusal) => Err(status::refusal(refusal)),
+            CommandResult::Refused(refusal) => Err(error::refusal(refusal).into()),
             _ => Ok(Response::new(CreateTenantResponse { key_version: 1 })),
         }
     }
@@ -182,7 +184,7 @@ impl Admin for AdminService {
         raft.trigger()
             .snapshot()
             .await
-            .map_err(|_| Status::unavailable("raft stopped"))?;
+            .map_err(|_| ApiError::new(Reason::ShuttingDown, "raft stopped"))?;
         let wait = raft.wait(Some(Duration::from_secs(30)));
         let m = wait
             .metrics(
@@ -190,14 +192,14 @@ impl Admin for AdminService {
                 "snapshot built",
             )
             .await
-            .map_err(|e| Status::deadline_exceeded(format!("snapshot not built in time: {e}")))?;
+            .map_err(|e| ApiError::new(Reason::TimedOut, format!("snapshot not built in time: {e}")))?;
         let snapshot_index = m.snapshot.map(|l| l.index).unwrap_or(0);
         let mut purged_index = m.purged.map(|l| l.index).unwrap_or(0);
         if purge && snapshot_index > 0 {
             raft.trigger()
                 .purge_log(snapshot_index)
                 .await
-                .map_err(|_| Status::unavailable("raft stopped"))?;
+                .map_err(|_| ApiError::new(Reason::ShuttingDown, "raft stopped"))?;
             let m = raft
                 .wait(Some(Duration::from_secs(30)))
                 .metrics(
@@ -205,7 +207,7 @@ impl Admin for AdminService {
                     "log purged",
                 )
                 .await
-                .map_err(|e| Status::deadline_exceeded(format!("log not purged in time: {e}")))?;
+                .map_err(|e| ApiError::new(Reason::TimedOut, format!("log not purged in time: {e}")))?;
             purged_index = m.purged.map(|l| l.index).unwrap_or(0);
         }
         Ok(Response::new(TriggerSnapshotResponse {
@@ -223,7 +225,7 @@ impl Admin for AdminService {
             .ctx
             .reader
             .identity_policy(&id)
-            .map_err(status::read)?
+            .map_err(error::read)?
             .unwrap_or_default();
         Ok(Response::new(policy_to_proto(&id, &policy)))
     }
@@ -240,8 +242,8 @@ impl Admin for AdminService {
         let proto = req
             .into_inner()
             .policy
-            .ok_or_else(|| Status::invalid_argument("policy is required"))?;
-        names::check("identity", &proto.identity, 256).map_err(status::name)?;
+            .ok_or_else(|| error::invalid("policy is required"))?;
+        names::check("identity", &proto.identity, 256).map_err(error::name)?;
         let policy = policy_from_proto(&proto)?;
         let summary = format!(
             "{} -> {:?}",
@@ -256,7 +258,7 @@ impl Admin for AdminService {
                 policy: policy.clone(),
             })
             .await
-            .map_err(status::propose)?;
+            .map_err(error::propose)?;
         Ok(Response::new(policy_to_proto(&proto.identity, &policy)))
     }
 
@@ -272,15 +274,15 @@ impl Admin for AdminService {
                 .revoke_certificate(forwarded(req.into_inner(), p.as_ref()))
                 .await;
         }
-        let serial = normalize_serial(&req.into_inner().serial)
-            .ok_or_else(|| Status::invalid_argument("serial must be hex"))?;
+        let serial =
+            normalize_serial(&req.into_inner().serial).ok_or_else(|| error::invalid("serial must be hex"))?;
         self.record(p.as_ref(), "RevokeCertificate", serial.clone())
             .await?;
         self.ctx
             .proposer
             .propose(Command::RevokeSerial { serial })
             .await
-            .map_err(status::propose)?;
+            .map_err(error::propose)?;
         Ok(Response::new(RevokeCertificateResponse {}))
     }
 
@@ -301,7 +303,7 @@ impl Admin for AdminService {
             .ctx
             .reader
             .audit_records(r.from_seq.max(1), limit)
-            .map_err(status::read)?
+            .map_err(error::read)?
             .into_iter()
             .map(|r| ProtoAudit {
                 seq: r.seq,
@@ -316,7 +318,7 @@ impl Admin for AdminService {
                 hash: hex(&r.hash),
             })
             .collect();
-        let head_seq = self.ctx.reader.audit_head().map_err(status::read)?.seq;
+        let head_seq = self.ctx.reader.audit_head().map_err(error::read)?.seq;
         Ok(Response::new(ListAuditResponse { records, head_seq }))
     }
 
@@ -327,8 +329,8 @@ impl Admin for AdminService {
         let reader = self.ctx.reader.clone();
         let (applied, hash, records) = tokio::task::spawn_blocking(move || reader.state_digest())
             .await
-            .map_err(|_| Status::internal("digest task failed"))?
-            .map_err(status::read)?;
+            .map_err(|_| ApiError::new(Reason::InternalError, "digest task failed"))?
+            .map_err(error::read)?;
         Ok(Response::new(StateDigestResponse {
             applied_index: applied,
             sha256: hex(&hash),
@@ -342,8 +344,8 @@ impl Admin for AdminService {
     ) -> Result<Response<VerifyAuditResponse>, Status> {
         let p = principal_of(&req);
         self.record(p.as_ref(), "VerifyAudit", "-".into()).await?;
-        let head = self.ctx.reader.audit_head().map_err(status::read)?;
-        let result = self.ctx.reader.verify_audit().map_err(status::read)?;
+        let head = self.ctx.reader.audit_head().map_err(error::read)?;
+        let result = self.ctx.reader.verify_audit().map_err(error::read)?;
         Ok(Response::new(match result {
             Ok(n) => VerifyAuditResponse {
                 ok: true,

@@ -8,13 +8,16 @@ use tokio_stream::StreamExt;
 use tonic::{Status, Streaming};
 
 use super::tenant_keys::{new_blob, MessageCipher};
-use crate::access::{authorize, Action, Principal};
-use crate::command::{Command, CommandResult, NewMessage};
+use crate::access::{authorize, Principal};
+use crate::clock::now_ms;
 use crate::crypto::HEADERS_CHUNK;
 use crate::ctx::Ctx;
+use crate::error::{self, ApiError, Reason};
 use crate::headers::{summarize, HEADER_SCAN_BYTES};
-use crate::model::encode;
-use crate::{names, status};
+use crate::names;
+use crate::state::codec::encode;
+use crate::state::command::{Command, CommandResult, NewMessage};
+use crate::state::policy::Action;
 
 /// Handles a whole append stream on the leader.
 pub async fn append(
@@ -26,14 +29,18 @@ pub async fn append(
         Some(Ok(AppendMessageRequest {
             frame: Some(Frame::Header(h)),
         })) => h,
-        Some(Ok(_)) => return Err(Status::invalid_argument("the first frame must be the header")),
+        Some(Ok(_)) => {
+            return Err(
+                ApiError::new(Reason::StreamHeaderMissing, "the first frame must be the header").into(),
+            )
+        }
         Some(Err(e)) => return Err(e),
-        None => return Err(Status::invalid_argument("empty append stream")),
+        None => return Err(ApiError::new(Reason::StreamHeaderMissing, "empty append stream").into()),
     };
     check_header(ctx, &header)?;
     let target = format!("{}/{}", header.tenant, header.mailbox);
     authorize(
-        ctx,
+        &ctx.gate,
         principal,
         "AppendMessage",
         &header.tenant,
@@ -50,18 +57,18 @@ pub async fn append(
     let exists = |ctx: &Ctx| {
         ctx.reader
             .mailbox(tenant, mailbox)
-            .map_err(status::read)
+            .map_err(error::read)
             .map(|m| m.is_some())
     };
     if !exists(ctx)? {
         ctx.read_barrier().await?;
         if !exists(ctx)? {
-            let what = if ctx.reader.tenant(tenant).map_err(status::read)?.is_none() {
-                "tenant not found"
+            let missing = if ctx.reader.tenant(tenant).map_err(error::read)?.is_none() {
+                ApiError::new(Reason::TenantNotFound, "tenant not found")
             } else {
-                "mailbox not found"
+                ApiError::new(Reason::MailboxNotFound, "mailbox not found")
             };
-            return Err(Status::not_found(what));
+            return Err(missing.into());
         }
     }
     // A key found locally was committed (only committed entries are applied);
@@ -69,14 +76,14 @@ pub async fn append(
     if let Some(prev) = ctx
         .reader
         .idempotency(tenant, mailbox, &header.idempotency_key)
-        .map_err(status::read)?
+        .map_err(error::read)?
     {
         // A retry of a committed append: store nothing, answer as the first time.
         drain(ctx, &mut stream).await?;
         let uidvalidity = ctx
             .reader
             .mailbox(tenant, mailbox)
-            .map_err(status::read)?
+            .map_err(error::read)?
             .map(|m| m.uidvalidity)
             .unwrap_or(0);
         return Ok(AppendMessageResponse {
@@ -97,11 +104,11 @@ pub async fn append(
 }
 
 fn check_header(ctx: &Ctx, h: &AppendHeader) -> Result<(), Status> {
-    names::tenant(&h.tenant).map_err(status::name)?;
-    names::mailbox(&h.mailbox).map_err(status::name)?;
-    names::idempotency_key(&h.idempotency_key).map_err(status::name)?;
+    names::tenant(&h.tenant).map_err(error::name)?;
+    names::mailbox(&h.mailbox).map_err(error::name)?;
+    names::idempotency_key(&h.idempotency_key).map_err(error::name)?;
     for f in &h.flags {
-        names::flag(f).map_err(status::name)?;
+        names::flag(f).map_err(error::name)?;
     }
     if h.size > ctx.config.limits.max_message_bytes {
         return Err(too_large(ctx));
@@ -110,10 +117,13 @@ fn check_header(ctx: &Ctx, h: &AppendHeader) -> Result<(), Status> {
 }
 
 fn too_large(ctx: &Ctx) -> Status {
-    Status::resource_exhausted(format!(
-        "message exceeds the maximum size of {} bytes",
-        ctx.config.limits.max_message_bytes
-    ))
+    let max = ctx.config.limits.max_message_bytes;
+    ApiError::new(
+        Reason::MessageTooLarge,
+        format!("message exceeds the maximum size of {max} bytes"),
+    )
+    .with("max_bytes", max)
+    .into()
 }
 
 /// Reads the rest of a stream whose content is not needed, within the size limit.
@@ -134,7 +144,7 @@ struct Upload<'a> {
     ctx: &'a Ctx,
     tenant: String,
     cipher: MessageCipher,
-    blob: crate::command::BlobId,
+    blob: crate::state::command::BlobId,
     buffer: Vec<u8>,
     head: Vec<u8>,
     staged: u32,
@@ -164,9 +174,13 @@ impl<'a> Upload<'a> {
             let bytes = match frame?.frame {
                 Some(Frame::Chunk(c)) => c,
                 Some(Frame::Header(_)) => {
-                    return Err(Status::invalid_argument("header frame after the first frame"))
+                    return Err(ApiError::new(
+                        Reason::DuplicateStreamHeader,
+                        "header frame after the first frame",
+                    )
+                    .into())
                 }
-                None => return Err(Status::invalid_argument("empty frame")),
+                None => return Err(ApiError::new(Reason::EmptyFrame, "empty frame").into()),
             };
             self.total += bytes.len() as u64;
             if self.total > self.ctx.config.limits.max_message_bytes {
@@ -184,7 +198,7 @@ impl<'a> Upload<'a> {
             }
         }
         if self.total == 0 {
-            return Err(Status::invalid_argument("message is empty"));
+            return Err(ApiError::new(Reason::EmptyMessage, "message is empty").into());
         }
         Ok(())
     }
@@ -199,7 +213,7 @@ impl<'a> Upload<'a> {
         };
         // Counted before the outcome is known, so an abandon removes it either way.
         self.staged += 1;
-        self.ctx.proposer.propose(cmd).await.map_err(status::propose)?;
+        self.ctx.proposer.propose(cmd).await.map_err(error::propose)?;
         Ok(())
     }
 
@@ -221,10 +235,11 @@ impl<'a> Upload<'a> {
     async fn commit(mut self, h: &AppendHeader) -> Result<AppendMessageResponse, Status> {
         if h.size != 0 && h.size != self.total {
             self.abandon().await;
-            return Err(Status::invalid_argument(format!(
+            let message = format!(
                 "declared size {} does not match the {} bytes received",
                 h.size, self.total
-            )));
+            );
+            return Err(ApiError::new(Reason::SizeMismatch, message).into());
         }
         let last = std::mem::take(&mut self.buffer);
         let inline = vec![ByteBuf::from(self.cipher.seal(self.staged, &last)?)];
@@ -250,7 +265,7 @@ impl<'a> Upload<'a> {
             tenant: self.tenant.clone(),
             message,
         };
-        match self.ctx.proposer.propose(cmd).await.map_err(status::propose)? {
+        match self.ctx.proposer.propose(cmd).await.map_err(error::propose)? {
             CommandResult::Appended {
                 uid,
                 modseq,
@@ -265,16 +280,8 @@ impl<'a> Upload<'a> {
                     duplicate,
                 })
             }
-            CommandResult::Refused(r) => Err(status::refusal(r)),
-            _ => Err(Status::internal("unexpected append result")),
+            CommandResult::Refused(r) => Err(error::refusal(r).into()),
+            _ => Err(error::unexpected("append").into()),
         }
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

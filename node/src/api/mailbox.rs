@@ -13,12 +13,14 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::tenant_keys::{new_blob, MessageCipher};
 use super::{append, messages, watch};
-use crate::access::{authorize, Action, Principal};
-use crate::command::{Command, CommandResult, NewMessage};
+use crate::access::{authorize, Principal};
 use crate::crypto::HEADERS_CHUNK;
 use crate::ctx::{forwarded, Ctx, Route};
-use crate::model::MailboxRecord;
-use crate::{names, status};
+use crate::error;
+use crate::names;
+use crate::state::command::{Command, CommandResult, NewMessage, Refusal};
+use crate::state::policy::Action;
+use crate::state::records::MailboxRecord;
 
 /// The mailbox service.
 #[derive(Clone)]
@@ -33,8 +35,8 @@ impl MailboxService {
     }
 
     async fn run(&self, cmd: Command) -> Result<CommandResult, Status> {
-        match self.ctx.proposer.propose(cmd).await.map_err(status::propose)? {
-            CommandResult::Refused(r) => Err(status::refusal(r)),
+        match self.ctx.proposer.propose(cmd).await.map_err(error::propose)? {
+            CommandResult::Refused(r) => Err(error::refusal(r).into()),
             other => Ok(other),
         }
     }
@@ -53,7 +55,7 @@ impl MailboxService {
                 claimed += u64::from(msg.claimed_by.is_some());
                 true
             })
-            .map_err(status::read)?;
+            .map_err(error::read)?;
         Ok(MailboxStatus {
             tenant: tenant.to_string(),
             mailbox: mailbox.to_string(),
@@ -68,15 +70,15 @@ impl MailboxService {
     }
 
     fn existing_mailbox(&self, tenant: &str, mailbox: &str) -> Result<MailboxRecord, Status> {
-        names::tenant(tenant).map_err(status::name)?;
-        names::mailbox(mailbox).map_err(status::name)?;
-        if let Some(m) = self.ctx.reader.mailbox(tenant, mailbox).map_err(status::read)? {
+        names::tenant(tenant).map_err(error::name)?;
+        names::mailbox(mailbox).map_err(error::name)?;
+        if let Some(m) = self.ctx.reader.mailbox(tenant, mailbox).map_err(error::read)? {
             return Ok(m);
         }
-        if self.ctx.reader.tenant(tenant).map_err(status::read)?.is_none() {
-            return Err(Status::not_found("tenant not found"));
+        if self.ctx.reader.tenant(tenant).map_err(error::read)?.is_none() {
+            return Err(error::refusal(Refusal::NoTenant).into());
         }
-        Err(Status::not_found("mailbox not found"))
+        Err(error::refusal(Refusal::NoMailbox).into())
     }
 
     fn changed(r: CommandResult) -> Result<(u64, Vec<String>, Option<String>), Status> {
@@ -86,7 +88,7 @@ impl MailboxService {
                 flags,
                 claimed_by,
             } => Ok((modseq, flags, claimed_by)),
-            _ => Err(Status::internal("unexpected command result")),
+            _ => Err(error::unexpected("command").into()),
         }
     }
 }
@@ -128,11 +130,11 @@ impl Mailbox for MailboxService {
     ) -> Result<Response<MailboxStatus>, Status> {
         route_write!(self, req, p, create_mailbox);
         let r = req.into_inner();
-        names::tenant(&r.tenant).map_err(status::name)?;
-        names::mailbox(&r.mailbox).map_err(status::name)?;
+        names::tenant(&r.tenant).map_err(error::name)?;
+        names::mailbox(&r.mailbox).map_err(error::name)?;
         let t = target(&r.tenant, &r.mailbox, None);
         authorize(
-            &self.ctx,
+            &self.ctx.gate,
             p.as_ref(),
             "CreateMailbox",
             &r.tenant,
@@ -140,7 +142,7 @@ impl Mailbox for MailboxService {
             Action::ManageMailboxes,
         )
         .await?;
-        let uidvalidity = (append::now_ms() / 1000) as u32;
+        let uidvalidity = (crate::clock::now_ms() / 1000) as u32;
         self.run(Command::CreateMailbox {
             tenant: r.tenant.clone(),
             mailbox: r.mailbox.clone(),
@@ -157,9 +159,9 @@ impl Mailbox for MailboxService {
     ) -> Result<Response<ListMailboxesResponse>, Status> {
         let p = principal_of(&req);
         let r = req.into_inner();
-        names::tenant(&r.tenant).map_err(status::name)?;
+        names::tenant(&r.tenant).map_err(error::name)?;
         authorize(
-            &self.ctx,
+            &self.ctx.gate,
             p.as_ref(),
             "ListMailboxes",
             &r.tenant,
@@ -168,14 +170,14 @@ impl Mailbox for MailboxService {
         )
         .await?;
         self.ctx.read_barrier().await?;
-        if self.ctx.reader.tenant(&r.tenant).map_err(status::read)?.is_none() {
-            return Err(Status::not_found("tenant not found"));
+        if self.ctx.reader.tenant(&r.tenant).map_err(error::read)?.is_none() {
+            return Err(error::refusal(Refusal::NoTenant).into());
         }
         let mailboxes = self
             .ctx
             .reader
             .mailboxes(&r.tenant)
-            .map_err(status::read)?
+            .map_err(error::read)?
             .iter()
             .map(|(name, m)| self.mailbox_status(&r.tenant, name, m))
             .collect::<Result<_, _>>()?;
@@ -190,7 +192,7 @@ impl Mailbox for MailboxService {
         let r = req.into_inner();
         let t = target(&r.tenant, &r.mailbox, None);
         authorize(
-            &self.ctx,
+            &self.ctx.gate,
             p.as_ref(),
             "GetMailboxStatus",
             &r.tenant,
@@ -230,15 +232,23 @@ impl Mailbox for MailboxService {
         let p = principal_of(&req);
         let r = req.into_inner();
         let t = target(&r.tenant, &r.mailbox, Some(r.uid));
-        let p = authorize(&self.ctx, p.as_ref(), "GetMessage", &r.tenant, t, Action::Read).await?;
+        let p = authorize(
+            &self.ctx.gate,
+            p.as_ref(),
+            "GetMessage",
+            &r.tenant,
+            t,
+            Action::Read,
+        )
+        .await?;
         self.ctx.read_barrier().await?;
         self.existing_mailbox(&r.tenant, &r.mailbox)?;
         let m = self
             .ctx
             .reader
             .message(&r.tenant, &r.mailbox, r.uid)
-            .map_err(status::read)?
-            .ok_or_else(|| Status::not_found("message not found"))?;
+            .map_err(error::read)?
+            .ok_or_else(|| error::refusal(Refusal::NoMessage))?;
         let view = p.may_view_addresses(&r.tenant);
         let rx = messages::stream(self.ctx.clone(), r.tenant, r.mailbox, m, view)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -251,7 +261,15 @@ impl Mailbox for MailboxService {
         let p = principal_of(&req);
         let r = req.into_inner();
         let t = target(&r.tenant, &r.mailbox, None);
-        let p = authorize(&self.ctx, p.as_ref(), "ListMessages", &r.tenant, t, Action::Read).await?;
+        let p = authorize(
+            &self.ctx.gate,
+            p.as_ref(),
+            "ListMessages",
+            &r.tenant,
+            t,
+            Action::Read,
+        )
+        .await?;
         self.ctx.read_barrier().await?;
         self.existing_mailbox(&r.tenant, &r.mailbox)?;
         Ok(Response::new(messages::list(
@@ -268,9 +286,17 @@ impl Mailbox for MailboxService {
         route_write!(self, req, p, update_flags);
         let r = req.into_inner();
         let t = target(&r.tenant, &r.mailbox, Some(r.uid));
-        authorize(&self.ctx, p.as_ref(), "UpdateFlags", &r.tenant, t, Action::Write).await?;
+        authorize(
+            &self.ctx.gate,
+            p.as_ref(),
+            "UpdateFlags",
+            &r.tenant,
+            t,
+            Action::Write,
+        )
+        .await?;
         for f in r.add.iter().chain(&r.remove) {
-            names::flag(f).map_err(status::name)?;
+            names::flag(f).map_err(error::name)?;
         }
         let res = self
             .run(Command::UpdateFlags {
@@ -293,8 +319,16 @@ impl Mailbox for MailboxService {
         route_write!(self, req, p, claim_message);
         let r = req.into_inner();
         let t = target(&r.tenant, &r.mailbox, Some(r.uid));
-        authorize(&self.ctx, p.as_ref(), "ClaimMessage", &r.tenant, t, Action::Write).await?;
-        names::agent(&r.agent).map_err(status::name)?;
+        authorize(
+            &self.ctx.gate,
+            p.as_ref(),
+            "ClaimMessage",
+            &r.tenant,
+            t,
+            Action::Write,
+        )
+        .await?;
+        names::agent(&r.agent).map_err(error::name)?;
         let res = self
             .run(Command::Claim {
                 tenant: r.tenant,
@@ -317,8 +351,16 @@ impl Mailbox for MailboxService {
         route_write!(self, req, p, release_claim);
         let r = req.into_inner();
         let t = target(&r.tenant, &r.mailbox, Some(r.uid));
-        authorize(&self.ctx, p.as_ref(), "ReleaseClaim", &r.tenant, t, Action::Write).await?;
-        names::agent(&r.agent).map_err(status::name)?;
+        authorize(
+            &self.ctx.gate,
+            p.as_ref(),
+            "ReleaseClaim",
+            &r.tenant,
+            t,
+            Action::Write,
+        )
+        .await?;
+        names::agent(&r.agent).map_err(error::name)?;
         let res = self
             .run(Command::Release {
                 tenant: r.tenant,
@@ -342,7 +384,15 @@ impl Mailbox for MailboxService {
             target(&r.tenant, &r.mailbox, Some(r.uid)),
             r.destination
         );
-        authorize(&self.ctx, p.as_ref(), "MoveMessage", &r.tenant, t, Action::Write).await?;
+        authorize(
+            &self.ctx.gate,
+            p.as_ref(),
+            "MoveMessage",
+            &r.tenant,
+            t,
+            Action::Write,
+        )
+        .await?;
         self.ctx.read_barrier().await?;
         self.existing_mailbox(&r.tenant, &r.destination)?;
         let message = self.reencrypt_for_move(&r).await?;
@@ -358,7 +408,7 @@ impl Mailbox for MailboxService {
             CommandResult::Appended { uid, modseq, .. } => {
                 Ok(Response::new(MoveMessageResponse { uid, modseq }))
             }
-            _ => Err(Status::internal("unexpected move result")),
+            _ => Err(error::unexpected("move").into()),
         }
     }
 
@@ -370,7 +420,7 @@ impl Mailbox for MailboxService {
         let r = req.into_inner();
         let t = format!("{} uids {:?}", target(&r.tenant, &r.mailbox, None), r.uids);
         authorize(
-            &self.ctx,
+            &self.ctx.gate,
             p.as_ref(),
             "ExpungeMessages",
             &r.tenant,
@@ -379,7 +429,7 @@ impl Mailbox for MailboxService {
         )
         .await?;
         if r.uids.is_empty() {
-            return Err(Status::invalid_argument("no uids given"));
+            return Err(error::invalid("no uids given").into());
         }
         match self
             .run(Command::Expunge {
@@ -393,7 +443,7 @@ impl Mailbox for MailboxService {
                 expunged: uids,
                 modseq,
             })),
-            _ => Err(Status::internal("unexpected expunge result")),
+            _ => Err(error::unexpected("expunge").into()),
         }
     }
 
@@ -406,7 +456,15 @@ impl Mailbox for MailboxService {
         let p = principal_of(&req);
         let r = req.into_inner();
         let t = target(&r.tenant, &r.mailbox, None);
-        authorize(&self.ctx, p.as_ref(), "WatchMailbox", &r.tenant, t, Action::Read).await?;
+        authorize(
+            &self.ctx.gate,
+            p.as_ref(),
+            "WatchMailbox",
+            &r.tenant,
+            t,
+            Action::Read,
+        )
+        .await?;
         self.ctx.read_barrier().await?;
         self.existing_mailbox(&r.tenant, &r.mailbox)?;
         let rx = watch::start(self.ctx.clone(), r.tenant, r.mailbox, r.since_modseq);
@@ -423,7 +481,7 @@ impl Mailbox for MailboxService {
         let r = req.into_inner();
         let t = target(&r.tenant, &r.mailbox, None);
         authorize(
-            &self.ctx,
+            &self.ctx.gate,
             p.as_ref(),
             "ExportMailbox",
             &r.tenant,
@@ -446,8 +504,8 @@ impl MailboxService {
         let src = ctx
             .reader
             .message(&r.tenant, &r.mailbox, r.uid)
-            .map_err(status::read)?
-            .ok_or_else(|| Status::not_found("message not found"))?;
+            .map_err(error::read)?
+            .ok_or_else(|| error::refusal(Refusal::NoMessage))?;
         let from = MessageCipher::for_message(ctx, &r.tenant, &r.mailbox, src.blob, Some(src.key_version))?;
         let blob = new_blob()?;
         let to = MessageCipher::for_message(ctx, &r.tenant, &r.destination, blob, None)?;
@@ -457,8 +515,8 @@ impl MailboxService {
             let ct = ctx
                 .reader
                 .chunk(&r.tenant, &src.blob, i)
-                .map_err(status::read)?
-                .ok_or_else(|| Status::data_loss("a chunk of the message is missing"))?;
+                .map_err(error::read)?
+                .ok_or_else(|| error::damaged("a chunk of the message is missing"))?;
             let sealed = serde_bytes::ByteBuf::from(to.seal(i, &from.open(i, &ct)?)?);
             if i + 1 < src.chunks {
                 self.run(Command::PutChunk {

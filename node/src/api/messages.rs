@@ -13,8 +13,10 @@ use super::tenant_keys::MessageCipher;
 use crate::access::{mask_address, mask_addresses_in};
 use crate::crypto::HEADERS_CHUNK;
 use crate::ctx::Ctx;
-use crate::model::{decode, HeaderSummary, MessageRecord};
-use crate::status;
+use crate::error;
+use crate::state::codec::decode;
+use crate::state::command::Refusal;
+use crate::state::records::{HeaderSummary, MessageRecord};
 
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
@@ -30,7 +32,7 @@ pub fn summary(
 ) -> Result<MessageSummary, Status> {
     let cipher = MessageCipher::for_message(ctx, tenant, mailbox, m.blob, Some(m.key_version))?;
     let plain = cipher.open(HEADERS_CHUNK, &m.headers)?;
-    let mut h: HeaderSummary = decode(&plain).map_err(|_| Status::data_loss("stored headers are corrupt"))?;
+    let mut h: HeaderSummary = decode(&plain).map_err(|_| error::damaged("stored headers are corrupt"))?;
     if !view_addresses {
         h.from = mask_address(&h.from);
         h.to = h.to.iter().map(|a| mask_address(a)).collect();
@@ -59,8 +61,8 @@ pub fn list(
     let mbox = ctx
         .reader
         .mailbox(tenant, mailbox)
-        .map_err(status::read)?
-        .ok_or_else(|| Status::not_found("mailbox not found"))?;
+        .map_err(error::read)?
+        .ok_or_else(|| error::refusal(Refusal::NoMailbox))?;
     let page = match req.page_size {
         0 => DEFAULT_PAGE,
         n => n.min(MAX_PAGE),
@@ -70,7 +72,7 @@ pub fn list(
     } else {
         req.page_token
             .parse::<u32>()
-            .map_err(|_| Status::invalid_argument("malformed page_token"))?
+            .map_err(|_| error::invalid("malformed page_token"))?
             .max(req.uid_min)
     };
     let max = if req.uid_max == 0 { u32::MAX } else { req.uid_max };
@@ -91,7 +93,7 @@ pub fn list(
             records.push(m);
             true
         })
-        .map_err(status::read)?;
+        .map_err(error::read)?;
     let messages = records
         .iter()
         .map(|m| summary(ctx, tenant, mailbox, m, view_addresses))
@@ -129,8 +131,8 @@ pub fn stream(
                 Ok(Some(ct)) => cipher.open(i, &ct).map(|p| GetMessageResponse {
                     frame: Some(Frame::Chunk(p)),
                 }),
-                Ok(None) => Err(Status::data_loss("a chunk of the message is missing")),
-                Err(e) => Err(status::read(e)),
+                Ok(None) => Err(error::damaged("a chunk of the message is missing").into()),
+                Err(e) => Err(error::read(e).into()),
             };
             let failed = frame.is_err();
             if !send(frame) || failed {
@@ -149,8 +151,8 @@ fn body(ctx: &Ctx, tenant: &str, mailbox: &str, m: &MessageRecord) -> Result<Vec
         let ct = ctx
             .reader
             .chunk(tenant, &m.blob, i)
-            .map_err(status::read)?
-            .ok_or_else(|| Status::data_loss("a chunk of the message is missing"))?;
+            .map_err(error::read)?
+            .ok_or_else(|| error::damaged("a chunk of the message is missing"))?;
         out.extend_from_slice(&cipher.open(i, &ct)?);
     }
     Ok(out)
@@ -172,7 +174,7 @@ pub fn export(
                 batch.len() < 64
             });
             if let Err(e) = res {
-                let _ = tx.blocking_send(Err(status::read(e)));
+                let _ = tx.blocking_send(Err(error::read(e).into()));
                 return;
             }
             let Some(last) = batch.last().map(|m| m.uid) else {

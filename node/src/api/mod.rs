@@ -8,5 +8,4 @@ mod tenant_keys;
 mod watch;
 
 pub use admin::AdminService;
-pub use append::now_ms;
 pub use mailbox::MailboxService;

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use aes_gcm::Aes256Gcm;
 use tonic::Status;
 
-use crate::command::BlobId;
 use crate::crypto::{open, seal, Aad};
 use crate::ctx::Ctx;
-use crate::status;
+use crate::error::{self, ApiError, Reason};
+use crate::state::command::BlobId;
+use crate::state::command::Refusal;
 
 /// The cipher of one tenant key version, bound to one message's place.
 pub struct MessageCipher {
@@ -38,15 +39,15 @@ impl MessageCipher {
         let rec = ctx
             .reader
             .tenant(tenant)
-            .map_err(status::read)?
-            .ok_or_else(|| Status::not_found("tenant not found"))?;
+            .map_err(error::read)?
+            .ok_or_else(|| error::refusal(Refusal::NoTenant))?;
         let version = version.unwrap_or_else(|| rec.current_version());
         let key = rec
             .keys
             .iter()
             .find(|k| k.version == version)
-            .ok_or_else(|| Status::data_loss("tenant key version missing"))?;
-        let cipher = ctx.keyring.cipher(tenant, key).map_err(status::crypto)?;
+            .ok_or_else(|| error::damaged("tenant key version missing"))?;
+        let cipher = ctx.keyring.cipher(tenant, key).map_err(error::crypto)?;
         Ok(MessageCipher {
             cipher,
             tenant: tenant.to_string(),
@@ -75,7 +76,7 @@ impl MessageCipher {
             v.extend_from_slice(plaintext);
             return Ok(v);
         }
-        seal(&self.cipher, &self.aad(chunk), plaintext).map_err(status::crypto)
+        seal(&self.cipher, &self.aad(chunk), plaintext).map_err(|e| error::crypto(e).into())
     }
 
     /// Decrypts part `chunk` of the message.
@@ -83,13 +84,13 @@ impl MessageCipher {
         if let (true, Some((&PLAINTEXT_FORMAT, rest))) = (self.plaintext, envelope.split_first()) {
             return Ok(rest.to_vec());
         }
-        open(&self.cipher, &self.aad(chunk), envelope).map_err(status::crypto)
+        open(&self.cipher, &self.aad(chunk), envelope).map_err(|e| error::crypto(e).into())
     }
 }
 
 /// A fresh random blob id.
 pub fn new_blob() -> Result<BlobId, Status> {
     let mut b = [0u8; 16];
-    getrandom::fill(&mut b).map_err(|_| Status::unavailable("random source unavailable"))?;
+    getrandom::fill(&mut b).map_err(|_| ApiError::new(Reason::InternalError, "random source unavailable"))?;
     Ok(b)
 }

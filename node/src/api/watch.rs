@@ -9,8 +9,8 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::ctx::Ctx;
-use crate::model::ChangeKind as Kind;
-use crate::status;
+use crate::error;
+use crate::state::records::ChangeKind as Kind;
 
 const BATCH: usize = 256;
 
@@ -42,7 +42,7 @@ pub fn start(
             let changes = match ctx.reader.changes(&tenant, &mailbox, last, BATCH) {
                 Ok(c) => c,
                 Err(e) => {
-                    let _ = tx.send(Err(status::read(e))).await;
+                    let _ = tx.send(Err(error::read(e).into())).await;
                     return;
                 }
             };

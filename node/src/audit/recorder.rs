@@ -10,12 +10,13 @@ use mailvault_proto::raft::RaftPayload;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
-use super::chain::AuditEvent;
-use crate::command::Command;
-use crate::model::encode;
+use crate::error::{ApiError, Reason};
 use crate::proposer::Proposer;
 use crate::raft::PeerClients;
-use crate::types::Raft;
+use crate::state::audit::AuditEvent;
+use crate::state::codec::encode;
+use crate::state::command::Command;
+use crate::state::types::Raft;
 
 const BATCH: usize = 512;
 const LINGER: Duration = Duration::from_millis(20);
@@ -70,12 +71,14 @@ impl AuditRecorder {
                 done: Some(done),
             })
             .await
-            .map_err(|_| Status::unavailable("audit log unavailable"))?;
+            .map_err(|_| ApiError::new(Reason::AuditUnavailable, "audit log unavailable"))?;
         match rx.await {
             Ok(true) => Ok(()),
-            _ => Err(Status::unavailable(
+            _ => Err(ApiError::new(
+                Reason::AuditUnavailable,
                 "the access could not be recorded in the audit log; refused",
-            )),
+            )
+            .into()),
         }
     }
 

@@ -12,7 +12,7 @@
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 
-use crate::command::BlobId;
+use crate::state::command::BlobId;
 
 /// The envelope format version written today.
 pub const FORMAT_VERSION: u8 = 1;

@@ -9,7 +9,7 @@ use zeroize::Zeroizing;
 
 use super::envelope::{cipher, open, seal, Aad, CryptoError};
 use super::master_key::MasterKey;
-use crate::command::WrappedKey;
+use crate::state::command::WrappedKey;
 
 /// The all-zero blob id used in the AAD of wrapped tenant keys.
 const NO_BLOB: [u8; 16] = [0; 16];

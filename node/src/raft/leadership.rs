@@ -22,9 +22,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::config::Role;
 use crate::raft::PeerClients;
-use crate::types::{NodeId, Raft};
+use crate::state::types::{NodeId, Raft};
+use crate::state::Role;
 
 /// Leadership is handed over at most this often, so a flapping node causes no election storm.
 const HANDOVER_EVERY: Duration = Duration::from_secs(5);
@@ -119,7 +119,7 @@ pub async fn run(id: NodeId, role: Role, raft: Raft, peers: PeerClients, electio
 async fn hand_over(
     id: NodeId,
     role: Role,
-    m: &crate::types::RaftMetrics,
+    m: &crate::state::types::RaftMetrics,
     peers: &PeerClients,
 ) -> Option<NodeId> {
     let replication = m.replication.as_ref()?;

@@ -17,9 +17,10 @@ use serde::Serialize;
 use tonic::transport::{Channel, ClientTlsConfig};
 
 use super::PEER_MAX_MESSAGE_BYTES;
-use crate::model::{decode, encode};
+use crate::error::{ApiError, Reason};
+use crate::state::codec::{decode, encode};
+use crate::state::types::{entry_bytes, Member, NodeId, TypeConfig};
 use crate::store::Durability;
-use crate::types::{entry_bytes, Member, NodeId, TypeConfig};
 
 /// Cached peer channels, shared by the Raft network and the read-index client.
 /// Every channel is mTLS with this node's certificate.
@@ -75,7 +76,7 @@ impl PeerClients {
     pub async fn read_index(&self, addr: &str, timeout: Duration) -> Result<u64, tonic::Status> {
         let mut c = self
             .client(addr)
-            .map_err(|_| tonic::Status::unavailable("leader unreachable"))?;
+            .map_err(|_| ApiError::new(Reason::LeaderUnreachable, "leader unreachable"))?;
         let mut req = tonic::Request::new(ReadIndexRequest {});
         req.set_timeout(timeout);
         Ok(c.read_index(req).await?.into_inner().index)
@@ -187,7 +188,7 @@ impl PeerConnection {
 /// index held back from a follower (`PeerConnection::limit_commit`) is
 /// synced, so followers do not wait for the next regular heartbeat to apply
 /// it. Ends when Raft stops or a sync fails.
-pub async fn resend_held_back_commits(raft: crate::types::Raft, durability: Arc<Durability>) {
+pub async fn resend_held_back_commits(raft: crate::state::types::Raft, durability: Arc<Durability>) {
     let mut held_back = durability.held_back();
     while held_back.changed().await.is_ok() {
         let index = *held_back.borrow_and_update();
@@ -213,7 +214,7 @@ const MAX_APPEND_BYTES: usize = 1024 * 1024;
 
 /// Keeps the leading entries that fit in [`MAX_APPEND_BYTES`] (at least one);
 /// returns the last kept entry's log id when some were left out.
-fn bound_payload(rpc: &mut AppendEntriesRequest<TypeConfig>) -> Option<crate::types::LogId> {
+fn bound_payload(rpc: &mut AppendEntriesRequest<TypeConfig>) -> Option<crate::state::types::LogId> {
     let mut bytes = 0;
     let keep = rpc
         .entries
@@ -266,8 +267,8 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::Command;
-    use crate::types::{Batch, Entry};
+    use crate::state::command::Command;
+    use crate::state::types::{Batch, Entry};
 
     fn entry(index: u64, bytes: usize) -> Entry {
         Entry {
@@ -312,7 +313,7 @@ mod tests {
         assert_eq!(r.entries.len(), 1);
     }
 
-    fn log_id(index: u64) -> crate::types::LogId {
+    fn log_id(index: u64) -> crate::state::types::LogId {
         openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index)
     }
 

@@ -9,11 +9,12 @@ use mailvault_proto::raft::{
 use tonic::{Request, Response, Status};
 
 use super::ReadFence;
-use crate::audit::AuditEvent;
-use crate::command::Command;
-use crate::model::{decode, encode};
+use crate::error::{self, ApiError, Reason};
 use crate::proposer::Proposer;
-use crate::types::Raft;
+use crate::state::audit::AuditEvent;
+use crate::state::codec::{decode, encode};
+use crate::state::command::Command;
+use crate::state::types::Raft;
 
 /// Hands peer RPCs to the local Raft instance.
 #[derive(Clone)]
@@ -35,7 +36,7 @@ impl PeerService {
 }
 
 fn decode_req<T: for<'de> serde::Deserialize<'de>>(req: Request<RaftPayload>) -> Result<T, Status> {
-    decode(&req.into_inner().data).map_err(|_| Status::invalid_argument("undecodable raft payload"))
+    decode(&req.into_inner().data).map_err(|_| error::invalid("undecodable raft payload").into())
 }
 
 fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
@@ -77,8 +78,12 @@ impl RaftPeer for PeerService {
             Ok((Ok((read_log_id, _applied)), Ok(fence))) => Ok(Response::new(ReadIndexResponse {
                 index: read_log_id.map(|l| l.index).unwrap_or(0).max(fence),
             })),
-            Ok((Err(_), _)) => Err(Status::unavailable("not the leader")),
-            Err(_) => Err(Status::unavailable("leadership could not be confirmed in time")),
+            Ok((Err(_), _)) => Err(ApiError::new(Reason::NotLeader, "not the leader").into()),
+            Err(_) => Err(ApiError::new(
+                Reason::LeadershipUnconfirmed,
+                "leadership could not be confirmed in time",
+            )
+            .into()),
         }
     }
 
@@ -87,7 +92,7 @@ impl RaftPeer for PeerService {
         self.proposer
             .propose(Command::Audit { events })
             .await
-            .map_err(crate::status::propose)?;
+            .map_err(crate::error::propose)?;
         reply(&())
     }
 
@@ -97,7 +102,7 @@ impl RaftPeer for PeerService {
             .trigger()
             .elect()
             .await
-            .map_err(|_| Status::unavailable("raft is shutting down"))?;
+            .map_err(|_| ApiError::new(Reason::ShuttingDown, "raft is shutting down"))?;
         Ok(Response::new(CampaignResponse {}))
     }
 }

@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use tonic::Status;
 
-use crate::types::{Batch, Raft};
+use crate::error::{ApiError, Reason};
+use crate::state::types::{Batch, Raft};
 
 /// Shared by the local read path and the peer `ReadIndex` service.
 #[derive(Clone)]
@@ -59,7 +60,7 @@ impl ReadFence {
             .raft
             .client_write(Batch::default())
             .await
-            .map_err(|_| Status::unavailable("leadership changed; retry"))?;
+            .map_err(|_| ApiError::new(Reason::LeadershipChanged, "leadership changed; retry"))?;
         let log_id = resp.log_id;
         *self.fenced.lock().expect("fence lock") = Some((log_id.leader_id.term, log_id.index));
         Ok(log_id.index)

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use crate::config::Config;
 use crate::raft::SnapshotSchedule;
-use crate::types::{Member, NodeId, Raft};
+use crate::state::types::{Member, NodeId, Raft};
 
 /// openraft's config derived from ours.
 pub fn raft_config(config: &Config) -> Result<openraft::Config, openraft::ConfigError> {

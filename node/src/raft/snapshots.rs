@@ -16,8 +16,8 @@
 
 use std::time::Duration;
 
+use crate::state::types::Raft;
 use crate::store::{SnapshotExtent, StateMachine};
-use crate::types::Raft;
 
 /// The rule: how much must happen after a snapshot before the next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 pub const CF_LOG: &str = "log";
 /// Column family of Raft metadata: vote, committed, last purged.
 pub const CF_META: &str = "meta";
-/// Column family of the state machine (layout in [`crate::keys`]).
+/// Column family of the state machine (layout in [`crate::state::keys`]).
 pub const CF_SM: &str = "sm";
 
 /// The shared database handle.

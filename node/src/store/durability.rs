@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::types::LogId;
+use crate::state::types::LogId;
 
 /// Shared by the log store (which records and clears pending appends), the
 /// state machine (rule 1) and the peer network (rule 2).
@@ -109,6 +109,7 @@ impl Durability {
         metrics::counter!("mailvault_pipelined_appends_total").increment(1);
     }
 
+    #[cfg(feature = "test-modes")]
     pub(super) fn set_sync_delay(&self, delay: Duration, while_exists: std::path::PathBuf) {
         self.lock().sync_delay = Some((delay, while_exists));
     }

@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::types::Entry;
+use crate::state::types::Entry;
 
 /// A contiguous run of the newest log entries with their encoded sizes.
 #[derive(Debug)]

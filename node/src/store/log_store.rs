@@ -27,8 +27,8 @@ use super::db::{write_batch, Db, CF_LOG, CF_META};
 use super::durability::Durability;
 use super::io_err;
 use super::log_cache::LogCache;
-use crate::model::{decode, encode};
-use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
+use crate::state::codec::{decode, encode};
+use crate::state::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
@@ -166,7 +166,9 @@ impl LogStore {
 
     /// The `slow-leader-sync` test mode: while the file `while_exists`
     /// exists, each sync of pipelined leader appends waits `delay` first.
-    /// Only reachable through `crate::test_modes`.
+    /// Only reachable through `crate::test_modes`, and compiled only into
+    /// the harness's binary.
+    #[cfg(feature = "test-modes")]
     pub fn with_leader_sync_delay(
         self,
         delay: std::time::Duration,
@@ -204,7 +206,9 @@ impl LogStore {
 
     /// The `ack-before-fsync` canary: appends are reported flushed without
     /// syncing the WAL. A data-loss bug on purpose, so the chaos tests can
-    /// show they catch it; only reachable through `crate::test_modes`.
+    /// show they catch it; only reachable through `crate::test_modes`, and
+    /// compiled only into the harness's binary.
+    #[cfg(feature = "test-modes")]
     pub fn without_append_sync(mut self) -> LogStore {
         self.sync_appends = false;
         self

@@ -2,6 +2,7 @@
 //! log, Raft metadata and the state machine, so they share one WAL.
 
 mod apply;
+pub mod data_version;
 mod db;
 mod durability;
 mod log_cache;
@@ -10,6 +11,7 @@ mod reader;
 mod snapshot;
 mod state_machine;
 
+pub use data_version::DataVersionError;
 pub use db::{open_db, open_db_read_only, Db, CF_LOG, CF_META, CF_SM};
 pub use durability::Durability;
 pub use log_store::LogStore;
@@ -21,8 +23,8 @@ pub use state_machine::{SnapshotExtent, StateMachine};
 /// that was not stopped cleanly (killed, power cut) has its state machine at
 /// its last flush; the committed entries after it are in its log, and the
 /// node applies them when it starts.
-pub fn applied_and_committed(db: &Db) -> Result<(u64, u64), crate::types::StorageError> {
-    let index = |l: Option<crate::types::LogId>| l.map_or(0, |l| l.index);
+pub fn applied_and_committed(db: &Db) -> Result<(u64, u64), crate::state::types::StorageError> {
+    let index = |l: Option<crate::state::types::LogId>| l.map_or(0, |l| l.index);
     Ok((
         index(state_machine::read_applied(db)?.0),
         index(log_store::read_committed(db)?),
@@ -37,9 +39,9 @@ pub fn flush_state(db: &Db) -> Result<(), rocksdb::Error> {
 
 /// Converts any error into an openraft storage error of the given subject.
 pub(crate) fn io_err<E: std::error::Error + 'static>(
-    subject: openraft::ErrorSubject<crate::types::NodeId>,
+    subject: openraft::ErrorSubject<crate::state::types::NodeId>,
     verb: openraft::ErrorVerb,
     e: E,
-) -> crate::types::StorageError {
+) -> crate::state::types::StorageError {
     openraft::StorageIOError::new(subject, verb, openraft::AnyError::new(&e)).into()
 }

@@ -4,10 +4,11 @@
 use rocksdb::{Direction, IteratorMode};
 
 use super::db::{Db, CF_SM};
-use crate::audit::{verify_chain, AuditHead, AuditRecord, ChainError};
-use crate::command::BlobId;
-use crate::keys;
-use crate::model::{decode, ChangeRecord, IdempotencyRecord, MailboxRecord, MessageRecord, TenantRecord};
+use crate::state::audit::{verify_chain, AuditHead, AuditRecord, ChainError};
+use crate::state::codec::decode;
+use crate::state::command::BlobId;
+use crate::state::keys;
+use crate::state::records::{ChangeRecord, IdempotencyRecord, MailboxRecord, MessageRecord, TenantRecord};
 
 /// A failed local read.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +70,7 @@ impl MailReader {
     }
 
     /// An identity's access policy.
-    pub fn identity_policy(&self, identity: &str) -> R<Option<crate::access::IdentityPolicy>> {
+    pub fn identity_policy(&self, identity: &str) -> R<Option<crate::state::policy::IdentityPolicy>> {
         self.get(&keys::identity(identity))
     }
 
@@ -131,8 +132,8 @@ impl MailReader {
         let mut applied = 0u64;
         for item in snap.iterator_cf(self.cf(), IteratorMode::Start) {
             let (k, v) = item?;
-            if &*k == crate::keys::META_APPLIED {
-                let id: Option<crate::types::LogId> = decode(&v).map_err(|_| ReadError::Corrupt)?;
+            if &*k == crate::state::keys::META_APPLIED {
+                let id: Option<crate::state::types::LogId> = decode(&v).map_err(|_| ReadError::Corrupt)?;
                 applied = id.map(|l| l.index).unwrap_or(0);
             }
             h.update((k.len() as u64).to_be_bytes());

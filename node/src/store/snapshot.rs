@@ -16,9 +16,12 @@ use std::path::{Path, PathBuf};
 use rocksdb::{IngestExternalFileOptions, IteratorMode, Options, SstFileWriter};
 use sha2::{Digest, Sha256};
 
+use super::data_version::DataVersionError;
 use super::db::{Db, CF_SM};
-use crate::model::{decode, encode};
-use crate::types::SnapshotMeta;
+use crate::state::codec::{decode, encode};
+use crate::state::keys::META_DATA_VERSION;
+use crate::state::types::SnapshotMeta;
+use crate::state::version::{self, DATA_VERSION};
 
 const MAGIC: &[u8; 8] = b"MVSNAP01";
 /// Where versions before 2026-11-24 kept the current snapshot's data.
@@ -40,6 +43,9 @@ pub enum SnapshotError {
     /// File I/O failed.
     #[error("snapshot file error: {0}")]
     Io(#[from] std::io::Error),
+    /// The snapshot's data is of a version this build cannot read.
+    #[error("snapshot refused: {0}")]
+    Version(#[from] DataVersionError),
 }
 
 /// A writer that hashes what passes through it.
@@ -155,7 +161,8 @@ fn read_field(r: &mut impl Read, buf: &mut Vec<u8>, first: bool) -> Result<Optio
 
 /// Replaces the whole state machine with the content of the snapshot file
 /// at `path`, atomically and durably. `work` is a scratch file path for the
-/// SST that is built and ingested.
+/// SST that is built and ingested. Data of a newer data version is refused
+/// before anything changes; the caller upgrades older data after the install.
 pub fn load_file(db: &Db, path: &Path, work: &Path) -> Result<(), SnapshotError> {
     let body = verify_file(path)?;
     let mut f = File::open(path)?;
@@ -170,6 +177,19 @@ pub fn load_file(db: &Db, path: &Path, work: &Path) -> Result<(), SnapshotError>
     let (mut k, mut v) = (Vec::new(), Vec::new());
     while read_field(&mut pairs, &mut k, true)?.is_some() {
         read_field(&mut pairs, &mut v, false)?;
+        if k == META_DATA_VERSION {
+            match version::decode(&v) {
+                Some(found) if found > DATA_VERSION => {
+                    return Err(DataVersionError::Newer {
+                        found,
+                        supported: DATA_VERSION,
+                    }
+                    .into())
+                }
+                Some(_) => {}
+                None => return Err(DataVersionError::Unreadable.into()),
+            }
+        }
         sst.put(&k, &v)?;
     }
     sst.finish()?;
@@ -346,6 +366,32 @@ mod tests {
         bytes[9] ^= 1;
         std::fs::write(snaps.join(LEGACY_DATA), bytes).unwrap();
         assert!(matches!(files.read(), Err(SnapshotError::Corrupt(_))));
+    }
+
+    #[test]
+    fn a_snapshot_of_a_newer_data_version_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open_db(&dir.path().join("a")).unwrap();
+        let b = open_db(&dir.path().join("b")).unwrap();
+        put(&a, b"k", b"v");
+        put(&b, b"keep", b"me");
+        let file = dir.path().join("snap");
+        let work = dir.path().join("work.sst");
+        // A snapshot carries its data's version, as the state machine does.
+        put(&a, META_DATA_VERSION, &version::encode(DATA_VERSION));
+        dump_to(&a, &file, &[]).unwrap();
+        load_file(&b, &file, &work).unwrap();
+        assert_eq!(all(&a), all(&b));
+        put(&b, b"keep", b"me");
+        put(&a, META_DATA_VERSION, &version::encode(DATA_VERSION + 1));
+        dump_to(&a, &file, &[]).unwrap();
+        let e = load_file(&b, &file, &work).unwrap_err();
+        assert!(
+            matches!(e, SnapshotError::Version(DataVersionError::Newer { found, .. }) if found == DATA_VERSION + 1),
+            "{e}"
+        );
+        let sm = b.cf_handle(CF_SM).unwrap();
+        assert_eq!(b.get_cf(sm, b"keep").unwrap().as_deref(), Some(&b"me"[..]));
     }
 
     #[test]

@@ -16,10 +16,10 @@ use super::db::{Db, CF_SM, INLINE_WRITE_BYTES};
 use super::durability::Durability;
 use super::io_err;
 use super::snapshot::{dump_to, load_file, SnapshotError, SnapshotFiles};
-use crate::command::Command;
-use crate::keys::{META_APPLIED, META_MEMBERSHIP};
-use crate::model::{decode, encode};
-use crate::types::{
+use crate::state::codec::{decode, encode};
+use crate::state::command::Command;
+use crate::state::keys::{META_APPLIED, META_MEMBERSHIP};
+use crate::state::types::{
     entry_bytes, BatchResult, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 
@@ -430,6 +430,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             this.db
                 .write_opt(wb, &wo)
                 .map_err(|e| err(SnapshotError::Db(e)))?;
+            // A snapshot of an older data version (or of one written before
+            // versions were stored) is upgraded like a data directory.
+            super::data_version::upgrade(&this.db).map_err(|e| err(SnapshotError::Version(e)))?;
             this.publish(meta2.clone(), &received, false)
                 .map_err(|e| err(SnapshotError::Io(e)))?;
             Ok(())

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::encode;
+use super::codec::encode;
 
 /// What happened, as recorded by a node. Target ids only, never content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,7 +40,7 @@ impl AuditEvent {
         result: &str,
     ) -> Self {
         AuditEvent {
-            time_ms: crate::api::now_ms(),
+            time_ms: crate::clock::now_ms(),
             identity: identity.to_string(),
             source: source.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
             action: action.to_string(),

@@ -7,7 +7,7 @@
 //!
 //! Frozen format: do not change without a data-version migration.
 
-use crate::command::BlobId;
+use super::command::BlobId;
 
 /// State-machine metadata (last applied log id, membership).
 pub const META: u8 = 0x01;
@@ -37,6 +37,8 @@ pub const AUDIT_HEAD: &[u8] = b"\x80head";
 pub const META_APPLIED: &[u8] = b"\x01applied";
 /// Key of the last membership config.
 pub const META_MEMBERSHIP: &[u8] = b"\x01membership";
+/// Key of the data version (see [`super::version`]).
+pub const META_DATA_VERSION: &[u8] = b"\x01data_version";
 
 fn with(space: u8, parts: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len() + 1).sum::<usize>());

@@ -1,44 +1,9 @@
 //! The Raft type configuration: what a log entry carries and what applying it returns.
 
-use std::fmt;
-
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, CommandResult};
-use crate::config::{MemberConfig, Role};
-
-/// A node's identity in Raft.
-pub type NodeId = u64;
-
-/// What the cluster knows about a member: stored in the membership config.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Member {
-    /// The member's role.
-    pub role: Role,
-    /// Client API address.
-    pub client_addr: String,
-    /// Raft peer address.
-    pub raft_addr: String,
-    /// Ops (HTTP) address.
-    pub ops_addr: String,
-}
-
-impl fmt::Display for Member {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.role.as_str(), self.raft_addr)
-    }
-}
-
-impl From<&MemberConfig> for Member {
-    fn from(m: &MemberConfig) -> Self {
-        Member {
-            role: m.role,
-            client_addr: m.client_addr.clone(),
-            raft_addr: m.raft_addr.clone(),
-            ops_addr: m.ops_addr.clone(),
-        }
-    }
-}
+use super::command::{Command, CommandResult};
+pub use super::member::{Member, NodeId};
 
 /// The application data of one Raft entry: a batch of client commands packed
 /// together by the proposer (group commit).

@@ -11,18 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// 128-bit random identity of a stored message body (its chunks).
-pub type BlobId = [u8; 16];
-
-/// A data key wrapped by the master key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WrappedKey {
-    /// Key version, starting at 1.
-    pub version: u32,
-    /// Envelope (format byte, nonce, ciphertext and tag) of the 32-byte key.
-    #[serde(with = "serde_bytes")]
-    pub wrapped: Vec<u8>,
-}
+pub use super::records::{BlobId, WrappedKey};
 
 /// A new message, or the destination half of a move.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,7 +138,7 @@ pub enum Command {
         /// The identity.
         identity: String,
         /// Its new policy.
-        policy: crate::access::IdentityPolicy,
+        policy: super::policy::IdentityPolicy,
     },
     /// Revokes a certificate serial (hex, lowercase, no colons).
     RevokeSerial {
@@ -159,7 +148,7 @@ pub enum Command {
     /// Appends audit events to the hash chain.
     Audit {
         /// The events, in order.
-        events: Vec<crate::audit::AuditEvent>,
+        events: Vec<super::audit::AuditEvent>,
     },
     /// Expunges messages.
     Expunge {

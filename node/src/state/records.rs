@@ -4,7 +4,18 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{BlobId, WrappedKey};
+/// 128-bit random identity of a stored message body (its chunks).
+pub type BlobId = [u8; 16];
+
+/// A data key wrapped by the master key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrappedKey {
+    /// Key version, starting at 1.
+    pub version: u32,
+    /// Envelope (format byte, nonce, ciphertext and tag) of the 32-byte key.
+    #[serde(with = "serde_bytes")]
+    pub wrapped: Vec<u8>,
+}
 
 /// A tenant and its data keys (wrapped by the master key).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,14 +120,4 @@ pub struct HeaderSummary {
     pub to: Vec<String>,
     /// Date header, RFC 3339.
     pub date: String,
-}
-
-/// Encodes a record.
-pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_stdvec(value).expect("in-memory encoding cannot fail")
-}
-
-/// Decodes a record.
-pub fn decode<T: for<'a> Deserialize<'a>>(bytes: &[u8]) -> Result<T, postcard::Error> {
-    postcard::from_bytes(bytes)
 }

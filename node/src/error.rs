@@ -1,0 +1,225 @@
+//! Every error a client sees is built here: a typed [`ApiError`] with a stable
+//! [`Reason`] (the `mailvault.v1.ErrorReason` of `proto/mailvault/v1/errors.proto`),
+//! turned into a `tonic::Status` by one conversion, which attaches a
+//! `google.rpc.ErrorInfo` (domain [`DOMAIN`], the reason's name, metadata).
+//! The status code follows from the reason alone ([`code_of`]). The internal
+//! errors of the layers below (refusals, proposals, reads, ciphertexts, names)
+//! are mapped to reasons here too. Messages and metadata name ids and reasons,
+//! never mail content, customer addresses or key material.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+pub use mailvault_proto::v1::ErrorReason as Reason;
+
+use crate::crypto::CryptoError;
+use crate::names::BadName;
+use crate::proposer::ProposeError;
+use crate::state::command::Refusal;
+use crate::store::ReadError;
+
+/// The `ErrorInfo.domain` of every mailvault error.
+pub const DOMAIN: &str = "mailvault";
+
+/// An error as a client will see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    reason: Reason,
+    message: String,
+    metadata: Vec<(&'static str, String)>,
+}
+
+impl ApiError {
+    /// An error for `reason`, with a message for people.
+    pub fn new(reason: Reason, message: impl Into<String>) -> ApiError {
+        ApiError {
+            reason,
+            message: message.into(),
+            metadata: Vec::new(),
+        }
+    }
+
+    /// Adds a metadata entry to the `ErrorInfo` (ids and numbers only).
+    pub fn with(mut self, key: &'static str, value: impl ToString) -> ApiError {
+        self.metadata.push((key, value.to_string()));
+        self
+    }
+
+    /// The reason.
+    pub fn reason(&self) -> Reason {
+        self.reason
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.reason.as_str_name())
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// The one conversion to the wire.
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        let metadata: HashMap<String, String> =
+            e.metadata.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let details = ErrorDetails::with_error_info(e.reason.as_str_name(), DOMAIN, metadata);
+        Status::with_error_details(code_of(e.reason), e.message, details)
+    }
+}
+
+/// The status code of a reason (as documented in `errors.proto`).
+pub fn code_of(reason: Reason) -> Code {
+    use Reason::*;
+    match reason {
+        TenantNotFound | MailboxNotFound | MessageNotFound => Code::NotFound,
+        TenantExists | MailboxExists => Code::AlreadyExists,
+        ClaimedByAnotherAgent | NotClaimant | ModifiedSince => Code::FailedPrecondition,
+        IncompleteBody => Code::Aborted,
+        UidsExhausted | MessageTooLarge => Code::ResourceExhausted,
+        InvalidName
+        | StreamHeaderMissing
+        | DuplicateStreamHeader
+        | EmptyFrame
+        | EmptyMessage
+        | SizeMismatch
+        | InvalidRequest => Code::InvalidArgument,
+        WriteOutcomeUnknown
+        | NotLeader
+        | NoLeader
+        | LeaderUnreachable
+        | LeadershipChanged
+        | LeadershipUnconfirmed
+        | ReplicaBehind
+        | ShuttingDown
+        | AuditUnavailable => Code::Unavailable,
+        DataDamaged => Code::DataLoss,
+        InternalError | Unspecified => Code::Internal,
+        TimedOut => Code::DeadlineExceeded,
+        NoIdentity | Revoked => Code::Unauthenticated,
+        NoTenantRole
+        | NoClusterRole
+        | SourceNotAllowed
+        | NodeNotAllowed
+        | LockedOut
+        | CertificateWithoutIdentity => Code::PermissionDenied,
+    }
+}
+
+/// The `ErrorInfo` reason of a status, if it carries one of mailvault's.
+pub fn reason_of(status: &Status) -> Option<Reason> {
+    let info = status.get_details_error_info()?;
+    (info.domain == DOMAIN).then(|| Reason::from_str_name(&info.reason))?
+}
+
+/// A refused command.
+pub fn refusal(r: Refusal) -> ApiError {
+    let msg = r.to_string();
+    match r {
+        Refusal::NoTenant => ApiError::new(Reason::TenantNotFound, msg),
+        Refusal::NoMailbox => ApiError::new(Reason::MailboxNotFound, msg),
+        Refusal::NoMessage => ApiError::new(Reason::MessageNotFound, msg),
+        Refusal::TenantExists => ApiError::new(Reason::TenantExists, msg),
+        Refusal::MailboxExists => ApiError::new(Reason::MailboxExists, msg),
+        Refusal::ClaimedBy(agent) => {
+            ApiError::new(Reason::ClaimedByAnotherAgent, msg).with("claimed_by", agent)
+        }
+        Refusal::NotClaimant => ApiError::new(Reason::NotClaimant, msg),
+        Refusal::Modified(modseq) => ApiError::new(Reason::ModifiedSince, msg).with("modseq", modseq),
+        Refusal::IncompleteBody => ApiError::new(Reason::IncompleteBody, msg),
+        Refusal::UidsExhausted => ApiError::new(Reason::UidsExhausted, msg),
+    }
+}
+
+/// A failed proposal.
+pub fn propose(e: ProposeError) -> ApiError {
+    match e {
+        ProposeError::NotLeader(_) => ApiError::new(
+            Reason::NotLeader,
+            "not the leader; retry (idempotency keys make retries safe)",
+        ),
+        ProposeError::Unknown(why) => ApiError::new(
+            Reason::WriteOutcomeUnknown,
+            format!("write outcome unknown ({why}); retry with the same idempotency key"),
+        ),
+        ProposeError::Stopped => ApiError::new(Reason::ShuttingDown, "node is shutting down"),
+    }
+}
+
+/// A failed local read.
+pub fn read(e: ReadError) -> ApiError {
+    tracing::error!(error = %e, "local read failed");
+    ApiError::new(Reason::InternalError, "storage read failed")
+}
+
+/// A ciphertext that did not decrypt: the stored data is damaged or misplaced.
+pub fn crypto(e: CryptoError) -> ApiError {
+    tracing::error!(error = %e, "stored ciphertext did not decrypt");
+    metrics::counter!("mailvault_decrypt_failures_total").increment(1);
+    damaged("stored message failed authentication; it is not served")
+}
+
+/// Stored data that is damaged or missing a part.
+pub fn damaged(message: &str) -> ApiError {
+    ApiError::new(Reason::DataDamaged, message)
+}
+
+/// An invalid name in a request.
+pub fn name(e: BadName) -> ApiError {
+    let msg = e.to_string();
+    ApiError::new(Reason::InvalidName, msg)
+        .with("field", e.what)
+        .with("max_bytes", e.max)
+}
+
+/// Any other malformed request field.
+pub fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(Reason::InvalidRequest, message)
+}
+
+/// A result the handler did not expect from a command: a bug.
+pub fn unexpected(what: &str) -> ApiError {
+    tracing::error!(what, "unexpected command result");
+    ApiError::new(Reason::InternalError, format!("unexpected {what} result"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_carries_its_reason_code_and_metadata() {
+        let s: Status = refusal(Refusal::Modified(7)).into();
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert_eq!(reason_of(&s), Some(Reason::ModifiedSince));
+        let info = s.get_details_error_info().unwrap();
+        assert_eq!(info.domain, DOMAIN);
+        assert_eq!(info.reason, "MODIFIED_SINCE");
+        assert_eq!(info.metadata.get("modseq").map(String::as_str), Some("7"));
+        assert_eq!(reason_of(&Status::not_found("plain")), None);
+    }
+
+    #[test]
+    fn every_reason_has_a_code_and_a_stable_name() {
+        for n in 1..=38 {
+            let r = Reason::try_from(n).expect("a reason for every number up to the last");
+            assert_eq!(Reason::from_str_name(r.as_str_name()), Some(r));
+            assert_ne!(code_of(r), Code::Ok);
+        }
+        assert!(
+            Reason::try_from(39).is_err(),
+            "a new reason: extend this test and errors.proto's docs"
+        );
+        assert_eq!(code_of(Reason::WriteOutcomeUnknown), Code::Unavailable);
+        assert_eq!(code_of(Reason::IncompleteBody), Code::Aborted);
+        assert_eq!(code_of(Reason::MessageTooLarge), Code::ResourceExhausted);
+    }
+}

@@ -1,0 +1,28 @@
+//! The data version: which generation of the stored and replicated formats
+//! (key layout, records, commands, envelope, snapshot data) a data directory
+//! holds.
+//!
+//! It is stored in the state machine itself (key [`super::keys::META_DATA_VERSION`],
+//! a big-endian u32), so every snapshot carries the version of its data and a
+//! node that installs one learns it. `store::data_version` refuses a newer
+//! version and runs the upgrade steps of an older one.
+//!
+//! Bump [`DATA_VERSION`] with every change of a frozen format, and add the
+//! step that upgrades data of the version before it.
+
+/// The version this build reads and writes.
+pub const DATA_VERSION: u32 = 1;
+
+/// The version of data directories written before the version was stored
+/// (their formats are version 1's).
+pub const UNVERSIONED: u32 = 0;
+
+/// The stored form of a version.
+pub fn encode(version: u32) -> [u8; 4] {
+    version.to_be_bytes()
+}
+
+/// A stored version, if it is one.
+pub fn decode(bytes: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(bytes.try_into().ok()?))
+}

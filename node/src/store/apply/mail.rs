@@ -1,0 +1,279 @@
+//! The mail domain: tenants, mailboxes, message bodies, appends (with their
+//! idempotency keys), flags, claims, moves and expunges.
+
+use std::collections::BTreeSet;
+
+use super::{Decided, Tx};
+use crate::state::command::{CommandResult, NewMessage, Refusal};
+use crate::state::keys;
+use crate::state::records::{
+    BlobId, ChangeKind, ChangeRecord, IdempotencyRecord, MailboxRecord, MessageRecord, TenantRecord,
+    WrappedKey,
+};
+
+impl Tx<'_> {
+    pub(super) fn create_tenant(&mut self, tenant: &str, key: WrappedKey) -> Decided {
+        let k = keys::tenant(tenant);
+        if self.get_raw(&k)?.is_some() {
+            return Ok(Err(Refusal::TenantExists));
+        }
+        self.put(k, &TenantRecord { keys: vec![key] });
+        Ok(Ok(CommandResult::Done))
+    }
+
+    pub(super) fn create_mailbox(&mut self, tenant: &str, mailbox: &str, uidvalidity: u32) -> Decided {
+        if self.get_raw(&keys::tenant(tenant))?.is_none() {
+            return Ok(Err(Refusal::NoTenant));
+        }
+        let k = keys::mailbox(tenant, mailbox);
+        if self.get_raw(&k)?.is_some() {
+            return Ok(Err(Refusal::MailboxExists));
+        }
+        let rec = MailboxRecord {
+            uidvalidity,
+            uidnext: 1,
+            highest_modseq: 0,
+            messages: 0,
+            total_bytes: 0,
+        };
+        self.put(k, &rec);
+        Ok(Ok(CommandResult::MailboxCreated { uidvalidity }))
+    }
+
+    pub(super) fn put_chunk(
+        &mut self,
+        tenant: &str,
+        blob: &BlobId,
+        index: u32,
+        ciphertext: Vec<u8>,
+    ) -> Decided {
+        self.put_raw(keys::chunk(tenant, blob, index), ciphertext);
+        Ok(Ok(CommandResult::Done))
+    }
+
+    pub(super) fn drop_blob(&mut self, tenant: &str, blob: &BlobId, chunks: u32) -> Decided {
+        for i in 0..chunks {
+            self.delete(keys::chunk(tenant, blob, i));
+        }
+        Ok(Ok(CommandResult::Done))
+    }
+
+    pub(super) fn update_flags(
+        &mut self,
+        tenant: &str,
+        mailbox: &str,
+        uid: u32,
+        add: Vec<String>,
+        remove: Vec<String>,
+        unchanged_since: Option<u64>,
+    ) -> Decided {
+        self.change(tenant, mailbox, uid, |m| {
+            if let Some(since) = unchanged_since {
+                if m.modseq > since {
+                    return Err(Refusal::Modified(m.modseq));
+                }
+            }
+            let mut set: BTreeSet<String> = m.flags.drain(..).collect();
+            set.extend(add);
+            for f in &remove {
+                set.remove(f);
+            }
+            m.flags = set.into_iter().collect();
+            Ok(ChangeKind::Flags)
+        })
+    }
+
+    pub(super) fn claim(&mut self, tenant: &str, mailbox: &str, uid: u32, agent: String) -> Decided {
+        self.change(tenant, mailbox, uid, |m| match &m.claimed_by {
+            Some(owner) if *owner != agent => Err(Refusal::ClaimedBy(owner.clone())),
+            _ => {
+                m.claimed_by = Some(agent);
+                Ok(ChangeKind::Claimed)
+            }
+        })
+    }
+
+    pub(super) fn release(&mut self, tenant: &str, mailbox: &str, uid: u32, agent: &str) -> Decided {
+        self.change(tenant, mailbox, uid, |m| match &m.claimed_by {
+            Some(owner) if owner == agent => {
+                m.claimed_by = None;
+                Ok(ChangeKind::Released)
+            }
+            _ => Err(Refusal::NotClaimant),
+        })
+    }
+
+    pub(super) fn move_message(
+        &mut self,
+        tenant: &str,
+        mailbox: &str,
+        uid: u32,
+        message: NewMessage,
+    ) -> Decided {
+        if self
+            .get::<MessageRecord>(&keys::message(tenant, mailbox, uid))?
+            .is_none()
+        {
+            self.drop_staged(tenant, &message);
+            return Ok(Err(Refusal::NoMessage));
+        }
+        let appended = self.append(tenant, message)?;
+        if appended.is_ok() {
+            // Cannot be refused: the source mailbox and message were checked above.
+            let _ = self.expunge(tenant, mailbox, &[uid])?;
+        }
+        Ok(appended)
+    }
+
+    fn drop_staged(&mut self, tenant: &str, m: &NewMessage) {
+        for i in 0..m.staged_chunks {
+            self.delete(keys::chunk(tenant, &m.blob, i));
+        }
+    }
+
+    pub(super) fn append(&mut self, tenant: &str, m: NewMessage) -> Decided {
+        let mk = keys::mailbox(tenant, &m.mailbox);
+        let Some(mut mbox) = self.get::<MailboxRecord>(&mk)? else {
+            self.drop_staged(tenant, &m);
+            return Ok(Err(Refusal::NoMailbox));
+        };
+        let ik = keys::idempotency(tenant, &m.mailbox, &m.idempotency_key);
+        if !m.idempotency_key.is_empty() {
+            if let Some(prev) = self.get::<IdempotencyRecord>(&ik)? {
+                self.drop_staged(tenant, &m);
+                return Ok(Ok(CommandResult::Appended {
+                    uid: prev.uid,
+                    modseq: prev.modseq,
+                    uidvalidity: mbox.uidvalidity,
+                    duplicate: true,
+                }));
+            }
+        }
+        for i in 0..m.staged_chunks {
+            if self.get_raw(&keys::chunk(tenant, &m.blob, i))?.is_none() {
+                self.drop_staged(tenant, &m);
+                return Ok(Err(Refusal::IncompleteBody));
+            }
+        }
+        let uid = mbox.uidnext;
+        let Some(next) = uid.checked_add(1) else {
+            self.drop_staged(tenant, &m);
+            return Ok(Err(Refusal::UidsExhausted));
+        };
+        mbox.uidnext = next;
+        mbox.highest_modseq += 1;
+        mbox.messages += 1;
+        mbox.total_bytes += m.size;
+        let modseq = mbox.highest_modseq;
+        let mut chunks = m.staged_chunks;
+        for c in m.inline_chunks {
+            self.put_raw(keys::chunk(tenant, &m.blob, chunks), c.into_vec());
+            chunks += 1;
+        }
+        let flags: BTreeSet<String> = m.flags.into_iter().collect();
+        let rec = MessageRecord {
+            uid,
+            modseq,
+            flags: flags.into_iter().collect(),
+            internal_date_ms: m.internal_date_ms,
+            size: m.size,
+            blob: m.blob,
+            chunks,
+            key_version: m.key_version,
+            headers: m.headers,
+            claimed_by: None,
+        };
+        self.record_change(tenant, &m.mailbox, modseq, &rec, ChangeKind::Appended);
+        self.put(keys::message(tenant, &m.mailbox, uid), &rec);
+        if !m.idempotency_key.is_empty() {
+            self.put(ik, &IdempotencyRecord { uid, modseq });
+        }
+        let uidvalidity = mbox.uidvalidity;
+        self.put(mk, &mbox);
+        Ok(Ok(CommandResult::Appended {
+            uid,
+            modseq,
+            uidvalidity,
+            duplicate: false,
+        }))
+    }
+
+    fn record_change(
+        &mut self,
+        tenant: &str,
+        mailbox: &str,
+        modseq: u64,
+        m: &MessageRecord,
+        kind: ChangeKind,
+    ) {
+        let change = ChangeRecord {
+            uid: m.uid,
+            kind,
+            flags: m.flags.clone(),
+            claimed_by: m.claimed_by.clone(),
+        };
+        self.put(keys::change(tenant, mailbox, modseq), &change);
+    }
+
+    /// Changes one message with `f`, bumping its MODSEQ.
+    fn change(
+        &mut self,
+        tenant: &str,
+        mailbox: &str,
+        uid: u32,
+        f: impl FnOnce(&mut MessageRecord) -> Result<ChangeKind, Refusal>,
+    ) -> Decided {
+        let mk = keys::mailbox(tenant, mailbox);
+        let Some(mut mbox) = self.get::<MailboxRecord>(&mk)? else {
+            return Ok(Err(Refusal::NoMailbox));
+        };
+        let k = keys::message(tenant, mailbox, uid);
+        let Some(mut msg) = self.get::<MessageRecord>(&k)? else {
+            return Ok(Err(Refusal::NoMessage));
+        };
+        let kind = match f(&mut msg) {
+            Ok(kind) => kind,
+            Err(r) => return Ok(Err(r)),
+        };
+        mbox.highest_modseq += 1;
+        msg.modseq = mbox.highest_modseq;
+        self.record_change(tenant, mailbox, msg.modseq, &msg, kind);
+        let result = CommandResult::Changed {
+            modseq: msg.modseq,
+            flags: msg.flags.clone(),
+            claimed_by: msg.claimed_by.clone(),
+        };
+        self.put(k, &msg);
+        self.put(mk, &mbox);
+        Ok(Ok(result))
+    }
+
+    pub(super) fn expunge(&mut self, tenant: &str, mailbox: &str, uids: &[u32]) -> Decided {
+        let mk = keys::mailbox(tenant, mailbox);
+        let Some(mut mbox) = self.get::<MailboxRecord>(&mk)? else {
+            return Ok(Err(Refusal::NoMailbox));
+        };
+        let mut removed = Vec::new();
+        for &uid in uids {
+            let k = keys::message(tenant, mailbox, uid);
+            let Some(msg) = self.get::<MessageRecord>(&k)? else {
+                continue;
+            };
+            for i in 0..msg.chunks {
+                self.delete(keys::chunk(tenant, &msg.blob, i));
+            }
+            self.delete(k);
+            mbox.highest_modseq += 1;
+            mbox.messages -= 1;
+            mbox.total_bytes -= msg.size;
+            self.record_change(tenant, mailbox, mbox.highest_modseq, &msg, ChangeKind::Expunged);
+            removed.push(uid);
+        }
+        let modseq = mbox.highest_modseq;
+        self.put(mk, &mbox);
+        Ok(Ok(CommandResult::Expunged {
+            uids: removed,
+            modseq,
+        }))
+    }
+}

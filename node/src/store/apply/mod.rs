@@ -1,0 +1,159 @@
+//! Deterministic application of commands to the state machine.
+//!
+//! All commands of one `apply` call are written with one `WriteBatch`. Reads
+//! within the call go through an overlay so a command sees the effects of the
+//! commands before it. [`Tx::apply`] is the table from command to domain;
+//! each domain's rules are in a file of their own, over the same [`Tx`]:
+//! mail (`mail.rs`), access policies (`access.rs`) and the audit chain
+//! (`audit.rs`). A new command family gets a file here and a line in the table.
+
+mod access;
+mod audit;
+mod mail;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+
+use rocksdb::{ReadOptions, ReadTier, WriteBatch};
+
+use crate::state::codec::{decode, encode};
+use crate::state::command::{Command, CommandResult, Refusal};
+
+use super::db::{Db, CF_SM};
+
+/// A read-your-writes view over the database and a pending batch.
+pub(super) struct Tx<'a> {
+    db: &'a Db,
+    pub(super) batch: WriteBatch,
+    overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Reads only from the memtables and the block cache: a read that would
+    /// go to disk fails with `ErrorKind::Incomplete` instead.
+    memory_only: bool,
+}
+
+type Res<T> = Result<T, rocksdb::Error>;
+/// What a command's rules decide: a result, or a refusal (a result too, of
+/// the entry, not a failure of it).
+type Decided = Res<Result<CommandResult, Refusal>>;
+
+impl<'a> Tx<'a> {
+    pub(super) fn new(db: &'a Db) -> Tx<'a> {
+        Tx {
+            db,
+            batch: WriteBatch::default(),
+            overlay: HashMap::new(),
+            memory_only: false,
+        }
+    }
+
+    /// A transaction whose reads never wait for the disk (see `memory_only`).
+    pub(super) fn in_memory(db: &'a Db) -> Tx<'a> {
+        Tx {
+            memory_only: true,
+            ..Tx::new(db)
+        }
+    }
+
+    fn cf(&self) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(CF_SM).expect("sm column family")
+    }
+
+    fn get_raw(&self, key: &[u8]) -> Res<Option<Vec<u8>>> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.clone());
+        }
+        if self.memory_only {
+            let mut ro = ReadOptions::default();
+            ro.set_read_tier(ReadTier::BlockCache);
+            return self.db.get_cf_opt(self.cf(), key, &ro);
+        }
+        self.db.get_cf(self.cf(), key)
+    }
+
+    /// Reads a record. A record that does not decode is a corrupt store, which
+    /// must stop the node rather than be silently replaced.
+    fn get<T: for<'de> serde::Deserialize<'de>>(&self, key: &[u8]) -> Res<Option<T>> {
+        Ok(self
+            .get_raw(key)?
+            .map(|b| decode(&b).expect("corrupt state-machine record")))
+    }
+
+    pub(super) fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        let cf = self.db.cf_handle(CF_SM).expect("sm column family");
+        self.batch.put_cf(cf, &key, &value);
+        self.overlay.insert(key, Some(value));
+    }
+
+    fn put<T: serde::Serialize>(&mut self, key: Vec<u8>, value: &T) {
+        self.put_raw(key, encode(value));
+    }
+
+    fn delete(&mut self, key: Vec<u8>) {
+        let cf = self.db.cf_handle(CF_SM).expect("sm column family");
+        self.batch.delete_cf(cf, &key);
+        self.overlay.insert(key, None);
+    }
+
+    /// Applies one command.
+    pub(super) fn apply(&mut self, cmd: Command) -> Res<CommandResult> {
+        Ok(match self.decide(cmd)? {
+            Ok(r) => r,
+            Err(refusal) => CommandResult::Refused(refusal),
+        })
+    }
+
+    /// The table from command to the domain rules that decide it.
+    fn decide(&mut self, cmd: Command) -> Decided {
+        match cmd {
+            Command::CreateTenant { tenant, key } => self.create_tenant(&tenant, key),
+            Command::CreateMailbox {
+                tenant,
+                mailbox,
+                uidvalidity,
+            } => self.create_mailbox(&tenant, &mailbox, uidvalidity),
+            Command::PutChunk {
+                tenant,
+                blob,
+                index,
+                ciphertext,
+            } => self.put_chunk(&tenant, &blob, index, ciphertext.into_vec()),
+            Command::DropBlob { tenant, blob, chunks } => self.drop_blob(&tenant, &blob, chunks),
+            Command::Append { tenant, message } => self.append(&tenant, message),
+            Command::UpdateFlags {
+                tenant,
+                mailbox,
+                uid,
+                add,
+                remove,
+                unchanged_since,
+            } => self.update_flags(&tenant, &mailbox, uid, add, remove, unchanged_since),
+            Command::Claim {
+                tenant,
+                mailbox,
+                uid,
+                agent,
+            } => self.claim(&tenant, &mailbox, uid, agent),
+            Command::Release {
+                tenant,
+                mailbox,
+                uid,
+                agent,
+            } => self.release(&tenant, &mailbox, uid, &agent),
+            Command::Move {
+                tenant,
+                mailbox,
+                uid,
+                message,
+            } => self.move_message(&tenant, &mailbox, uid, message),
+            Command::Expunge {
+                tenant,
+                mailbox,
+                uids,
+            } => self.expunge(&tenant, &mailbox, &uids),
+            Command::PutIdentity { identity, policy } => self.put_identity(&identity, &policy),
+            Command::RevokeSerial { serial } => self.revoke_serial(&serial),
+            Command::Audit { events } => self.append_audit(events),
+        }
+    }
+}

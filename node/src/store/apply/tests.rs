@@ -1,0 +1,268 @@
+//! The apply rules of each domain, on a real RocksDB in a temp directory.
+
+use serde_bytes::ByteBuf;
+
+use super::Tx;
+use crate::state::audit::AuditEvent;
+use crate::state::command::{Command, CommandResult, NewMessage, Refusal};
+use crate::state::policy::{ClusterRole, IdentityPolicy};
+use crate::state::records::WrappedKey;
+use crate::store::{open_db, Db, MailReader};
+
+const T: &str = "acme";
+const M: &str = "support";
+
+fn db() -> (tempfile::TempDir, Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open_db(&dir.path().join("db")).unwrap();
+    (dir, db)
+}
+
+/// Applies `cmds` in one transaction, writes it, and returns the results.
+fn apply(db: &Db, cmds: Vec<Command>) -> Vec<CommandResult> {
+    let mut tx = Tx::new(db);
+    let results = cmds.into_iter().map(|c| tx.apply(c).unwrap()).collect();
+    db.write(tx.batch).unwrap();
+    results
+}
+
+fn tenant() -> Command {
+    Command::CreateTenant {
+        tenant: T.into(),
+        key: WrappedKey {
+            version: 1,
+            wrapped: vec![7; 60],
+        },
+    }
+}
+
+fn mailbox() -> Command {
+    Command::CreateMailbox {
+        tenant: T.into(),
+        mailbox: M.into(),
+        uidvalidity: 42,
+    }
+}
+
+fn message(key: &str, blob: u8, staged: u32) -> NewMessage {
+    NewMessage {
+        mailbox: M.into(),
+        idempotency_key: key.into(),
+        blob: [blob; 16],
+        key_version: 1,
+        flags: vec!["\\Seen".into(), "\\Seen".into()],
+        internal_date_ms: 1,
+        size: 10,
+        staged_chunks: staged,
+        inline_chunks: vec![ByteBuf::from(vec![1, 2, 3])],
+        headers: vec![9; 20],
+    }
+}
+
+fn append(key: &str, blob: u8) -> Command {
+    Command::Append {
+        tenant: T.into(),
+        message: message(key, blob, 0),
+    }
+}
+
+fn claim(uid: u32, agent: &str) -> Command {
+    Command::Claim {
+        tenant: T.into(),
+        mailbox: M.into(),
+        uid,
+        agent: agent.into(),
+    }
+}
+
+#[test]
+fn mail_commands_in_one_transaction_see_each_other() {
+    let (_d, db) = db();
+    let r = apply(
+        &db,
+        vec![tenant(), tenant(), mailbox(), append("k1", 1), append("k1", 2)],
+    );
+    assert_eq!(r[0], CommandResult::Done);
+    assert_eq!(r[1], CommandResult::Refused(Refusal::TenantExists));
+    assert_eq!(r[2], CommandResult::MailboxCreated { uidvalidity: 42 });
+    assert_eq!(
+        r[3],
+        CommandResult::Appended {
+            uid: 1,
+            modseq: 1,
+            uidvalidity: 42,
+            duplicate: false
+        }
+    );
+    // A reused idempotency key answers with the first UID and stores nothing.
+    assert_eq!(
+        r[4],
+        CommandResult::Appended {
+            uid: 1,
+            modseq: 1,
+            uidvalidity: 42,
+            duplicate: true
+        }
+    );
+    let reader = MailReader::new(db.clone());
+    let mbox = reader.mailbox(T, M).unwrap().unwrap();
+    assert_eq!((mbox.messages, mbox.uidnext), (1, 2));
+    assert_eq!(
+        reader.message(T, M, 1).unwrap().unwrap().flags,
+        vec!["\\Seen".to_string()]
+    );
+    assert!(
+        reader.chunk(T, &[2; 16], 0).unwrap().is_none(),
+        "the duplicate's chunk is not kept"
+    );
+}
+
+#[test]
+fn mail_refusals_change_nothing() {
+    let (_d, db) = db();
+    assert_eq!(
+        apply(&db, vec![mailbox()]),
+        vec![CommandResult::Refused(Refusal::NoTenant)]
+    );
+    apply(&db, vec![tenant(), mailbox()]);
+    let staged = Command::Append {
+        tenant: T.into(),
+        message: message("k", 3, 2),
+    };
+    assert_eq!(
+        apply(&db, vec![staged]),
+        vec![CommandResult::Refused(Refusal::IncompleteBody)]
+    );
+    let missing = Command::Move {
+        tenant: T.into(),
+        mailbox: M.into(),
+        uid: 9,
+        message: message("", 4, 0),
+    };
+    assert_eq!(
+        apply(&db, vec![missing]),
+        vec![CommandResult::Refused(Refusal::NoMessage)]
+    );
+    let reader = MailReader::new(db.clone());
+    assert_eq!(reader.mailbox(T, M).unwrap().unwrap().messages, 0);
+}
+
+#[test]
+fn claims_have_one_winner_and_conditional_flags_see_changes() {
+    let (_d, db) = db();
+    apply(&db, vec![tenant(), mailbox(), append("k", 1)]);
+    let r = apply(&db, vec![claim(1, "ann"), claim(1, "bob"), claim(1, "ann")]);
+    assert!(matches!(r[0], CommandResult::Changed { modseq: 2, .. }));
+    assert_eq!(r[1], CommandResult::Refused(Refusal::ClaimedBy("ann".into())));
+    assert!(
+        matches!(r[2], CommandResult::Changed { modseq: 3, .. }),
+        "a claim is idempotent for its holder"
+    );
+    let release = |agent: &str| Command::Release {
+        tenant: T.into(),
+        mailbox: M.into(),
+        uid: 1,
+        agent: agent.into(),
+    };
+    assert_eq!(
+        apply(&db, vec![release("bob")]),
+        vec![CommandResult::Refused(Refusal::NotClaimant)]
+    );
+    let flag = |since| Command::UpdateFlags {
+        tenant: T.into(),
+        mailbox: M.into(),
+        uid: 1,
+        add: vec!["answered".into()],
+        remove: vec!["\\Seen".into()],
+        unchanged_since: Some(since),
+    };
+    assert_eq!(
+        apply(&db, vec![flag(2)]),
+        vec![CommandResult::Refused(Refusal::Modified(3))]
+    );
+    let r = apply(&db, vec![flag(3), release("ann")]);
+    assert_eq!(
+        r[0],
+        CommandResult::Changed {
+            modseq: 4,
+            flags: vec!["answered".into()],
+            claimed_by: Some("ann".into())
+        }
+    );
+    assert!(matches!(&r[1], CommandResult::Changed { claimed_by: None, .. }));
+}
+
+#[test]
+fn expunge_and_move_remove_the_source_and_its_chunks() {
+    let (_d, db) = db();
+    apply(&db, vec![tenant(), mailbox(), append("a", 1), append("b", 2)]);
+    let mv = Command::Move {
+        tenant: T.into(),
+        mailbox: M.into(),
+        uid: 1,
+        message: message("", 3, 0),
+    };
+    let ex = Command::Expunge {
+        tenant: T.into(),
+        mailbox: M.into(),
+        uids: vec![2, 77],
+    };
+    let r = apply(&db, vec![mv, ex]);
+    assert!(matches!(r[0], CommandResult::Appended { uid: 3, .. }));
+    assert!(matches!(&r[1], CommandResult::Expunged { uids, .. } if uids == &vec![2]));
+    let reader = MailReader::new(db.clone());
+    assert!(reader.message(T, M, 1).unwrap().is_none());
+    assert!(reader.chunk(T, &[1; 16], 0).unwrap().is_none());
+    assert!(reader.chunk(T, &[2; 16], 0).unwrap().is_none());
+    assert!(reader.chunk(T, &[3; 16], 0).unwrap().is_some());
+    assert_eq!(reader.mailbox(T, M).unwrap().unwrap().messages, 1);
+}
+
+#[test]
+fn access_commands_store_policies_and_revocations() {
+    let (_d, db) = db();
+    let mut policy = IdentityPolicy::default();
+    policy.cluster_roles.insert(ClusterRole::Auditor);
+    let r = apply(
+        &db,
+        vec![
+            Command::PutIdentity {
+                identity: "carol".into(),
+                policy: policy.clone(),
+            },
+            Command::RevokeSerial {
+                serial: "0abc".into(),
+            },
+        ],
+    );
+    assert_eq!(r, vec![CommandResult::Done, CommandResult::Done]);
+    let reader = MailReader::new(db.clone());
+    assert_eq!(reader.identity_policy("carol").unwrap(), Some(policy));
+    assert_eq!(reader.identity_policy("dave").unwrap(), None);
+    assert!(reader.serial_revoked("0abc").unwrap());
+    assert!(!reader.serial_revoked("0abd").unwrap());
+}
+
+#[test]
+fn audit_events_are_chained_across_transactions() {
+    let (_d, db) = db();
+    let event = |n: &str| AuditEvent::new(n, None, "Test", "-", "allowed");
+    apply(
+        &db,
+        vec![Command::Audit {
+            events: vec![event("a"), event("b")],
+        }],
+    );
+    apply(
+        &db,
+        vec![Command::Audit {
+            events: vec![event("c")],
+        }],
+    );
+    let reader = MailReader::new(db.clone());
+    assert_eq!(reader.audit_head().unwrap().seq, 3);
+    let records = reader.audit_records(1, 10).unwrap();
+    assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(records[2].prev_hash, records[1].hash);
+    assert_eq!(reader.verify_audit().unwrap(), Ok(3));
+}
