@@ -3,33 +3,45 @@
 //! formats — imports nothing above it. Read from the sources' `crate::` paths.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+fn src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+}
+
+/// Every source file of `node/src`.
+fn source_files() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![src()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            match path.is_dir() {
+                true => stack.push(path),
+                false => files.push(path),
+            }
+        }
+    }
+    files
+}
 
 /// The top-level module each file of `node/src` belongs to, and the
 /// top-level modules it names through `crate::`.
 fn module_imports() -> BTreeMap<String, BTreeSet<String>> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let src = src();
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut stack = vec![src.clone()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            let rel = path.strip_prefix(&src).unwrap();
-            let first = rel.components().next().unwrap().as_os_str().to_string_lossy();
-            let module = first.trim_end_matches(".rs").to_string();
-            if module == "lib" || module == "main" {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).unwrap();
-            let deps = graph.entry(module.clone()).or_default();
-            for name in crate_paths(&text) {
-                if name != module {
-                    deps.insert(name);
-                }
+    for path in source_files() {
+        let rel = path.strip_prefix(&src).unwrap();
+        let first = rel.components().next().unwrap().as_os_str().to_string_lossy();
+        let module = first.trim_end_matches(".rs").to_string();
+        if module == "lib" || module == "main" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let deps = graph.entry(module.clone()).or_default();
+        for name in crate_paths(&text) {
+            if name != module {
+                deps.insert(name);
             }
         }
     }
@@ -137,30 +149,18 @@ fn the_checks_see_imports_and_cycles() {
 /// stable reason): no other file constructs a `tonic::Status` itself.
 #[test]
 fn every_status_is_built_in_the_error_module() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut stack = vec![src.clone()];
     let mut found = Vec::new();
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            if path.ends_with("error.rs") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).unwrap();
-            for (i, line) in text.lines().enumerate() {
-                if let Some(at) = line.find("Status::") {
-                    let after = &line[at + "Status::".len()..];
-                    let ctor: String = after
-                        .chars()
-                        .take_while(|c| c.is_ascii_lowercase() || *c == '_')
-                        .collect();
-                    if !ctor.is_empty() && after[ctor.len()..].starts_with('(') {
-                        found.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
-                    }
+    for path in source_files().into_iter().filter(|p| !p.ends_with("error.rs")) {
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            if let Some(at) = line.find("Status::") {
+                let after = &line[at + "Status::".len()..];
+                let ctor: String = after
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                if !ctor.is_empty() && after[ctor.len()..].starts_with('(') {
+                    found.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
                 }
             }
         }
