@@ -46,25 +46,7 @@ impl ApiError {
         self.metadata.push((key, value.to_string()));
         self
     }
-
-    /// The reason.
-    pub fn reason(&self) -> Reason {
-        self.reason
-    }
-
-    /// The message.
-    pub fn message(&self) -> &str {
-        &self.message
-    }
 }
-
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.message, self.reason.as_str_name())
-    }
-}
-
-impl std::error::Error for ApiError {}
 
 /// The one conversion to the wire.
 impl From<ApiError> for Status {
@@ -112,12 +94,6 @@ pub fn code_of(reason: Reason) -> Code {
         | LockedOut
         | CertificateWithoutIdentity => Code::PermissionDenied,
     }
-}
-
-/// The `ErrorInfo` reason of a status, if it carries one of mailvault's.
-pub fn reason_of(status: &Status) -> Option<Reason> {
-    let info = status.get_details_error_info()?;
-    (info.domain == DOMAIN).then(|| Reason::from_str_name(&info.reason))?
 }
 
 /// A refused command.
@@ -199,12 +175,11 @@ mod tests {
     fn a_status_carries_its_reason_code_and_metadata() {
         let s: Status = refusal(Refusal::Modified(7)).into();
         assert_eq!(s.code(), Code::FailedPrecondition);
-        assert_eq!(reason_of(&s), Some(Reason::ModifiedSince));
         let info = s.get_details_error_info().unwrap();
         assert_eq!(info.domain, DOMAIN);
         assert_eq!(info.reason, "MODIFIED_SINCE");
         assert_eq!(info.metadata.get("modseq").map(String::as_str), Some("7"));
-        assert_eq!(reason_of(&Status::not_found("plain")), None);
+        assert!(Status::not_found("plain").get_details_error_info().is_none());
     }
 
     #[test]

@@ -64,12 +64,17 @@ pub fn read(db: &Db) -> Result<Option<u32>, DataVersionError> {
 /// Refuses a store this build cannot read (for offline tools, which must not
 /// change it).
 pub fn check(db: &Db) -> Result<(), DataVersionError> {
-    match read(db)? {
+    supported(read(db)?).map(|_| ())
+}
+
+/// `found`, unless it is newer than this build supports.
+fn supported(found: Option<u32>) -> Result<Option<u32>, DataVersionError> {
+    match found {
         Some(found) if found > DATA_VERSION => Err(DataVersionError::Newer {
             found,
             supported: DATA_VERSION,
         }),
-        _ => Ok(()),
+        other => Ok(other),
     }
 }
 
@@ -78,8 +83,7 @@ pub fn check(db: &Db) -> Result<(), DataVersionError> {
 /// leaves a version that was completely written), refuses a newer one.
 /// Returns the version found (`None` if fresh).
 pub fn upgrade(db: &Db) -> Result<Option<u32>, DataVersionError> {
-    let found = read(db)?;
-    check(db)?;
+    let found = supported(read(db)?)?;
     let from = found.unwrap_or(DATA_VERSION);
     let sm = db.cf_handle(CF_SM).expect("sm column family");
     let mut wo = WriteOptions::default();
