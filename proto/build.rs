@@ -6,7 +6,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/mailvault/v1/mailbox.proto",
         "proto/mailvault/v1/errors.proto",
-        "proto/mailvault/v1/admin.proto",
+        "proto/mailvault/v1/cluster.proto",
+        "proto/mailvault/v1/tenants.proto",
+        "proto/mailvault/v1/access.proto",
+        "proto/mailvault/v1/audit.proto",
         "proto/mailvault/raft/v1/raft.proto",
     ];
     for f in &files {

@@ -1,13 +1,17 @@
-//! `mailvault-admin access`: the replicated access policy.
+//! `mailvault-admin access`: the replicated access policy. Each change is one
+//! server-side command, decided against the policy as it is when it applies,
+//! so two operators' changes do not overwrite each other; the CLI prints what
+//! changed.
 
 use clap::Subcommand;
 use mailvault_proto::v1::{
-    GetIdentityRequest, IdentityPolicy, PutIdentityRequest, RevokeCertificateRequest, TenantRoles,
+    role, Allowlist, GetIdentityRequest, GrantRequest, IdentityPolicy, PolicyChange,
+    RevokeCertificateRequest, RevokeIdentityRequest, Role, SetAllowlistRequest, TenantRole,
 };
 use serde_json::json;
 
-use crate::client::{admin, status_err};
-use crate::Output;
+use crate::client::{access, status_err};
+use crate::output::{policy_diff, policy_text, Output};
 
 #[derive(Subcommand, Debug)]
 pub enum AccessCmd {
@@ -20,29 +24,15 @@ pub enum AccessCmd {
     Grant {
         /// The identity.
         identity: String,
-        /// Tenant (`*` for every tenant).
-        #[arg(long, requires = "role")]
-        tenant: Option<String>,
-        /// reader, agent, exporter or tenant-admin.
-        #[arg(long)]
-        role: Option<String>,
-        /// operator or auditor.
-        #[arg(long)]
-        cluster_role: Option<String>,
+        #[command(flatten)]
+        role: RoleArgs,
     },
     /// Removes a tenant role or a cluster role.
     Ungrant {
         /// The identity.
         identity: String,
-        /// Tenant.
-        #[arg(long, requires = "role")]
-        tenant: Option<String>,
-        /// Tenant role.
-        #[arg(long)]
-        role: Option<String>,
-        /// Cluster role.
-        #[arg(long)]
-        cluster_role: Option<String>,
+        #[command(flatten)]
+        role: RoleArgs,
     },
     /// Sets the networks an identity may call from (no networks: anywhere).
     Allow {
@@ -50,6 +40,10 @@ pub enum AccessCmd {
         identity: String,
         /// CIDR networks, e.g. 10.0.0.0/8.
         networks: Vec<String>,
+        /// Only if the allowlist is still this one (comma-separated; `anywhere`
+        /// for none): refused if another operator changed it meanwhile.
+        #[arg(long)]
+        expect: Option<String>,
     },
     /// Revokes an identity: it can make no new call, on any node.
     RevokeIdentity {
@@ -63,81 +57,74 @@ pub enum AccessCmd {
     },
 }
 
-fn print(output: Output, p: &IdentityPolicy) {
-    match output {
-        Output::Json => {
-            let roles: serde_json::Map<String, serde_json::Value> = p
-                .tenant_roles
-                .iter()
-                .map(|t| (t.tenant.clone(), json!(t.roles)))
-                .collect();
-            println!(
-                "{}",
-                json!({"identity": p.identity, "tenant_roles": roles, "cluster_roles": p.cluster_roles,
-                       "allow_from": p.allow_from, "revoked": p.revoked})
-            );
-        }
-        Output::Text => {
-            println!("identity:      {}", p.identity);
-            for t in &p.tenant_roles {
-                println!("tenant {:<8} {}", t.tenant, t.roles.join(", "));
-            }
-            println!("cluster roles: {}", p.cluster_roles.join(", "));
-            let allow = if p.allow_from.is_empty() {
-                "anywhere".to_string()
-            } else {
-                p.allow_from.join(", ")
-            };
-            println!("allowed from:  {allow}");
-            println!("revoked:       {}", p.revoked);
-        }
+/// One role: `--tenant T --role R`, or `--cluster-role R`.
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = true)]
+pub struct RoleArgs {
+    /// Tenant (`*` for every tenant).
+    #[arg(long, requires = "role", conflicts_with = "cluster_role")]
+    tenant: Option<String>,
+    /// reader, agent, exporter or tenant-admin.
+    #[arg(long, requires = "tenant")]
+    role: Option<String>,
+    /// operator or auditor.
+    #[arg(long)]
+    cluster_role: Option<String>,
+}
+
+impl RoleArgs {
+    fn into_role(self) -> anyhow::Result<Option<Role>> {
+        let role = match (self.tenant, self.role, self.cluster_role) {
+            (Some(tenant), Some(role), None) => role::Role::Tenant(TenantRole { tenant, role }),
+            (None, None, Some(c)) => role::Role::Cluster(c),
+            _ => anyhow::bail!("give --tenant with --role, or --cluster-role"),
+        };
+        Ok(Some(Role { role: Some(role) }))
     }
 }
 
-fn edit_roles(
-    p: &mut IdentityPolicy,
-    tenant: Option<String>,
-    role: Option<String>,
-    cluster: Option<String>,
-    add: bool,
-) {
-    if let (Some(t), Some(r)) = (tenant, role) {
-        let idx = match p.tenant_roles.iter().position(|x| x.tenant == t) {
-            Some(i) => i,
-            None => {
-                p.tenant_roles.push(TenantRoles {
-                    tenant: t,
-                    roles: vec![],
-                });
-                p.tenant_roles.len() - 1
-            }
-        };
-        let roles = &mut p.tenant_roles[idx].roles;
-        roles.retain(|x| *x != r);
-        if add {
-            roles.push(r);
-        }
-        p.tenant_roles.retain(|x| !x.roles.is_empty());
-    }
-    if let Some(c) = cluster {
-        p.cluster_roles.retain(|x| *x != c);
-        if add {
-            p.cluster_roles.push(c);
-        }
+fn policy_json(p: &IdentityPolicy) -> serde_json::Value {
+    let roles: serde_json::Map<String, serde_json::Value> = p
+        .tenant_roles
+        .iter()
+        .map(|t| (t.tenant.clone(), json!(t.roles)))
+        .collect();
+    json!({"identity": p.identity, "tenant_roles": roles, "cluster_roles": p.cluster_roles,
+           "allow_from": p.allow_from, "revoked": p.revoked})
+}
+
+/// Prints a change: the policy after it (JSON: before, after, changed), and
+/// for people what changed.
+fn print_change(output: Output, c: PolicyChange) {
+    let (before, after) = (c.before.unwrap_or_default(), c.after.unwrap_or_default());
+    let diff = policy_diff(&before, &after);
+    output.emit(
+        json!({"identity": after.identity, "changed": c.changed, "before": policy_json(&before),
+               "after": policy_json(&after), "diff": diff}),
+        || match diff.is_empty() {
+            true => format!("no change: already so\n{}", policy_text(&after)),
+            false => format!("{}\n{}", diff.join("\n"), policy_text(&after)),
+        },
+    );
+}
+
+fn networks(list: &str) -> Vec<String> {
+    match list.trim() {
+        "" | "anywhere" => vec![],
+        l => l.split(',').map(|n| n.trim().to_string()).collect(),
     }
 }
 
 pub async fn run(endpoint: &str, output: Output, cmd: AccessCmd) -> anyhow::Result<()> {
-    let mut c = admin(endpoint).await?;
-    let get = |id: String| GetIdentityRequest { identity: id };
-    let (identity, change): (String, Box<dyn FnOnce(&mut IdentityPolicy)>) = match cmd {
+    let mut c = access(endpoint).await?;
+    let change = match cmd {
         AccessCmd::Show { identity } => {
             let p = c
-                .get_identity(get(identity))
+                .get_identity(GetIdentityRequest { identity })
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            print(output, &p);
+            output.emit(policy_json(&p), || policy_text(&p));
             return Ok(());
         }
         AccessCmd::RevokeCert { serial } => {
@@ -146,44 +133,35 @@ pub async fn run(endpoint: &str, output: Output, cmd: AccessCmd) -> anyhow::Resu
             })
             .await
             .map_err(status_err)?;
-            match output {
-                Output::Json => println!("{}", json!({"revoked_serial": serial})),
-                Output::Text => println!("revoked certificate {serial}"),
-            }
+            output.emit(json!({"revoked_serial": serial}), || {
+                format!("revoked certificate {serial}")
+            });
             return Ok(());
         }
-        AccessCmd::Grant {
+        AccessCmd::Grant { identity, role } => {
+            let role = role.into_role()?;
+            c.grant(GrantRequest { identity, role }).await
+        }
+        AccessCmd::Ungrant { identity, role } => {
+            let role = role.into_role()?;
+            c.ungrant(GrantRequest { identity, role }).await
+        }
+        AccessCmd::Allow {
             identity,
-            tenant,
-            role,
-            cluster_role,
-        } => (
-            identity,
-            Box::new(move |p| edit_roles(p, tenant, role, cluster_role, true)),
-        ),
-        AccessCmd::Ungrant {
-            identity,
-            tenant,
-            role,
-            cluster_role,
-        } => (
-            identity,
-            Box::new(move |p| edit_roles(p, tenant, role, cluster_role, false)),
-        ),
-        AccessCmd::Allow { identity, networks } => (identity, Box::new(move |p| p.allow_from = networks)),
-        AccessCmd::RevokeIdentity { identity } => (identity, Box::new(|p| p.revoked = true)),
+            networks: list,
+            expect,
+        } => {
+            c.set_allowlist(SetAllowlistRequest {
+                identity,
+                allow_from: Some(Allowlist { networks: list }),
+                expected: expect.map(|e| Allowlist {
+                    networks: networks(&e),
+                }),
+            })
+            .await
+        }
+        AccessCmd::RevokeIdentity { identity } => c.revoke_identity(RevokeIdentityRequest { identity }).await,
     };
-    let mut p = c
-        .get_identity(get(identity))
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    change(&mut p);
-    let p = c
-        .put_identity(PutIdentityRequest { policy: Some(p) })
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    print(output, &p);
+    print_change(output, change.map_err(status_err)?.into_inner());
     Ok(())
 }

@@ -4,12 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
-use comfy_table::Table;
 use mailvault_proto::v1::{AuditRecord, ListAuditRequest, VerifyAuditRequest};
 use serde_json::json;
 
-use crate::client::{admin, status_err};
-use crate::Output;
+use crate::client::{audit, status_err};
+use crate::output::{rfc3339, table, Output};
 
 #[derive(Subcommand, Debug)]
 pub enum AuditCmd {
@@ -34,7 +33,7 @@ pub enum AuditCmd {
 }
 
 fn record_json(r: &AuditRecord) -> serde_json::Value {
-    json!({"seq": r.seq, "time_ms": r.time_ms, "identity": r.identity, "source": r.source,
+    json!({"seq": r.seq, "time": rfc3339(r.time_ms), "time_ms": r.time_ms, "identity": r.identity, "source": r.source,
            "action": r.action, "target": r.target, "result": r.result, "node": r.node,
            "prev_hash": r.prev_hash, "hash": r.hash})
 }
@@ -64,7 +63,7 @@ pub async fn run(endpoint: &str, output: Output, cmd: AuditCmd) -> anyhow::Resul
             )
         }
         AuditCmd::Verify { data_dir: None } => {
-            let r = admin(endpoint)
+            let r = audit(endpoint)
                 .await?
                 .verify_audit(VerifyAuditRequest {})
                 .await
@@ -73,7 +72,7 @@ pub async fn run(endpoint: &str, output: Output, cmd: AuditCmd) -> anyhow::Resul
             report(output, r.ok.then_some(r.records), (!r.ok).then_some(r.error))
         }
         AuditCmd::List { from, limit } => {
-            let r = admin(endpoint)
+            let r = audit(endpoint)
                 .await?
                 .list_audit(ListAuditRequest {
                     from_seq: from,
@@ -82,43 +81,36 @@ pub async fn run(endpoint: &str, output: Output, cmd: AuditCmd) -> anyhow::Resul
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            match output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::Value::from(r.records.iter().map(record_json).collect::<Vec<_>>())
-                ),
-                Output::Text => {
-                    let mut t = Table::new();
-                    t.set_header([
-                        "seq",
-                        "time (ms)",
-                        "identity",
-                        "source",
-                        "action",
-                        "target",
-                        "result",
-                        "node",
-                    ]);
-                    for x in &r.records {
-                        t.add_row([
-                            x.seq.to_string(),
-                            x.time_ms.to_string(),
-                            x.identity.clone(),
-                            x.source.clone(),
-                            x.action.clone(),
-                            x.target.clone(),
-                            x.result.clone(),
-                            x.node.to_string(),
-                        ]);
-                    }
-                    println!("{t}");
-                    println!("head: record {}", r.head_seq);
-                }
-            }
+            let json = serde_json::Value::from(r.records.iter().map(record_json).collect::<Vec<_>>());
+            output.emit(json, || {
+                let rows = r.records.iter().map(|x| {
+                    [
+                        x.seq.to_string(),
+                        rfc3339(x.time_ms),
+                        x.identity.clone(),
+                        x.source.clone(),
+                        x.action.clone(),
+                        x.target.clone(),
+                        x.result.clone(),
+                        x.node.to_string(),
+                    ]
+                });
+                let header = [
+                    "seq",
+                    "time (UTC)",
+                    "identity",
+                    "source",
+                    "action",
+                    "target",
+                    "result",
+                    "node",
+                ];
+                format!("{}\nhead: record {}", table(header, rows), r.head_seq)
+            });
             Ok(())
         }
         AuditCmd::Export => {
-            let mut c = admin(endpoint).await?;
+            let mut c = audit(endpoint).await?;
             let mut from = 1;
             loop {
                 let r = c

@@ -21,7 +21,7 @@ use serde_json::json;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use crate::client::{admin, mailbox, status_err};
+use crate::client::{cluster, mailbox, status_err, tenants};
 use crate::Output;
 
 /// What the clients do.
@@ -84,7 +84,7 @@ async fn ops_endpoints(endpoint: &str, ops: &[String]) -> Result<Vec<String>, St
                 .into(),
         ),
         [auto] if auto == "auto" => {
-            let mut client = admin(endpoint)
+            let mut client = cluster(endpoint)
                 .await
                 .map_err(|e| format!("cluster status: {e}"))?;
             match client.node_status(NodeStatusRequest {}).await {
@@ -243,7 +243,7 @@ async fn prepare(endpoint: &str, a: &BenchArgs) -> anyhow::Result<()> {
     let req = CreateTenantRequest {
         tenant: a.tenant.clone(),
     };
-    match admin(endpoint).await?.create_tenant(req).await {
+    match tenants(endpoint).await?.create_tenant(req).await {
         Ok(_) => {}
         Err(s) if s.code() == tonic::Code::AlreadyExists => {}
         Err(s) if s.code() == tonic::Code::PermissionDenied => anyhow::bail!(
@@ -331,40 +331,38 @@ fn report(output: Output, a: &BenchArgs, m: &Measured, fsyncs_per_append: Result
         Workload::Append => "append",
         Workload::Read => "read",
     };
-    match output {
-        Output::Json => println!(
-            "{}",
-            json!({
-                "workload": workload, "clients": a.clients, "size": a.size, "ops": ops,
-                "errors": m.errors, "seconds": m.seconds, "ops_per_sec": ops as f64 / m.seconds,
-                "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "max_ms": h.max() as f64 / 1000.0,
-                "fsyncs_per_append_all_nodes": fsyncs_per_append.as_ref().ok(),
-                "fsyncs_unavailable": fsyncs_per_append.as_ref().err(),
-            })
-        ),
-        Output::Text => {
-            println!(
+    let json = json!({
+        "workload": workload, "clients": a.clients, "size": a.size, "ops": ops,
+        "errors": m.errors, "seconds": m.seconds, "ops_per_sec": ops as f64 / m.seconds,
+        "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "max_ms": h.max() as f64 / 1000.0,
+        "fsyncs_per_append_all_nodes": fsyncs_per_append.as_ref().ok(),
+        "fsyncs_unavailable": fsyncs_per_append.as_ref().err(),
+    });
+    output.emit(json, || {
+        let mut lines = vec![
+            format!(
                 "{workload}: {} clients, {} B: {ops} ops in {:.1}s = {:.0}/s; errors {}",
                 a.clients,
                 a.size,
                 m.seconds,
                 ops as f64 / m.seconds,
                 m.errors
-            );
-            println!(
+            ),
+            format!(
                 "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
                 ms(0.5),
                 ms(0.9),
                 ms(0.99),
                 h.max() as f64 / 1000.0
-            );
-            match (a.workload, fsyncs_per_append) {
-                (Workload::Append, Ok(f)) => {
-                    println!("fsyncs per acknowledged append (sum over all nodes): {f:.3}")
-                }
-                (Workload::Append, Err(why)) => println!("fsyncs per append: unavailable ({why})"),
-                (Workload::Read, _) => {}
-            }
+            ),
+        ];
+        match (a.workload, &fsyncs_per_append) {
+            (Workload::Append, Ok(f)) => lines.push(format!(
+                "fsyncs per acknowledged append (sum over all nodes): {f:.3}"
+            )),
+            (Workload::Append, Err(why)) => lines.push(format!("fsyncs per append: unavailable ({why})")),
+            (Workload::Read, _) => {}
         }
-    }
+        lines.join("\n")
+    });
 }

@@ -4,8 +4,11 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use anyhow::Context;
-use mailvault_proto::v1::admin_client::AdminClient;
+use mailvault_proto::v1::access_client::AccessClient;
+use mailvault_proto::v1::audit_client::AuditClient;
+use mailvault_proto::v1::cluster_client::ClusterClient;
 use mailvault_proto::v1::mailbox_client::MailboxClient;
+use mailvault_proto::v1::tenants_client::TenantsClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Largest frame accepted from a node.
@@ -69,12 +72,26 @@ pub async fn mailbox(endpoint: &str) -> anyhow::Result<MailboxClient<Channel>> {
         .max_encoding_message_size(MAX_FRAME))
 }
 
-/// An admin client.
-pub async fn admin(endpoint: &str) -> anyhow::Result<AdminClient<Channel>> {
-    Ok(AdminClient::new(channel(endpoint).await?))
+/// A client of the cluster service (status, digest, snapshots).
+pub async fn cluster(endpoint: &str) -> anyhow::Result<ClusterClient<Channel>> {
+    Ok(ClusterClient::new(channel(endpoint).await?))
 }
 
-/// Turns a gRPC status into an error that names its code.
+/// A client of the tenants service.
+pub async fn tenants(endpoint: &str) -> anyhow::Result<TenantsClient<Channel>> {
+    Ok(TenantsClient::new(channel(endpoint).await?))
+}
+
+/// A client of the access service (roles, allowlists, revocation).
+pub async fn access(endpoint: &str) -> anyhow::Result<AccessClient<Channel>> {
+    Ok(AccessClient::new(channel(endpoint).await?))
+}
+
+/// A client of the audit service.
+pub async fn audit(endpoint: &str) -> anyhow::Result<AuditClient<Channel>> {
+    Ok(AuditClient::new(channel(endpoint).await?))
+}
+
 /// A failed call as the CLI reports it: the code, the message and the stable
 /// reason of its `ErrorInfo` (see `proto/mailvault/v1/errors.proto`).
 pub fn status_err(s: tonic::Status) -> anyhow::Error {

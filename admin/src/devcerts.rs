@@ -36,17 +36,16 @@ pub fn run(output: Output, a: DevCertsArgs) -> anyhow::Result<()> {
     }
     mailvault_node::tls::devcerts::write_all(&a.out, &nodes, &a.clients)
         .map_err(|e| anyhow::anyhow!("cannot write certificates: {e}"))?;
-    match output {
-        Output::Json => println!(
-            "{}",
-            json!({"dir": a.out, "nodes": nodes.len(), "clients": a.clients})
-        ),
-        Output::Text => println!(
-            "wrote ca.pem, {} node and {} client certificates to {}",
-            nodes.len(),
-            a.clients.len(),
-            a.out.display()
-        ),
-    }
+    output.emit(
+        json!({"dir": a.out, "nodes": nodes.len(), "clients": a.clients}),
+        || {
+            format!(
+                "wrote ca.pem, {} node and {} client certificates to {}",
+                nodes.len(),
+                a.clients.len(),
+                a.out.display()
+            )
+        },
+    );
     Ok(())
 }

@@ -4,12 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
-use comfy_table::Table;
 use mailvault_proto::v1::*;
 use serde_json::json;
 
-use crate::client::{admin, mailbox as mailbox_client, status_err};
-use crate::Output;
+use crate::client::{mailbox as mailbox_client, status_err, tenants};
+use crate::output::{table, Output};
 
 #[derive(Subcommand, Debug)]
 pub enum TenantCmd {
@@ -86,7 +85,7 @@ pub fn random_key() -> String {
 
 pub async fn tenant(endpoint: &str, output: Output, cmd: TenantCmd) -> anyhow::Result<()> {
     let TenantCmd::Create { tenant } = cmd;
-    let r = admin(endpoint)
+    let r = tenants(endpoint)
         .await?
         .create_tenant(CreateTenantRequest {
             tenant: tenant.clone(),
@@ -94,10 +93,9 @@ pub async fn tenant(endpoint: &str, output: Output, cmd: TenantCmd) -> anyhow::R
         .await
         .map_err(status_err)?
         .into_inner();
-    match output {
-        Output::Json => println!("{}", json!({"tenant": tenant, "key_version": r.key_version})),
-        Output::Text => println!("created tenant {tenant} (data key version {})", r.key_version),
-    }
+    output.emit(json!({"tenant": tenant, "key_version": r.key_version}), || {
+        format!("created tenant {tenant} (data key version {})", r.key_version)
+    });
     Ok(())
 }
 
@@ -125,38 +123,32 @@ pub async fn mailbox(endpoint: &str, output: Output, cmd: MailboxCmd) -> anyhow:
                 .mailboxes
         }
     };
-    match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::Value::from(list.iter().map(mailbox_json).collect::<Vec<_>>())
-        ),
-        Output::Text => {
-            let mut t = Table::new();
-            t.set_header([
-                "mailbox",
-                "messages",
-                "unseen",
-                "claimed",
-                "uidnext",
-                "uidvalidity",
-                "modseq",
-                "bytes",
-            ]);
-            for m in &list {
-                t.add_row([
-                    m.mailbox.clone(),
-                    m.messages.to_string(),
-                    m.unseen.to_string(),
-                    m.claimed.to_string(),
-                    m.uidnext.to_string(),
-                    m.uidvalidity.to_string(),
-                    m.highest_modseq.to_string(),
-                    m.total_bytes.to_string(),
-                ]);
-            }
-            println!("{t}");
-        }
-    }
+    let json = serde_json::Value::from(list.iter().map(mailbox_json).collect::<Vec<_>>());
+    output.emit(json, || {
+        let header = [
+            "mailbox",
+            "messages",
+            "unseen",
+            "claimed",
+            "uidnext",
+            "uidvalidity",
+            "modseq",
+            "bytes",
+        ];
+        let rows = list.iter().map(|m| {
+            [
+                m.mailbox.clone(),
+                m.messages.to_string(),
+                m.unseen.to_string(),
+                m.claimed.to_string(),
+                m.uidnext.to_string(),
+                m.uidvalidity.to_string(),
+                m.highest_modseq.to_string(),
+                m.total_bytes.to_string(),
+            ]
+        });
+        table(header, rows)
+    });
     Ok(())
 }
 
@@ -185,23 +177,17 @@ pub async fn mail(endpoint: &str, output: Output, cmd: MailCmd) -> anyhow::Resul
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            match output {
-                Output::Json => println!(
-                    "{}",
-                    json!({"uid": r.uid, "modseq": r.modseq, "uidvalidity": r.uidvalidity, "duplicate": r.duplicate})
-                ),
-                Output::Text => println!(
-                    "appended uid {} (modseq {}, uidvalidity {}){}",
-                    r.uid,
-                    r.modseq,
-                    r.uidvalidity,
-                    if r.duplicate {
-                        " — duplicate idempotency key, nothing new stored"
-                    } else {
-                        ""
-                    }
-                ),
-            }
+            let json = json!({"uid": r.uid, "modseq": r.modseq, "uidvalidity": r.uidvalidity, "duplicate": r.duplicate});
+            output.emit(json, || {
+                let dup = match r.duplicate {
+                    true => " — duplicate idempotency key, nothing new stored",
+                    false => "",
+                };
+                format!(
+                    "appended uid {} (modseq {}, uidvalidity {}){dup}",
+                    r.uid, r.modseq, r.uidvalidity
+                )
+            });
         }
         MailCmd::List {
             tenant,
@@ -244,35 +230,29 @@ pub async fn mail(endpoint: &str, output: Output, cmd: MailCmd) -> anyhow::Resul
 }
 
 fn print_messages(output: Output, all: &[MessageSummary]) {
-    match output {
-        Output::Json => {
-            let v: Vec<_> = all
-                .iter()
-                .map(|m| {
-                    json!({
-                        "uid": m.uid, "modseq": m.modseq, "flags": m.flags, "size": m.size,
-                        "internal_date_ms": m.internal_date_ms, "subject": m.subject, "from": m.from,
-                        "to": m.to, "date": m.date, "claimed_by": m.claimed_by,
-                    })
-                })
-                .collect();
-            println!("{}", serde_json::Value::from(v));
-        }
-        Output::Text => {
-            let mut t = Table::new();
-            t.set_header(["uid", "modseq", "flags", "size", "from", "subject", "claimed by"]);
-            for m in all {
-                t.add_row([
-                    m.uid.to_string(),
-                    m.modseq.to_string(),
-                    m.flags.join(" "),
-                    m.size.to_string(),
-                    m.from.clone(),
-                    m.subject.clone(),
-                    m.claimed_by.clone(),
-                ]);
-            }
-            println!("{t}");
-        }
-    }
+    let json: Vec<_> = all
+        .iter()
+        .map(|m| {
+            json!({
+                "uid": m.uid, "modseq": m.modseq, "flags": m.flags, "size": m.size,
+                "internal_date_ms": m.internal_date_ms, "subject": m.subject, "from": m.from,
+                "to": m.to, "date": m.date, "claimed_by": m.claimed_by,
+            })
+        })
+        .collect();
+    output.emit(json.into(), || {
+        let header = ["uid", "modseq", "flags", "size", "from", "subject", "claimed by"];
+        let rows = all.iter().map(|m| {
+            [
+                m.uid.to_string(),
+                m.modseq.to_string(),
+                m.flags.join(" "),
+                m.size.to_string(),
+                m.from.clone(),
+                m.subject.clone(),
+                m.claimed_by.clone(),
+            ]
+        });
+        table(header, rows)
+    });
 }

@@ -7,9 +7,12 @@ mod bench;
 mod client;
 mod devcerts;
 mod mail;
+mod output;
 mod status;
 
-use clap::{Parser, Subcommand, ValueEnum};
+pub use output::Output;
+
+use clap::{Parser, Subcommand};
 
 /// Operator CLI for a mailvault cluster.
 #[derive(Parser, Debug)]
@@ -30,15 +33,6 @@ pub struct Cli {
     tls: client::TlsArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-/// Output format.
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum Output {
-    /// Human-readable tables.
-    Text,
-    /// One JSON document.
-    Json,
 }
 
 #[derive(Subcommand, Debug)]

@@ -1,11 +1,10 @@
 //! `mailvault-admin status`.
 
-use comfy_table::Table;
 use mailvault_proto::v1::{NodeStatusRequest, NodeStatusResponse};
 use serde_json::json;
 
-use crate::client::{admin, status_err};
-use crate::Output;
+use crate::client::{cluster, status_err};
+use crate::output::{table, Output};
 
 /// What one member answered, or why it did not.
 struct Probe {
@@ -15,7 +14,7 @@ struct Probe {
 
 /// Asks the contacted node for the membership, then every member for its own status.
 pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
-    let me = admin(endpoint)
+    let me = cluster(endpoint)
         .await?
         .node_status(NodeStatusRequest {})
         .await
@@ -24,7 +23,7 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
     let mut probes = Vec::new();
     for m in &me.members {
         let status = async {
-            let mut c = admin(&m.client_addr).await.map_err(|e| format!("{e:#}"))?;
+            let mut c = cluster(&m.client_addr).await.map_err(|e| format!("{e:#}"))?;
             let mut req = tonic::Request::new(NodeStatusRequest {});
             req.set_timeout(std::time::Duration::from_secs(3));
             c.node_status(req)
@@ -44,96 +43,89 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
         .find(|s| s.state == "leader")
         .map(|s| s.id);
     let healthy = probes.iter().filter(|p| p.status.is_ok()).count();
-    match output {
-        Output::Json => {
-            let nodes: Vec<_> = probes
-                .iter()
-                .map(|p| {
-                    let m = &p.member;
-                    let base = json!({
-                        "id": m.id, "role": m.role, "voter": m.voter,
-                        "client_addr": m.client_addr, "raft_addr": m.raft_addr, "ops_addr": m.ops_addr,
-                    });
-                    let mut v = base;
-                    match &p.status {
-                        Ok(s) => {
-                            v["healthy"] = json!(true);
-                            v["state"] = json!(s.state);
-                            v["term"] = json!(s.term);
-                            v["last_log_index"] = json!(s.last_log_index);
-                            v["applied_index"] = json!(s.applied_index);
-                            v["snapshot_index"] = json!(s.snapshot_index);
-                        }
-                        Err(e) => {
-                            v["healthy"] = json!(false);
-                            v["error"] = json!(e);
-                        }
-                    }
-                    v
-                })
-                .collect();
-            let doc = json!({
-                "leader": leader,
-                "term": me.term,
-                "members": me.members.len(),
-                "healthy": healthy,
-                "nodes": nodes,
+    let nodes: Vec<_> = probes
+        .iter()
+        .map(|p| {
+            let m = &p.member;
+            let mut v = json!({
+                "id": m.id, "role": m.role, "voter": m.voter,
+                "client_addr": m.client_addr, "raft_addr": m.raft_addr, "ops_addr": m.ops_addr,
             });
-            println!("{}", serde_json::to_string_pretty(&doc)?);
-        }
-        Output::Text => {
-            let mut t = Table::new();
-            t.set_header([
-                "id",
-                "role",
-                "voter",
-                "state",
-                "term",
-                "last log",
-                "applied",
-                "health",
-                "client addr",
-            ]);
-            for p in &probes {
-                let m = &p.member;
-                let (state, term, last, applied, health) = match &p.status {
-                    Ok(s) => (
-                        s.state.clone(),
-                        s.term.to_string(),
-                        s.last_log_index.to_string(),
-                        s.applied_index.to_string(),
-                        "ok".to_string(),
-                    ),
-                    Err(e) => (
-                        "-".into(),
-                        "-".into(),
-                        "-".into(),
-                        "-".into(),
-                        format!("DOWN ({e})"),
-                    ),
-                };
-                t.add_row([
-                    m.id.to_string(),
-                    m.role.clone(),
-                    m.voter.to_string(),
-                    state,
-                    term,
-                    last,
-                    applied,
-                    health,
-                    m.client_addr.clone(),
-                ]);
+            match &p.status {
+                Ok(s) => {
+                    v["healthy"] = json!(true);
+                    v["state"] = json!(s.state);
+                    v["term"] = json!(s.term);
+                    v["last_log_index"] = json!(s.last_log_index);
+                    v["applied_index"] = json!(s.applied_index);
+                    v["snapshot_index"] = json!(s.snapshot_index);
+                }
+                Err(e) => {
+                    v["healthy"] = json!(false);
+                    v["error"] = json!(e);
+                }
             }
-            println!("{t}");
-            match leader {
-                Some(l) => println!(
-                    "leader: node {l}, term {}; {healthy}/{} members healthy",
-                    me.term,
-                    me.members.len()
+            v
+        })
+        .collect();
+    let doc = json!({
+        "leader": leader,
+        "term": me.term,
+        "members": me.members.len(),
+        "healthy": healthy,
+        "nodes": nodes,
+    });
+    output.emit(doc, || {
+        let header = [
+            "id",
+            "role",
+            "voter",
+            "state",
+            "term",
+            "last log",
+            "applied",
+            "health",
+            "client addr",
+        ];
+        let rows = probes.iter().map(|p| {
+            let m = &p.member;
+            let (state, term, last, applied, health) = match &p.status {
+                Ok(s) => (
+                    s.state.clone(),
+                    s.term.to_string(),
+                    s.last_log_index.to_string(),
+                    s.applied_index.to_string(),
+                    "ok".to_string(),
                 ),
-                None => println!("NO LEADER; {healthy}/{} members healthy", me.members.len()),
-            }
-        }
-    }
+                Err(e) => (
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    format!("DOWN ({e})"),
+                ),
+            };
+            [
+                m.id.to_string(),
+                m.role.clone(),
+                m.voter.to_string(),
+                state,
+                term,
+                last,
+                applied,
+                health,
+                m.client_addr.clone(),
+            ]
+        });
+        let summary = match leader {
+            Some(l) => format!(
+                "leader: node {l}, term {}; {healthy}/{} members healthy",
+                me.term,
+                me.members.len()
+            ),
+            None => format!("NO LEADER; {healthy}/{} members healthy", me.members.len()),
+        };
+        format!("{}\n{summary}", table(header, rows))
+    });
     Ok(())
 }

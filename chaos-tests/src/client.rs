@@ -104,7 +104,7 @@ pub fn transient(s: &Status) -> bool {
 
 /// Creates a tenant and a mailbox through node `i`, retrying while the cluster settles.
 pub async fn create_tenant_and_mailbox(cluster: &crate::Cluster, i: usize, tenant: &str, mailbox: &str) {
-    let admin = cluster.admin(i).await;
+    let admin = cluster.admin(i).await.tenants;
     retry(Duration::from_secs(20), || {
         let mut a = admin.clone();
         async move {
@@ -155,7 +155,7 @@ pub async fn create_mailbox(
 /// retrying while the cluster settles.
 pub async fn snapshot_every_node(cluster: &crate::Cluster) -> Result<(), Status> {
     for i in 0..cluster.len() {
-        let a = cluster.admin(i).await;
+        let a = cluster.admin(i).await.cluster;
         retry(Duration::from_secs(20), || {
             let mut a = a.clone();
             async move {

@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 use mailvault_node::tls::devcerts::DevCa;
 
 use crate::disk::LoopFs;
-use mailvault_proto::v1::admin_client::AdminClient;
+use mailvault_proto::v1::access_client::AccessClient;
+use mailvault_proto::v1::audit_client::AuditClient;
+use mailvault_proto::v1::cluster_client::ClusterClient;
 use mailvault_proto::v1::mailbox_client::MailboxClient;
+use mailvault_proto::v1::tenants_client::TenantsClient;
 use mailvault_proto::v1::NodeStatusRequest;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -238,23 +241,20 @@ impl Cluster {
 
     /// Grants `identity` a tenant role, through node 0 as the admin.
     pub async fn grant(&self, identity: &str, tenant: &str, role: &str) {
-        use mailvault_proto::v1::{GetIdentityRequest, PutIdentityRequest, TenantRoles};
+        use mailvault_proto::v1::{role, GrantRequest, Role, TenantRole};
         let a = self.admin(0).await;
-        crate::client::retry(Duration::from_secs(20), || {
-            let mut a = a.clone();
-            async move {
-                let mut p = a
-                    .get_identity(GetIdentityRequest {
-                        identity: identity.into(),
-                    })
-                    .await?
-                    .into_inner();
-                p.tenant_roles.push(TenantRoles {
+        let req = GrantRequest {
+            identity: identity.into(),
+            role: Some(Role {
+                role: Some(role::Role::Tenant(TenantRole {
                     tenant: tenant.into(),
-                    roles: vec![role.into()],
-                });
-                a.put_identity(PutIdentityRequest { policy: Some(p) }).await
-            }
+                    role: role.into(),
+                })),
+            }),
+        };
+        crate::client::retry(Duration::from_secs(20), || {
+            let (mut a, req) = (a.access.clone(), req.clone());
+            async move { a.grant(req).await }
         })
         .await
         .expect("grant");
@@ -346,9 +346,9 @@ impl Cluster {
             .max_encoding_message_size(64 * 1024 * 1024)
     }
 
-    /// An admin client for node `i` as `identity`.
-    pub async fn admin_as(&self, i: usize, identity: &str) -> AdminClient<Channel> {
-        AdminClient::new(self.channel_as(i, identity, None))
+    /// The operator services' clients for node `i` as `identity`.
+    pub async fn admin_as(&self, i: usize, identity: &str) -> Admin {
+        Admin::new(self.channel_as(i, identity, None))
     }
 
     /// Number of nodes.
@@ -542,8 +542,8 @@ impl Cluster {
         self.mailbox_as(i, FRONTEND).await
     }
 
-    /// An admin client for node `i` as [`ADMIN`].
-    pub async fn admin(&self, i: usize) -> AdminClient<Channel> {
+    /// The operator services' clients for node `i` as [`ADMIN`].
+    pub async fn admin(&self, i: usize) -> Admin {
         self.admin_as(i, ADMIN).await
     }
 
@@ -571,7 +571,7 @@ impl Cluster {
             let mut a = self.admin(i).await;
             let mut req = tonic::Request::new(NodeStatusRequest {});
             req.set_timeout(Duration::from_secs(1));
-            let s = a.node_status(req).await.ok()?.into_inner();
+            let s = a.cluster.node_status(req).await.ok()?.into_inner();
             if !s.has_leader {
                 return None;
             }
@@ -588,7 +588,8 @@ impl Cluster {
     pub async fn applied_index(&self, i: usize) -> Option<u64> {
         let mut a = self.admin(i).await;
         Some(
-            a.node_status(NodeStatusRequest {})
+            a.cluster
+                .node_status(NodeStatusRequest {})
                 .await
                 .ok()?
                 .into_inner()
@@ -641,6 +642,32 @@ impl Drop for Cluster {
         // Unmount before the temp directory is removed.
         for n in &mut self.nodes {
             n.fs.take();
+        }
+    }
+}
+
+/// Clients of the operator services (cluster, tenants, access, audit) on one
+/// channel, as one identity.
+#[derive(Clone)]
+pub struct Admin {
+    /// Status, digest, snapshots.
+    pub cluster: ClusterClient<Channel>,
+    /// Tenants.
+    pub tenants: TenantsClient<Channel>,
+    /// Roles, allowlists, revocation.
+    pub access: AccessClient<Channel>,
+    /// The audit log.
+    pub audit: AuditClient<Channel>,
+}
+
+impl Admin {
+    /// The clients over `ch`.
+    pub fn new(ch: Channel) -> Admin {
+        Admin {
+            cluster: ClusterClient::new(ch.clone()),
+            tenants: TenantsClient::new(ch.clone()),
+            access: AccessClient::new(ch.clone()),
+            audit: AuditClient::new(ch),
         }
     }
 }

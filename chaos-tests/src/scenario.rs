@@ -522,7 +522,7 @@ async fn leader_guess(cluster: &mut Cluster) -> Option<usize> {
         let mut a = cluster.admin(i).await;
         let mut req = tonic::Request::new(mailvault_proto::v1::NodeStatusRequest {});
         req.set_timeout(Duration::from_secs(1));
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), a.node_status(req)).await {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), a.cluster.node_status(req)).await {
             let s = s.into_inner();
             if s.has_leader && s.leader_id >= 1 && (s.leader_id as usize) <= cluster.len() {
                 votes[s.leader_id as usize - 1] += 1;
@@ -594,7 +594,7 @@ async fn inject(cluster: &mut Cluster, net: Option<&Net>, fault: Fault, rng: &mu
             let mut a = cluster.admin(victim).await;
             let mut req = tonic::Request::new(TriggerSnapshotRequest { purge_log: false });
             req.set_timeout(Duration::from_secs(5));
-            let snap = a.trigger_snapshot(req).await;
+            let snap = a.cluster.trigger_snapshot(req).await;
             rec.fault(format!(
                 "snapshot on the full node: {}",
                 match &snap {
@@ -754,7 +754,7 @@ async fn converge(cluster: &Cluster, healed: Instant, r: &mut Recovery, missed: 
         last.clear();
         for i in 0..cluster.len() {
             let mut a = cluster.admin(i).await;
-            let d = a.state_digest(StateDigestRequest {}).await.ok().map(|d| {
+            let d = a.cluster.state_digest(StateDigestRequest {}).await.ok().map(|d| {
                 let d = d.into_inner();
                 (d.applied_index, d.sha256)
             });

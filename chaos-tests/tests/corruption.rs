@@ -167,7 +167,8 @@ async fn corrupted_sst_blob_and_wal_files_never_serve_wrong_bytes() {
     let (mut cluster, uids) = setup(20).await;
     // Move the data into SST files first (a snapshot flushes the memtables).
     let mut a = cluster.admin(2).await;
-    a.trigger_snapshot(mailvault_proto::v1::TriggerSnapshotRequest { purge_log: false })
+    a.cluster
+        .trigger_snapshot(mailvault_proto::v1::TriggerSnapshotRequest { purge_log: false })
         .await
         .unwrap();
     cluster.stop(2);

@@ -84,6 +84,7 @@ async fn a_node_that_was_down_catches_up_from_the_log_and_from_a_snapshot() {
     for i in [leader, up] {
         let mut a = cluster.admin(i).await;
         let r = a
+            .cluster
             .trigger_snapshot(TriggerSnapshotRequest { purge_log: true })
             .await
             .unwrap()
@@ -208,7 +209,8 @@ async fn nodes_snapshot_on_their_own_once_new_mail_reaches_a_share_of_the_last_s
     // four times over; the schedule waits.
     for i in 0..cluster.len() {
         let mut a = cluster.admin(i).await;
-        a.trigger_snapshot(TriggerSnapshotRequest { purge_log: false })
+        a.cluster
+            .trigger_snapshot(TriggerSnapshotRequest { purge_log: false })
             .await
             .unwrap();
     }
@@ -246,7 +248,11 @@ async fn nodes_snapshot_on_their_own_once_new_mail_reaches_a_share_of_the_last_s
 
 async fn status(cluster: &Cluster, i: usize) -> NodeStatusResponse {
     let mut a = cluster.admin(i).await;
-    a.node_status(NodeStatusRequest {}).await.unwrap().into_inner()
+    a.cluster
+        .node_status(NodeStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// Waits until every node has applied all of the leader's log, twice in a

@@ -9,8 +9,8 @@ use mailvault_chaos::*;
 use mailvault_node::tls::devcerts::DevCa;
 use mailvault_proto::raft::raft_peer_client::RaftPeerClient;
 use mailvault_proto::raft::ReadIndexRequest;
-use mailvault_proto::v1::admin_client::AdminClient;
 use mailvault_proto::v1::mailbox_client::MailboxClient;
+use mailvault_proto::v1::tenants_client::TenantsClient;
 use mailvault_proto::v1::*;
 use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
@@ -35,7 +35,7 @@ async fn status_of(
 }
 
 async fn audit_records(cluster: &Cluster) -> Vec<AuditRecord> {
-    let mut a = cluster.admin_as(0, "auditor").await;
+    let mut a = cluster.admin_as(0, "auditor").await.audit;
     a.list_audit(ListAuditRequest {
         from_seq: 1,
         limit: 10_000,
@@ -62,18 +62,15 @@ async fn setup() -> Cluster {
     for t in ["acme", "globex"] {
         create_tenant_and_mailbox(&cluster, 0, t, "inbox").await;
     }
-    let mut a = cluster.admin(0).await;
-    let mut p = a
-        .get_identity(GetIdentityRequest {
-            identity: "auditor".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    p.cluster_roles = vec!["auditor".into()];
-    a.put_identity(PutIdentityRequest { policy: Some(p) })
-        .await
-        .unwrap();
+    let mut a = cluster.admin(0).await.access;
+    a.grant(GrantRequest {
+        identity: "auditor".into(),
+        role: Some(Role {
+            role: Some(role::Role::Cluster("auditor".into())),
+        }),
+    })
+    .await
+    .unwrap();
     cluster
 }
 
@@ -157,7 +154,7 @@ async fn every_denied_access_is_refused_and_audited() {
     // Nor may a tenant identity use the admin API. (Another identity: four
     // denials are all acme-agent may collect before the fifth locks it out.)
     cluster.grant("acme-reader", "acme", "reader").await;
-    let e = AdminClient::new(cluster.channel_as(0, "acme-reader", ip("127.0.1.6")))
+    let e = TenantsClient::new(cluster.channel_as(0, "acme-reader", ip("127.0.1.6")))
         .create_tenant(CreateTenantRequest {
             tenant: "evil".into(),
         })
@@ -188,6 +185,7 @@ async fn every_denied_access_is_refused_and_audited() {
     cluster
         .admin(0)
         .await
+        .access
         .revoke_certificate(RevokeCertificateRequest {
             serial: serial.clone(),
         })
@@ -210,18 +208,16 @@ async fn every_denied_access_is_refused_and_audited() {
 
     // A disallowed source address.
     cluster.grant("pinned", "acme", "reader").await;
-    let mut a = cluster.admin(0).await;
-    let mut p = a
-        .get_identity(GetIdentityRequest {
-            identity: "pinned".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    p.allow_from = vec!["127.0.0.1/32".into()];
-    a.put_identity(PutIdentityRequest { policy: Some(p) })
-        .await
-        .unwrap();
+    let mut a = cluster.admin(0).await.access;
+    a.set_allowlist(SetAllowlistRequest {
+        identity: "pinned".into(),
+        allow_from: Some(Allowlist {
+            networks: vec!["127.0.0.1/32".into()],
+        }),
+        expected: None,
+    })
+    .await
+    .unwrap();
     let mut from_ok = MailboxClient::new(cluster.channel_as(0, "pinned", ip("127.0.0.1")));
     let mut from_bad = MailboxClient::new(cluster.channel_as(0, "pinned", ip("127.0.0.2")));
     retry(Duration::from_secs(5), || {
@@ -306,7 +302,7 @@ async fn every_denied_access_is_refused_and_audited() {
 
 /// The denials of `identity` that node `i` has applied from the audit log.
 async fn denials_seen_by(cluster: &Cluster, i: usize, identity: &str) -> usize {
-    let mut a = cluster.admin_as(i, "auditor").await;
+    let mut a = cluster.admin_as(i, "auditor").await.audit;
     let records = a
         .list_audit(ListAuditRequest {
             from_seq: 1,
@@ -483,23 +479,165 @@ async fn a_reader_never_sees_a_full_customer_address() {
     .await;
 }
 
+/// A grant of one role: a tenant role `(tenant, role)` or a cluster role.
+fn grant_request(identity: &str, tenant: Option<(&str, &str)>, cluster: Option<&str>) -> GrantRequest {
+    let role = match (tenant, cluster) {
+        (Some((tenant, role)), _) => role::Role::Tenant(TenantRole {
+            tenant: tenant.into(),
+            role: role.into(),
+        }),
+        (None, Some(c)) => role::Role::Cluster(c.into()),
+        (None, None) => panic!("a role is needed"),
+    };
+    GrantRequest {
+        identity: identity.into(),
+        role: Some(Role { role: Some(role) }),
+    }
+}
+
+fn reason(s: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    s.get_details_error_info().map(|i| i.reason).unwrap_or_default()
+}
+
+/// Two operators change one identity at once through two nodes: both changes
+/// land (each is a server-side command, not a read-modify-write of the whole
+/// policy); preconditions are checked where the change applies, with a stable
+/// reason; the CLI shows what changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_policy_changes_compose_and_preconditions_hold() {
+    let cluster = setup().await;
+    let (a1, a2) = (cluster.admin(1).await.access, cluster.admin(2).await.access);
+    let grants = [
+        (a1.clone(), grant_request("duo", Some(("acme", "agent")), None)),
+        (a2.clone(), grant_request("duo", Some(("globex", "reader")), None)),
+        (a1.clone(), grant_request("duo", None, Some("auditor"))),
+        (a2.clone(), grant_request("duo", Some(("acme", "exporter")), None)),
+    ];
+    let calls = grants.into_iter().map(|(a, req)| {
+        retry(Duration::from_secs(10), move || {
+            let (mut a, req) = (a.clone(), req.clone());
+            async move { a.grant(req).await }
+        })
+    });
+    for r in futures::future::join_all(calls).await {
+        r.unwrap();
+    }
+    cluster.wait_all_applied().await;
+    let mut a0 = cluster.admin(0).await.access;
+    let p = a0
+        .get_identity(GetIdentityRequest {
+            identity: "duo".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let roles = |t: &str| {
+        let mut r = p
+            .tenant_roles
+            .iter()
+            .find(|x| x.tenant == t)
+            .map(|x| x.roles.clone())
+            .unwrap_or_default();
+        r.sort();
+        r
+    };
+    assert_eq!(roles("acme"), ["agent", "exporter"], "{p:?}");
+    assert_eq!(roles("globex"), ["reader"], "{p:?}");
+    assert_eq!(p.cluster_roles, ["auditor"], "{p:?}");
+
+    // Granting again changes nothing and says so (a retry is safe).
+    let again = a0
+        .grant(grant_request("duo", Some(("acme", "agent")), None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.changed && again.before == again.after, "{again:?}");
+
+    // A tenant that does not exist is refused, not granted.
+    let e = a0
+        .grant(grant_request("duo", Some(("acne", "agent")), None))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::NotFound, "TENANT_NOT_FOUND")
+    );
+    // An unknown role is malformed.
+    let e = a0
+        .grant(grant_request("duo", Some(("acme", "god")), None))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::InvalidArgument, "INVALID_REQUEST")
+    );
+
+    // An allowlist change that expected another allowlist is refused; one
+    // that expected the current one is made.
+    let allow = |networks: &[&str], expected: Option<&[&str]>| SetAllowlistRequest {
+        identity: "duo".into(),
+        allow_from: Some(Allowlist {
+            networks: networks.iter().map(|n| n.to_string()).collect(),
+        }),
+        expected: expected.map(|e| Allowlist {
+            networks: e.iter().map(|n| n.to_string()).collect(),
+        }),
+    };
+    let e = a0
+        .set_allowlist(allow(&["127.0.0.0/8"], Some(&["10.0.0.0/8"])))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::Aborted, "ALLOWLIST_CHANGED")
+    );
+    let ok = a0
+        .set_allowlist(allow(&["127.0.0.0/8"], Some(&[])))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.after.unwrap().allow_from, ["127.0.0.0/8"]);
+
+    // A revoked identity gets no new role.
+    a0.revoke_identity(RevokeIdentityRequest {
+        identity: "duo".into(),
+    })
+    .await
+    .unwrap();
+    let e = a0
+        .grant(grant_request("duo", None, Some("operator")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::FailedPrecondition, "IDENTITY_REVOKED")
+    );
+
+    // The CLI prints the change as a diff, and the audit log names it readably.
+    let out = cluster
+        .admin_command(&cluster.client_addr(0), ADMIN)
+        .args(["access", "grant", "solo", "--tenant", "acme", "--role", "reader"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("+ tenant acme: reader"), "{text}");
+    wait_audited(&cluster, "a readable grant", |r| {
+        r.action == "Grant" && r.target == "solo: +reader on tenant acme"
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_change_on_one_node_is_enforced_by_every_node() {
     let cluster = setup().await;
     // Granted through node 2 ...
-    let mut a = cluster.admin(2).await;
-    let p = IdentityPolicy {
-        identity: "newhire".into(),
-        tenant_roles: vec![TenantRoles {
-            tenant: "acme".into(),
-            roles: vec!["agent".into()],
-        }],
-        ..Default::default()
-    };
+    let a = cluster.admin(2).await.access;
+    let req = grant_request("newhire", Some(("acme", "agent")), None);
     retry(Duration::from_secs(5), || {
-        let mut a = a.clone();
-        let p = p.clone();
-        async move { a.put_identity(PutIdentityRequest { policy: Some(p) }).await }
+        let (mut a, req) = (a.clone(), req.clone());
+        async move { a.grant(req).await }
     })
     .await
     .unwrap();
@@ -521,18 +659,12 @@ async fn a_policy_change_on_one_node_is_enforced_by_every_node() {
         .unwrap();
     }
     // Revoked through node 1 ...
-    let mut p2 = a
-        .get_identity(GetIdentityRequest {
-            identity: "newhire".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    p2.revoked = true;
-    let mut a1 = cluster.admin(1).await;
-    a1.put_identity(PutIdentityRequest { policy: Some(p2) })
-        .await
-        .unwrap();
+    let mut a1 = cluster.admin(1).await.access;
+    a1.revoke_identity(RevokeIdentityRequest {
+        identity: "newhire".into(),
+    })
+    .await
+    .unwrap();
     // ... refused by every node.
     for i in 0..cluster.len() {
         let c = cluster.mailbox_as(i, "newhire").await;
@@ -571,7 +703,7 @@ async fn audit_verify_detects_an_edited_deleted_or_reordered_record() {
         r.action == "GetMessage" && r.target == "acme/inbox/5"
     })
     .await;
-    let mut auditor: AdminClient<_> = cluster.admin_as(0, "auditor").await;
+    let mut auditor = cluster.admin_as(0, "auditor").await.audit;
     let v = auditor
         .verify_audit(VerifyAuditRequest {})
         .await

@@ -58,14 +58,21 @@ impl From<ApiError> for Status {
     }
 }
 
+/// A ciphertext that failed, as the client sees it (see [`crypto`]).
+impl From<CryptoError> for Status {
+    fn from(e: CryptoError) -> Status {
+        crypto(e).into()
+    }
+}
+
 /// The status code of a reason (as documented in `errors.proto`).
 pub fn code_of(reason: Reason) -> Code {
     use Reason::*;
     match reason {
         TenantNotFound | MailboxNotFound | MessageNotFound => Code::NotFound,
         TenantExists | MailboxExists => Code::AlreadyExists,
-        ClaimedByAnotherAgent | NotClaimant | ModifiedSince => Code::FailedPrecondition,
-        IncompleteBody => Code::Aborted,
+        ClaimedByAnotherAgent | NotClaimant | ModifiedSince | IdentityRevoked => Code::FailedPrecondition,
+        IncompleteBody | AllowlistChanged => Code::Aborted,
         UidsExhausted | MessageTooLarge => Code::ResourceExhausted,
         InvalidName
         | StreamHeaderMissing
@@ -112,6 +119,8 @@ pub fn refusal(r: Refusal) -> ApiError {
         Refusal::Modified(modseq) => ApiError::new(Reason::ModifiedSince, msg).with("modseq", modseq),
         Refusal::IncompleteBody => ApiError::new(Reason::IncompleteBody, msg),
         Refusal::UidsExhausted => ApiError::new(Reason::UidsExhausted, msg),
+        Refusal::IdentityRevoked => ApiError::new(Reason::IdentityRevoked, msg),
+        Refusal::AllowlistChanged => ApiError::new(Reason::AllowlistChanged, msg),
     }
 }
 
@@ -184,13 +193,13 @@ mod tests {
 
     #[test]
     fn every_reason_has_a_code_and_a_stable_name() {
-        for n in 1..=38 {
+        for n in 1..=40 {
             let r = Reason::try_from(n).expect("a reason for every number up to the last");
             assert_eq!(Reason::from_str_name(r.as_str_name()), Some(r));
             assert_ne!(code_of(r), Code::Ok);
         }
         assert!(
-            Reason::try_from(39).is_err(),
+            Reason::try_from(41).is_err(),
             "a new reason: extend this test and errors.proto's docs"
         );
         assert_eq!(code_of(Reason::WriteOutcomeUnknown), Code::Unavailable);

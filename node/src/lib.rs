@@ -10,6 +10,7 @@ pub mod config;
 pub mod crypto;
 pub mod ctx;
 pub mod error;
+pub mod forward;
 pub mod headers;
 pub mod names;
 pub mod ops;

@@ -6,22 +6,26 @@ use std::time::Duration;
 
 use anyhow::Context;
 use mailvault_proto::raft::raft_peer_server::RaftPeerServer;
-use mailvault_proto::v1::admin_server::AdminServer;
+use mailvault_proto::v1::access_server::AccessServer;
+use mailvault_proto::v1::audit_server::AuditServer;
+use mailvault_proto::v1::cluster_server::ClusterServer;
 use mailvault_proto::v1::mailbox_server::MailboxServer;
+use mailvault_proto::v1::tenants_server::TenantsServer;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::access::{follow_audit_log, AccessLayer, Denials, Gate, Lockout, REFUSED, REFUSED_LOCKED};
-use crate::api::{AdminService, MailboxService};
+use crate::api::{AccessService, AuditService, ClusterService, MailboxService, TenantsService};
 use crate::audit::AuditRecorder;
 use crate::config::Config;
 use crate::crypto::{Keyring, MasterKey};
 use crate::ctx::Ctx;
+use crate::forward::Router;
 use crate::proposer::Proposer;
 use crate::raft::{
     bootstrap_if_fresh, place_leadership, raft_config, resend_held_back_commits, schedule_snapshots,
-    snapshot_schedule, PeerClients, PeerNetwork, PeerService, ReadFence, PEER_MAX_MESSAGE_BYTES,
+    snapshot_schedule, PeerClients, PeerNetwork, PeerService, ReadBarrier, ReadFence, PEER_MAX_MESSAGE_BYTES,
 };
 use crate::state::types::Raft;
 use crate::store::{open_db, LogStore, MailReader, StateMachine};
@@ -178,6 +182,14 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         tracing::info!("bootstrapped a fresh cluster");
     }
 
+    let reads = ReadBarrier::new(
+        id,
+        raft.clone(),
+        fence,
+        peers.clone(),
+        applied.clone(),
+        test_modes.stale_reads,
+    );
     let ctx = Arc::new(Ctx {
         id,
         config: config.clone(),
@@ -185,7 +197,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         reader: reader.clone(),
         keyring,
         proposer,
-        peers,
+        router: Router::new(id, raft.clone(), peers.clone()),
+        reads,
         applied,
         audit: audit.clone(),
         gate: Gate {
@@ -195,7 +208,6 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             operators: config.access.operators.clone().into(),
             unaudited_reads: test_modes.unaudited_reads,
         },
-        fence,
         test_modes,
     });
     tasks.spawn(watch_leader(raft.clone()));
@@ -204,7 +216,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         id,
         config.me().role,
         raft.clone(),
-        ctx.peers.clone(),
+        peers,
         Duration::from_millis(config.raft.election_timeout_max_ms),
     ));
     // Lockouts and failures recorded by other nodes reach this one through
@@ -230,7 +242,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let mailbox = MailboxServer::new(MailboxService::new(ctx.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let admin = AdminServer::new(AdminService::new(ctx.clone()));
+    let cluster = ClusterServer::new(ClusterService::new(ctx.clone()));
+    let tenants = TenantsServer::new(TenantsService::new(ctx.clone()));
+    let access_api = AccessServer::new(AccessService::new(ctx.clone()));
+    let audit_api = AuditServer::new(AuditService::new(ctx.clone()));
     // The client listener admits any certificate of the cluster CA; the access
     // layer then decides per call. Locked-out addresses are refused at once.
     let client_incoming = {
@@ -254,7 +269,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(mailbox)
-            .add_service(admin)
+            .add_service(cluster)
+            .add_service(tenants)
+            .add_service(access_api)
+            .add_service(audit_api)
             .serve_with_incoming_shutdown(client_incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;
             })

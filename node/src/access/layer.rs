@@ -12,6 +12,7 @@ use tower::{Layer, Service};
 
 use super::gate::Gate;
 use super::principal::Principal;
+use super::rules::rule_for;
 use crate::error::{ApiError, Reason};
 use crate::state::policy::ClusterRole;
 use crate::tls::{identity_of, CertIdentity};
@@ -23,7 +24,7 @@ pub const ON_BEHALF_SERIAL: &str = "x-mailvault-on-behalf-serial";
 /// The original caller's source address.
 pub const ON_BEHALF_SOURCE: &str = "x-mailvault-on-behalf-source";
 
-/// Authenticates every call and classifies its method.
+/// Authenticates every call and admits it by its method's rule (see `rules.rs`).
 #[derive(Clone)]
 pub struct AccessLayer {
     gate: Arc<Gate>,
@@ -87,34 +88,6 @@ where
     }
 }
 
-/// Which calls need which cluster role.
-enum MethodClass {
-    /// Health and reflection: any authenticated caller.
-    Open,
-    /// Mailbox calls: a user; tenant roles are checked by the handler.
-    Tenant,
-    /// Node status: operator or auditor.
-    Status,
-    /// Reading and verifying the audit log: auditor.
-    Audit,
-    /// Other admin calls: operator.
-    Admin,
-    /// Unknown service.
-    Unknown,
-}
-
-fn classify(path: &str) -> MethodClass {
-    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or(("", ""));
-    match (service, method) {
-        ("grpc.health.v1.Health", _) | ("grpc.reflection.v1.ServerReflection", _) => MethodClass::Open,
-        ("mailvault.v1.Mailbox", _) => MethodClass::Tenant,
-        ("mailvault.v1.Admin", "NodeStatus" | "StateDigest") => MethodClass::Status,
-        ("mailvault.v1.Admin", "ListAudit" | "VerifyAudit") => MethodClass::Audit,
-        ("mailvault.v1.Admin", _) => MethodClass::Admin,
-        _ => MethodClass::Unknown,
-    }
-}
-
 /// What the access check needs from a request (taken before the body moves on).
 struct CallInfo {
     path: String,
@@ -170,10 +143,10 @@ async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> 
         gate.denials.refuse_locked(&identity, source, &method).await;
         return Err(ApiError::new(Reason::LockedOut, "locked out after repeated failures").into());
     }
-    let class = classify(path);
+    let rule = rule_for(path);
     if is_node {
-        return match class {
-            MethodClass::Open | MethodClass::Status => Ok(Principal {
+        return match rule {
+            Some(rule) if rule.nodes => Ok(Principal {
                 identity,
                 is_node,
                 serial,
@@ -212,15 +185,11 @@ async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> 
         .await);
     }
     let bootstrap = gate.operators.contains(&identity);
-    let operator = bootstrap || policy.cluster_roles.contains(&ClusterRole::Operator);
-    let auditor = policy.cluster_roles.contains(&ClusterRole::Auditor);
-    let allowed = match class {
-        MethodClass::Open | MethodClass::Tenant => true,
-        MethodClass::Status => operator || auditor,
-        MethodClass::Audit => auditor,
-        MethodClass::Admin => operator,
-        MethodClass::Unknown => false,
-    };
+    let allowed = rule.is_some_and(|rule| {
+        rule.admits(|role| {
+            policy.cluster_roles.contains(&role) || (bootstrap && role == ClusterRole::Operator)
+        })
+    });
     if !allowed {
         return Err(deny(
             gate,

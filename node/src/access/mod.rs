@@ -2,7 +2,7 @@
 //!
 //! The [`layer::AccessLayer`] authenticates every call on the client listener
 //! (identity from the client certificate; lockout, revocation, IP allowlist,
-//! method class) and puts a [`Principal`] into the request. Tenant-scoped
+//! the method's rule in [`rules`]) and puts a [`Principal`] into the request. Tenant-scoped
 //! checks, which need the request body, all go through [`authorize`].
 
 mod denials;
@@ -11,6 +11,7 @@ mod layer;
 mod lockout;
 mod masking;
 mod principal;
+pub mod rules;
 
 pub use denials::Denials;
 pub use gate::Gate;

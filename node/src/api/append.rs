@@ -7,9 +7,10 @@ use serde_bytes::ByteBuf;
 use tokio_stream::StreamExt;
 use tonic::{Status, Streaming};
 
-use super::tenant_keys::{new_blob, MessageCipher};
+use super::tenant_keys::{cipher_for, new_blob};
 use crate::access::{authorize, Principal};
 use crate::clock::now_ms;
+use crate::crypto::MessageCipher;
 use crate::crypto::HEADERS_CHUNK;
 use crate::ctx::Ctx;
 use crate::error::{self, ApiError, Reason};
@@ -154,7 +155,7 @@ struct Upload<'a> {
 impl<'a> Upload<'a> {
     fn new(ctx: &'a Ctx, h: &AppendHeader) -> Result<Upload<'a>, Status> {
         let blob = new_blob()?;
-        let cipher = MessageCipher::for_message(ctx, &h.tenant, &h.mailbox, blob, None)?;
+        let cipher = cipher_for(ctx, &h.tenant, &h.mailbox, blob, None)?;
         Ok(Upload {
             ctx,
             tenant: h.tenant.clone(),

@@ -5,18 +5,21 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use mailvault_proto::v1::mailbox_client::MailboxClient;
 use mailvault_proto::v1::mailbox_server::Mailbox;
 use mailvault_proto::v1::*;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::tenant_keys::{new_blob, MessageCipher};
+use super::tenant_keys::{cipher_for, new_blob};
 use super::{append, messages, watch};
 use crate::access::{authorize, Principal};
 use crate::crypto::HEADERS_CHUNK;
-use crate::ctx::{forwarded, Ctx, Route};
+use crate::ctx::Ctx;
 use crate::error;
+use crate::forward::{forwarded, principal_of, route_write, Route};
 use crate::names;
 use crate::state::command::{Command, CommandResult, NewMessage, Refusal};
 use crate::state::policy::Action;
@@ -32,6 +35,14 @@ impl MailboxService {
     /// A service over the node context.
     pub fn new(ctx: Arc<Ctx>) -> MailboxService {
         MailboxService { ctx }
+    }
+
+    /// A client of this service on the leader, to forward a write over `ch`.
+    fn client(&self, ch: Channel) -> MailboxClient<Channel> {
+        let max = self.ctx.max_frame();
+        MailboxClient::new(ch)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
     }
 
     async fn run(&self, cmd: Command) -> Result<CommandResult, Status> {
@@ -91,26 +102,6 @@ impl MailboxService {
             _ => Err(error::unexpected("command").into()),
         }
     }
-}
-
-/// Routes a unary write to the leader when this node does not lead, naming
-/// the original caller; binds `$p` to the caller's principal.
-macro_rules! route_write {
-    ($self:ident, $req:ident, $p:ident, $method:ident) => {
-        let $p = principal_of(&$req);
-        if let Route::Forward(ch) = $self.ctx.route($req.metadata())? {
-            return $self
-                .ctx
-                .mailbox_client(ch)
-                .$method(forwarded($req.into_inner(), $p.as_ref()))
-                .await;
-        }
-    };
-}
-
-/// The principal the access layer attached to a request.
-fn principal_of<T>(req: &Request<T>) -> Option<Principal> {
-    req.extensions().get::<Principal>().cloned()
 }
 
 type RespStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -210,16 +201,14 @@ impl Mailbox for MailboxService {
         req: Request<Streaming<AppendMessageRequest>>,
     ) -> Result<Response<AppendMessageResponse>, Status> {
         let p = principal_of(&req);
-        match self.ctx.route(req.metadata())? {
+        match self.ctx.router.route(req.metadata())? {
             Route::Local => {
                 let started = std::time::Instant::now();
                 let r = append::append(&self.ctx, p.as_ref(), req.into_inner()).await?;
                 metrics::histogram!("mailvault_append_seconds").record(started.elapsed().as_secs_f64());
                 Ok(Response::new(r))
             }
-            Route::Forward(ch) => {
-                forward_append(self.ctx.mailbox_client(ch), p.as_ref(), req.into_inner()).await
-            }
+            Route::Forward(ch) => forward_append(self.client(ch), p.as_ref(), req.into_inner()).await,
         }
     }
 
@@ -506,9 +495,9 @@ impl MailboxService {
             .message(&r.tenant, &r.mailbox, r.uid)
             .map_err(error::read)?
             .ok_or_else(|| error::refusal(Refusal::NoMessage))?;
-        let from = MessageCipher::for_message(ctx, &r.tenant, &r.mailbox, src.blob, Some(src.key_version))?;
+        let from = cipher_for(ctx, &r.tenant, &r.mailbox, src.blob, Some(src.key_version))?;
         let blob = new_blob()?;
-        let to = MessageCipher::for_message(ctx, &r.tenant, &r.destination, blob, None)?;
+        let to = cipher_for(ctx, &r.tenant, &r.destination, blob, None)?;
         let mut inline = Vec::new();
         let mut staged = 0;
         for i in 0..src.chunks {
@@ -551,7 +540,7 @@ impl MailboxService {
 /// forwarded call is cancelled rather than ended, so the leader never commits
 /// a truncated message.
 async fn forward_append(
-    mut client: mailvault_proto::v1::mailbox_client::MailboxClient<tonic::transport::Channel>,
+    mut client: MailboxClient<Channel>,
     principal: Option<&Principal>,
     mut incoming: Streaming<AppendMessageRequest>,
 ) -> Result<Response<AppendMessageResponse>, Status> {

@@ -9,7 +9,7 @@ use mailvault_proto::v1::{
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::tenant_keys::MessageCipher;
+use super::tenant_keys::cipher_for;
 use crate::access::{mask_address, mask_addresses_in};
 use crate::crypto::HEADERS_CHUNK;
 use crate::ctx::Ctx;
@@ -30,7 +30,7 @@ pub fn summary(
     m: &MessageRecord,
     view_addresses: bool,
 ) -> Result<MessageSummary, Status> {
-    let cipher = MessageCipher::for_message(ctx, tenant, mailbox, m.blob, Some(m.key_version))?;
+    let cipher = cipher_for(ctx, tenant, mailbox, m.blob, Some(m.key_version))?;
     let plain = cipher.open(HEADERS_CHUNK, &m.headers)?;
     let mut h: HeaderSummary = decode(&plain).map_err(|_| error::damaged("stored headers are corrupt"))?;
     if !view_addresses {
@@ -117,7 +117,7 @@ pub fn stream(
     if !view_addresses {
         return masked_stream(ctx, tenant, mailbox, m, first);
     }
-    let cipher = MessageCipher::for_message(&ctx, &tenant, &mailbox, m.blob, Some(m.key_version))?;
+    let cipher = cipher_for(&ctx, &tenant, &mailbox, m.blob, Some(m.key_version))?;
     let (tx, rx) = mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
         let send = |r| tx.blocking_send(r).is_ok();
@@ -128,9 +128,12 @@ pub fn stream(
         }
         for i in 0..m.chunks {
             let frame = match ctx.reader.chunk(&tenant, &m.blob, i) {
-                Ok(Some(ct)) => cipher.open(i, &ct).map(|p| GetMessageResponse {
-                    frame: Some(Frame::Chunk(p)),
-                }),
+                Ok(Some(ct)) => cipher
+                    .open(i, &ct)
+                    .map_err(Status::from)
+                    .map(|p| GetMessageResponse {
+                        frame: Some(Frame::Chunk(p)),
+                    }),
                 Ok(None) => Err(error::damaged("a chunk of the message is missing").into()),
                 Err(e) => Err(error::read(e).into()),
             };
@@ -145,7 +148,7 @@ pub fn stream(
 
 /// Reads a whole body, decrypting every chunk.
 fn body(ctx: &Ctx, tenant: &str, mailbox: &str, m: &MessageRecord) -> Result<Vec<u8>, Status> {
-    let cipher = MessageCipher::for_message(ctx, tenant, mailbox, m.blob, Some(m.key_version))?;
+    let cipher = cipher_for(ctx, tenant, mailbox, m.blob, Some(m.key_version))?;
     let mut out = Vec::with_capacity(m.size as usize);
     for i in 0..m.chunks {
         let ct = ctx

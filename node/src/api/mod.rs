@@ -1,11 +1,19 @@
-//! The client-facing gRPC services.
+//! The client-facing gRPC services: the mailbox service front ends use, and
+//! one service per operator concern (cluster, tenants, access, audit).
 
-mod admin;
+mod access;
 mod append;
+mod audit;
+mod cluster;
 mod mailbox;
 mod messages;
+mod operator;
 mod tenant_keys;
+mod tenants;
 mod watch;
 
-pub use admin::AdminService;
+pub use access::AccessService;
+pub use audit::AuditService;
+pub use cluster::ClusterService;
 pub use mailbox::MailboxService;
+pub use tenants::TenantsService;

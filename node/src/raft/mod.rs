@@ -10,7 +10,7 @@ mod snapshots;
 pub use leadership::run as place_leadership;
 pub use network::{resend_held_back_commits, PeerClients, PeerNetwork};
 pub use peer_service::PeerService;
-pub use read_fence::ReadFence;
+pub use read_fence::{ReadBarrier, ReadFence};
 pub use setup::{bootstrap_if_fresh, raft_config, snapshot_schedule};
 pub use snapshots::{run as schedule_snapshots, SnapshotSchedule};
 

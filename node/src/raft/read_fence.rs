@@ -12,13 +12,23 @@
 //! So the first read after a node takes or restores leadership first commits
 //! an empty entry; committing it commits everything before it. The cost is
 //! one empty entry per term.
+//!
+//! [`ReadBarrier`] is what a read waits on before it is served: on the
+//! leader, the fence and a quorum's confirmation of its leadership (read
+//! index); on a follower, the leader's read index and its own apply of it.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use tokio::sync::watch;
 use tonic::Status;
 
+use super::PeerClients;
 use crate::error::{ApiError, Reason};
-use crate::state::types::{Batch, Raft};
+use crate::state::types::{Batch, NodeId, Raft};
+
+/// How long a read waits to reach its linearizable read point.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Shared by the local read path and the peer `ReadIndex` service.
 #[derive(Clone)]
@@ -64,5 +74,80 @@ impl ReadFence {
         let log_id = resp.log_id;
         *self.fenced.lock().expect("fence lock") = Some((log_id.leader_id.term, log_id.index));
         Ok(log_id.index)
+    }
+}
+
+/// Waits until this node may serve a linearizable read.
+#[derive(Clone)]
+pub struct ReadBarrier {
+    id: NodeId,
+    raft: Raft,
+    fence: ReadFence,
+    peers: PeerClients,
+    applied: watch::Receiver<u64>,
+    /// The `stale_reads` test mode: reads do not wait at all.
+    stale: bool,
+}
+
+impl ReadBarrier {
+    /// A barrier for node `id`, whose applied index `applied` follows.
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        fence: ReadFence,
+        peers: PeerClients,
+        applied: watch::Receiver<u64>,
+        stale: bool,
+    ) -> ReadBarrier {
+        ReadBarrier {
+            id,
+            raft,
+            fence,
+            peers,
+            applied,
+            stale,
+        }
+    }
+
+    /// Waits until this node may serve a linearizable read: the leader
+    /// confirms its leadership with a quorum (read index), and this node has
+    /// applied up to that index.
+    pub async fn wait(&self) -> Result<(), Status> {
+        if self.stale {
+            return Ok(());
+        }
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader == Some(self.id) {
+            let r = tokio::time::timeout(READ_TIMEOUT, async {
+                self.fence.index().await?;
+                Ok(self.raft.ensure_linearizable().await)
+            })
+            .await;
+            return match r {
+                Ok(Err(s)) => Err(s),
+                Ok(Ok(Ok(_))) => Ok(()),
+                Ok(Ok(Err(_))) => {
+                    Err(ApiError::new(Reason::LeadershipChanged, "leadership lost; retry").into())
+                }
+                Err(_) => Err(ApiError::new(
+                    Reason::LeadershipUnconfirmed,
+                    "leadership could not be confirmed in time",
+                )
+                .into()),
+            };
+        }
+        let leader = m
+            .current_leader
+            .and_then(|id| m.membership_config.membership().get_node(&id).cloned());
+        let Some(leader) = leader else {
+            return Err(ApiError::new(Reason::NoLeader, "no leader elected; retry").into());
+        };
+        let index = self.peers.read_index(&leader.raft_addr, READ_TIMEOUT).await?;
+        let mut applied = self.applied.clone();
+        let r = tokio::time::timeout(READ_TIMEOUT, applied.wait_for(|a| *a >= index)).await;
+        match r {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ApiError::new(Reason::ReplicaBehind, "this node is behind the leader; retry").into()),
+        }
     }
 }

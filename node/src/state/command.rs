@@ -159,6 +159,78 @@ pub enum Command {
         /// UIDs to expunge; missing ones are skipped.
         uids: Vec<u32>,
     },
+    /// Changes one part of an identity's access policy (data version 2).
+    Access(AccessChange),
+}
+
+/// A change to one identity's access policy, decided against the policy as
+/// it is when the command applies (so concurrent changes compose instead of
+/// overwriting each other). Appended as a nested family: do not reorder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccessChange {
+    /// Grants one role. Refused for a revoked identity or a missing tenant.
+    Grant {
+        /// The identity.
+        identity: String,
+        /// The role.
+        role: RoleGrant,
+    },
+    /// Removes one role.
+    Ungrant {
+        /// The identity.
+        identity: String,
+        /// The role.
+        role: RoleGrant,
+    },
+    /// Sets the networks the identity may call from.
+    SetAllowlist {
+        /// The identity.
+        identity: String,
+        /// The new allowlist (empty: anywhere).
+        networks: Vec<ipnet::IpNet>,
+        /// Made only if the current allowlist equals this one.
+        expected: Option<Vec<ipnet::IpNet>>,
+    },
+    /// Revokes the identity.
+    Revoke {
+        /// The identity.
+        identity: String,
+    },
+}
+
+impl AccessChange {
+    /// The identity the change is about.
+    pub fn identity(&self) -> &str {
+        match self {
+            AccessChange::Grant { identity, .. }
+            | AccessChange::Ungrant { identity, .. }
+            | AccessChange::SetAllowlist { identity, .. }
+            | AccessChange::Revoke { identity } => identity,
+        }
+    }
+}
+
+/// One role of an identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoleGrant {
+    /// A role on one tenant ([`super::policy::ANY_TENANT`] for every tenant).
+    Tenant {
+        /// The tenant.
+        tenant: String,
+        /// The role.
+        role: super::policy::TenantRole,
+    },
+    /// A cluster role.
+    Cluster(super::policy::ClusterRole),
+}
+
+impl std::fmt::Display for RoleGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RoleGrant::Tenant { tenant, role } => write!(f, "{} on tenant {tenant}", role.as_str()),
+            RoleGrant::Cluster(role) => write!(f, "cluster role {}", role.as_str()),
+        }
+    }
 }
 
 impl Command {
@@ -208,6 +280,12 @@ pub enum Refusal {
     /// The mailbox ran out of UIDs.
     #[error("mailbox has no UIDs left")]
     UidsExhausted,
+    /// A role cannot be granted to a revoked identity.
+    #[error("identity is revoked")]
+    IdentityRevoked,
+    /// The allowlist is not the one the change expected.
+    #[error("allowlist changed since it was read")]
+    AllowlistChanged,
 }
 
 /// The outcome of one command.
@@ -248,5 +326,12 @@ pub enum CommandResult {
         uids: Vec<u32>,
         /// The mailbox's MODSEQ after the change.
         modseq: u64,
+    },
+    /// An identity's policy before and after an access change.
+    Policy {
+        /// Before.
+        before: super::policy::IdentityPolicy,
+        /// After (equal to `before` when the change was already in place).
+        after: super::policy::IdentityPolicy,
     },
 }

@@ -11,7 +11,12 @@
 //! step that upgrades data of the version before it.
 
 /// The version this build reads and writes.
-pub const DATA_VERSION: u32 = 1;
+///
+/// 1. The formats as they were first frozen.
+/// 2. The log may hold `Command::Access` entries (server-side policy
+///    changes), which a version-1 build cannot decode; no stored record
+///    changed.
+pub const DATA_VERSION: u32 = 2;
 
 /// The version of data directories written before the version was stored
 /// (their formats are version 1's).

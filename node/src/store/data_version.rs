@@ -36,14 +36,26 @@ struct Step {
 }
 
 /// Every upgrade step, oldest first.
-const STEPS: &[Step] = &[Step {
-    to: 1,
-    run: unversioned_to_1,
-}];
+const STEPS: &[Step] = &[
+    Step {
+        to: 1,
+        run: unversioned_to_1,
+    },
+    Step {
+        to: 2,
+        run: stamp_only,
+    },
+];
 
 /// Data written before the version was stored has version 1's formats:
 /// only the version is added.
 fn unversioned_to_1(_db: &Db, _batch: &mut WriteBatch) -> Result<(), rocksdb::Error> {
+    Ok(())
+}
+
+/// Version 2 adds a command family to the log and changes no stored record:
+/// stamping it keeps a version-1 build from reading a log it cannot decode.
+fn stamp_only(_db: &Db, _batch: &mut WriteBatch) -> Result<(), rocksdb::Error> {
     Ok(())
 }
 
@@ -151,6 +163,25 @@ mod tests {
         assert_eq!(
             db.get_cf(sm, b"\x10acme").unwrap().as_deref(),
             Some(&b"tenant"[..])
+        );
+    }
+
+    #[test]
+    fn a_version_1_store_is_upgraded_to_2_and_kept() {
+        let (_d, db) = db();
+        put(&db, CF_SM, META_DATA_VERSION, &version::encode(1));
+        put(&db, CF_SM, b"\x10acme", b"tenant");
+        put(&db, CF_LOG, &7u64.to_be_bytes(), b"entry");
+        assert_eq!(upgrade(&db).unwrap(), Some(1));
+        assert_eq!(read(&db).unwrap(), Some(2));
+        let (sm, log) = (db.cf_handle(CF_SM).unwrap(), db.cf_handle(CF_LOG).unwrap());
+        assert_eq!(
+            db.get_cf(sm, b"\x10acme").unwrap().as_deref(),
+            Some(&b"tenant"[..])
+        );
+        assert_eq!(
+            db.get_cf(log, 7u64.to_be_bytes()).unwrap().as_deref(),
+            Some(&b"entry"[..])
         );
     }
 

@@ -154,6 +154,7 @@ impl<'a> Tx<'a> {
             Command::PutIdentity { identity, policy } => self.put_identity(&identity, &policy),
             Command::RevokeSerial { serial } => self.revoke_serial(&serial),
             Command::Audit { events } => self.append_audit(events),
+            Command::Access(change) => self.change_access(change),
         }
     }
 }

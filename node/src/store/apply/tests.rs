@@ -4,8 +4,8 @@ use serde_bytes::ByteBuf;
 
 use super::Tx;
 use crate::state::audit::AuditEvent;
-use crate::state::command::{Command, CommandResult, NewMessage, Refusal};
-use crate::state::policy::{ClusterRole, IdentityPolicy};
+use crate::state::command::{AccessChange, Command, CommandResult, NewMessage, Refusal, RoleGrant};
+use crate::state::policy::{ClusterRole, IdentityPolicy, TenantRole, ANY_TENANT};
 use crate::state::records::WrappedKey;
 use crate::store::{open_db, Db, MailReader};
 
@@ -241,6 +241,132 @@ fn access_commands_store_policies_and_revocations() {
     assert_eq!(reader.identity_policy("dave").unwrap(), None);
     assert!(reader.serial_revoked("0abc").unwrap());
     assert!(!reader.serial_revoked("0abd").unwrap());
+}
+
+fn change(c: AccessChange) -> Command {
+    Command::Access(c)
+}
+
+fn grant(identity: &str, role: RoleGrant) -> Command {
+    change(AccessChange::Grant {
+        identity: identity.into(),
+        role,
+    })
+}
+
+fn agent_on(tenant: &str) -> RoleGrant {
+    RoleGrant::Tenant {
+        tenant: tenant.into(),
+        role: TenantRole::Agent,
+    }
+}
+
+/// The policy after a change that was made.
+fn after(r: &CommandResult) -> &IdentityPolicy {
+    match r {
+        CommandResult::Policy { after, .. } => after,
+        other => panic!("not a policy change: {other:?}"),
+    }
+}
+
+#[test]
+fn concurrent_access_changes_compose_instead_of_overwriting() {
+    let (_d, db) = db();
+    apply(&db, vec![tenant()]);
+    // Two operators' changes to one identity, in one transaction and in two.
+    let r = apply(
+        &db,
+        vec![
+            grant("erin", agent_on(T)),
+            grant("erin", RoleGrant::Cluster(ClusterRole::Auditor)),
+        ],
+    );
+    let net: ipnet::IpNet = "10.0.0.0/8".parse().unwrap();
+    apply(
+        &db,
+        vec![change(AccessChange::SetAllowlist {
+            identity: "erin".into(),
+            networks: vec![net],
+            expected: Some(vec![]),
+        })],
+    );
+    let p = MailReader::new(db.clone())
+        .identity_policy("erin")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&p.tenant_roles[T], &[TenantRole::Agent].into());
+    assert!(p.cluster_roles.contains(&ClusterRole::Auditor));
+    assert_eq!(p.allow_from, vec![net]);
+    assert!(
+        after(&r[1]).tenant_roles.contains_key(T),
+        "the second grant saw the first"
+    );
+
+    // A change already in place is done and reported unchanged.
+    let again = apply(&db, vec![grant("erin", agent_on(T))]);
+    assert!(matches!(&again[0], CommandResult::Policy { before, after } if before == after));
+
+    // Ungrant removes only its role, and an empty tenant entry goes with it.
+    let r = apply(
+        &db,
+        vec![change(AccessChange::Ungrant {
+            identity: "erin".into(),
+            role: agent_on(T),
+        })],
+    );
+    assert!(after(&r[0]).tenant_roles.is_empty());
+    assert!(after(&r[0]).cluster_roles.contains(&ClusterRole::Auditor));
+}
+
+#[test]
+fn access_changes_are_refused_when_their_precondition_fails_and_change_nothing() {
+    let (_d, db) = db();
+    apply(&db, vec![tenant()]);
+    let reader = MailReader::new(db.clone());
+    // A tenant that does not exist (a typo) is refused; "*" is every tenant.
+    let r = apply(
+        &db,
+        vec![
+            grant("frank", agent_on("acne")),
+            grant("frank", agent_on(ANY_TENANT)),
+        ],
+    );
+    assert_eq!(r[0], CommandResult::Refused(Refusal::NoTenant));
+    assert!(after(&r[1]).tenant_roles.contains_key(ANY_TENANT));
+    // An allowlist that changed since it was read.
+    let r = apply(
+        &db,
+        vec![change(AccessChange::SetAllowlist {
+            identity: "frank".into(),
+            networks: vec!["10.0.0.0/8".parse().unwrap()],
+            expected: Some(vec!["192.168.0.0/16".parse().unwrap()]),
+        })],
+    );
+    assert_eq!(r[0], CommandResult::Refused(Refusal::AllowlistChanged));
+    assert!(reader
+        .identity_policy("frank")
+        .unwrap()
+        .unwrap()
+        .allow_from
+        .is_empty());
+    // No role for a revoked identity; revoking twice is done once.
+    let r = apply(
+        &db,
+        vec![
+            change(AccessChange::Revoke {
+                identity: "frank".into(),
+            }),
+            change(AccessChange::Revoke {
+                identity: "frank".into(),
+            }),
+            grant("frank", RoleGrant::Cluster(ClusterRole::Operator)),
+        ],
+    );
+    assert!(after(&r[0]).revoked);
+    assert!(matches!(&r[1], CommandResult::Policy { before, after } if before == after));
+    assert_eq!(r[2], CommandResult::Refused(Refusal::IdentityRevoked));
+    let p = reader.identity_policy("frank").unwrap().unwrap();
+    assert!(p.revoked && p.cluster_roles.is_empty());
 }
 
 #[test]

@@ -1,0 +1,166 @@
+//! Who may call what: one rule per method of every service on the client
+//! listener, looked up by the access layer before any handler runs. A method
+//! without a rule is refused; a test checks that every method of
+//! `mailvault.v1` has exactly one rule, so a new RPC cannot ship without one.
+//!
+//! Tenant-scoped calls (the mailbox service) are only admitted here: the
+//! handler checks the caller's tenant role once it has read the request.
+//! Later columns (whether a call needs a second person's approval) belong in
+//! [`Rule`] too.
+
+use mailvault_proto::v1::{access_server, audit_server, cluster_server, mailbox_server, tenants_server};
+
+use crate::state::policy::ClusterRole;
+
+/// Which callers a method admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Callers {
+    /// Any authenticated caller (health, reflection).
+    Anyone,
+    /// Any user; the handler checks the tenant role.
+    TenantUsers,
+    /// Users holding one of these cluster roles.
+    ClusterRoles(&'static [ClusterRole]),
+}
+
+/// The rule of one method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    /// Who may call it.
+    pub callers: Callers,
+    /// Whether a node certificate may call it directly (not on behalf of a
+    /// user): health, reflection, and the status calls nodes make of each other.
+    pub nodes: bool,
+}
+
+/// Every method of the service.
+const ANY_METHOD: &str = "*";
+
+const OPEN: Rule = Rule {
+    callers: Callers::Anyone,
+    nodes: true,
+};
+const TENANT: Rule = Rule {
+    callers: Callers::TenantUsers,
+    nodes: false,
+};
+const STATUS: Rule = Rule {
+    callers: Callers::ClusterRoles(&[ClusterRole::Operator, ClusterRole::Auditor]),
+    nodes: true,
+};
+const OPERATOR: Rule = Rule {
+    callers: Callers::ClusterRoles(&[ClusterRole::Operator]),
+    nodes: false,
+};
+const AUDITOR: Rule = Rule {
+    callers: Callers::ClusterRoles(&[ClusterRole::Auditor]),
+    nodes: false,
+};
+
+/// (service, method, rule); [`ANY_METHOD`] covers every method of a service.
+const RULES: &[(&str, &str, Rule)] = &[
+    ("grpc.health.v1.Health", ANY_METHOD, OPEN),
+    ("grpc.reflection.v1.ServerReflection", ANY_METHOD, OPEN),
+    (mailbox_server::SERVICE_NAME, ANY_METHOD, TENANT),
+    (cluster_server::SERVICE_NAME, "NodeStatus", STATUS),
+    (cluster_server::SERVICE_NAME, "StateDigest", STATUS),
+    (cluster_server::SERVICE_NAME, "TriggerSnapshot", OPERATOR),
+    (tenants_server::SERVICE_NAME, "CreateTenant", OPERATOR),
+    (access_server::SERVICE_NAME, "GetIdentity", OPERATOR),
+    (access_server::SERVICE_NAME, "Grant", OPERATOR),
+    (access_server::SERVICE_NAME, "Ungrant", OPERATOR),
+    (access_server::SERVICE_NAME, "SetAllowlist", OPERATOR),
+    (access_server::SERVICE_NAME, "RevokeIdentity", OPERATOR),
+    (access_server::SERVICE_NAME, "RevokeCertificate", OPERATOR),
+    (audit_server::SERVICE_NAME, "ListAudit", AUDITOR),
+    (audit_server::SERVICE_NAME, "VerifyAudit", AUDITOR),
+];
+
+/// The rule for a gRPC path (`/package.Service/Method`), if it has one.
+pub fn rule_for(path: &str) -> Option<Rule> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    RULES
+        .iter()
+        .find(|(s, m, _)| *s == service && (*m == method || *m == ANY_METHOD))
+        .map(|(_, _, rule)| *rule)
+}
+
+impl Rule {
+    /// Whether a user with `roles` (cluster roles) passes this rule.
+    pub fn admits(&self, has: impl Fn(ClusterRole) -> bool) -> bool {
+        match self.callers {
+            Callers::Anyone | Callers::TenantUsers => true,
+            Callers::ClusterRoles(roles) => roles.iter().any(|r| has(*r)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+    use prost_types::FileDescriptorSet;
+
+    use super::*;
+
+    /// Every method of the client API (`mailvault.v1`), as `/package.Service/Method`.
+    fn served_methods() -> Vec<String> {
+        let fds = FileDescriptorSet::decode(mailvault_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let mut out = Vec::new();
+        for file in fds.file.into_iter().filter(|f| f.package() == "mailvault.v1") {
+            let package = file.package().to_string();
+            for service in &file.service {
+                for method in &service.method {
+                    out.push(format!("/{package}.{}/{}", service.name(), method.name()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_served_method_has_exactly_one_rule_and_every_rule_a_method() {
+        let methods = served_methods();
+        assert!(methods.len() > 20, "{methods:?}");
+        for m in &methods {
+            let (service, method) = m[1..].split_once('/').unwrap();
+            let matching = RULES
+                .iter()
+                .filter(|(s, r, _)| *s == service && (*r == method || *r == ANY_METHOD))
+                .count();
+            assert_eq!(matching, 1, "{m} must have exactly one rule");
+        }
+        for (service, method, _) in RULES {
+            if service.starts_with("grpc.") {
+                continue;
+            }
+            let known = methods.iter().any(|m| {
+                m[1..]
+                    .split_once('/')
+                    .is_some_and(|(s, r)| s == *service && (*method == ANY_METHOD || r == *method))
+            });
+            assert!(known, "rule for {service}/{method} names no served method");
+        }
+    }
+
+    #[test]
+    fn roles_are_decided_per_method() {
+        let roles = |held: &'static [ClusterRole]| move |r| held.contains(&r);
+        let operator = roles(&[ClusterRole::Operator]);
+        let auditor = roles(&[ClusterRole::Auditor]);
+        let none = roles(&[]);
+        let rule = |p| rule_for(p).unwrap();
+        assert!(rule("/mailvault.v1.Cluster/NodeStatus").admits(auditor));
+        assert!(rule("/mailvault.v1.Cluster/NodeStatus").nodes);
+        assert!(!rule("/mailvault.v1.Cluster/TriggerSnapshot").admits(auditor));
+        assert!(rule("/mailvault.v1.Access/Grant").admits(operator));
+        assert!(!rule("/mailvault.v1.Access/Grant").nodes);
+        assert!(!rule("/mailvault.v1.Audit/ListAudit").admits(operator));
+        assert!(rule("/mailvault.v1.Mailbox/GetMessage").admits(none));
+        assert!(
+            rule_for("/mailvault.v1.Admin/NodeStatus").is_none(),
+            "the old service is gone"
+        );
+        assert!(rule_for("/mailvault.v1.Cluster/Nope").is_none());
+        assert!(rule_for("garbage").is_none());
+    }
+}

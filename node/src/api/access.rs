@@ -1,0 +1,225 @@
+//! `mailvault.v1.Access`: the replicated access policy. Each change is one
+//! `Command::Access` the state machine decides against the current policy
+//! (see `store/apply/access.rs`), never a read-modify-write of the whole
+//! policy by the client.
+
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use mailvault_proto::v1::access_client::AccessClient;
+use mailvault_proto::v1::access_server::Access;
+use mailvault_proto::v1::{role, IdentityPolicy as ProtoPolicy, *};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use super::operator::record;
+use crate::ctx::Ctx;
+use crate::error::{self, ApiError};
+use crate::forward::{principal_of, route_write};
+use crate::names;
+use crate::state::command::{AccessChange, Command, CommandResult, RoleGrant};
+use crate::state::policy::{ClusterRole, IdentityPolicy, TenantRole, ANY_TENANT};
+
+/// Longest identity name accepted.
+const IDENTITY_MAX_BYTES: usize = 256;
+
+/// The access service.
+#[derive(Clone)]
+pub struct AccessService {
+    ctx: Arc<Ctx>,
+}
+
+impl AccessService {
+    /// A service over the node context.
+    pub fn new(ctx: Arc<Ctx>) -> AccessService {
+        AccessService { ctx }
+    }
+
+    /// A client of this service on the leader, to forward a write over `ch`.
+    fn client(&self, ch: Channel) -> AccessClient<Channel> {
+        AccessClient::new(ch)
+    }
+
+    /// Proposes one access change and returns the policy before and after.
+    async fn change(&self, change: AccessChange) -> Result<Response<PolicyChange>, Status> {
+        let identity = change.identity().to_string();
+        match self
+            .ctx
+            .proposer
+            .propose(Command::Access(change))
+            .await
+            .map_err(error::propose)?
+        {
+            CommandResult::Policy { before, after } => Ok(Response::new(PolicyChange {
+                changed: before != after,
+                before: Some(policy_to_proto(&identity, &before)),
+                after: Some(policy_to_proto(&identity, &after)),
+            })),
+            CommandResult::Refused(r) => Err(error::refusal(r).into()),
+            _ => Err(error::unexpected("access change").into()),
+        }
+    }
+}
+
+fn identity(name: &str) -> Result<(), ApiError> {
+    names::check("identity", name, IDENTITY_MAX_BYTES).map_err(error::name)
+}
+
+fn policy_to_proto(identity: &str, p: &IdentityPolicy) -> ProtoPolicy {
+    ProtoPolicy {
+        identity: identity.to_string(),
+        tenant_roles: p
+            .tenant_roles
+            .iter()
+            .map(|(t, roles)| TenantRoles {
+                tenant: t.clone(),
+                roles: roles.iter().map(|r| r.as_str().to_string()).collect(),
+            })
+            .collect(),
+        cluster_roles: p.cluster_roles.iter().map(|r| r.as_str().to_string()).collect(),
+        allow_from: p.allow_from.iter().map(|n| n.to_string()).collect(),
+        revoked: p.revoked,
+    }
+}
+
+/// The role a grant or ungrant names.
+fn role_of(r: Option<Role>) -> Result<RoleGrant, ApiError> {
+    match r.and_then(|r| r.role) {
+        Some(role::Role::Tenant(t)) => {
+            if t.tenant != ANY_TENANT {
+                names::tenant(&t.tenant).map_err(error::name)?;
+            }
+            let role = TenantRole::parse(&t.role)
+                .ok_or_else(|| error::invalid(format!("unknown tenant role {:?}", t.role)))?;
+            Ok(RoleGrant::Tenant {
+                tenant: t.tenant,
+                role,
+            })
+        }
+        Some(role::Role::Cluster(c)) => ClusterRole::parse(&c)
+            .map(RoleGrant::Cluster)
+            .ok_or_else(|| error::invalid(format!("unknown cluster role {c:?}"))),
+        None => Err(error::invalid("a tenant role or a cluster role is required")),
+    }
+}
+
+fn networks(list: &[String]) -> Result<Vec<IpNet>, ApiError> {
+    list.iter()
+        .map(|n| {
+            n.parse()
+                .map_err(|_| error::invalid(format!("not a CIDR network: {n:?}")))
+        })
+        .collect()
+}
+
+fn allowlist_text(networks: &[IpNet]) -> String {
+    match networks {
+        [] => "anywhere".to_string(),
+        n => n.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "),
+    }
+}
+
+/// Normalises a certificate serial: lowercase hex without colons.
+pub fn normalize_serial(s: &str) -> Option<String> {
+    let hex: String = s.chars().filter(|c| *c != ':').collect::<String>().to_lowercase();
+    if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some(hex)
+}
+
+#[tonic::async_trait]
+impl Access for AccessService {
+    async fn get_identity(&self, req: Request<GetIdentityRequest>) -> Result<Response<ProtoPolicy>, Status> {
+        let p = principal_of(&req);
+        let id = req.into_inner().identity;
+        identity(&id)?;
+        record(&self.ctx, p.as_ref(), "GetIdentity", id.clone()).await?;
+        self.ctx.read_barrier().await?;
+        let policy = self
+            .ctx
+            .reader
+            .identity_policy(&id)
+            .map_err(error::read)?
+            .unwrap_or_default();
+        Ok(Response::new(policy_to_proto(&id, &policy)))
+    }
+
+    async fn grant(&self, req: Request<GrantRequest>) -> Result<Response<PolicyChange>, Status> {
+        route_write!(self, req, p, grant);
+        let r = req.into_inner();
+        identity(&r.identity)?;
+        let role = role_of(r.role)?;
+        record(&self.ctx, p.as_ref(), "Grant", format!("{}: +{role}", r.identity)).await?;
+        self.change(AccessChange::Grant {
+            identity: r.identity,
+            role,
+        })
+        .await
+    }
+
+    async fn ungrant(&self, req: Request<GrantRequest>) -> Result<Response<PolicyChange>, Status> {
+        route_write!(self, req, p, ungrant);
+        let r = req.into_inner();
+        identity(&r.identity)?;
+        let role = role_of(r.role)?;
+        record(
+            &self.ctx,
+            p.as_ref(),
+            "Ungrant",
+            format!("{}: -{role}", r.identity),
+        )
+        .await?;
+        self.change(AccessChange::Ungrant {
+            identity: r.identity,
+            role,
+        })
+        .await
+    }
+
+    async fn set_allowlist(
+        &self,
+        req: Request<SetAllowlistRequest>,
+    ) -> Result<Response<PolicyChange>, Status> {
+        route_write!(self, req, p, set_allowlist);
+        let r = req.into_inner();
+        identity(&r.identity)?;
+        let list = networks(&r.allow_from.map(|a| a.networks).unwrap_or_default())?;
+        let expected = r.expected.map(|e| networks(&e.networks)).transpose()?;
+        let target = format!("{}: allow from {}", r.identity, allowlist_text(&list));
+        record(&self.ctx, p.as_ref(), "SetAllowlist", target).await?;
+        self.change(AccessChange::SetAllowlist {
+            identity: r.identity,
+            networks: list,
+            expected,
+        })
+        .await
+    }
+
+    async fn revoke_identity(
+        &self,
+        req: Request<RevokeIdentityRequest>,
+    ) -> Result<Response<PolicyChange>, Status> {
+        route_write!(self, req, p, revoke_identity);
+        let id = req.into_inner().identity;
+        identity(&id)?;
+        record(&self.ctx, p.as_ref(), "RevokeIdentity", id.clone()).await?;
+        self.change(AccessChange::Revoke { identity: id }).await
+    }
+
+    async fn revoke_certificate(
+        &self,
+        req: Request<RevokeCertificateRequest>,
+    ) -> Result<Response<RevokeCertificateResponse>, Status> {
+        route_write!(self, req, p, revoke_certificate);
+        let serial =
+            normalize_serial(&req.into_inner().serial).ok_or_else(|| error::invalid("serial must be hex"))?;
+        record(&self.ctx, p.as_ref(), "RevokeCertificate", serial.clone()).await?;
+        self.ctx
+            .proposer
+            .propose(Command::RevokeSerial { serial })
+            .await
+            .map_err(error::propose)?;
+        Ok(Response::new(RevokeCertificateResponse {}))
+    }
+}

@@ -1,0 +1,141 @@
+//! `mailvault.v1.Cluster`: this node's status, its state digest, snapshots.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailvault_proto::v1::cluster_server::Cluster;
+use mailvault_proto::v1::*;
+use openraft::ServerState;
+use tonic::{Request, Response, Status};
+
+use super::operator::{hex, record};
+use crate::ctx::Ctx;
+use crate::error::{self, ApiError, Reason};
+use crate::forward::principal_of;
+
+/// The cluster service.
+#[derive(Clone)]
+pub struct ClusterService {
+    ctx: Arc<Ctx>,
+}
+
+impl ClusterService {
+    /// A service over the node context.
+    pub fn new(ctx: Arc<Ctx>) -> ClusterService {
+        ClusterService { ctx }
+    }
+}
+
+fn state_name(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+fn raft_stopped() -> ApiError {
+    ApiError::new(Reason::ShuttingDown, "raft stopped")
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn node_status(
+        &self,
+        _req: Request<NodeStatusRequest>,
+    ) -> Result<Response<NodeStatusResponse>, Status> {
+        let m = self.ctx.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, n)| Member {
+                id: *id,
+                role: n.role.as_str().to_string(),
+                client_addr: n.client_addr.clone(),
+                raft_addr: n.raft_addr.clone(),
+                ops_addr: n.ops_addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect();
+        Ok(Response::new(NodeStatusResponse {
+            id: self.ctx.id,
+            role: self.ctx.config.me().role.as_str().to_string(),
+            state: state_name(m.state).to_string(),
+            term: m.current_term,
+            leader_id: m.current_leader.unwrap_or(0),
+            has_leader: m.current_leader.is_some(),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+            members,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+
+    async fn state_digest(
+        &self,
+        _req: Request<StateDigestRequest>,
+    ) -> Result<Response<StateDigestResponse>, Status> {
+        let reader = self.ctx.reader.clone();
+        let (applied, hash, records) = tokio::task::spawn_blocking(move || reader.state_digest())
+            .await
+            .map_err(|_| ApiError::new(Reason::InternalError, "digest task failed"))?
+            .map_err(error::read)?;
+        Ok(Response::new(StateDigestResponse {
+            applied_index: applied,
+            sha256: hex(&hash),
+            records,
+        }))
+    }
+
+    async fn trigger_snapshot(
+        &self,
+        req: Request<TriggerSnapshotRequest>,
+    ) -> Result<Response<TriggerSnapshotResponse>, Status> {
+        let p = principal_of(&req);
+        let purge = req.into_inner().purge_log;
+        record(
+            &self.ctx,
+            p.as_ref(),
+            "TriggerSnapshot",
+            format!("purge_log={purge}"),
+        )
+        .await?;
+        let raft = &self.ctx.raft;
+        let applied = raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
+        raft.trigger().snapshot().await.map_err(|_| raft_stopped())?;
+        let wait = raft.wait(Some(Duration::from_secs(30)));
+        let m = wait
+            .metrics(
+                |m| m.snapshot.map(|l| l.index).unwrap_or(0) >= applied,
+                "snapshot built",
+            )
+            .await
+            .map_err(|e| ApiError::new(Reason::TimedOut, format!("snapshot not built in time: {e}")))?;
+        let snapshot_index = m.snapshot.map(|l| l.index).unwrap_or(0);
+        let mut purged_index = m.purged.map(|l| l.index).unwrap_or(0);
+        if purge && snapshot_index > 0 {
+            raft.trigger()
+                .purge_log(snapshot_index)
+                .await
+                .map_err(|_| raft_stopped())?;
+            let m = raft
+                .wait(Some(Duration::from_secs(30)))
+                .metrics(
+                    |m| m.purged.map(|l| l.index).unwrap_or(0) >= snapshot_index,
+                    "log purged",
+                )
+                .await
+                .map_err(|e| ApiError::new(Reason::TimedOut, format!("log not purged in time: {e}")))?;
+            purged_index = m.purged.map(|l| l.index).unwrap_or(0);
+        }
+        Ok(Response::new(TriggerSnapshotResponse {
+            snapshot_index,
+            purged_index,
+        }))
+    }
+}
