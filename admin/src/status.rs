@@ -1,10 +1,10 @@
 //! `mailvault-admin status`.
 
-use mailvault_proto::v1::{NodeStatusRequest, NodeStatusResponse};
+use mailvault_proto::v1::{NodeStatusRequest, NodeStatusResponse, Worker};
 use serde_json::json;
 
 use crate::client::{cluster, status_err};
-use crate::output::{table, Output};
+use crate::output::{rfc3339, table, Output};
 
 /// What one member answered, or why it did not.
 struct Probe {
@@ -59,6 +59,14 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
                     v["last_log_index"] = json!(s.last_log_index);
                     v["applied_index"] = json!(s.applied_index);
                     v["snapshot_index"] = json!(s.snapshot_index);
+                    v["workers"] = s
+                        .workers
+                        .iter()
+                        .map(|w| {
+                            json!({"name": w.name, "state": w.state, "detail": w.detail,
+                                        "since": rfc3339(w.since_ms)})
+                        })
+                        .collect();
                 }
                 Err(e) => {
                     v["healthy"] = json!(false);
@@ -85,17 +93,19 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
             "last log",
             "applied",
             "health",
+            "workers",
             "client addr",
         ];
         let rows = probes.iter().map(|p| {
             let m = &p.member;
-            let (state, term, last, applied, health) = match &p.status {
+            let (state, term, last, applied, health, workers) = match &p.status {
                 Ok(s) => (
                     s.state.clone(),
                     s.term.to_string(),
                     s.last_log_index.to_string(),
                     s.applied_index.to_string(),
                     "ok".to_string(),
+                    workers_text(&s.workers),
                 ),
                 Err(e) => (
                     "-".into(),
@@ -103,6 +113,7 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
                     "-".into(),
                     "-".into(),
                     format!("DOWN ({e})"),
+                    "-".into(),
                 ),
             };
             [
@@ -114,6 +125,7 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
                 last,
                 applied,
                 health,
+                workers,
                 m.client_addr.clone(),
             ]
         });
@@ -128,4 +140,20 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
         format!("{}\n{summary}", table(header, rows))
     });
     Ok(())
+}
+
+/// `12 running`, or the workers that are not running and why.
+fn workers_text(workers: &[Worker]) -> String {
+    let down: Vec<String> = workers
+        .iter()
+        .filter(|w| w.state != "running")
+        .map(|w| match w.detail.as_str() {
+            "" => format!("{} {}", w.name, w.state),
+            why => format!("{} {} ({why})", w.name, w.state),
+        })
+        .collect();
+    match down.is_empty() {
+        true => format!("{} running", workers.len()),
+        false => down.join("; "),
+    }
 }

@@ -422,3 +422,54 @@ async fn admin_bench_stores_what_it_reports_and_says_why_fsyncs_are_missing() {
     fsyncs(&r);
     assert_eq!(inbox().await, 200);
 }
+
+/// Every node names its background workers and their state, in the cluster
+/// status (for `mailvault-admin status`) and in `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_reports_its_workers_in_status_and_metrics() {
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let expected = [
+        "wal-sync",
+        "held-back-commits",
+        "snapshot-schedule",
+        "proposer",
+        "audit-recorder",
+        "raft-listener",
+        "raft-watch",
+        "leadership-placement",
+        "audit-follower",
+        "client-listener",
+        "ops-listener",
+    ];
+    for i in 0..cluster.len() {
+        let s = cluster
+            .admin(i)
+            .await
+            .cluster
+            .node_status(NodeStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let names: Vec<_> = s.workers.iter().map(|w| w.name.as_str()).collect();
+        for name in expected {
+            assert!(names.contains(&name), "node {i} lacks worker {name}: {names:?}");
+        }
+        for w in &s.workers {
+            assert_eq!((w.state.as_str(), w.detail.as_str()), ("running", ""), "{w:?}");
+            assert!(w.since_ms > 0);
+        }
+        let page = scrape_metrics(&cluster.ops_addr(i)).await.unwrap();
+        for name in expected {
+            let line = format!("mailvault_worker_up{{worker=\"{name}\"}} 1");
+            assert!(page.contains(&line), "node {i}: no {line:?} in /metrics");
+        }
+    }
+    let out = cluster
+        .admin_command(&cluster.client_addr(0), ADMIN)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&format!("{} running", expected.len())), "{text}");
+}

@@ -21,3 +21,4 @@ pub mod state;
 pub mod store;
 pub mod test_modes;
 pub mod tls;
+pub mod workers;

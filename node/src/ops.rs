@@ -50,5 +50,6 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
 }
 
 async fn metrics(State(s): State<OpsState>) -> String {
+    s.ctx.workers.publish_metrics();
     s.prometheus.render()
 }

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::state::command::{Command, CommandResult};
 use crate::state::types::{Batch, NodeId, Raft};
+use crate::workers::{Kind, Supervisor};
 
 /// Why a proposal did not produce a result.
 #[derive(Debug, thiserror::Error, Clone)]
@@ -49,10 +50,19 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    /// Starts the group-commit task.
-    pub fn start(raft: Raft, max_batch_bytes: usize, in_flight: usize, timeout: Duration) -> Proposer {
+    /// Starts the group-commit task, as the essential worker `proposer`.
+    pub fn start(
+        raft: Raft,
+        max_batch_bytes: usize,
+        in_flight: usize,
+        timeout: Duration,
+        workers: &Supervisor,
+    ) -> Proposer {
         let (tx, rx) = mpsc::channel(16 * 1024);
-        tokio::spawn(run(raft, rx, max_batch_bytes, in_flight));
+        workers.spawn("proposer", Kind::Essential, async move {
+            run(raft, rx, max_batch_bytes, in_flight).await;
+            Ok(())
+        });
         Proposer { tx, timeout }
     }
 

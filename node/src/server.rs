@@ -13,7 +13,6 @@ use mailvault_proto::v1::mailbox_server::MailboxServer;
 use mailvault_proto::v1::tenants_server::TenantsServer;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::access::{follow_audit_log, AccessLayer, Denials, Gate, Lockout, REFUSED, REFUSED_LOCKED};
 use crate::api::{AccessService, AuditService, ClusterService, MailboxService, TenantsService};
@@ -31,6 +30,10 @@ use crate::state::types::Raft;
 use crate::store::{open_db, LogStore, MailReader, StateMachine};
 use crate::test_modes::TestModes;
 use crate::tls::{accept_loop, client_tls, server_config, CertIdentity, HandshakeFailure, Peer};
+use crate::workers::{Kind, Supervisor};
+
+/// How long the workers get to stop by themselves at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs a node until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
@@ -65,7 +68,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         data_version = crate::state::version::DATA_VERSION,
         "data version checked"
     );
-    let mut log_store = LogStore::new(db.clone(), config.raft.log_cache_mib << 20)?;
+    let workers = Supervisor::new();
+    let mut log_store = LogStore::supervised(db.clone(), config.raft.log_cache_mib << 20, &workers)?;
     #[cfg(feature = "test-modes")]
     if test_modes.ack_before_fsync {
         log_store = log_store.without_append_sync();
@@ -106,12 +110,16 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         state_machine.clone(),
     )
     .await?;
-    tokio::spawn(resend_held_back_commits(raft.clone(), durability));
-    tokio::spawn(schedule_snapshots(
-        raft.clone(),
-        state_machine,
-        snapshot_schedule(&config),
-    ));
+    let r = raft.clone();
+    workers.spawn("held-back-commits", Kind::Background, async move {
+        resend_held_back_commits(r, durability).await;
+        Ok(())
+    });
+    let (r, schedule) = (raft.clone(), snapshot_schedule(&config));
+    workers.spawn("snapshot-schedule", Kind::Background, async move {
+        schedule_snapshots(r, state_machine, schedule).await;
+        Ok(())
+    });
     // Listen for peers before bootstrapping, so the first election can reach us.
     let raft_listener = bind(config.raft_listen, "raft").await?;
     let client_listener = bind(config.client_listen, "client").await?;
@@ -122,6 +130,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         config.raft.max_batch_bytes,
         config.raft.max_batches_in_flight,
         Duration::from_millis(config.limits.write_timeout_ms),
+        &workers,
     );
     let audit = AuditRecorder::start(
         id,
@@ -129,6 +138,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         proposer.clone(),
         peers.clone(),
         config.audit.fail_closed,
+        &workers,
     );
     let lockout = Lockout::new(
         id,
@@ -138,8 +148,6 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let denials = Denials::new(lockout.clone(), audit.clone());
     let reader = MailReader::new(db.clone());
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
     let fence = ReadFence::new(raft.clone());
     let peer_svc = RaftPeerServer::new(PeerService::new(raft.clone(), proposer.clone(), fence.clone()))
         .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
@@ -161,8 +169,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             move |f| record_refused(&denials, "raft-peer-connect", false, f),
         )
     };
-    let mut stop = stop_rx.clone();
-    tasks.spawn(async move {
+    let stop = workers.stopping();
+    workers.spawn_graceful("raft-listener", Kind::Essential, async move {
         tonic::transport::Server::builder()
             // openraft gives an AppendEntries call one heartbeat interval and
             // then drops it, which resets its HTTP/2 stream. Past h2's default
@@ -171,9 +179,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             // lose its connection again and again.
             .http2_max_pending_accept_reset_streams(Some(10_000))
             .add_service(peer_svc)
-            .serve_with_incoming_shutdown(peer_incoming, async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
+            .serve_with_incoming_shutdown(peer_incoming, stop)
             .await
             .context("raft listener failed")
     });
@@ -208,28 +214,27 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             operators: config.access.operators.clone().into(),
             unaudited_reads: test_modes.unaudited_reads,
         },
+        workers: workers.clone(),
         test_modes,
     });
-    tasks.spawn(watch_leader(raft.clone()));
+    workers.spawn("raft-watch", Kind::Essential, watch_leader(raft.clone()));
     // Leadership returns to the active node; a backup campaigns only as a last resort.
-    tokio::spawn(place_leadership(
-        id,
-        config.me().role,
-        raft.clone(),
-        peers,
-        Duration::from_millis(config.raft.election_timeout_max_ms),
-    ));
+    let (role, r) = (config.me().role, raft.clone());
+    let election_timeout = Duration::from_millis(config.raft.election_timeout_max_ms);
+    workers.spawn("leadership-placement", Kind::Background, async move {
+        place_leadership(id, role, r, peers, election_timeout).await;
+        Ok(())
+    });
     // Lockouts and failures recorded by other nodes reach this one through
     // the audit log; those of the last period are replayed before serving.
     let follow_from = lockout
         .replay(&ctx.reader)
         .context("cannot replay recent lockouts from the audit log")?;
-    tokio::spawn(follow_audit_log(
-        lockout.clone(),
-        ctx.reader.clone(),
-        audit_changes,
-        follow_from,
-    ));
+    let (l, r) = (lockout.clone(), ctx.reader.clone());
+    workers.spawn("audit-follower", Kind::Background, async move {
+        follow_audit_log(l, r, audit_changes, follow_from).await;
+        Ok(())
+    });
 
     let (health_reporter, health_svc) = tonic_health::server::health_reporter();
     health_reporter
@@ -262,8 +267,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         )
     };
     let access = AccessLayer::new(ctx.gate.clone());
-    let mut stop = stop_rx.clone();
-    tasks.spawn(async move {
+    let stop = workers.stopping();
+    workers.spawn_graceful("client-listener", Kind::Essential, async move {
         tonic::transport::Server::builder()
             .layer(access)
             .add_service(health_svc)
@@ -273,20 +278,16 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             .add_service(tenants)
             .add_service(access_api)
             .add_service(audit_api)
-            .serve_with_incoming_shutdown(client_incoming, async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
+            .serve_with_incoming_shutdown(client_incoming, stop)
             .await
             .context("client listener failed")
     });
 
     let ops = crate::ops::router(ctx.clone(), prometheus);
-    let mut stop = stop_rx.clone();
-    tasks.spawn(async move {
+    let stop = workers.stopping();
+    workers.spawn_graceful("ops-listener", Kind::Essential, async move {
         axum::serve(ops_listener, ops)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
+            .with_graceful_shutdown(stop)
             .await
             .context("ops listener failed")
     });
@@ -302,18 +303,16 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             tracing::info!("shutdown requested");
             Ok(())
         }
-        Some(res) = tasks.join_next() => {
-            let res = res.context("a task panicked").and_then(|r| r);
-            match &res {
-                Err(e) => tracing::error!(error = %format!("{e:#}"), "stopping: a task failed"),
-                Ok(()) => tracing::error!("stopping: a task ended early"),
-            }
-            res.and_then(|()| Err(anyhow::anyhow!("a listener ended early")))
+        why = workers.essential_ended() => {
+            tracing::error!(why = %why, "stopping: an essential worker ended");
+            Err(anyhow::anyhow!("stopping: {why}"))
         }
     };
-    let _ = stop_tx.send(true);
-    raft.shutdown().await.ok();
-    tasks.abort_all();
+    workers
+        .shutdown(SHUTDOWN_GRACE, async {
+            raft.shutdown().await.ok();
+        })
+        .await;
     // Nothing applies any more. State-machine writes bypass the WAL, and
     // RocksDB flushes them on close only if the database is dropped before
     // the process exits, which the log syncer thread can outlive: flush here,

@@ -73,6 +73,21 @@ impl Cluster for ClusterService {
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             members,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            workers: self
+                .ctx
+                .workers
+                .statuses()
+                .into_iter()
+                .map(|w| Worker {
+                    name: w.name.to_string(),
+                    state: w.state.as_str().to_string(),
+                    detail: match w.state {
+                        crate::workers::State::Failed(why) => why,
+                        _ => String::new(),
+                    },
+                    since_ms: w.since_ms,
+                })
+                .collect(),
         }))
     }
 

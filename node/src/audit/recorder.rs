@@ -17,6 +17,7 @@ use crate::state::audit::AuditEvent;
 use crate::state::codec::encode;
 use crate::state::command::Command;
 use crate::state::types::Raft;
+use crate::workers::{Kind, Supervisor};
 
 const BATCH: usize = 512;
 const LINGER: Duration = Duration::from_millis(20);
@@ -36,16 +37,20 @@ pub struct AuditRecorder {
 }
 
 impl AuditRecorder {
-    /// Starts the batching task.
+    /// Starts the batching task, as the essential worker `audit-recorder`.
     pub fn start(
         node: u64,
         raft: Raft,
         proposer: Proposer,
         peers: PeerClients,
         fail_closed: bool,
+        workers: &Supervisor,
     ) -> AuditRecorder {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(rx, raft, proposer, peers));
+        workers.spawn("audit-recorder", Kind::Essential, async move {
+            run(rx, raft, proposer, peers).await;
+            Ok(())
+        });
         AuditRecorder {
             tx,
             fail_closed,

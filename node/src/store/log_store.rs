@@ -29,6 +29,7 @@ use super::io_err;
 use super::log_cache::LogCache;
 use crate::state::codec::{decode, encode};
 use crate::state::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
+use crate::workers::{Kind, Supervisor};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
@@ -128,12 +129,22 @@ impl LogStore {
     /// the newest entries in memory as well.
     pub fn new(db: Db, cache_bytes: usize) -> Result<LogStore, StorageError> {
         let (store, rx) = LogStore::without_syncer(db, cache_bytes)?;
-        let sync_db = Arc::downgrade(&store.db);
-        let durability = store.durability.clone();
+        let (sync_db, durability) = (Arc::downgrade(&store.db), store.durability.clone());
         std::thread::Builder::new()
             .name("wal-sync".into())
             .spawn(move || run_syncer(sync_db, rx, durability))
             .expect("spawn the WAL sync thread");
+        Ok(store)
+    }
+
+    /// [`Self::new`], its WAL syncer thread the essential worker `wal-sync`
+    /// of `workers`.
+    pub fn supervised(db: Db, cache_bytes: usize, workers: &Supervisor) -> Result<LogStore, StorageError> {
+        let (store, rx) = LogStore::without_syncer(db, cache_bytes)?;
+        let (sync_db, durability) = (Arc::downgrade(&store.db), store.durability.clone());
+        workers.thread("wal-sync", Kind::Essential, move || {
+            run_syncer(sync_db, rx, durability)
+        });
         Ok(store)
     }
 
