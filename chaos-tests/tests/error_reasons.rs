@@ -177,7 +177,13 @@ async fn a_front_end_reads_a_stable_reason_for_every_kind_of_failure() {
     })
     .await
     .unwrap();
-    let listed = list_all(&mut c, T, M).await.unwrap();
+    // Leadership may still be settling after the pause: the listing is retried.
+    let listed = retry(Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { list_all(&mut c, T, M).await }
+    })
+    .await
+    .unwrap();
     assert_eq!(listed.iter().filter(|m| m.uid == again.uid).count(), 1);
     assert_eq!(
         listed.len(),

@@ -248,8 +248,15 @@ mod tests {
         s.statuses().into_iter().find(|w| w.name == name).unwrap().state
     }
 
-    async fn settle() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    /// Waits (at most 10 s) until `name` has left the running state.
+    async fn ended(s: &Supervisor, name: &str) -> State {
+        for _ in 0..1000 {
+            match state(s, name) {
+                State::Running => tokio::time::sleep(Duration::from_millis(10)).await,
+                other => return other,
+            }
+        }
+        panic!("{name} still running");
     }
 
     #[tokio::test]
@@ -264,12 +271,11 @@ mod tests {
         s.spawn("panics", Kind::Background, async { panic!("bug") });
         s.spawn("returns", Kind::Background, async { Ok(()) });
         s.thread("thread-panics", Kind::Background, || panic!("bug"));
-        settle().await;
+        assert_eq!(ended(&s, "fails").await, State::Failed("disk gone".into()));
+        assert_eq!(ended(&s, "panics").await, State::Failed("panicked".into()));
+        assert_eq!(ended(&s, "returns").await, State::Failed("ended early".into()));
+        assert_eq!(ended(&s, "thread-panics").await, State::Failed("panicked".into()));
         assert_eq!(state(&s, "waits"), State::Running);
-        assert_eq!(state(&s, "fails"), State::Failed("disk gone".into()));
-        assert_eq!(state(&s, "panics"), State::Failed("panicked".into()));
-        assert_eq!(state(&s, "returns"), State::Failed("ended early".into()));
-        assert_eq!(state(&s, "thread-panics"), State::Failed("panicked".into()));
         s.shutdown(Duration::from_secs(1), async {}).await;
         assert_eq!(state(&s, "waits"), State::Stopped);
         assert_eq!(state(&s, "fails").as_str(), "failed", "a failure stays reported");
