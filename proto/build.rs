@@ -17,9 +17,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    // What the client port serves, for reflection: everything but the peer
+    // protocol, which only the Raft port serves.
+    let mut client_api = fds.clone();
+    client_api.file.retain(|f| f.package() != "mailvault.raft.v1");
     std::fs::write(
-        out.join("mailvault_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
+        out.join("mailvault_client_api.bin"),
+        prost::Message::encode_to_vec(&client_api),
+    )?;
+    let services: Vec<String> = client_api
+        .file
+        .iter()
+        .flat_map(|f| {
+            f.service
+                .iter()
+                .map(move |s| format!("{:?}", format!("{}.{}", f.package(), s.name())))
+        })
+        .collect();
+    std::fs::write(
+        out.join("mailvault_client_services.rs"),
+        format!("&[{}]", services.join(", ")),
     )?;
     tonic_prost_build::configure().compile_fds(fds)?;
     // etcd's API (the calls the benchmark makes), client only, kept out of

@@ -132,3 +132,161 @@ async fn futures_clients(
     }
     v
 }
+
+/// What a writer saw fail: the round, the code and the `ErrorInfo` reason.
+type Failure = (usize, tonic::Code, Option<String>);
+
+/// Appends through followers only (so every append is forwarded to the
+/// leader, and a large one streamed through), killing the leader with SIGKILL
+/// twenty times: no caller ever sees `UNKNOWN`; every failure is `UNAVAILABLE`
+/// with a mailvault reason, and retrying with the same idempotency key lands
+/// each message exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_leader_kills_under_forwarded_appends_never_answer_unknown() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    use tonic_types::StatusExt;
+
+    const KILLS: usize = 20;
+    const FORWARDERS: usize = 4;
+    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+    create_tenant_and_mailbox(&cluster, 0, T, M).await;
+    let clients = futures_clients(&cluster).await;
+    let targets: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let round = Arc::new(AtomicUsize::new(0));
+    let seen_round: Arc<Vec<AtomicUsize>> = Arc::new((0..FORWARDERS).map(|_| AtomicUsize::new(0)).collect());
+    let acked: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let failures: Arc<Mutex<Vec<Failure>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let leader = cluster.wait_for_leader(Duration::from_secs(20)).await;
+    *targets.lock().unwrap() = (0..cluster.len()).filter(|&i| i != leader).collect();
+
+    let mut tasks = Vec::new();
+    for w in 0..FORWARDERS {
+        let (clients, targets, round, seen_round) = (
+            clients.clone(),
+            targets.clone(),
+            round.clone(),
+            seen_round.clone(),
+        );
+        let (acked, failures, stop) = (acked.clone(), failures.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(SeqCst) {
+                let key = format!("f{w}-m{n}");
+                // Every eighth message is larger than a chunk: staged through the forward.
+                let size = if n % 8 == 7 { 2_300_000 } else { 2_000 };
+                let body = test_message(&key, "buyer@customer.example", &format!("BODY {key}"), size);
+                let mut attempt = w;
+                loop {
+                    assert!(Instant::now() < deadline, "append {key} never acknowledged");
+                    let r = round.load(SeqCst);
+                    let target = {
+                        let t = targets.lock().unwrap();
+                        t[attempt % t.len()]
+                    };
+                    let mut c = clients[target].clone();
+                    let outcome = append(&mut c, T, M, &key, &body).await;
+                    seen_round[w].store(r, SeqCst);
+                    match outcome {
+                        Ok(resp) => {
+                            acked.lock().unwrap().insert(key.clone(), resp.uid);
+                            break;
+                        }
+                        Err(s) => {
+                            let reason = s
+                                .get_details_error_info()
+                                .filter(|i| i.domain == "mailvault")
+                                .map(|i| i.reason);
+                            failures.lock().unwrap().push((r, s.code(), reason));
+                            attempt += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                n += 1;
+            }
+        }));
+    }
+    let acked_now = |acked: &Arc<Mutex<HashMap<String, u32>>>| acked.lock().unwrap().len();
+    let wait_acked = |more: usize, what: String| {
+        let acked = acked.clone();
+        async move {
+            let want = acked.lock().unwrap().len() + more;
+            while acked.lock().unwrap().len() < want {
+                assert!(Instant::now() < deadline, "appends stopped: {what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    for kill in 1..=KILLS {
+        let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+        *targets.lock().unwrap() = (0..cluster.len()).filter(|&i| i != leader).collect();
+        round.store(kill, SeqCst);
+        // Every writer has finished a call begun after the switch, so nothing
+        // still in flight goes to the node about to be killed directly.
+        while seen_round.iter().any(|s| s.load(SeqCst) < kill) {
+            assert!(Instant::now() < deadline, "a writer is stuck before kill {kill}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        wait_acked(2 * FORWARDERS, format!("before kill {kill}")).await;
+        cluster.kill(leader);
+        wait_acked(FORWARDERS, format!("after kill {kill}")).await;
+        cluster.start_node(leader);
+    }
+    stop.store(true, SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    let mut tally: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, code, reason) in &failures {
+        *tally.entry(format!("{code:?} {reason:?}")).or_default() += 1;
+    }
+    eprintln!(
+        "{KILLS} leader kills, {} appends acknowledged, failed attempts: {tally:?}",
+        acked_now(&acked)
+    );
+    for (r, code, reason) in &failures {
+        assert_ne!(*code, tonic::Code::Unknown, "UNKNOWN in round {r}: {tally:?}");
+        assert_eq!(*code, tonic::Code::Unavailable, "round {r}: {code:?} {reason:?}");
+        assert!(
+            reason.is_some(),
+            "round {r}: UNAVAILABLE without a reason: {tally:?}"
+        );
+    }
+    assert!(
+        !failures.is_empty(),
+        "the kills made no append fail: the test tests nothing"
+    );
+
+    // Each acknowledged message exactly once, retried ones included.
+    let acked = acked.lock().unwrap().clone();
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let c = cluster.mailbox(0).await;
+    let listed = retry(Duration::from_secs(60), || {
+        let mut c = c.clone();
+        let want = acked.len();
+        async move {
+            let l = list_all(&mut c, T, M).await?;
+            if l.len() < want {
+                return Err(tonic::Status::unavailable("catching up"));
+            }
+            Ok(l)
+        }
+    })
+    .await
+    .unwrap();
+    let mut by_subject: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+    for m in &listed {
+        by_subject.entry(m.subject.as_str()).or_default().push(m.uid);
+    }
+    for (key, uid) in &acked {
+        assert_eq!(
+            by_subject.get(key.as_str()),
+            Some(&vec![*uid]),
+            "{key} not present exactly once"
+        );
+    }
+    assert_eq!(listed.len(), acked.len(), "unacknowledged extras");
+}

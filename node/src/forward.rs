@@ -5,10 +5,11 @@
 
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::Channel;
-use tonic::Status;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
 
 use crate::access::{Principal, ON_BEHALF_OF, ON_BEHALF_SERIAL, ON_BEHALF_SOURCE};
-use crate::error::{ApiError, Reason};
+use crate::error::{ApiError, Reason, DOMAIN};
 use crate::raft::PeerClients;
 use crate::state::types::{Member, NodeId, Raft};
 
@@ -95,6 +96,34 @@ pub fn forwarded<T>(inner: T, principal: Option<&Principal>) -> tonic::Request<T
     r
 }
 
+/// The answer to a forwarded write as the caller gets it. A status the leader
+/// sent carries mailvault's `ErrorInfo` and passes unchanged, as do statuses
+/// that say the leader refused the call itself (unimplemented, too large).
+/// One the transport made up — the connection to the leader failed or broke,
+/// so the leader may or may not have committed the write — becomes
+/// `WRITE_OUTCOME_UNKNOWN` (`UNAVAILABLE`): retry with the same idempotency
+/// key. Never `UNKNOWN: transport error`.
+pub fn leader_answer<T>(answer: Result<T, Status>) -> Result<T, Status> {
+    answer.map_err(|s| {
+        let from_leader = s.get_details_error_info().is_some_and(|i| i.domain == DOMAIN);
+        let transport = matches!(
+            s.code(),
+            Code::Unknown | Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Internal
+        );
+        if from_leader || !transport {
+            return s;
+        }
+        tracing::info!(code = ?s.code(), "a forwarded write got no answer from the leader");
+        metrics::counter!("mailvault_forward_outcome_unknown_total").increment(1);
+        ApiError::new(
+            Reason::WriteOutcomeUnknown,
+            "the leader did not answer a forwarded write, which may have been committed; \
+             retry with the same idempotency key",
+        )
+        .into()
+    })
+}
+
 /// The principal the access layer attached to a request.
 pub fn principal_of<T>(req: &tonic::Request<T>) -> Option<Principal> {
     req.extensions().get::<Principal>().cloned()
@@ -108,11 +137,43 @@ macro_rules! route_write {
     ($self:ident, $req:ident, $p:ident, $method:ident) => {
         let $p = $crate::forward::principal_of(&$req);
         if let $crate::forward::Route::Forward(ch) = $self.ctx.router.route($req.metadata())? {
-            return $self
-                .client(ch)
-                .$method($crate::forward::forwarded($req.into_inner(), $p.as_ref()))
-                .await;
+            return $crate::forward::leader_answer(
+                $self
+                    .client(ch)
+                    .$method($crate::forward::forwarded($req.into_inner(), $p.as_ref()))
+                    .await,
+            );
         }
     };
 }
 pub(crate) use route_write;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(s: &Status) -> Option<String> {
+        s.get_details_error_info().map(|i| i.reason)
+    }
+
+    #[test]
+    fn a_transport_failure_of_a_forwarded_write_is_an_unknown_outcome() {
+        for made_up in [
+            Status::unknown("transport error"),
+            Status::unavailable("connection reset"),
+            Status::cancelled("h2 stream reset"),
+            Status::internal("h2 protocol error"),
+        ] {
+            let s = leader_answer::<()>(Err(made_up)).unwrap_err();
+            assert_eq!(s.code(), Code::Unavailable);
+            assert_eq!(reason(&s).as_deref(), Some("WRITE_OUTCOME_UNKNOWN"));
+        }
+        // The leader's own answers pass unchanged, whatever their code.
+        let leader: Status = ApiError::new(Reason::NoLeader, "no leader").into();
+        let s = leader_answer::<()>(Err(leader)).unwrap_err();
+        assert_eq!(reason(&s).as_deref(), Some("NO_LEADER"));
+        let s = leader_answer::<()>(Err(Status::unimplemented("no such method"))).unwrap_err();
+        assert_eq!(s.code(), Code::Unimplemented);
+        assert_eq!(leader_answer(Ok::<u8, Status>(7)).unwrap(), 7);
+    }
+}

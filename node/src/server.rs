@@ -13,7 +13,9 @@ use mailvault_proto::v1::mailbox_server::MailboxServer;
 use mailvault_proto::v1::tenants_server::TenantsServer;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::net::TcpListener;
+use tonic_reflection::server::v1::ServerReflectionServer;
 
+use crate::access::rules::{HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA};
 use crate::access::{follow_audit_log, AccessLayer, Denials, Gate, Lockout, REFUSED, REFUSED_LOCKED};
 use crate::api::{AccessService, AuditService, ClusterService, MailboxService, TenantsService};
 use crate::audit::AuditRecorder;
@@ -240,9 +242,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     health_reporter
         .set_serving::<MailboxServer<MailboxService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(mailvault_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let (reflection, reflection_v1alpha) = reflection()?;
     let max = ctx.max_frame();
     let mailbox = MailboxServer::new(MailboxService::new(ctx.clone()))
         .max_decoding_message_size(max)
@@ -273,6 +273,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             .layer(access)
             .add_service(health_svc)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(mailbox)
             .add_service(cluster)
             .add_service(tenants)
@@ -379,4 +380,33 @@ fn record_refused(denials: &Denials, action: &'static str, count: bool, f: Hands
             denials.deny(&identity, source, action, "-", &f.reason).await;
         }
     });
+}
+
+/// gRPC server reflection for the client port, in both versions common tools
+/// use (`v1` and `v1alpha`): it lists exactly what that port serves — the
+/// `mailvault.v1` services, health and reflection — and describes their
+/// types; the peer protocol, served only on the Raft port, is not in it.
+#[allow(clippy::type_complexity)]
+fn reflection() -> anyhow::Result<(
+    ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    let builder = || {
+        let names = mailvault_proto::CLIENT_API_SERVICES.iter().copied().chain([
+            HEALTH_SERVICE,
+            REFLECTION_V1,
+            REFLECTION_V1ALPHA,
+        ]);
+        names.fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(mailvault_proto::CLIENT_API_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET),
+            |b, name| b.with_service_name(name),
+        )
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }

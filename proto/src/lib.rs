@@ -25,5 +25,11 @@ pub mod etcd {
 
 pub mod client;
 
-/// Encoded file descriptor set of every service, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mailvault_descriptor.bin"));
+/// Encoded file descriptor set of the client API (`mailvault.v1`: every
+/// service the client port serves), for gRPC server reflection. The peer
+/// protocol is not in it.
+pub const CLIENT_API_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/mailvault_client_api.bin"));
+
+/// The fully qualified names of the services in [`CLIENT_API_DESCRIPTOR_SET`].
+pub const CLIENT_API_SERVICES: &[&str] = include!(concat!(env!("OUT_DIR"), "/mailvault_client_services.rs"));

@@ -11,6 +11,7 @@ use tonic::Status;
 use tower::{Layer, Service};
 
 use super::gate::Gate;
+use super::lockout::REFUSED;
 use super::principal::Principal;
 use super::rules::rule_for;
 use crate::error::{ApiError, Reason};
@@ -116,9 +117,13 @@ async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> 
     let info = call.info.as_ref();
     let addr = info.and_then(|i| i.get_ref().remote_addr()).map(|a| a.ip());
     let leaf = info.and_then(|i| i.peer_certs()).and_then(|c| c.first().cloned());
+    let rule = rule_for(path);
+    // Health and reflection are never counted towards a lockout.
+    let counted = rule.is_none_or(|r| !r.probe);
     let Some((cert_identity, serial)) = leaf.as_deref().and_then(identity_of) else {
         return Err(deny(
             gate,
+            counted,
             "-",
             addr,
             &method,
@@ -139,22 +144,30 @@ async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> 
         },
         CertIdentity::User(u) => (u, false, serial, addr),
     };
+    // A method without a rule is not served on this port (the peer protocol
+    // is served only on the Raft port); asking for it is no denial.
+    let Some(rule) = rule else {
+        let service = path.trim_start_matches('/').split('/').next().unwrap_or("-");
+        return Err(Status::unimplemented(format!(
+            "{service} is not served on this port"
+        )));
+    };
     if gate.denials.is_locked(Some(&identity), source) {
         gate.denials.refuse_locked(&identity, source, &method).await;
         return Err(ApiError::new(Reason::LockedOut, "locked out after repeated failures").into());
     }
-    let rule = rule_for(path);
     if is_node {
-        return match rule {
-            Some(rule) if rule.nodes => Ok(Principal {
+        return match rule.nodes {
+            true => Ok(Principal {
                 identity,
                 is_node,
                 serial,
                 source,
                 policy: Default::default(),
             }),
-            _ => Err(deny(
+            false => Err(deny(
                 gate,
+                counted,
                 &identity,
                 source,
                 &method,
@@ -171,11 +184,12 @@ async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> 
         .unwrap_or_default();
     if policy.revoked || gate.reader.serial_revoked(&serial).map_err(crate::error::read)? {
         let reason = "certificate or identity revoked";
-        return Err(deny(gate, &identity, source, &method, Reason::Revoked, reason).await);
+        return Err(deny(gate, counted, &identity, source, &method, Reason::Revoked, reason).await);
     }
     if !policy.allows_source(source) {
         return Err(deny(
             gate,
+            counted,
             &identity,
             source,
             &method,
@@ -185,14 +199,12 @@ async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> 
         .await);
     }
     let bootstrap = gate.operators.contains(&identity);
-    let allowed = rule.is_some_and(|rule| {
-        rule.admits(|role| {
-            policy.cluster_roles.contains(&role) || (bootstrap && role == ClusterRole::Operator)
-        })
-    });
+    let allowed = rule
+        .admits(|role| policy.cluster_roles.contains(&role) || (bootstrap && role == ClusterRole::Operator));
     if !allowed {
         return Err(deny(
             gate,
+            counted,
             &identity,
             source,
             &method,
@@ -214,15 +226,21 @@ async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> 
     })
 }
 
-/// Audits a denial, counts it towards lockout, and builds the status.
+/// Audits a denial, counts it towards lockout when `counted`, and builds the status.
 async fn deny(
     gate: &Gate,
+    counted: bool,
     identity: &str,
     source: Option<IpAddr>,
     method: &str,
     why: Reason,
     reason: &str,
 ) -> Status {
+    if !counted {
+        let result = format!("{REFUSED}{reason}");
+        gate.denials.refuse(identity, source, method, &result).await;
+        return ApiError::new(why, reason).with("locked_out", false).into();
+    }
     let locked = gate.denials.deny(identity, source, method, "-", reason).await;
     let message = match locked {
         true => format!("{reason}; now locked out"),

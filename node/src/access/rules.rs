@@ -1,6 +1,7 @@
 //! Who may call what: one rule per method of every service on the client
 //! listener, looked up by the access layer before any handler runs. A method
-//! without a rule is refused; a test checks that every method of
+//! without a rule is not served (`UNIMPLEMENTED`, whatever the port's router
+//! holds; the peer protocol has none here); a test checks that every method of
 //! `mailvault.v1` has exactly one rule, so a new RPC cannot ship without one.
 //!
 //! Tenant-scoped calls (the mailbox service) are only admitted here: the
@@ -31,36 +32,52 @@ pub struct Rule {
     /// Whether a node certificate may call it directly (not on behalf of a
     /// user): health, reflection, and the status calls nodes make of each other.
     pub nodes: bool,
+    /// Health and reflection, which tools call to explore: a refusal of them
+    /// is audited but never counts towards a lockout.
+    pub probe: bool,
 }
+
+/// The gRPC health service.
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+/// gRPC server reflection, the current version.
+pub const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
+/// gRPC server reflection, the older version many tools still call first.
+pub const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
 
 /// Every method of the service.
 const ANY_METHOD: &str = "*";
 
-const OPEN: Rule = Rule {
+const PROBE: Rule = Rule {
     callers: Callers::Anyone,
     nodes: true,
+    probe: true,
 };
 const TENANT: Rule = Rule {
     callers: Callers::TenantUsers,
     nodes: false,
+    probe: false,
 };
 const STATUS: Rule = Rule {
     callers: Callers::ClusterRoles(&[ClusterRole::Operator, ClusterRole::Auditor]),
     nodes: true,
+    probe: false,
 };
 const OPERATOR: Rule = Rule {
     callers: Callers::ClusterRoles(&[ClusterRole::Operator]),
     nodes: false,
+    probe: false,
 };
 const AUDITOR: Rule = Rule {
     callers: Callers::ClusterRoles(&[ClusterRole::Auditor]),
     nodes: false,
+    probe: false,
 };
 
 /// (service, method, rule); [`ANY_METHOD`] covers every method of a service.
 const RULES: &[(&str, &str, Rule)] = &[
-    ("grpc.health.v1.Health", ANY_METHOD, OPEN),
-    ("grpc.reflection.v1.ServerReflection", ANY_METHOD, OPEN),
+    (HEALTH_SERVICE, ANY_METHOD, PROBE),
+    (REFLECTION_V1, ANY_METHOD, PROBE),
+    (REFLECTION_V1ALPHA, ANY_METHOD, PROBE),
     (mailbox_server::SERVICE_NAME, ANY_METHOD, TENANT),
     (cluster_server::SERVICE_NAME, "NodeStatus", STATUS),
     (cluster_server::SERVICE_NAME, "StateDigest", STATUS),
@@ -104,7 +121,7 @@ mod tests {
 
     /// Every method of the client API (`mailvault.v1`), as `/package.Service/Method`.
     fn served_methods() -> Vec<String> {
-        let fds = FileDescriptorSet::decode(mailvault_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let fds = FileDescriptorSet::decode(mailvault_proto::CLIENT_API_DESCRIPTOR_SET).unwrap();
         let mut out = Vec::new();
         for file in fds.file.into_iter().filter(|f| f.package() == "mailvault.v1") {
             let package = file.package().to_string();
@@ -162,5 +179,20 @@ mod tests {
         );
         assert!(rule_for("/mailvault.v1.Cluster/Nope").is_none());
         assert!(rule_for("garbage").is_none());
+        assert!(rule_for("/mailvault.raft.v1.RaftPeer/ReadIndex").is_none());
+    }
+
+    #[test]
+    fn health_and_both_reflection_versions_are_probes_anyone_may_make() {
+        for path in [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            let rule = rule_for(path).unwrap();
+            assert!(rule.probe && rule.nodes && rule.admits(|_| false), "{path}");
+        }
+        assert!(!rule_for("/mailvault.v1.Mailbox/GetMessage").unwrap().probe);
+        assert!(!rule_for("/mailvault.v1.Access/Grant").unwrap().probe);
     }
 }

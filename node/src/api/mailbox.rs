@@ -19,7 +19,7 @@ use crate::access::{authorize, Principal};
 use crate::crypto::HEADERS_CHUNK;
 use crate::ctx::Ctx;
 use crate::error;
-use crate::forward::{forwarded, principal_of, route_write, Route};
+use crate::forward::{forwarded, leader_answer, principal_of, route_write, Route};
 use crate::names;
 use crate::state::command::{Command, CommandResult, NewMessage, Refusal};
 use crate::state::policy::Action;
@@ -565,7 +565,7 @@ async fn forward_append(
     });
     let call = client.append_message(forwarded(ReceiverStream::new(rx), principal));
     tokio::select! {
-        r = call => r,
+        r = call => leader_answer(r),
         Ok(e) = fail_rx => Err(e),
     }
 }

@@ -7,10 +7,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -37,7 +41,9 @@ pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
     for cert in CertificateDer::pem_slice_iter(&ca) {
         roots.add(cert?)?;
     }
-    let verifier = WebPkiClientVerifier::builder(Arc::new(roots)).build()?;
+    let verifier = Arc::new(NamedIdentity(
+        WebPkiClientVerifier::builder(Arc::new(roots)).build()?,
+    ));
     let (cert, key) = files.identity_pem()?;
     let chain = CertificateDer::pem_slice_iter(&cert).collect::<Result<Vec<_>, _>>()?;
     let key = PrivateKeyDer::from_pem_slice(&key)
@@ -47,6 +53,55 @@ pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The CA's verifier, which also refuses a certificate that names no
+/// identity (neither a node nor a user), in the handshake: the client gets the
+/// `access_denied` alert instead of a session every call of which is denied.
+#[derive(Debug)]
+struct NamedIdentity(Arc<dyn ClientCertVerifier>);
+
+impl ClientCertVerifier for NamedIdentity {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.0.verify_client_cert(end_entity, intermediates, now)?;
+        match identity_of(end_entity) {
+            Some(_) => Ok(verified),
+            None => Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// Accepts TCP connections, performs the TLS handshake, and yields the admitted
@@ -90,6 +145,8 @@ where
                     return fail(reason, None);
                 }
                 let _ = tcp.set_nodelay(true);
+                // A refused handshake ends with the alert that says why
+                // (rustls writes it before the error comes back).
                 let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => return fail(format!("TLS handshake failed: {e}"), None),
