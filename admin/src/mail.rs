@@ -236,7 +236,7 @@ fn print_messages(output: Output, all: &[MessageSummary]) {
             json!({
                 "uid": m.uid, "modseq": m.modseq, "flags": m.flags, "size": m.size,
                 "internal_date_ms": m.internal_date_ms, "subject": m.subject, "from": m.from,
-                "to": m.to, "date": m.date, "claimed_by": m.claimed_by,
+                "to": m.to, "date": m.date, "claimed_by": m.claimed_by, "damaged": m.damaged,
             })
         })
         .collect();
@@ -249,7 +249,11 @@ fn print_messages(output: Output, all: &[MessageSummary]) {
                 m.flags.join(" "),
                 m.size.to_string(),
                 m.from.clone(),
-                m.subject.clone(),
+                match m.damaged {
+                    // Its copy on the answering node failed authentication.
+                    true => "(damaged on this node; `mail get` reads a healthy replica)".to_string(),
+                    false => m.subject.clone(),
+                },
                 m.claimed_by.clone(),
             ]
         });

@@ -67,6 +67,14 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
                                         "since": rfc3339(w.since_ms)})
                         })
                         .collect();
+                    v["damaged"] = s
+                        .damaged
+                        .iter()
+                        .map(|d| {
+                            json!({"tenant": d.tenant, "mailbox": d.mailbox, "uid": d.uid,
+                                        "part": d.part, "found": rfc3339(d.found_ms)})
+                        })
+                        .collect();
                 }
                 Err(e) => {
                     v["healthy"] = json!(false);
@@ -104,7 +112,10 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
                     s.term.to_string(),
                     s.last_log_index.to_string(),
                     s.applied_index.to_string(),
-                    "ok".to_string(),
+                    match s.damaged.len() {
+                        0 => "ok".to_string(),
+                        n => format!("ok, {n} damaged message(s)"),
+                    },
                     workers_text(&s.workers),
                 ),
                 Err(e) => (
@@ -137,7 +148,25 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
             ),
             None => format!("NO LEADER; {healthy}/{} members healthy", me.members.len()),
         };
-        format!("{}\n{summary}", table(header, rows))
+        // Which stored messages a node found damaged (served from the other replicas).
+        let damaged: String = probes
+            .iter()
+            .filter_map(|p| p.status.as_ref().ok())
+            .flat_map(|s| {
+                s.damaged.iter().map(move |d| {
+                    format!(
+                        "\nnode {}: damaged {} of {}/{} uid {} (found {})",
+                        s.id,
+                        d.part,
+                        d.tenant,
+                        d.mailbox,
+                        d.uid,
+                        rfc3339(d.found_ms)
+                    )
+                })
+            })
+            .collect();
+        format!("{}\n{summary}{damaged}", table(header, rows))
     });
     Ok(())
 }

@@ -143,23 +143,215 @@ fn flip_bytes_in_files(data_dir: &Path, ext: &str, rng: &mut SmallRng) -> usize 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupted_ciphertext_is_refused_not_served() {
     let (mut cluster, uids) = setup(20).await;
+    let mut rng = rng("ciphertext");
     cluster.stop(2);
-    flip_a_ciphertext_bit(&cluster.data_dir(2), &mut rng("ciphertext"));
+    flip_a_ciphertext_bit(&cluster.data_dir(2), &mut rng);
     cluster.start_node(2);
-    let (exact, failed) = read_all_from(&cluster, 2, &uids).await;
-    assert_eq!(failed, 1, "exactly the damaged message fails on the damaged node");
-    assert_eq!(exact, uids.len() - 1);
-    // The healthy replicas serve everything.
+    // The damaged node never serves the damaged bytes: it reads that message
+    // from a healthy replica (the stream continues where its copy failed),
+    // so every read through it is exact, and it reports the damage.
+    assert_eq!(read_all_from(&cluster, 2, &uids).await, (uids.len(), 0));
+    assert_eq!(damaged_on(&cluster, 2).await.len(), 1, "the damage is reported");
+    // The healthy replicas serve everything and found nothing.
     assert_eq!(read_all_from(&cluster, 0, &uids).await, (uids.len(), 0));
-    // And the damaged one says why: DATA_LOSS.
-    let mut c = cluster.mailbox(2).await;
-    let mut data_loss = false;
-    for uid in &uids {
-        if let Err(e) = fetch(&mut c, T, M, *uid).await {
-            data_loss |= e.code() == Code::DataLoss;
+    assert!(damaged_on(&cluster, 0).await.is_empty());
+    // Damaged on every replica: then, and only then, DATA_LOSS.
+    let damaged = damaged_on(&cluster, 2).await[0].clone();
+    for i in 0..cluster.len() {
+        cluster.stop(i);
+    }
+    for i in [0, 1] {
+        damage_message(&cluster.data_dir(i), damaged.uid, Damage::Chunk(0));
+    }
+    for i in 0..cluster.len() {
+        cluster.start_node(i);
+    }
+    let c = cluster.mailbox(2).await;
+    let e = retry(Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move {
+            match fetch(&mut c, T, M, damaged.uid).await {
+                Ok(_) => panic!("a message damaged on every replica was served"),
+                Err(e) if e.code() == Code::DataLoss => Ok(e),
+                Err(e) => Err(e),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        !e.message().contains("BODY"),
+        "an error message carries mail content"
+    );
+}
+
+/// What to damage of a stored message.
+enum Damage {
+    /// One bit of its encrypted headers (in its record).
+    Headers,
+    /// One bit of the ciphertext of this chunk of its body.
+    Chunk(u32),
+}
+
+/// Flips one bit of a stored message of the stopped node with this data
+/// directory, in its headers or in one chunk of its body.
+fn damage_message(data_dir: &Path, uid: u32, what: Damage) {
+    use mailvault_node::state::codec::{decode, encode};
+    use mailvault_node::state::keys;
+    use mailvault_node::state::records::MessageRecord;
+    let db = open_db(&data_dir.join("db")).unwrap();
+    let cf = db.cf_handle(CF_SM).unwrap();
+    let key = keys::message(T, M, uid);
+    let mut record: MessageRecord =
+        decode(&db.get_cf(cf, &key).unwrap().expect("the message is stored")).unwrap();
+    match what {
+        Damage::Headers => {
+            let at = record.headers.len() / 2;
+            record.headers[at] ^= 0x10;
+            db.put_cf(cf, &key, encode(&record)).unwrap();
+        }
+        Damage::Chunk(i) => {
+            let key = keys::chunk(T, &record.blob, i);
+            let mut ct = db.get_cf(cf, &key).unwrap().expect("the chunk is stored");
+            let at = ct.len() / 2;
+            ct[at] ^= 0x10;
+            db.put_cf(cf, &key, ct).unwrap();
         }
     }
-    assert!(data_loss, "a failed authentication is reported as DATA_LOSS");
+    db.flush_wal(true).unwrap();
+}
+
+/// The damaged messages node `i` reports in its status.
+async fn damaged_on(cluster: &Cluster, i: usize) -> Vec<mailvault_proto::v1::DamagedMessage> {
+    let c = cluster.admin(i).await.cluster;
+    retry(Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move {
+            c.node_status(mailvault_proto::v1::NodeStatusRequest {})
+                .await
+                .map(|r| r.into_inner().damaged)
+        }
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_with_one_damaged_message_returns_the_rest_and_the_damaged_one_is_read_from_a_replica() {
+    let (mut cluster, mut uids) = setup(8).await;
+    // And one larger than two chunks, whose middle chunk will be damaged.
+    let big = test_message("big", "buyer@customer.example", "BODY big", 2_300_000);
+    let c = cluster.mailbox(0).await;
+    let r = retry(Duration::from_secs(20), || {
+        let mut c = c.clone();
+        let big = big.clone();
+        async move { append(&mut c, T, M, "big", &big).await }
+    })
+    .await
+    .unwrap();
+    uids.push(r.uid);
+    cluster.grant("reader", T, "reader").await;
+    cluster.wait_all_applied().await;
+    let (headers_uid, body_uid) = (uids[3], r.uid);
+    cluster.stop(2);
+    damage_message(&cluster.data_dir(2), headers_uid, Damage::Headers);
+    damage_message(&cluster.data_dir(2), body_uid, Damage::Chunk(1));
+    cluster.start_node(2);
+
+    // The listing on the damaged node is whole, the damaged one marked.
+    let c = cluster.mailbox(2).await;
+    let listed = retry(Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { list_all(&mut c, T, M).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(listed.len(), uids.len(), "{listed:?}");
+    for m in &listed {
+        let damaged = m.uid == headers_uid;
+        assert_eq!(m.damaged, damaged, "uid {}", m.uid);
+        assert_eq!(m.subject.is_empty(), damaged, "uid {}: {m:?}", m.uid);
+        assert!(m.size > 0 && m.modseq > 0);
+    }
+    // Both damaged messages read through the damaged node are exact: from a
+    // healthy replica, the big one continuing after its healthy first chunk.
+    let mut c = cluster.mailbox(2).await;
+    let (meta, bytes) = fetch(&mut c, T, M, headers_uid).await.unwrap();
+    assert_eq!((meta.subject.as_str(), bytes), ("m3", body(3)));
+    let (meta, bytes) = fetch(&mut c, T, M, body_uid).await.unwrap();
+    assert_eq!(meta.subject, "big");
+    assert!(
+        bytes == big,
+        "the big message came back different ({} bytes)",
+        bytes.len()
+    );
+    // A reader (addresses masked) gets the masked copy of a replica.
+    let mut reader = cluster.mailbox_as(2, "reader").await;
+    let (_, masked) = fetch(&mut reader, T, M, body_uid).await.unwrap();
+    assert!(!masked.windows(22).any(|w| w == b"buyer@customer.example"));
+    assert!(masked.windows(21).any(|w| w == b"b***@customer.example"));
+    assert!(
+        masked.ends_with(&big[big.len() - 1000..]),
+        "the masked copy is whole"
+    );
+
+    // The node reports both, by id, in status, /metrics and the audit log.
+    let mut found: Vec<(u32, String)> = damaged_on(&cluster, 2)
+        .await
+        .into_iter()
+        .map(|d| {
+            assert_eq!((d.tenant.as_str(), d.mailbox.as_str()), (T, M));
+            (d.uid, d.part)
+        })
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        vec![
+            (headers_uid, "headers".to_string()),
+            (body_uid, "body".to_string())
+        ]
+    );
+    assert_eq!(
+        scrape_metric(&cluster.ops_addr(2), "mailvault_damaged_messages").await,
+        Some(2.0)
+    );
+    assert!(damaged_on(&cluster, 0).await.is_empty());
+    let mut grant = cluster.admin(0).await.access;
+    grant
+        .grant(mailvault_proto::v1::GrantRequest {
+            identity: "auditor".into(),
+            role: Some(mailvault_proto::v1::Role {
+                role: Some(mailvault_proto::v1::role::Role::Cluster("auditor".into())),
+            }),
+        })
+        .await
+        .unwrap();
+    let audit = cluster.admin_as(0, "auditor").await.audit;
+    let records = retry(Duration::from_secs(20), || {
+        let mut a = audit.clone();
+        async move {
+            let r = a
+                .list_audit(mailvault_proto::v1::ListAuditRequest {
+                    from_seq: 1,
+                    limit: 10_000,
+                })
+                .await?
+                .into_inner()
+                .records;
+            let found: Vec<_> = r.into_iter().filter(|r| r.action == "damage-found").collect();
+            match found.len() {
+                2 => Ok(found),
+                _ => Err(tonic::Status::unavailable("not yet audited")),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    for r in &records {
+        assert_eq!((r.node, r.identity.as_str()), (3, "node:3"), "{r:?}");
+        assert!(r.target.starts_with("acme/inbox/"), "{r:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,8 @@ pub struct Ctx {
     pub audit: AuditRecorder,
     /// What the access checks work with (policies, denials, audit).
     pub gate: Gate,
+    /// Stored messages found damaged on this node.
+    pub damage: crate::damage::DamageReport,
     /// The node's background workers.
     pub workers: crate::workers::Supervisor,
     /// Unsafe test modes (none in production).

@@ -170,6 +170,39 @@ pub fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(Reason::InvalidRequest, message)
 }
 
+/// The failure of a write forwarded to the leader, as the caller gets it. A
+/// status the leader sent carries mailvault's `ErrorInfo` and passes
+/// unchanged, as do statuses that say the leader refused the call itself
+/// (unimplemented, too large). One the transport made up — the connection to
+/// the leader failed or broke, so the leader may or may not have committed
+/// the write — becomes `WRITE_OUTCOME_UNKNOWN` (`UNAVAILABLE`): retry with the
+/// same idempotency key. Never `UNKNOWN: transport error`.
+pub fn from_leader(s: Status) -> Status {
+    let from_leader = s.get_details_error_info().is_some_and(|i| i.domain == DOMAIN);
+    let transport = matches!(
+        s.code(),
+        Code::Unknown | Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Internal
+    );
+    if from_leader || !transport {
+        return s;
+    }
+    tracing::info!(code = ?s.code(), "a forwarded write got no answer from the leader");
+    metrics::counter!("mailvault_forward_outcome_unknown_total").increment(1);
+    ApiError::new(
+        Reason::WriteOutcomeUnknown,
+        "the leader did not answer a forwarded write, which may have been committed; \
+         retry with the same idempotency key",
+    )
+    .into()
+}
+
+/// A call of a method this port does not serve (no access rule: the peer
+/// protocol on the client port): not a denial.
+pub fn not_served(path: &str) -> Status {
+    let service = path.trim_start_matches('/').split('/').next().unwrap_or("-");
+    Status::unimplemented(format!("{service} is not served on this port"))
+}
+
 /// A result the handler did not expect from a command: a bug.
 pub fn unexpected(what: &str) -> ApiError {
     tracing::error!(what, "unexpected command result");
@@ -189,6 +222,30 @@ mod tests {
         assert_eq!(info.reason, "MODIFIED_SINCE");
         assert_eq!(info.metadata.get("modseq").map(String::as_str), Some("7"));
         assert!(Status::not_found("plain").get_details_error_info().is_none());
+    }
+
+    #[test]
+    fn a_transport_failure_of_a_forwarded_write_is_an_unknown_outcome() {
+        let reason = |s: &Status| s.get_details_error_info().map(|i| i.reason);
+        for made_up in [
+            Status::unknown("transport error"),
+            Status::unavailable("connection reset"),
+            Status::cancelled("h2 stream reset"),
+            Status::internal("h2 protocol error"),
+        ] {
+            let s = from_leader(made_up);
+            assert_eq!(s.code(), Code::Unavailable);
+            assert_eq!(reason(&s).as_deref(), Some("WRITE_OUTCOME_UNKNOWN"));
+        }
+        // The leader's own answers pass unchanged, whatever their code.
+        let s = from_leader(ApiError::new(Reason::NoLeader, "no leader").into());
+        assert_eq!(reason(&s).as_deref(), Some("NO_LEADER"));
+        let s = from_leader(Status::unimplemented("no such method"));
+        assert_eq!(s.code(), Code::Unimplemented);
+        assert_eq!(
+            not_served("/mailvault.raft.v1.RaftPeer/ReadIndex").code(),
+            Code::Unimplemented
+        );
     }
 
     #[test]

@@ -5,11 +5,10 @@
 
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::Channel;
-use tonic::{Code, Status};
-use tonic_types::StatusExt;
+use tonic::Status;
 
 use crate::access::{Principal, ON_BEHALF_OF, ON_BEHALF_SERIAL, ON_BEHALF_SOURCE};
-use crate::error::{ApiError, Reason, DOMAIN};
+use crate::error::{ApiError, Reason};
 use crate::raft::PeerClients;
 use crate::state::types::{Member, NodeId, Raft};
 
@@ -44,6 +43,18 @@ impl Router {
         let id = m.current_leader?;
         let member = m.membership_config.membership().get_node(&id)?.clone();
         Some((id, member))
+    }
+
+    /// Channels to every other member's client port, for reads this node
+    /// cannot serve from its own copy (a damaged message).
+    pub fn replicas(&self) -> Vec<Channel> {
+        let m = self.raft.metrics().borrow().clone();
+        m.membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != self.id)
+            .filter_map(|(_, member)| self.peers.channel(&member.client_addr).ok())
+            .collect()
     }
 
     /// Whether this node currently leads.
@@ -96,32 +107,10 @@ pub fn forwarded<T>(inner: T, principal: Option<&Principal>) -> tonic::Request<T
     r
 }
 
-/// The answer to a forwarded write as the caller gets it. A status the leader
-/// sent carries mailvault's `ErrorInfo` and passes unchanged, as do statuses
-/// that say the leader refused the call itself (unimplemented, too large).
-/// One the transport made up — the connection to the leader failed or broke,
-/// so the leader may or may not have committed the write — becomes
-/// `WRITE_OUTCOME_UNKNOWN` (`UNAVAILABLE`): retry with the same idempotency
-/// key. Never `UNKNOWN: transport error`.
+/// The answer to a forwarded write as the caller gets it: a failure the
+/// transport made up is an unknown outcome (see [`crate::error::from_leader`]).
 pub fn leader_answer<T>(answer: Result<T, Status>) -> Result<T, Status> {
-    answer.map_err(|s| {
-        let from_leader = s.get_details_error_info().is_some_and(|i| i.domain == DOMAIN);
-        let transport = matches!(
-            s.code(),
-            Code::Unknown | Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Internal
-        );
-        if from_leader || !transport {
-            return s;
-        }
-        tracing::info!(code = ?s.code(), "a forwarded write got no answer from the leader");
-        metrics::counter!("mailvault_forward_outcome_unknown_total").increment(1);
-        ApiError::new(
-            Reason::WriteOutcomeUnknown,
-            "the leader did not answer a forwarded write, which may have been committed; \
-             retry with the same idempotency key",
-        )
-        .into()
-    })
+    answer.map_err(crate::error::from_leader)
 }
 
 /// The principal the access layer attached to a request.
@@ -147,33 +136,3 @@ macro_rules! route_write {
     };
 }
 pub(crate) use route_write;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn reason(s: &Status) -> Option<String> {
-        s.get_details_error_info().map(|i| i.reason)
-    }
-
-    #[test]
-    fn a_transport_failure_of_a_forwarded_write_is_an_unknown_outcome() {
-        for made_up in [
-            Status::unknown("transport error"),
-            Status::unavailable("connection reset"),
-            Status::cancelled("h2 stream reset"),
-            Status::internal("h2 protocol error"),
-        ] {
-            let s = leader_answer::<()>(Err(made_up)).unwrap_err();
-            assert_eq!(s.code(), Code::Unavailable);
-            assert_eq!(reason(&s).as_deref(), Some("WRITE_OUTCOME_UNKNOWN"));
-        }
-        // The leader's own answers pass unchanged, whatever their code.
-        let leader: Status = ApiError::new(Reason::NoLeader, "no leader").into();
-        let s = leader_answer::<()>(Err(leader)).unwrap_err();
-        assert_eq!(reason(&s).as_deref(), Some("NO_LEADER"));
-        let s = leader_answer::<()>(Err(Status::unimplemented("no such method"))).unwrap_err();
-        assert_eq!(s.code(), Code::Unimplemented);
-        assert_eq!(leader_answer(Ok::<u8, Status>(7)).unwrap(), 7);
-    }
-}

@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod ctx;
+pub mod damage;
 pub mod error;
 pub mod forward;
 pub mod headers;

@@ -216,6 +216,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             operators: config.access.operators.clone().into(),
             unaudited_reads: test_modes.unaudited_reads,
         },
+        damage: crate::damage::DamageReport::new(id, audit.clone()),
         workers: workers.clone(),
         test_modes,
     });

@@ -147,10 +147,7 @@ async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> 
     // A method without a rule is not served on this port (the peer protocol
     // is served only on the Raft port); asking for it is no denial.
     let Some(rule) = rule else {
-        let service = path.trim_start_matches('/').split('/').next().unwrap_or("-");
-        return Err(Status::unimplemented(format!(
-            "{service} is not served on this port"
-        )));
+        return Err(crate::error::not_served(path));
     };
     if gate.denials.is_locked(Some(&identity), source) {
         gate.denials.refuse_locked(&identity, source, &method).await;

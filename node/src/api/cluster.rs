@@ -88,6 +88,19 @@ impl Cluster for ClusterService {
                     since_ms: w.since_ms,
                 })
                 .collect(),
+            damaged: self
+                .ctx
+                .damage
+                .list()
+                .into_iter()
+                .map(|d| DamagedMessage {
+                    tenant: d.tenant,
+                    mailbox: d.mailbox,
+                    uid: d.uid,
+                    part: d.part.as_str().to_string(),
+                    found_ms: d.found_ms,
+                })
+                .collect(),
         }))
     }
 

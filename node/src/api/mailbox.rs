@@ -19,7 +19,7 @@ use crate::access::{authorize, Principal};
 use crate::crypto::HEADERS_CHUNK;
 use crate::ctx::Ctx;
 use crate::error;
-use crate::forward::{forwarded, leader_answer, principal_of, route_write, Route};
+use crate::forward::{forwarded, leader_answer, principal_of, route_write, Route, FORWARDED};
 use crate::names;
 use crate::state::command::{Command, CommandResult, NewMessage, Refusal};
 use crate::state::policy::Action;
@@ -219,7 +219,13 @@ impl Mailbox for MailboxService {
         req: Request<GetMessageRequest>,
     ) -> Result<Response<Self::GetMessageStream>, Status> {
         let p = principal_of(&req);
+        // A read another node passes on (its copy was damaged) is never passed on again.
+        let passed_on = req.metadata().contains_key(FORWARDED);
         let r = req.into_inner();
+        let fallback = (!passed_on).then(|| messages::Fallback {
+            request: r.clone(),
+            principal: p.clone(),
+        });
         let t = target(&r.tenant, &r.mailbox, Some(r.uid));
         let p = authorize(
             &self.ctx.gate,
@@ -239,7 +245,7 @@ impl Mailbox for MailboxService {
             .map_err(error::read)?
             .ok_or_else(|| error::refusal(Refusal::NoMessage))?;
         let view = p.may_view_addresses(&r.tenant);
-        let rx = messages::stream(self.ctx.clone(), r.tenant, r.mailbox, m, view)?;
+        let rx = messages::stream(self.ctx.clone(), r.tenant, r.mailbox, m, view, fallback)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

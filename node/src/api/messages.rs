@@ -3,17 +3,22 @@
 use std::sync::Arc;
 
 use mailvault_proto::v1::get_message_response::Frame;
+use mailvault_proto::v1::mailbox_client::MailboxClient;
 use mailvault_proto::v1::{
-    ExportedMessage, GetMessageResponse, ListMessagesRequest, ListMessagesResponse, MessageSummary,
+    ExportedMessage, GetMessageRequest, GetMessageResponse, ListMessagesRequest, ListMessagesResponse,
+    MessageSummary,
 };
 use tokio::sync::mpsc;
-use tonic::Status;
+use tokio_stream::StreamExt;
+use tonic::{Code, Status};
 
 use super::tenant_keys::cipher_for;
-use crate::access::{mask_address, mask_addresses_in};
+use crate::access::{mask_address, mask_addresses_in, Principal};
 use crate::crypto::HEADERS_CHUNK;
 use crate::ctx::Ctx;
+use crate::damage::Part;
 use crate::error;
+use crate::forward::forwarded;
 use crate::state::codec::decode;
 use crate::state::command::Refusal;
 use crate::state::records::{HeaderSummary, MessageRecord};
@@ -48,7 +53,23 @@ pub fn summary(
         to: h.to,
         date: h.date,
         claimed_by: m.claimed_by.clone().unwrap_or_default(),
+        damaged: false,
     })
+}
+
+/// What a listing says of a message whose headers did not authenticate:
+/// what the record knows, nothing decrypted.
+fn damaged_summary(m: &MessageRecord) -> MessageSummary {
+    MessageSummary {
+        uid: m.uid,
+        modseq: m.modseq,
+        flags: m.flags.clone(),
+        internal_date_ms: m.internal_date_ms,
+        size: m.size,
+        claimed_by: m.claimed_by.clone().unwrap_or_default(),
+        damaged: true,
+        ..Default::default()
+    }
 }
 
 /// `ListMessages` after the read barrier.
@@ -94,9 +115,17 @@ pub fn list(
             true
         })
         .map_err(error::read)?;
+    // A message whose copy here fails authentication is listed as damaged;
+    // it does not take the listing down.
     let messages = records
         .iter()
-        .map(|m| summary(ctx, tenant, mailbox, m, view_addresses))
+        .map(|m| match summary(ctx, tenant, mailbox, m, view_addresses) {
+            Err(e) if e.code() == Code::DataLoss => {
+                ctx.damage.found(tenant, mailbox, m.uid, Part::Headers);
+                Ok(damaged_summary(m))
+            }
+            other => other,
+        })
         .collect::<Result<_, _>>()?;
     Ok(ListMessagesResponse {
         messages,
@@ -105,20 +134,43 @@ pub fn list(
     })
 }
 
+/// Where a message whose copy here is damaged is read instead: the other
+/// replicas, asked on the caller's behalf with the same request. `None` when
+/// this call is itself such a read (it is never passed on again).
+pub struct Fallback {
+    /// The caller's request.
+    pub request: GetMessageRequest,
+    /// The caller.
+    pub principal: Option<Principal>,
+}
+
+type Frames = mpsc::Sender<Result<GetMessageResponse, Status>>;
+
 /// Streams a message: its summary, then its decrypted chunks, one at a time.
+/// A part that fails authentication here is reported, and the rest of the
+/// message comes from a healthy replica (see [`Fallback`]).
 pub fn stream(
     ctx: Arc<Ctx>,
     tenant: String,
     mailbox: String,
     m: MessageRecord,
     view_addresses: bool,
+    fallback: Option<Fallback>,
 ) -> Result<mpsc::Receiver<Result<GetMessageResponse, Status>>, Status> {
-    let first = summary(&ctx, &tenant, &mailbox, &m, view_addresses)?;
+    let (tx, rx) = mpsc::channel(2);
+    let first = match summary(&ctx, &tenant, &mailbox, &m, view_addresses) {
+        Ok(first) => first,
+        Err(e) if e.code() == Code::DataLoss => {
+            ctx.damage.found(&tenant, &mailbox, m.uid, Part::Headers);
+            tokio::spawn(from_replicas(ctx, fallback, 0, tx, e));
+            return Ok(rx);
+        }
+        Err(e) => return Err(e),
+    };
     if !view_addresses {
-        return masked_stream(ctx, tenant, mailbox, m, first);
+        return masked_stream(ctx, tenant, mailbox, m, first, fallback);
     }
     let cipher = cipher_for(&ctx, &tenant, &mailbox, m.blob, Some(m.key_version))?;
-    let (tx, rx) = mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
         let send = |r| tx.blocking_send(r).is_ok();
         if !send(Ok(GetMessageResponse {
@@ -137,13 +189,70 @@ pub fn stream(
                 Ok(None) => Err(error::damaged("a chunk of the message is missing").into()),
                 Err(e) => Err(error::read(e).into()),
             };
-            let failed = frame.is_err();
-            if !send(frame) || failed {
-                return;
+            match frame {
+                Err(e) if e.code() == Code::DataLoss => {
+                    // The metadata and chunks 0..i are sent: the replica's
+                    // stream continues after as many frames.
+                    ctx.damage.found(&tenant, &mailbox, m.uid, Part::Body);
+                    let sent = 1 + i as usize;
+                    tokio::spawn(from_replicas(ctx.clone(), fallback, sent, tx, e));
+                    return;
+                }
+                Err(e) => {
+                    send(Err(e));
+                    return;
+                }
+                Ok(f) => {
+                    if !send(Ok(f)) {
+                        return;
+                    }
+                }
             }
         }
     });
     Ok(rx)
+}
+
+/// Sends the frames of a healthy replica's copy after the first `skip`
+/// (those this node already sent), trying each other member in turn; when
+/// none has it whole, or there is no fallback, the caller gets `damage`.
+/// Chunk frames are the stored chunks, the same on every replica, so a
+/// stream broken by a damaged chunk continues exactly where it stopped.
+async fn from_replicas(ctx: Arc<Ctx>, fallback: Option<Fallback>, skip: usize, tx: Frames, damage: Status) {
+    let Some(fallback) = fallback else {
+        let _ = tx.send(Err(damage)).await;
+        return;
+    };
+    for ch in ctx.router.replicas() {
+        let mut client = MailboxClient::new(ch)
+            .max_decoding_message_size(ctx.max_frame())
+            .max_encoding_message_size(ctx.max_frame());
+        let request = forwarded(fallback.request.clone(), fallback.principal.as_ref());
+        let Ok(answer) = client.get_message(request).await else {
+            continue;
+        };
+        let mut frames = answer.into_inner();
+        let mut seen = 0usize;
+        loop {
+            match frames.next().await {
+                Some(Ok(f)) => {
+                    seen += 1;
+                    if seen > skip && tx.send(Ok(f)).await.is_err() {
+                        return;
+                    }
+                }
+                // Nothing of this replica's copy passed on yet: try the next.
+                Some(Err(_)) if seen <= skip => break,
+                Some(Err(e)) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                None if seen > skip => return,
+                None => break,
+            }
+        }
+    }
+    let _ = tx.send(Err(damage)).await;
 }
 
 /// Reads a whole body, decrypting every chunk.
@@ -205,27 +314,39 @@ pub fn export(
 }
 
 /// Streams a message with every address masked (for principals without
-/// `ViewAddresses`): the body is decrypted whole, masked, then chunked.
+/// `ViewAddresses`): the body is decrypted whole, masked, then chunked; a
+/// body that fails authentication here is read from a healthy replica.
 fn masked_stream(
     ctx: Arc<Ctx>,
     tenant: String,
     mailbox: String,
     m: MessageRecord,
     first: MessageSummary,
+    fallback: Option<Fallback>,
 ) -> Result<mpsc::Receiver<Result<GetMessageResponse, Status>>, Status> {
     let (tx, rx) = mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
-        let frames =
-            std::iter::once(Ok(Frame::Metadata(first))).chain(match body(&ctx, &tenant, &mailbox, &m) {
-                Ok(raw) => mask_addresses_in(&raw)
-                    .chunks(ctx.config.limits.chunk_bytes)
-                    .map(|c| Ok(Frame::Chunk(c.to_vec())))
-                    .collect::<Vec<_>>(),
-                Err(e) => vec![Err(e)],
-            });
-        for f in frames {
+        let raw = match body(&ctx, &tenant, &mailbox, &m) {
+            Ok(raw) => raw,
+            Err(e) if e.code() == Code::DataLoss => {
+                ctx.damage.found(&tenant, &mailbox, m.uid, Part::Body);
+                tokio::spawn(from_replicas(ctx.clone(), fallback, 0, tx, e));
+                return;
+            }
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        };
+        let frames = std::iter::once(Frame::Metadata(first)).chain(
+            mask_addresses_in(&raw)
+                .chunks(ctx.config.limits.chunk_bytes)
+                .map(|c| Frame::Chunk(c.to_vec()))
+                .collect::<Vec<_>>(),
+        );
+        for frame in frames {
             if tx
-                .blocking_send(f.map(|frame| GetMessageResponse { frame: Some(frame) }))
+                .blocking_send(Ok(GetMessageResponse { frame: Some(frame) }))
                 .is_err()
             {
                 return;
