@@ -5,13 +5,14 @@
 
 use clap::Subcommand;
 use mailvault_proto::v1::{
-    role, Allowlist, GetIdentityRequest, GrantRequest, IdentityPolicy, PolicyChange,
-    RevokeCertificateRequest, RevokeIdentityRequest, Role, SetAllowlistRequest, TenantRole,
+    role, unlock_request, Allowlist, GetIdentityRequest, GrantRequest, IdentityPolicy, ListLockoutsRequest,
+    PolicyChange, RevokeCertificateRequest, RevokeIdentityRequest, Role, SetAllowlistRequest, TenantRole,
+    UnlockRequest,
 };
 use serde_json::json;
 
 use crate::client::{access, status_err};
-use crate::output::{policy_diff, policy_text, Output};
+use crate::output::{policy_diff, policy_text, rfc3339, table, Output};
 
 #[derive(Subcommand, Debug)]
 pub enum AccessCmd {
@@ -54,6 +55,17 @@ pub enum AccessCmd {
     RevokeCert {
         /// The serial.
         serial: String,
+    },
+    /// Lists the identities and addresses locked out now, and until when.
+    Lockouts,
+    /// Lifts the lockout of an identity (or, with `--address`, of an address)
+    /// on every node, and resets its count; audited.
+    Unlock {
+        /// The identity (or the IP address, with `--address`).
+        who: String,
+        /// `who` is an IP address locked out after failed authentications.
+        #[arg(long)]
+        address: bool,
     },
 }
 
@@ -135,6 +147,54 @@ pub async fn run(endpoint: &str, output: Output, cmd: AccessCmd) -> anyhow::Resu
             .map_err(status_err)?;
             output.emit(json!({"revoked_serial": serial}), || {
                 format!("revoked certificate {serial}")
+            });
+            return Ok(());
+        }
+        AccessCmd::Lockouts => {
+            let l = c
+                .list_lockouts(ListLockoutsRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .lockouts;
+            let who = |x: &mailvault_proto::v1::LockedOut| match x.identity.is_empty() {
+                true => ("address", x.address.clone()),
+                false => ("identity", x.identity.clone()),
+            };
+            let doc = l
+                .iter()
+                .map(|x| {
+                    let (kind, name) = who(x);
+                    json!({"kind": kind, "who": name, "until": rfc3339(x.until_ms), "until_ms": x.until_ms})
+                })
+                .collect();
+            output.emit(doc, || match l.is_empty() {
+                true => "no lockouts".to_string(),
+                false => table(
+                    ["kind", "who", "locked out until"],
+                    l.iter().map(|x| {
+                        let (kind, name) = who(x);
+                        [kind.to_string(), name, rfc3339(x.until_ms)]
+                    }),
+                ),
+            });
+            return Ok(());
+        }
+        AccessCmd::Unlock { who, address } => {
+            let who_req = match address {
+                true => unlock_request::Who::Address(who.clone()),
+                false => unlock_request::Who::Identity(who.clone()),
+            };
+            let r = c
+                .unlock(UnlockRequest { who: Some(who_req) })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            output.emit(json!({"unlocked": who, "was_locked": r.was_locked}), || {
+                match r.was_locked {
+                    true => format!("unlocked {who}"),
+                    false => format!("{who} was not locked out; its count is reset"),
+                }
             });
             return Ok(());
         }

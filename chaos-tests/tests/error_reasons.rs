@@ -130,13 +130,10 @@ async fn a_front_end_reads_a_stable_reason_for_every_kind_of_failure() {
             .await
         }
     };
-    let mut started_lockout = false;
     for _ in 0..5 {
         let e = status(&mut mallory).await.unwrap_err();
         assert_eq!(reason(&e), (Code::PermissionDenied, "NO_TENANT_ROLE".into()));
-        started_lockout = e.get_details_error_info().unwrap().metadata["locked_out"] == "true";
     }
-    assert!(started_lockout, "the fifth denial locks the identity out");
     let mut elsewhere = MailboxClient::new(cluster.channel_as(1, "mallory", ip("127.0.4.2")));
     let e = retry(Duration::from_secs(20), || {
         let mut c = elsewhere.clone();

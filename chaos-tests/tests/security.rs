@@ -232,7 +232,8 @@ async fn every_denied_access_is_refused_and_audited() {
     );
     let _ = &mut from_ok;
 
-    // Lockout: five denied calls from one address lock it out, even for an identity that is allowed.
+    // Lockout: five denied calls lock out the identity that made them — from
+    // anywhere — and not its address: another identity behind it is served.
     let mut mallory = MailboxClient::new(cluster.channel_as(1, "mallory", ip("127.0.0.3")));
     for _ in 0..5 {
         assert_eq!(
@@ -240,14 +241,9 @@ async fn every_denied_access_is_refused_and_audited() {
             Code::PermissionDenied
         );
     }
+    wait_locked_out(&cluster, 1, "mallory", "127.0.0.4").await;
     let mut same_address = MailboxClient::new(cluster.channel_as(1, "acme-agent", ip("127.0.0.3")));
-    assert!(
-        status_of(&mut same_address, "acme").await.is_err(),
-        "a locked-out address got through"
-    );
-    let mut elsewhere = MailboxClient::new(cluster.channel_as(1, "acme-agent", ip("127.0.0.4")));
-    status_of(&mut elsewhere, "acme").await.unwrap();
-
+    status_of(&mut same_address, "acme").await.unwrap();
     // Every denial left an audit record.
     let denied = |r: &AuditRecord| r.result.starts_with("denied");
     wait_audited(&cluster, "no certificate", |r| {
@@ -284,16 +280,11 @@ async fn every_denied_access_is_refused_and_audited() {
     })
     .await;
     wait_audited(&cluster, "lockout", |r| {
-        r.action == "lockout" && r.source == "127.0.0.3"
-    })
-    .await;
-    wait_audited(&cluster, "locked out", |r| {
-        denied(r) && r.source == "127.0.0.3" && r.result.ends_with("now locked out")
+        r.action == "lockout-started" && r.target == "id:mallory"
     })
     .await;
     wait_audited(&cluster, "refused while locked out", |r| {
-        // Refused before the TLS handshake, so without an identity.
-        r.source == "127.0.0.3" && r.action == "client-connect" && r.result == "refused: locked out"
+        r.identity == "mallory" && r.result == "refused: locked out"
     })
     .await;
     let metric = scrape_metric(&cluster.ops_addr(1), "mailvault_lockouts_total").await;
@@ -317,12 +308,13 @@ async fn denials_seen_by(cluster: &Cluster, i: usize, identity: &str) -> usize {
         .count()
 }
 
-/// Calls node `i` as `identity` from `from` until the answer says "locked out".
-async fn wait_locked_out(cluster: &Cluster, i: usize, identity: &str, from: &str) {
+/// Calls node `i` as `identity` from `from` until the answer says "locked
+/// out"; returns that answer.
+async fn wait_locked_out(cluster: &Cluster, i: usize, identity: &str, from: &str) -> tonic::Status {
     let mut c = MailboxClient::new(cluster.channel_as(i, identity, ip(from)));
     for _ in 0..100 {
         match status_of(&mut c, "acme").await {
-            Err(e) if e.code() == Code::PermissionDenied && e.message().contains("locked out") => return,
+            Err(e) if e.code() == Code::PermissionDenied && e.message().contains("locked out") => return e,
             Ok(_) => panic!("{identity} from {from} got through node {i} while locked out"),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
@@ -330,11 +322,53 @@ async fn wait_locked_out(cluster: &Cluster, i: usize, identity: &str, from: &str
     panic!("{identity} from {from} was never locked out on node {i}");
 }
 
+/// The lockouts node `i` lists, as `identity` or `address` names.
+async fn lockouts_on(cluster: &Cluster, i: usize) -> Vec<String> {
+    let mut a = cluster.admin(i).await.access;
+    let l = a
+        .list_lockouts(ListLockoutsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .lockouts;
+    l.into_iter()
+        .map(|l| match l.identity.is_empty() {
+            true => format!("address {}", l.address),
+            false => format!("identity {}", l.identity),
+        })
+        .collect()
+}
+
+/// Waits until node `i` lists exactly `want`.
+async fn wait_lockouts(cluster: &Cluster, i: usize, want: &[&str]) {
+    for _ in 0..100 {
+        if lockouts_on(cluster, i).await == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("node {i} lists {:?}, not {want:?}", lockouts_on(cluster, i).await);
+}
+
+/// A health check from `from` presenting no certificate: a failed authentication.
+async fn unauthenticated_attempt(cluster: &Cluster, i: usize, from: &str) {
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&cluster.ca().pems.cert));
+    let mut c = tonic_health::pb::health_client::HealthClient::new(lazy_channel(
+        &cluster.client_addr(i),
+        tls,
+        ip(from),
+    ));
+    assert!(c
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .is_err());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lockout_holds_on_every_node_and_survives_a_restart() {
+async fn lockouts_hit_the_caller_not_its_neighbours_at_the_exact_threshold_cluster_wide() {
     let mut cluster = setup().await;
     cluster.grant("trudy-ok", "acme", "reader").await;
-    // Four denials spread over the three nodes: no node saw five by itself.
+    // Four denials spread over the three nodes: no lockout anywhere.
     for (node, times) in [(0, 2), (1, 1), (2, 1)] {
         let mut c = MailboxClient::new(cluster.channel_as(node, "trudy", ip("127.0.2.1")));
         for _ in 0..times {
@@ -343,60 +377,83 @@ async fn a_lockout_holds_on_every_node_and_survives_a_restart() {
             assert!(!e.message().contains("locked out"), "locked out too early: {e:?}");
         }
     }
-    // Once node 3 has applied the other nodes' denials, its first one is the fifth.
-    for _ in 0..100 {
-        if denials_seen_by(&cluster, 2, "trudy").await >= 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(denials_seen_by(&cluster, 2, "trudy").await >= 4);
-    tokio::time::sleep(Duration::from_millis(300)).await; // the follower wakes on apply
-    let mut c = MailboxClient::new(cluster.channel_as(2, "trudy", ip("127.0.2.1")));
-    let e = status_of(&mut c, "acme").await.unwrap_err();
-    assert!(
-        e.message().contains("now locked out"),
-        "the fifth denial, counted cluster-wide, did not lock out: {e:?}"
-    );
-    // Node 3 started the lockout; every node enforces it, for the identity
-    // from anywhere and for the address whoever presents a certificate.
     for node in 0..3 {
-        wait_locked_out(&cluster, node, "trudy", "127.0.2.2").await;
-        // A locked-out address does not even get a TLS session (once the
-        // node has applied the lockout record, a moment after it started).
-        let mut refused = None;
-        for _ in 0..50 {
-            let mut c = MailboxClient::new(cluster.channel_as(node, "trudy-ok", ip("127.0.2.1")));
-            match status_of(&mut c, "acme").await {
-                // Refused by the access layer: the connection was accepted
-                // before this node applied the address's lockout (it can
-                // follow the identity's by a moment); connect again.
-                Err(e) if e.code() == Code::PermissionDenied => {}
-                Err(e) => {
-                    refused = Some(e);
-                    break;
-                }
-                Ok(_) => {}
+        for _ in 0..100 {
+            if denials_seen_by(&cluster, node, "trudy").await >= 4 {
+                break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let refused = refused.unwrap_or_else(|| panic!("node {node} let a locked-out address in"));
-        // Named in the failure: a call that failed for another reason
-        // (not a refused handshake) leaves no such record.
-        let what =
-            format!("connection from a locked-out address to node {node} (the call failed with {refused:?})");
-        wait_audited(&cluster, &what, |r| {
-            r.node == node as u64 + 1
-                && r.source == "127.0.2.1"
-                && r.action == "client-connect"
-                && r.result == "refused: locked out"
-        })
-        .await;
+        assert_eq!(denials_seen_by(&cluster, node, "trudy").await, 4);
+        wait_lockouts(&cluster, node, &[]).await;
     }
-    // A restarted node still enforces it (replayed from the audit log before serving).
+    // The fifth, on any node, locks trudy out on every node, from anywhere,
+    // with when it ends; not the address, where trudy-ok and the operator
+    // are served as before.
+    let mut c = MailboxClient::new(cluster.channel_as(2, "trudy", ip("127.0.2.1")));
+    assert_eq!(
+        status_of(&mut c, "acme").await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    for node in 0..3 {
+        let e = wait_locked_out(&cluster, node, "trudy", "127.0.2.2").await;
+        let info = tonic_types::StatusExt::get_details_error_info(&e).expect("an ErrorInfo");
+        assert_eq!(info.reason, "LOCKED_OUT");
+        let until = &info.metadata["locked_until"];
+        assert!(e.message().contains(until.as_str()), "{e:?}");
+        wait_lockouts(&cluster, node, &["identity trudy"]).await;
+        let mut ok = MailboxClient::new(cluster.channel_as(node, "trudy-ok", ip("127.0.2.1")));
+        status_of(&mut ok, "acme").await.unwrap();
+        let mut admin = cluster.admin_as(node, ADMIN).await.cluster;
+        admin.node_status(NodeStatusRequest {}).await.unwrap();
+    }
+
+    // Failed authentications lock out their address: once it is locked, a
+    // revoked certificate from there is told so; an identity in good
+    // standing behind it is still served.
+    cluster.grant("gone", "acme", "reader").await;
+    let mut a = cluster.admin(0).await.access;
+    a.revoke_identity(RevokeIdentityRequest {
+        identity: "gone".into(),
+    })
+    .await
+    .unwrap();
+    for n in 0..5 {
+        unauthenticated_attempt(&cluster, n % 3, "127.0.2.9").await;
+    }
+    for node in 0..3 {
+        wait_lockouts(&cluster, node, &["identity trudy", "address 127.0.2.9"]).await;
+        let mut gone = MailboxClient::new(cluster.channel_as(node, "gone", ip("127.0.2.9")));
+        let e = status_of(&mut gone, "acme").await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("locked out"), "{e:?}");
+        let mut ok = MailboxClient::new(cluster.channel_as(node, "trudy-ok", ip("127.0.2.9")));
+        status_of(&mut ok, "acme").await.unwrap();
+    }
+
+    // A node certificate is never locked out, however often it is denied.
+    let node_cert = cluster.ca().node(9, &["127.0.2.10".parse().unwrap()]).unwrap();
+    let tls = cluster.tls_with(Identity::from_pem(&node_cert.cert, &node_cert.key));
+    let mut as_node = MailboxClient::new(lazy_channel(&cluster.client_addr(1), tls, ip("127.0.2.10")));
+    for _ in 0..8 {
+        let e = status_of(&mut as_node, "acme").await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert!(
+            !e.message().contains("locked out"),
+            "a node was locked out: {e:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!status_of(&mut as_node, "acme")
+        .await
+        .unwrap_err()
+        .message()
+        .contains("locked out"));
+
+    // A restarted node still enforces them (replayed before serving).
     cluster.kill(0);
     cluster.start_node(0);
-    let mut c = MailboxClient::new(cluster.channel_as(0, "trudy", ip("127.0.2.3")));
+    let c = MailboxClient::new(cluster.channel_as(0, "trudy", ip("127.0.2.3")));
     let e = retry(Duration::from_secs(30), || {
         let mut c = c.clone();
         async move {
@@ -410,10 +467,56 @@ async fn a_lockout_holds_on_every_node_and_survives_a_restart() {
     .await
     .unwrap();
     assert!(e.message().contains("locked out"), "after a restart: {e:?}");
-    // An identity in good standing from another address is unaffected.
-    let mut ok = MailboxClient::new(cluster.channel_as(1, "trudy-ok", ip("127.0.2.4")));
-    status_of(&mut ok, "acme").await.unwrap();
-    let _ = &mut c;
+    wait_lockouts(&cluster, 0, &["identity trudy", "address 127.0.2.9"]).await;
+
+    // Only an operator may lift one; the CLI lists and lifts them, audited.
+    let mut reader = cluster.admin_as(1, "trudy-ok").await.access;
+    let e = reader
+        .unlock(UnlockRequest {
+            who: Some(unlock_request::Who::Identity("trudy".into())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let out = cluster
+        .admin_command(&cluster.client_addr(1), ADMIN)
+        .args(["access", "lockouts"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && listed.contains("trudy") && listed.contains("127.0.2.9"),
+        "{listed}"
+    );
+    for args in [
+        vec!["access", "unlock", "trudy"],
+        vec!["access", "unlock", "--address", "127.0.2.9"],
+    ] {
+        let out = cluster
+            .admin_command(&cluster.client_addr(1), ADMIN)
+            .args(&args)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && said.starts_with("unlocked"),
+            "{args:?}: {said}"
+        );
+    }
+    for node in 0..3 {
+        wait_lockouts(&cluster, node, &[]).await;
+        let mut trudy = MailboxClient::new(cluster.channel_as(node, "trudy", ip("127.0.2.1")));
+        let e = status_of(&mut trudy, "acme").await.unwrap_err();
+        assert!(
+            !e.message().contains("locked out"),
+            "node {node} after unlock: {e:?}"
+        );
+    }
+    wait_audited(&cluster, "unlock", |r| {
+        r.action == "unlock" && r.identity == ADMIN && r.target == "id:trudy"
+    })
+    .await;
+    let _ = &mut c.clone();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -196,6 +196,18 @@ pub fn from_leader(s: Status) -> Status {
     .into()
 }
 
+/// A caller locked out after repeated failures, until `until_ms`.
+pub fn locked_out(until_ms: i64) -> ApiError {
+    let until = std::time::UNIX_EPOCH + std::time::Duration::from_millis(until_ms.max(0) as u64);
+    let until = humantime::format_rfc3339_seconds(until);
+    ApiError::new(
+        Reason::LockedOut,
+        format!("locked out after repeated failures until {until}"),
+    )
+    .with("locked_until", until)
+    .with("locked_until_ms", until_ms)
+}
+
 /// A call of a method this port does not serve (no access rule: the peer
 /// protocol on the client port): not a denial.
 pub fn not_served(path: &str) -> Status {

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tonic_reflection::server::v1::ServerReflectionServer;
 
 use crate::access::rules::{HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA};
-use crate::access::{follow_audit_log, AccessLayer, Denials, Gate, Lockout, REFUSED, REFUSED_LOCKED};
+use crate::access::{follow_audit_log, AccessLayer, Against, Denials, Gate, Lockout, REFUSED};
 use crate::api::{AccessService, AuditService, ClusterService, MailboxService, TenantsService};
 use crate::audit::AuditRecorder;
 use crate::config::Config;
@@ -160,7 +160,6 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         accept_loop(
             raft_listener,
             server_tls.clone(),
-            |_| Ok(()),
             move |peer: &Peer| match peer.identity {
                 CertIdentity::Node(_) if !reader.serial_revoked(&peer.serial).unwrap_or(true) => Ok(()),
                 CertIdentity::Node(_) => Err("node certificate revoked".into()),
@@ -233,9 +232,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let follow_from = lockout
         .replay(&ctx.reader)
         .context("cannot replay recent lockouts from the audit log")?;
-    let (l, r) = (lockout.clone(), ctx.reader.clone());
+    let (l, r, a) = (lockout.clone(), ctx.reader.clone(), audit.clone());
     workers.spawn("audit-follower", Kind::Background, async move {
-        follow_audit_log(l, r, audit_changes, follow_from).await;
+        follow_audit_log(l, r, a, audit_changes, follow_from).await;
         Ok(())
     });
 
@@ -252,19 +251,18 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let tenants = TenantsServer::new(TenantsService::new(ctx.clone()));
     let access_api = AccessServer::new(AccessService::new(ctx.clone()));
     let audit_api = AuditServer::new(AuditService::new(ctx.clone()));
-    // The client listener admits any certificate of the cluster CA; the access
-    // layer then decides per call. Locked-out addresses are refused at once.
+    // The client listener admits any certificate of the cluster CA that names
+    // an identity; the access layer then decides per call. No address is
+    // refused before its handshake: a lockout of an address (after failed
+    // authentications) must not keep out the authenticated callers and the
+    // nodes behind it.
     let client_incoming = {
-        let (d1, d2) = (denials.clone(), denials.clone());
+        let d = denials.clone();
         accept_loop(
             client_listener,
             server_tls,
-            move |addr| match d1.is_locked(None, Some(addr.ip())) {
-                true => Err(REFUSED_LOCKED.into()),
-                false => Ok(()),
-            },
             |_| Ok(()),
-            move |f| record_refused(&d2, "client-connect", true, f),
+            move |f| record_refused(&d, "client-connect", true, f),
         )
     };
     let access = AccessLayer::new(ctx.gate.clone());
@@ -372,13 +370,16 @@ fn record_refused(denials: &Denials, action: &'static str, count: bool, f: Hands
     let denials = denials.clone();
     tokio::spawn(async move {
         let source = Some(f.addr.ip());
-        if f.reason == REFUSED_LOCKED {
-            denials.refuse_locked(&identity, source, action).await;
-        } else if !count {
+        if !count {
             let result = format!("{REFUSED}{}", f.reason);
             denials.refuse(&identity, source, action, &result).await;
+        } else if denials.address_locked_until(source).is_some() {
+            denials.refuse_locked(&identity, source, action).await;
         } else {
-            denials.deny(&identity, source, action, "-", &f.reason).await;
+            // A failed authentication: counted against the address.
+            denials
+                .deny(&identity, source, action, "-", &f.reason, Against::Address)
+                .await;
         }
     });
 }

@@ -1,12 +1,20 @@
-//! The one place a denied attempt is handled: it is audited, counted towards
-//! lockout, and a lockout it starts is audited too (which is how every other
-//! node learns of it).
+//! The one place a denied attempt is handled: it is audited with the key it
+//! counts against (see [`super::lockout`]), which is how every node counts it.
 
 use std::net::IpAddr;
 
-use super::lockout::{Lockout, DENIED, REFUSED, REFUSED_LOCKED};
+use super::lockout::{id_key, ip_key, Lockout, DENIED, DENIED_UNAUTHENTICATED, REFUSED, REFUSED_LOCKED};
 use crate::audit::AuditRecorder;
 use crate::state::audit::AuditEvent;
+
+/// What a denial counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Against {
+    /// An authenticated caller: its identity.
+    Identity,
+    /// A failed authentication: the source address.
+    Address,
+}
 
 /// Records denied attempts.
 #[derive(Clone)]
@@ -21,13 +29,23 @@ impl Denials {
         Denials { lockout, audit }
     }
 
-    /// Whether the identity or the address is locked out now.
-    pub fn is_locked(&self, identity: Option<&str>, source: Option<IpAddr>) -> bool {
-        self.lockout.is_locked(identity, source)
+    /// The lockouts in force.
+    pub fn lockout(&self) -> &Lockout {
+        &self.lockout
     }
 
-    /// Audits a denied attempt (`identity` is `-` when none was proven) and
-    /// counts it. Returns true when it started a lockout.
+    /// Until when the identity is locked out, if it is now.
+    pub fn identity_locked_until(&self, identity: &str) -> Option<i64> {
+        self.lockout.locked_until(&id_key(identity))
+    }
+
+    /// Until when the address is locked out (for failed authentications), if it is now.
+    pub fn address_locked_until(&self, source: Option<IpAddr>) -> Option<i64> {
+        source.and_then(|ip| self.lockout.locked_until(&ip_key(ip)))
+    }
+
+    /// Audits a denied attempt (`identity` is `-` when none was proven),
+    /// counted against its identity or its address once the record is applied.
     pub async fn deny(
         &self,
         identity: &str,
@@ -35,20 +53,23 @@ impl Denials {
         action: &str,
         target: &str,
         reason: &str,
-    ) -> bool {
+        against: Against,
+    ) {
         metrics::counter!("mailvault_denied_total").increment(1);
-        let started = self.lockout.fail(Some(identity), source);
-        let mut result = format!("{DENIED}{reason}");
-        if let Some(s) = &started {
-            result.push_str("; now locked out");
-            tracing::warn!(keys = %s.keys.join(" "), "lockout started after repeated failures");
-            let _ = self.audit.record(s.event(identity, source)).await;
-        }
+        let prefix = match against {
+            Against::Identity => DENIED,
+            Against::Address => DENIED_UNAUTHENTICATED,
+        };
         let _ = self
             .audit
-            .record(AuditEvent::new(identity, source, action, target, &result))
+            .record(AuditEvent::new(
+                identity,
+                source,
+                action,
+                target,
+                &format!("{prefix}{reason}"),
+            ))
             .await;
-        started.is_some()
     }
 
     /// Audits an attempt refused because its caller is locked out; it does

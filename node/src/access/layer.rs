@@ -10,6 +10,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::Status;
 use tower::{Layer, Service};
 
+use super::denials::Against;
 use super::gate::Gate;
 use super::lockout::REFUSED;
 use super::principal::Principal;
@@ -119,18 +120,26 @@ async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> 
     let leaf = info.and_then(|i| i.peer_certs()).and_then(|c| c.first().cloned());
     let rule = rule_for(path);
     // Health and reflection are never counted towards a lockout.
-    let counted = rule.is_none_or(|r| !r.probe);
+    let probe = rule.is_some_and(|r| r.probe);
+    let counts = |against| (!probe).then_some(against);
     let Some((cert_identity, serial)) = leaf.as_deref().and_then(identity_of) else {
-        return Err(deny(
-            gate,
-            counted,
-            "-",
-            addr,
-            &method,
+        // A failed authentication: it counts against the address.
+        if let Some(until) = gate.denials.address_locked_until(addr) {
+            gate.denials.refuse_locked("-", addr, &method).await;
+            return Err(crate::error::locked_out(until).into());
+        }
+        let (why, reason) = (
             Reason::CertificateWithoutIdentity,
             "no client certificate identity",
-        )
-        .await);
+        );
+        let denial = Denial {
+            identity: "-",
+            source: addr,
+            method: &method,
+            why,
+            reason,
+        };
+        return Err(denial.record(gate, counts(Against::Address)).await);
     };
     let (identity, is_node, serial, source) = match cert_identity {
         CertIdentity::Node(id) => match header(req, ON_BEHALF_OF) {
@@ -149,29 +158,27 @@ async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> 
     let Some(rule) = rule else {
         return Err(crate::error::not_served(path));
     };
-    if gate.denials.is_locked(Some(&identity), source) {
-        gate.denials.refuse_locked(&identity, source, &method).await;
-        return Err(ApiError::new(Reason::LockedOut, "locked out after repeated failures").into());
-    }
+    let denial = |why, reason| Denial {
+        identity: &identity,
+        source,
+        method: &method,
+        why,
+        reason,
+    };
+    // A node certificate is never locked out and its denials never count.
     if is_node {
         return match rule.nodes {
             true => Ok(Principal {
-                identity,
+                identity: identity.clone(),
                 is_node,
                 serial,
                 source,
                 policy: Default::default(),
             }),
-            false => Err(deny(
-                gate,
-                counted,
-                &identity,
-                source,
-                &method,
-                Reason::NodeNotAllowed,
-                "nodes may not call this directly",
-            )
-            .await),
+            false => {
+                let d = denial(Reason::NodeNotAllowed, "nodes may not call this directly");
+                Err(d.record(gate, None).await)
+            }
         };
     }
     let policy = gate
@@ -180,42 +187,36 @@ async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> 
         .map_err(crate::error::read)?
         .unwrap_or_default();
     if policy.revoked || gate.reader.serial_revoked(&serial).map_err(crate::error::read)? {
-        let reason = "certificate or identity revoked";
-        return Err(deny(gate, counted, &identity, source, &method, Reason::Revoked, reason).await);
+        // A revoked certificate does not authenticate: counted against the address.
+        if let Some(until) = gate.denials.address_locked_until(source) {
+            gate.denials.refuse_locked(&identity, source, &method).await;
+            return Err(crate::error::locked_out(until).into());
+        }
+        let d = denial(Reason::Revoked, "certificate or identity revoked");
+        return Err(d.record(gate, counts(Against::Address)).await);
+    }
+    // An authenticated caller is locked out by its identity alone.
+    if let Some(until) = gate.denials.identity_locked_until(&identity) {
+        gate.denials.refuse_locked(&identity, source, &method).await;
+        return Err(crate::error::locked_out(until).into());
     }
     if !policy.allows_source(source) {
-        return Err(deny(
-            gate,
-            counted,
-            &identity,
-            source,
-            &method,
-            Reason::SourceNotAllowed,
-            "source address not allowed",
-        )
-        .await);
+        let d = denial(Reason::SourceNotAllowed, "source address not allowed");
+        return Err(d.record(gate, counts(Against::Identity)).await);
     }
     let bootstrap = gate.operators.contains(&identity);
     let allowed = rule
         .admits(|role| policy.cluster_roles.contains(&role) || (bootstrap && role == ClusterRole::Operator));
     if !allowed {
-        return Err(deny(
-            gate,
-            counted,
-            &identity,
-            source,
-            &method,
-            Reason::NoClusterRole,
-            "missing cluster role for this call",
-        )
-        .await);
+        let d = denial(Reason::NoClusterRole, "missing cluster role for this call");
+        return Err(d.record(gate, counts(Against::Identity)).await);
     }
     let mut policy = policy;
     if bootstrap {
         policy.cluster_roles.insert(ClusterRole::Operator);
     }
     Ok(Principal {
-        identity,
+        identity: identity.clone(),
         is_node,
         serial,
         source,
@@ -223,25 +224,31 @@ async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> 
     })
 }
 
-/// Audits a denial, counts it towards lockout when `counted`, and builds the status.
-async fn deny(
-    gate: &Gate,
-    counted: bool,
-    identity: &str,
+/// A call the access layer refuses.
+struct Denial<'a> {
+    identity: &'a str,
     source: Option<IpAddr>,
-    method: &str,
+    method: &'a str,
     why: Reason,
-    reason: &str,
-) -> Status {
-    if !counted {
-        let result = format!("{REFUSED}{reason}");
-        gate.denials.refuse(identity, source, method, &result).await;
-        return ApiError::new(why, reason).with("locked_out", false).into();
+    reason: &'static str,
+}
+
+impl Denial<'_> {
+    /// Audits it — counted against `against`, or not at all — and builds the status.
+    async fn record(self, gate: &Gate, against: Option<Against>) -> Status {
+        match against {
+            Some(against) => {
+                gate.denials
+                    .deny(self.identity, self.source, self.method, "-", self.reason, against)
+                    .await
+            }
+            None => {
+                let result = format!("{REFUSED}{}", self.reason);
+                gate.denials
+                    .refuse(self.identity, self.source, self.method, &result)
+                    .await;
+            }
+        }
+        ApiError::new(self.why, self.reason).into()
     }
-    let locked = gate.denials.deny(identity, source, method, "-", reason).await;
-    let message = match locked {
-        true => format!("{reason}; now locked out"),
-        false => reason.to_string(),
-    };
-    ApiError::new(why, message).with("locked_out", locked).into()
 }

@@ -13,9 +13,12 @@ mod masking;
 mod principal;
 pub mod rules;
 
-pub use denials::Denials;
+pub use denials::{Against, Denials};
 pub use gate::Gate;
 pub use layer::{AccessLayer, ON_BEHALF_OF, ON_BEHALF_SERIAL, ON_BEHALF_SOURCE};
-pub use lockout::{follow_audit_log, Lockout, Started, DENIED, LOCKOUT_ACTION, REFUSED, REFUSED_LOCKED};
+pub use lockout::{
+    follow_audit_log, id_key, ip_key, is_key, Locked, Lockout, Started, DENIED, DENIED_UNAUTHENTICATED,
+    LOCKOUT_ACTION, LOCKOUT_STARTED, REFUSED, REFUSED_LOCKED, UNLOCKED, UNLOCK_ACTION,
+};
 pub use masking::{mask_address, mask_addresses_in};
 pub use principal::{authorize, Principal};

@@ -4,6 +4,7 @@ use std::net::IpAddr;
 
 use tonic::Status;
 
+use super::denials::Against;
 use super::gate::Gate;
 use crate::error::{ApiError, Reason};
 use crate::state::audit::AuditEvent;
@@ -62,15 +63,9 @@ pub async fn authorize(
         return Ok(p.clone());
     }
     let reason = format!("no role on tenant {tenant} permits {action:?}");
-    let locked = gate
-        .denials
-        .deny(&p.identity, p.source, rpc, &target, &reason)
+    gate.denials
+        .deny(&p.identity, p.source, rpc, &target, &reason, Against::Identity)
         .await;
-    let mut message = format!("{} may not {:?} tenant {tenant}", p.identity, action);
-    if locked {
-        message.push_str("; now locked out after repeated failures");
-    }
-    Err(ApiError::new(Reason::NoTenantRole, message)
-        .with("locked_out", locked)
-        .into())
+    let message = format!("{} may not {:?} tenant {tenant}", p.identity, action);
+    Err(ApiError::new(Reason::NoTenantRole, message).into())
 }

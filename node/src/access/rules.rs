@@ -89,6 +89,8 @@ const RULES: &[(&str, &str, Rule)] = &[
     (access_server::SERVICE_NAME, "SetAllowlist", OPERATOR),
     (access_server::SERVICE_NAME, "RevokeIdentity", OPERATOR),
     (access_server::SERVICE_NAME, "RevokeCertificate", OPERATOR),
+    (access_server::SERVICE_NAME, "ListLockouts", OPERATOR),
+    (access_server::SERVICE_NAME, "Unlock", OPERATOR),
     (audit_server::SERVICE_NAME, "ListAudit", AUDITOR),
     (audit_server::SERVICE_NAME, "VerifyAudit", AUDITOR),
 ];

@@ -3,6 +3,7 @@
 //! (see `store/apply/access.rs`), never a read-modify-write of the whole
 //! policy by the client.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -13,8 +14,9 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::operator::record;
+use crate::access::{id_key, ip_key, is_key, UNLOCKED, UNLOCK_ACTION};
 use crate::ctx::Ctx;
-use crate::error::{self, ApiError};
+use crate::error::{self, ApiError, Reason};
 use crate::forward::{principal_of, route_write};
 use crate::names;
 use crate::state::command::{AccessChange, Command, CommandResult, RoleGrant};
@@ -221,5 +223,79 @@ impl Access for AccessService {
             .await
             .map_err(error::propose)?;
         Ok(Response::new(RevokeCertificateResponse {}))
+    }
+
+    async fn list_lockouts(
+        &self,
+        req: Request<ListLockoutsRequest>,
+    ) -> Result<Response<ListLockoutsResponse>, Status> {
+        let p = principal_of(&req);
+        record(&self.ctx, p.as_ref(), "ListLockouts", "-".into()).await?;
+        let lockouts = self
+            .ctx
+            .gate
+            .denials
+            .lockout()
+            .locked()
+            .into_iter()
+            .filter_map(|l| {
+                let (kind, who) = l.key.split_once(':')?;
+                Some(LockedOut {
+                    identity: if kind == "id" {
+                        who.to_string()
+                    } else {
+                        String::new()
+                    },
+                    address: if kind == "ip" {
+                        who.to_string()
+                    } else {
+                        String::new()
+                    },
+                    until_ms: l.until_ms,
+                })
+            })
+            .collect();
+        Ok(Response::new(ListLockoutsResponse { lockouts }))
+    }
+
+    async fn unlock(&self, req: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
+        let p = principal_of(&req);
+        let key = match req.into_inner().who {
+            Some(unlock_request::Who::Identity(id)) => {
+                identity(&id)?;
+                id_key(&id)
+            }
+            Some(unlock_request::Who::Address(a)) => {
+                let ip: IpAddr = a
+                    .parse()
+                    .map_err(|_| error::invalid("address must be an IP address"))?;
+                ip_key(ip)
+            }
+            None => return Err(error::invalid("name an identity or an address").into()),
+        };
+        if !is_key(&key) {
+            return Err(error::invalid("node identities are never locked out").into());
+        }
+        let p = p.ok_or_else(|| ApiError::new(Reason::NoIdentity, "no authenticated identity"))?;
+        let lockout = self.ctx.gate.denials.lockout();
+        let was_locked = lockout.locked_until(&key).is_some();
+        // The unlock is an audit record, committed before this returns; every
+        // node lifts the lockout when it folds it (see access/lockout.rs).
+        self.ctx
+            .audit
+            .record_committed(p.event(UNLOCK_ACTION, key.clone(), UNLOCKED))
+            .await?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while lockout.locked_until(&key).is_some() {
+            if std::time::Instant::now() > deadline {
+                return Err(ApiError::new(
+                    Reason::ReplicaBehind,
+                    "unlock committed; this node has not applied it yet",
+                )
+                .into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Ok(Response::new(UnlockResponse { was_locked }))
     }
 }

@@ -60,9 +60,19 @@ impl AuditRecorder {
 
     /// Records an event. With `fail_closed`, waits until it is committed and
     /// fails `UNAVAILABLE` if it cannot be; otherwise only queues it.
-    pub async fn record(&self, mut event: AuditEvent) -> Result<(), Status> {
+    pub async fn record(&self, event: AuditEvent) -> Result<(), Status> {
+        self.submit(event, self.fail_closed).await
+    }
+
+    /// Records an event and waits until it is committed, whatever
+    /// `fail_closed` says (for records that change something: an unlock).
+    pub async fn record_committed(&self, event: AuditEvent) -> Result<(), Status> {
+        self.submit(event, true).await
+    }
+
+    async fn submit(&self, mut event: AuditEvent, wait: bool) -> Result<(), Status> {
         event.node = self.node;
-        if !self.fail_closed {
+        if !wait {
             if self.tx.try_send(Item { event, done: None }).is_err() {
                 metrics::counter!("mailvault_audit_dropped_total").increment(1);
                 tracing::error!("audit queue full; an audit record was dropped");

@@ -105,24 +105,21 @@ impl ClientCertVerifier for NamedIdentity {
 }
 
 /// Accepts TCP connections, performs the TLS handshake, and yields the admitted
-/// sessions. `precheck` may refuse a source address before the handshake
-/// (lockout); `admit` decides on the authenticated peer; `on_fail` hears about
+/// sessions. `admit` decides on the authenticated peer; `on_fail` hears about
 /// every refused connection.
-pub fn accept_loop<P, A, F>(
+pub fn accept_loop<A, F>(
     listener: TcpListener,
     config: Arc<ServerConfig>,
-    precheck: P,
     admit: A,
     on_fail: F,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>
 where
-    P: Fn(&SocketAddr) -> Result<(), String> + Send + Sync + 'static,
     A: Fn(&Peer) -> Result<(), String> + Send + Sync + 'static,
     F: Fn(HandshakeFailure) + Send + Sync + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
-    let hooks = Arc::new((precheck, admit, on_fail));
+    let hooks = Arc::new((admit, on_fail));
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = match listener.accept().await {
@@ -138,12 +135,9 @@ where
             }
             let (acceptor, tx, hooks) = (acceptor.clone(), tx.clone(), hooks.clone());
             tokio::spawn(async move {
-                let (precheck, admit, on_fail) = &*hooks;
+                let (admit, on_fail) = &*hooks;
                 let fail =
                     |reason: String, peer: Option<Peer>| on_fail(HandshakeFailure { addr, reason, peer });
-                if let Err(reason) = precheck(&addr) {
-                    return fail(reason, None);
-                }
                 let _ = tcp.set_nodelay(true);
                 // A refused handshake ends with the alert that says why
                 // (rustls writes it before the error comes back).
