@@ -72,7 +72,6 @@ async fn acknowledged_appends_survive_leader_kill_and_retries_create_no_duplicat
     cluster.start_node(old_leader);
 
     let acked = acked.lock().unwrap().clone();
-    let want = acked.len();
     assert_eq!(acked.len(), WRITERS * PER_WRITER);
     eprintln!("acked before kill: {acked_before_kill}; failed attempts retried: {retried}");
 
@@ -80,29 +79,7 @@ async fn acknowledged_appends_survive_leader_kill_and_retries_create_no_duplicat
     // append exactly once, with the bytes that were written.
     for i in 0..cluster.len() {
         let c = cluster.mailbox(i).await;
-        let listed = retry(Duration::from_secs(30), || {
-            let mut c = c.clone();
-            async move {
-                let l = list_all(&mut c, T, M).await?;
-                if l.len() < want {
-                    return Err(tonic::Status::unavailable("catching up"));
-                }
-                Ok(l)
-            }
-        })
-        .await
-        .unwrap();
-        let mut by_subject: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-        for m in &listed {
-            by_subject.entry(m.subject.clone()).or_default().push(m.uid);
-        }
-        for (key, uid) in &acked {
-            assert_eq!(
-                by_subject.get(key),
-                Some(&vec![*uid]),
-                "node {i}: {key} not present exactly once"
-            );
-        }
+        let listed = exactly_once_each(&c, &acked, &format!("node {i}")).await;
         assert_eq!(listed.len(), acked.len(), "node {i} holds unacknowledged extras");
         for (key, uid) in acked.iter().take(10) {
             // Leadership may move back to the restarted active node meanwhile:
@@ -121,6 +98,41 @@ async fn acknowledged_appends_survive_leader_kill_and_retries_create_no_duplicat
             "UIDs must strictly increase"
         );
     }
+}
+
+/// Lists the mailbox through `c` once it holds as many messages as were
+/// acknowledged, and checks that each acknowledged key is there exactly once,
+/// with its UID; returns the listing.
+async fn exactly_once_each(
+    c: &mailvault_proto::v1::mailbox_client::MailboxClient<tonic::transport::Channel>,
+    acked: &HashMap<String, u32>,
+    on: &str,
+) -> Vec<mailvault_proto::v1::MessageSummary> {
+    let want = acked.len();
+    let listed = retry(Duration::from_secs(60), || {
+        let mut c = c.clone();
+        async move {
+            let l = list_all(&mut c, T, M).await?;
+            if l.len() < want {
+                return Err(tonic::Status::unavailable("catching up"));
+            }
+            Ok(l)
+        }
+    })
+    .await
+    .unwrap();
+    let mut by_subject: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+    for m in &listed {
+        by_subject.entry(m.subject.as_str()).or_default().push(m.uid);
+    }
+    for (key, uid) in acked {
+        assert_eq!(
+            by_subject.get(key.as_str()),
+            Some(&vec![*uid]),
+            "{on}: {key} not present exactly once"
+        );
+    }
+    listed
 }
 
 async fn futures_clients(
@@ -264,29 +276,6 @@ async fn twenty_leader_kills_under_forwarded_appends_never_answer_unknown() {
     let acked = acked.lock().unwrap().clone();
     cluster.wait_for_leader(Duration::from_secs(30)).await;
     let c = cluster.mailbox(0).await;
-    let listed = retry(Duration::from_secs(60), || {
-        let mut c = c.clone();
-        let want = acked.len();
-        async move {
-            let l = list_all(&mut c, T, M).await?;
-            if l.len() < want {
-                return Err(tonic::Status::unavailable("catching up"));
-            }
-            Ok(l)
-        }
-    })
-    .await
-    .unwrap();
-    let mut by_subject: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
-    for m in &listed {
-        by_subject.entry(m.subject.as_str()).or_default().push(m.uid);
-    }
-    for (key, uid) in &acked {
-        assert_eq!(
-            by_subject.get(key.as_str()),
-            Some(&vec![*uid]),
-            "{key} not present exactly once"
-        );
-    }
+    let listed = exactly_once_each(&c, &acked, "the cluster").await;
     assert_eq!(listed.len(), acked.len(), "unacknowledged extras");
 }

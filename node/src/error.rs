@@ -196,6 +196,11 @@ pub fn from_leader(s: Status) -> Status {
     .into()
 }
 
+/// No leader is known: nothing can be written or read linearizably now.
+pub fn no_leader() -> ApiError {
+    ApiError::new(Reason::NoLeader, "no leader elected; retry")
+}
+
 /// A caller locked out after repeated failures, until `until_ms`.
 pub fn locked_out(until_ms: i64) -> ApiError {
     let until = std::time::UNIX_EPOCH + std::time::Duration::from_millis(until_ms.max(0) as u64);

@@ -39,10 +39,7 @@ impl Router {
 
     /// The current leader and its member record, if known.
     pub fn leader(&self) -> Option<(NodeId, Member)> {
-        let m = self.raft.metrics().borrow().clone();
-        let id = m.current_leader?;
-        let member = m.membership_config.membership().get_node(&id)?.clone();
-        Some((id, member))
+        crate::raft::leader_of(&self.raft)
     }
 
     /// Channels to every other member's client port, for reads this node
@@ -77,7 +74,7 @@ impl Router {
             .into());
         }
         let Some((_, leader)) = self.leader() else {
-            return Err(ApiError::new(Reason::NoLeader, "no leader elected; retry").into());
+            return Err(crate::error::no_leader().into());
         };
         let ch = self
             .peers

@@ -116,8 +116,8 @@ impl ReadBarrier {
         if self.stale {
             return Ok(());
         }
-        let m = self.raft.metrics().borrow().clone();
-        if m.current_leader == Some(self.id) {
+        let leader = super::leader_of(&self.raft);
+        if leader.as_ref().is_some_and(|(id, _)| *id == self.id) {
             let r = tokio::time::timeout(READ_TIMEOUT, async {
                 self.fence.index().await?;
                 Ok(self.raft.ensure_linearizable().await)
@@ -136,11 +136,8 @@ impl ReadBarrier {
                 .into()),
             };
         }
-        let leader = m
-            .current_leader
-            .and_then(|id| m.membership_config.membership().get_node(&id).cloned());
-        let Some(leader) = leader else {
-            return Err(ApiError::new(Reason::NoLeader, "no leader elected; retry").into());
+        let Some((_, leader)) = leader else {
+            return Err(crate::error::no_leader().into());
         };
         let index = self.peers.read_index(&leader.raft_addr, READ_TIMEOUT).await?;
         let mut applied = self.applied.clone();
