@@ -32,7 +32,7 @@ pub enum ProposeError {
     /// The outcome is unknown (timeout or leadership lost); retry with the same idempotency key.
     #[error("write outcome unknown: {0}")]
     Unknown(String),
-    /// Raft stopped.
+    /// The node stopped before the command was proposed: it was not written.
     #[error("raft stopped")]
     Stopped,
 }
@@ -179,7 +179,9 @@ async fn commit(raft: &Raft, batch: Vec<Pending>) {
                     ProposeError::NotLeader(f.leader_id)
                 }
                 RaftError::APIError(other) => ProposeError::Unknown(other.to_string()),
-                RaftError::Fatal(_) => ProposeError::Stopped,
+                // Raft stopped with the batch submitted: it may have been
+                // replicated and committed by the others.
+                RaftError::Fatal(_) => ProposeError::Unknown("raft stopped during the commit".into()),
             };
             for reply in replies {
                 let _ = reply.send(Err(err.clone()));
