@@ -251,6 +251,7 @@ async fn a_listing_with_one_damaged_message_returns_the_rest_and_the_damaged_one
     .unwrap();
     uids.push(r.uid);
     cluster.grant("reader", T, "reader").await;
+    cluster.grant("exporter", T, "exporter").await;
     cluster.wait_all_applied().await;
     let (headers_uid, body_uid) = (uids[3], r.uid);
     cluster.stop(2);
@@ -294,6 +295,32 @@ async fn a_listing_with_one_damaged_message_returns_the_rest_and_the_damaged_one
         masked.ends_with(&big[big.len() - 1000..]),
         "the masked copy is whole"
     );
+
+    // An export through the damaged node is whole: the damaged ones from a replica.
+    let mut ex = cluster.mailbox_as(2, "exporter").await;
+    let mut stream = ex
+        .export_mailbox(mailvault_proto::v1::ExportMailboxRequest {
+            tenant: T.into(),
+            mailbox: M.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut exported = Vec::new();
+    while let Some(item) = tokio_stream::StreamExt::next(&mut stream).await {
+        let item = item.unwrap();
+        exported.push((item.metadata.unwrap().uid, item.raw));
+    }
+    assert_eq!(exported.len(), uids.len());
+    for (uid, raw) in &exported {
+        match *uid {
+            u if u == body_uid => assert!(*raw == big, "the big message exported different"),
+            u => {
+                let n = uids.iter().position(|x| *x == u).unwrap();
+                assert_eq!(*raw, body(n), "uid {u}");
+            }
+        }
+    }
 
     // The node reports both, by id, in status, /metrics and the audit log.
     let mut found: Vec<(u32, String)> = damaged_on(&cluster, 2)

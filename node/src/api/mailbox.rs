@@ -473,9 +473,10 @@ impl Mailbox for MailboxService {
         req: Request<ExportMailboxRequest>,
     ) -> Result<Response<Self::ExportMailboxStream>, Status> {
         let p = principal_of(&req);
+        let passed_on = req.metadata().contains_key(FORWARDED);
         let r = req.into_inner();
         let t = target(&r.tenant, &r.mailbox, None);
-        authorize(
+        let p = authorize(
             &self.ctx.gate,
             p.as_ref(),
             "ExportMailbox",
@@ -486,7 +487,7 @@ impl Mailbox for MailboxService {
         .await?;
         self.ctx.read_barrier().await?;
         self.existing_mailbox(&r.tenant, &r.mailbox)?;
-        let rx = messages::export(self.ctx.clone(), r.tenant, r.mailbox);
+        let rx = messages::export(self.ctx.clone(), r.tenant, r.mailbox, Some(p), passed_on);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

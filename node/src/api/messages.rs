@@ -270,11 +270,16 @@ fn body(ctx: &Ctx, tenant: &str, mailbox: &str, m: &MessageRecord) -> Result<Vec
     Ok(out)
 }
 
-/// Streams every message of a mailbox, in UID order, one at a time.
+/// Streams every message of a mailbox, in UID order, one at a time. A
+/// message whose copy here fails authentication is reported and exported
+/// from a healthy replica (asked on the caller's behalf; never when this
+/// call was itself passed on).
 pub fn export(
     ctx: Arc<Ctx>,
     tenant: String,
     mailbox: String,
+    principal: Option<Principal>,
+    passed_on: bool,
 ) -> mpsc::Receiver<Result<ExportedMessage, Status>> {
     let (tx, rx) = mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
@@ -293,12 +298,36 @@ pub fn export(
                 return;
             };
             for m in &batch {
-                let item = summary(&ctx, &tenant, &mailbox, m, true).and_then(|metadata| {
-                    Ok(ExportedMessage {
-                        metadata: Some(metadata),
-                        raw: body(&ctx, &tenant, &mailbox, m)?,
-                    })
-                });
+                let local = match summary(&ctx, &tenant, &mailbox, m, true) {
+                    Ok(metadata) => match body(&ctx, &tenant, &mailbox, m) {
+                        Ok(raw) => Ok(ExportedMessage {
+                            metadata: Some(metadata),
+                            raw,
+                        }),
+                        Err(e) => Err((e, Part::Body)),
+                    },
+                    Err(e) => Err((e, Part::Headers)),
+                };
+                let item = match local {
+                    Ok(item) => Ok(item),
+                    Err((e, part)) if e.code() == Code::DataLoss => {
+                        ctx.damage.found(&tenant, &mailbox, m.uid, part);
+                        let fallback = (!passed_on).then(|| Fallback {
+                            request: GetMessageRequest {
+                                tenant: tenant.clone(),
+                                mailbox: mailbox.clone(),
+                                uid: m.uid,
+                            },
+                            principal: principal.clone(),
+                        });
+                        tokio::runtime::Handle::current().block_on(whole_from_replicas(
+                            ctx.clone(),
+                            fallback,
+                            e,
+                        ))
+                    }
+                    Err((e, _)) => Err(e),
+                };
                 let failed = item.is_err();
                 if tx.blocking_send(item).is_err() || failed {
                     return;
@@ -311,6 +340,31 @@ pub fn export(
         }
     });
     rx
+}
+
+/// A whole message from a healthy replica (see [`from_replicas`]), as an export item.
+async fn whole_from_replicas(
+    ctx: Arc<Ctx>,
+    fallback: Option<Fallback>,
+    damage: Status,
+) -> Result<ExportedMessage, Status> {
+    let (tx, mut rx) = mpsc::channel(2);
+    tokio::spawn(from_replicas(ctx, fallback, 0, tx, damage));
+    let (mut metadata, mut raw) = (None, Vec::new());
+    while let Some(frame) = rx.recv().await {
+        match frame?.frame {
+            Some(Frame::Metadata(m)) => metadata = Some(m),
+            Some(Frame::Chunk(c)) => raw.extend_from_slice(&c),
+            None => {}
+        }
+    }
+    match metadata {
+        Some(m) => Ok(ExportedMessage {
+            metadata: Some(m),
+            raw,
+        }),
+        None => Err(error::damaged("no replica returned the message whole").into()),
+    }
 }
 
 /// Streams a message with every address masked (for principals without
