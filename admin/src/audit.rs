@@ -55,7 +55,7 @@ pub async fn run(endpoint: &str, output: Output, cmd: AuditCmd) -> anyhow::Resul
                     committed - applied
                 );
             }
-            let result = mailvault_node::store::MailReader::new(db).verify_audit()?;
+            let result = mailvault_node::store::MailReader::unkeyed(db).verify_audit()?;
             report(
                 output,
                 result.as_ref().ok().copied(),

@@ -1,5 +1,6 @@
 //! Corruption of a stopped node's data: a flipped bit in a stored ciphertext,
-//! in an SST file and in the write-ahead log. Damaged data is detected and
+//! a stored record copied over another's place, and a flipped bit in an SST
+//! file and in the write-ahead log. Damaged data is detected and
 //! never served: every read returns the exact bytes written or an error, the
 //! other replicas keep serving everything, and acknowledged mail is not lost.
 
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use mailvault_chaos::scenario::seed_from_env;
 use mailvault_chaos::*;
+use mailvault_node::crypto::{MasterKey, RecordBinding, TAG_BYTES};
 use mailvault_node::store::{open_db, CF_SM};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -161,7 +163,7 @@ async fn a_corrupted_ciphertext_is_refused_not_served() {
         cluster.stop(i);
     }
     for i in [0, 1] {
-        damage_message(&cluster.data_dir(i), damaged.uid, Damage::Chunk(0));
+        damage_message(&cluster, i, damaged.uid, Damage::Chunk(0));
     }
     for i in 0..cluster.len() {
         cluster.start_node(i);
@@ -193,22 +195,30 @@ enum Damage {
     Chunk(u32),
 }
 
+/// The binding of the cluster's stored records (from its master key: the
+/// headers' own authentication is tested by an edit that keeps the record
+/// bound, as only someone holding the master key could make it).
+fn binding(cluster: &Cluster) -> RecordBinding {
+    RecordBinding::new(&MasterKey::load(&cluster.dir().join("master.key")).unwrap())
+}
+
 /// Flips one bit of a stored message of the stopped node with this data
 /// directory, in its headers or in one chunk of its body.
-fn damage_message(data_dir: &Path, uid: u32, what: Damage) {
+fn damage_message(cluster: &Cluster, node: usize, uid: u32, what: Damage) {
     use mailvault_node::state::codec::{decode, encode};
     use mailvault_node::state::keys;
     use mailvault_node::state::records::MessageRecord;
-    let db = open_db(&data_dir.join("db")).unwrap();
+    let db = open_db(&cluster.data_dir(node).join("db")).unwrap();
     let cf = db.cf_handle(CF_SM).unwrap();
     let key = keys::message(T, M, uid);
-    let mut record: MessageRecord =
-        decode(&db.get_cf(cf, &key).unwrap().expect("the message is stored")).unwrap();
+    let stored = db.get_cf(cf, &key).unwrap().expect("the message is stored");
+    let mut record: MessageRecord = decode(&stored[..stored.len() - TAG_BYTES]).unwrap();
     match what {
         Damage::Headers => {
             let at = record.headers.len() / 2;
             record.headers[at] ^= 0x10;
-            db.put_cf(cf, &key, encode(&record)).unwrap();
+            db.put_cf(cf, &key, binding(cluster).bind(&key, encode(&record)))
+                .unwrap();
         }
         Damage::Chunk(i) => {
             let key = keys::chunk(T, &record.blob, i);
@@ -255,8 +265,8 @@ async fn a_listing_with_one_damaged_message_returns_the_rest_and_the_damaged_one
     cluster.wait_all_applied().await;
     let (headers_uid, body_uid) = (uids[3], r.uid);
     cluster.stop(2);
-    damage_message(&cluster.data_dir(2), headers_uid, Damage::Headers);
-    damage_message(&cluster.data_dir(2), body_uid, Damage::Chunk(1));
+    damage_message(&cluster, 2, headers_uid, Damage::Headers);
+    damage_message(&cluster, 2, body_uid, Damage::Chunk(1));
     cluster.start_node(2);
 
     // The listing on the damaged node is whole, the damaged one marked.
@@ -440,4 +450,121 @@ async fn a_follower_with_a_corrupted_wal_refuses_to_start_rather_than_forget() {
         cluster.is_running(0) && cluster.is_running(1),
         "a healthy node stopped"
     );
+}
+
+/// Copies the stored value at `from` over the one at `to` in the stopped
+/// node's store, as someone with a copy of the data directory could.
+fn copy_record(cluster: &Cluster, node: usize, from: &[u8], to: &[u8]) {
+    let db = open_db(&cluster.data_dir(node).join("db")).unwrap();
+    let cf = db.cf_handle(CF_SM).unwrap();
+    let value = db
+        .get_cf(cf, from)
+        .unwrap()
+        .expect("the record to copy is stored");
+    assert!(
+        db.get_cf(cf, to).unwrap().is_some(),
+        "the record to replace is stored"
+    );
+    db.put_cf(cf, to, value).unwrap();
+    db.flush_wal(true).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_record_copied_over_another_is_refused_there_and_the_original_served() {
+    use mailvault_node::state::keys;
+    use mailvault_proto::v1::{GetMailboxStatusRequest, WatchMailboxRequest};
+    const OTHER: &str = "other";
+    let (mut cluster, uids) = setup(4).await;
+    create_mailbox(&cluster, 0, T, OTHER).await.unwrap();
+    cluster.wait_all_applied().await;
+    cluster.stop(2);
+    // A message's record over the next one's, a mailbox's over another's,
+    // a change record over the next one's.
+    copy_record(
+        &cluster,
+        2,
+        &keys::message(T, M, uids[0]),
+        &keys::message(T, M, uids[1]),
+    );
+    copy_record(&cluster, 2, &keys::mailbox(T, M), &keys::mailbox(T, OTHER));
+    copy_record(&cluster, 2, &keys::change(T, M, 1), &keys::change(T, M, 2));
+    cluster.start_node(2);
+
+    // The copied message record is not served as the message at its new
+    // place: the tampered node lists that UID once, marked damaged, and a
+    // read of it returns the original, from a healthy replica.
+    let c = cluster.mailbox(2).await;
+    let listed = retry(Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { list_all(&mut c, T, M).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        listed.iter().map(|m| m.uid).collect::<Vec<_>>(),
+        uids,
+        "{listed:?}"
+    );
+    for m in &listed {
+        assert_eq!(m.damaged, m.uid == uids[1], "uid {}: {m:?}", m.uid);
+    }
+    let mut c = cluster.mailbox(2).await;
+    let (meta, bytes) = fetch(&mut c, T, M, uids[1]).await.unwrap();
+    assert_eq!((meta.uid, meta.subject.as_str()), (uids[1], "m1"));
+    assert_eq!(bytes, body(1), "the original bytes of that UID");
+    let found: Vec<_> = damaged_on(&cluster, 2)
+        .await
+        .into_iter()
+        .map(|d| (d.uid, d.part))
+        .collect();
+    assert_eq!(found, vec![(uids[1], "record".to_string())]);
+
+    // The copied mailbox record and change record are refused on the
+    // tampered node with DATA_LOSS; the other nodes serve the originals.
+    let status = |i: usize| {
+        let cluster = &cluster;
+        async move {
+            let mut c = cluster.mailbox(i).await;
+            c.get_mailbox_status(GetMailboxStatusRequest {
+                tenant: T.into(),
+                mailbox: OTHER.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+        }
+    };
+    let e = status(2).await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(e.message().contains("failed its check"), "{e:?}");
+    let healthy = status(0).await.unwrap();
+    assert_eq!((healthy.mailbox.as_str(), healthy.messages), (OTHER, 0));
+    let first_change = |i: usize| {
+        let cluster = &cluster;
+        async move {
+            let mut c = cluster.mailbox(i).await;
+            let mut s = c
+                .watch_mailbox(WatchMailboxRequest {
+                    tenant: T.into(),
+                    mailbox: M.into(),
+                    since_modseq: 0,
+                })
+                .await?
+                .into_inner();
+            tokio_stream::StreamExt::next(&mut s)
+                .await
+                .expect("a first change or an error")
+        }
+    };
+    let e = first_change(2).await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert_eq!(first_change(0).await.unwrap().modseq, 1);
+    // Nothing acknowledged was lost: every message reads back exactly on
+    // the healthy nodes and through the tampered one.
+    for i in [0, 2] {
+        assert_eq!(
+            read_all_from(&cluster, i, &uids).await,
+            (uids.len(), 0),
+            "node {i}"
+        );
+    }
 }

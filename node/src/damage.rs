@@ -20,6 +20,8 @@ pub enum Part {
     Headers,
     /// A chunk of its body.
     Body,
+    /// Its record (flags, claim, sizes): it failed its binding to its key.
+    Record,
 }
 
 impl Part {
@@ -28,6 +30,7 @@ impl Part {
         match self {
             Part::Headers => "headers",
             Part::Body => "body",
+            Part::Record => "record",
         }
     }
 }

@@ -142,7 +142,13 @@ pub fn propose(e: ProposeError) -> ApiError {
 /// A failed local read.
 pub fn read(e: ReadError) -> ApiError {
     tracing::error!(error = %e, "local read failed");
-    ApiError::new(Reason::InternalError, "storage read failed")
+    match e {
+        ReadError::Corrupt => {
+            metrics::counter!("mailvault_record_check_failures_total").increment(1);
+            damaged("a stored record failed its check (damaged, moved or edited); it is not served")
+        }
+        ReadError::Db(_) | ReadError::Unkeyed => ApiError::new(Reason::InternalError, "storage read failed"),
+    }
 }
 
 /// A ciphertext that did not decrypt: the stored data is damaged or misplaced.
@@ -150,6 +156,12 @@ pub fn crypto(e: CryptoError) -> ApiError {
     tracing::error!(error = %e, "stored ciphertext did not decrypt");
     metrics::counter!("mailvault_decrypt_failures_total").increment(1);
     damaged("stored message failed authentication; it is not served")
+}
+
+/// A message record that failed its binding to its key here.
+pub fn damaged_record() -> ApiError {
+    metrics::counter!("mailvault_record_check_failures_total").increment(1);
+    damaged("the stored message record failed its check (damaged, moved or edited); it is not served")
 }
 
 /// Stored data that is damaged or missing a part.

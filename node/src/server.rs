@@ -63,7 +63,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let db = open_db(&config.data_dir.join("db"))
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     // Before anything reads the store: refuse a newer data version, upgrade an older one.
-    let found = crate::store::data_version::upgrade(&db)
+    let found = crate::store::data_version::upgrade(&db, &keyring)
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     tracing::info!(
         found = ?found,
@@ -87,7 +87,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         );
     }
     let durability = log_store.durability();
-    let state_machine = StateMachine::open(db.clone(), &config.data_dir.join("snapshots"))?
+    let state_machine = StateMachine::open(db.clone(), keyring.clone(), &config.data_dir.join("snapshots"))?
         .applying_synced(durability.clone());
     let applied = state_machine.applied_index();
     let audit_changes = state_machine.audit_changes();
@@ -148,7 +148,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         Duration::from_secs(config.access.lockout_minutes * 60),
     );
     let denials = Denials::new(lockout.clone(), audit.clone());
-    let reader = MailReader::new(db.clone());
+    let reader = MailReader::new(db.clone(), keyring.binding().clone());
 
     let fence = ReadFence::new(raft.clone());
     let peer_svc = RaftPeerServer::new(PeerService::new(raft.clone(), proposer.clone(), fence.clone()))

@@ -1,5 +1,6 @@
 //! openraft's storage test suite against mailvault's RocksDB log store and state machine.
 
+use mailvault_node::crypto::{Keyring, MasterKey};
 use mailvault_node::state::types::{StorageError, TypeConfig};
 use mailvault_node::store::{open_db, LogStore, StateMachine};
 use openraft::testing::{StoreBuilder, Suite};
@@ -15,7 +16,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
         // committed, so its appends all wait for their sync; the pipelined
         // path is tested in `store::log_store` and by the cluster tests.)
         let log = LogStore::new(db.clone(), self.0)?.with_leader_pipelining(0);
-        let sm = StateMachine::open(db, &dir.path().join("snapshots"))?.applying_synced(log.durability());
+        let keys = Keyring::new(&MasterKey::from_hex(&"5a".repeat(32)).expect("a test master key"));
+        let sm =
+            StateMachine::open(db, keys, &dir.path().join("snapshots"))?.applying_synced(log.durability());
         Ok((dir, log, sm))
     }
 }

@@ -7,7 +7,7 @@ use serde_bytes::ByteBuf;
 use tokio_stream::StreamExt;
 use tonic::{Status, Streaming};
 
-use super::tenant_keys::{cipher_for, new_blob};
+use super::tenant_keys::{cipher_for, names_for, new_blob};
 use crate::access::{authorize, Principal};
 use crate::clock::now_ms;
 use crate::crypto::MessageCipher;
@@ -73,7 +73,14 @@ pub async fn append(
         }
     }
     // A key found locally was committed (only committed entries are applied);
-    // one not found yet is caught by the state machine.
+    // one not found yet is caught by the state machine. Keys and keywords
+    // are stored hashed and sealed, and so proposed.
+    let names = names_for(ctx, tenant)?;
+    let header = AppendHeader {
+        idempotency_key: names.idempotency_key(&header.idempotency_key),
+        flags: header.flags.iter().map(|f| names.seal_flag(f)).collect(),
+        ..header.clone()
+    };
     if let Some(prev) = ctx
         .reader
         .idempotency(tenant, mailbox, &header.idempotency_key)

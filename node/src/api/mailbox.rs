@@ -13,10 +13,10 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::tenant_keys::{cipher_for, new_blob};
+use super::tenant_keys::{cipher_for, names_to_propose, new_blob};
 use super::{append, messages, watch};
 use crate::access::{authorize, Principal};
-use crate::crypto::HEADERS_CHUNK;
+use crate::crypto::{NameKind, TenantNames, HEADERS_CHUNK};
 use crate::ctx::Ctx;
 use crate::error;
 use crate::forward::{forwarded, leader_answer, principal_of, route_write, Route, FORWARDED};
@@ -52,6 +52,19 @@ impl MailboxService {
         }
     }
 
+    /// `run` for a command that names an agent: the claim holder in a
+    /// refusal is opened for the client.
+    async fn run_named(&self, names: &TenantNames, cmd: Command) -> Result<CommandResult, Status> {
+        match self.ctx.proposer.propose(cmd).await.map_err(error::propose)? {
+            CommandResult::Refused(Refusal::ClaimedBy(owner)) => {
+                let owner = names.open(NameKind::Agent, &owner).map_err(error::crypto)?;
+                Err(error::refusal(Refusal::ClaimedBy(owner)).into())
+            }
+            CommandResult::Refused(r) => Err(error::refusal(r).into()),
+            other => Ok(other),
+        }
+    }
+
     fn mailbox_status(
         &self,
         tenant: &str,
@@ -62,8 +75,14 @@ impl MailboxService {
         self.ctx
             .reader
             .messages(tenant, mailbox, 0, |msg| {
-                unseen += u64::from(!msg.flags.iter().any(|f| f == "\\Seen"));
-                claimed += u64::from(msg.claimed_by.is_some());
+                // A message damaged here is counted as it would be whole:
+                // unseen and unclaimed are what is known of it.
+                let (seen, claim) = match &msg {
+                    Ok(m) => (m.flags.iter().any(|f| f == "\\Seen"), m.claimed_by.is_some()),
+                    Err(_) => (false, false),
+                };
+                unseen += u64::from(!seen);
+                claimed += u64::from(claim);
                 true
             })
             .map_err(error::read)?;
@@ -245,6 +264,13 @@ impl Mailbox for MailboxService {
             .map_err(error::read)?
             .ok_or_else(|| error::refusal(Refusal::NoMessage))?;
         let view = p.may_view_addresses(&r.tenant);
+        let m = match m {
+            Ok(m) => m,
+            Err(uid) => {
+                let rx = messages::from_replicas_only(self.ctx.clone(), &r.tenant, &r.mailbox, uid, fallback);
+                return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+            }
+        };
         let rx = messages::stream(self.ctx.clone(), r.tenant, r.mailbox, m, view, fallback)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -293,17 +319,19 @@ impl Mailbox for MailboxService {
         for f in r.add.iter().chain(&r.remove) {
             names::flag(f).map_err(error::name)?;
         }
+        let n = names_to_propose(&self.ctx, &r.tenant).await?;
         let res = self
             .run(Command::UpdateFlags {
                 tenant: r.tenant,
                 mailbox: r.mailbox,
                 uid: r.uid,
-                add: r.add,
-                remove: r.remove,
+                add: r.add.iter().map(|f| n.seal_flag(f)).collect(),
+                remove: r.remove.iter().map(|f| n.seal_flag(f)).collect(),
                 unchanged_since: r.unchanged_since,
             })
             .await?;
         let (modseq, flags, _) = Self::changed(res)?;
+        let flags = n.open_flags(&flags).map_err(error::crypto)?;
         Ok(Response::new(UpdateFlagsResponse { modseq, flags }))
     }
 
@@ -324,19 +352,20 @@ impl Mailbox for MailboxService {
         )
         .await?;
         names::agent(&r.agent).map_err(error::name)?;
-        let res = self
-            .run(Command::Claim {
-                tenant: r.tenant,
-                mailbox: r.mailbox,
-                uid: r.uid,
-                agent: r.agent,
-            })
-            .await?;
+        let n = names_to_propose(&self.ctx, &r.tenant).await?;
+        let cmd = Command::Claim {
+            agent: n.seal(NameKind::Agent, &r.agent),
+            tenant: r.tenant,
+            mailbox: r.mailbox,
+            uid: r.uid,
+        };
+        let res = self.run_named(&n, cmd).await?;
         let (modseq, _, claimed_by) = Self::changed(res)?;
-        Ok(Response::new(ClaimMessageResponse {
-            modseq,
-            claimed_by: claimed_by.unwrap_or_default(),
-        }))
+        let claimed_by = match claimed_by {
+            Some(a) => n.open(NameKind::Agent, &a).map_err(error::crypto)?,
+            None => String::new(),
+        };
+        Ok(Response::new(ClaimMessageResponse { modseq, claimed_by }))
     }
 
     async fn release_claim(
@@ -356,14 +385,14 @@ impl Mailbox for MailboxService {
         )
         .await?;
         names::agent(&r.agent).map_err(error::name)?;
-        let res = self
-            .run(Command::Release {
-                tenant: r.tenant,
-                mailbox: r.mailbox,
-                uid: r.uid,
-                agent: r.agent,
-            })
-            .await?;
+        let n = names_to_propose(&self.ctx, &r.tenant).await?;
+        let cmd = Command::Release {
+            agent: n.seal(NameKind::Agent, &r.agent),
+            tenant: r.tenant,
+            mailbox: r.mailbox,
+            uid: r.uid,
+        };
+        let res = self.run_named(&n, cmd).await?;
         let (modseq, _, _) = Self::changed(res)?;
         Ok(Response::new(ReleaseClaimResponse { modseq }))
     }
@@ -501,7 +530,8 @@ impl MailboxService {
             .reader
             .message(&r.tenant, &r.mailbox, r.uid)
             .map_err(error::read)?
-            .ok_or_else(|| error::refusal(Refusal::NoMessage))?;
+            .ok_or_else(|| error::refusal(Refusal::NoMessage))?
+            .map_err(|_| error::damaged_record())?;
         let from = cipher_for(ctx, &r.tenant, &r.mailbox, src.blob, Some(src.key_version))?;
         let blob = new_blob()?;
         let to = cipher_for(ctx, &r.tenant, &r.destination, blob, None)?;

@@ -12,9 +12,9 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 
-use super::tenant_keys::cipher_for;
+use super::tenant_keys::{cipher_for, names_for};
 use crate::access::{mask_address, mask_addresses_in, Principal};
-use crate::crypto::HEADERS_CHUNK;
+use crate::crypto::{NameKind, HEADERS_CHUNK};
 use crate::ctx::Ctx;
 use crate::damage::Part;
 use crate::error;
@@ -22,6 +22,7 @@ use crate::forward::forwarded;
 use crate::state::codec::decode;
 use crate::state::command::Refusal;
 use crate::state::records::{HeaderSummary, MessageRecord};
+use crate::store::StoredMessage;
 
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
@@ -43,32 +44,51 @@ pub fn summary(
         h.to = h.to.iter().map(|a| mask_address(a)).collect();
     }
     Ok(MessageSummary {
-        uid: m.uid,
-        modseq: m.modseq,
-        flags: m.flags.clone(),
-        internal_date_ms: m.internal_date_ms,
-        size: m.size,
         subject: h.subject,
         from: h.from,
         to: h.to,
         date: h.date,
-        claimed_by: m.claimed_by.clone().unwrap_or_default(),
         damaged: false,
+        ..record_summary(ctx, tenant, m)?
     })
 }
 
-/// What a listing says of a message whose headers did not authenticate:
-/// what the record knows, nothing decrypted.
-fn damaged_summary(m: &MessageRecord) -> MessageSummary {
-    MessageSummary {
+/// What a message's record says, its flags and claim holder opened.
+fn record_summary(ctx: &Ctx, tenant: &str, m: &MessageRecord) -> Result<MessageSummary, Status> {
+    let names = names_for(ctx, tenant)?;
+    let claimed_by = match &m.claimed_by {
+        Some(a) => names.open(NameKind::Agent, a).map_err(error::crypto)?,
+        None => String::new(),
+    };
+    Ok(MessageSummary {
         uid: m.uid,
         modseq: m.modseq,
-        flags: m.flags.clone(),
+        flags: names.open_flags(&m.flags).map_err(error::crypto)?,
         internal_date_ms: m.internal_date_ms,
         size: m.size,
-        claimed_by: m.claimed_by.clone().unwrap_or_default(),
-        damaged: true,
+        claimed_by,
         ..Default::default()
+    })
+}
+
+/// What a listing says of a damaged message: what its record knows if the
+/// record is whole (its headers did not authenticate), else its UID only.
+fn damaged_summary(ctx: &Ctx, tenant: &str, m: &StoredMessage) -> MessageSummary {
+    let known = match m {
+        Ok(m) => record_summary(ctx, tenant, m).ok(),
+        Err(_) => None,
+    };
+    MessageSummary {
+        uid: uid_of(m),
+        damaged: true,
+        ..known.unwrap_or_default()
+    }
+}
+
+fn uid_of(m: &StoredMessage) -> u32 {
+    match m {
+        Ok(m) => m.uid,
+        Err(uid) => *uid,
     }
 }
 
@@ -101,14 +121,16 @@ pub fn list(
     let mut next = None;
     ctx.reader
         .messages(tenant, mailbox, from, |m| {
-            if m.uid > max {
+            let uid = uid_of(&m);
+            if uid > max {
                 return false;
             }
-            if m.modseq <= req.changed_since {
+            // A damaged record's MODSEQ is unknown: it is listed.
+            if m.as_ref().is_ok_and(|m| m.modseq <= req.changed_since) {
                 return true;
             }
             if records.len() == page {
-                next = Some(m.uid);
+                next = Some(uid);
                 return false;
             }
             records.push(m);
@@ -119,12 +141,19 @@ pub fn list(
     // it does not take the listing down.
     let messages = records
         .iter()
-        .map(|m| match summary(ctx, tenant, mailbox, m, view_addresses) {
-            Err(e) if e.code() == Code::DataLoss => {
-                ctx.damage.found(tenant, mailbox, m.uid, Part::Headers);
-                Ok(damaged_summary(m))
+        .map(|stored| {
+            let found = match stored {
+                Ok(m) => summary(ctx, tenant, mailbox, m, view_addresses).map_err(|e| (e, Part::Headers)),
+                Err(_) => Err((error::damaged_record().into(), Part::Record)),
+            };
+            match found {
+                Ok(s) => Ok(s),
+                Err((e, part)) if e.code() == Code::DataLoss => {
+                    ctx.damage.found(tenant, mailbox, uid_of(stored), part);
+                    Ok(damaged_summary(ctx, tenant, stored))
+                }
+                Err((e, _)) => Err(e),
             }
-            other => other,
         })
         .collect::<Result<_, _>>()?;
     Ok(ListMessagesResponse {
@@ -145,6 +174,27 @@ pub struct Fallback {
 }
 
 type Frames = mpsc::Sender<Result<GetMessageResponse, Status>>;
+
+/// Streams a message whose record here failed its check: reported, and read
+/// whole from a healthy replica (see [`Fallback`]).
+pub fn from_replicas_only(
+    ctx: Arc<Ctx>,
+    tenant: &str,
+    mailbox: &str,
+    uid: u32,
+    fallback: Option<Fallback>,
+) -> mpsc::Receiver<Result<GetMessageResponse, Status>> {
+    let (tx, rx) = mpsc::channel(2);
+    ctx.damage.found(tenant, mailbox, uid, Part::Record);
+    tokio::spawn(from_replicas(
+        ctx,
+        fallback,
+        0,
+        tx,
+        error::damaged_record().into(),
+    ));
+    rx
+}
 
 /// Streams a message: its summary, then its decrypted chunks, one at a time.
 /// A part that fails authentication here is reported, and the rest of the
@@ -294,29 +344,33 @@ pub fn export(
                 let _ = tx.blocking_send(Err(error::read(e).into()));
                 return;
             }
-            let Some(last) = batch.last().map(|m| m.uid) else {
+            let Some(last) = batch.last().map(uid_of) else {
                 return;
             };
-            for m in &batch {
-                let local = match summary(&ctx, &tenant, &mailbox, m, true) {
-                    Ok(metadata) => match body(&ctx, &tenant, &mailbox, m) {
-                        Ok(raw) => Ok(ExportedMessage {
-                            metadata: Some(metadata),
-                            raw,
-                        }),
-                        Err(e) => Err((e, Part::Body)),
+            for stored in &batch {
+                let local = match stored {
+                    Ok(m) => match summary(&ctx, &tenant, &mailbox, m, true) {
+                        Ok(metadata) => match body(&ctx, &tenant, &mailbox, m) {
+                            Ok(raw) => Ok(ExportedMessage {
+                                metadata: Some(metadata),
+                                raw,
+                            }),
+                            Err(e) => Err((e, Part::Body)),
+                        },
+                        Err(e) => Err((e, Part::Headers)),
                     },
-                    Err(e) => Err((e, Part::Headers)),
+                    Err(_) => Err((error::damaged_record().into(), Part::Record)),
                 };
+                let uid = uid_of(stored);
                 let item = match local {
                     Ok(item) => Ok(item),
                     Err((e, part)) if e.code() == Code::DataLoss => {
-                        ctx.damage.found(&tenant, &mailbox, m.uid, part);
+                        ctx.damage.found(&tenant, &mailbox, uid, part);
                         let fallback = (!passed_on).then(|| Fallback {
                             request: GetMessageRequest {
                                 tenant: tenant.clone(),
                                 mailbox: mailbox.clone(),
-                                uid: m.uid,
+                                uid,
                             },
                             principal: principal.clone(),
                         });

@@ -1,8 +1,10 @@
 //! Finding the cipher for a tenant's data (its key record, through the keyring).
 
+use std::sync::Arc;
+
 use tonic::Status;
 
-use crate::crypto::MessageCipher;
+use crate::crypto::{MessageCipher, TenantNames};
 use crate::ctx::Ctx;
 use crate::error::{self, ApiError, Reason};
 use crate::state::command::{BlobId, Refusal};
@@ -36,6 +38,31 @@ pub fn cipher_for(
         version,
         ctx.test_modes.plaintext,
     ))
+}
+
+/// `tenant`'s name keys: idempotency keys are hashed and keywords and agents
+/// sealed with them before they are proposed, and opened for the client.
+pub fn names_for(ctx: &Ctx, tenant: &str) -> Result<Arc<TenantNames>, Status> {
+    let rec = ctx
+        .reader
+        .tenant(tenant)
+        .map_err(error::read)?
+        .ok_or_else(|| error::refusal(Refusal::NoTenant))?;
+    let first = rec
+        .keys
+        .first()
+        .ok_or_else(|| error::damaged("tenant key missing"))?;
+    Ok(ctx.keyring.names(tenant, first).map_err(error::crypto)?)
+}
+
+/// [`names_for`] on the leader before it proposes: a tenant not found
+/// locally is looked up again after a read barrier (it may have been
+/// created just before a change of leader).
+pub async fn names_to_propose(ctx: &Ctx, tenant: &str) -> Result<Arc<TenantNames>, Status> {
+    if ctx.reader.tenant(tenant).map_err(error::read)?.is_none() {
+        ctx.read_barrier().await?;
+    }
+    names_for(ctx, tenant)
 }
 
 /// A fresh random blob id.

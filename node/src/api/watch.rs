@@ -8,9 +8,11 @@ use mailvault_proto::v1::{ChangeKind, MailboxChange};
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use super::tenant_keys::names_for;
+use crate::crypto::NameKind;
 use crate::ctx::Ctx;
 use crate::error;
-use crate::state::records::ChangeKind as Kind;
+use crate::state::records::{ChangeKind as Kind, ChangeRecord};
 
 const BATCH: usize = 256;
 
@@ -22,6 +24,22 @@ fn kind(k: Kind) -> ChangeKind {
         Kind::Released => ChangeKind::Released,
         Kind::Expunged => ChangeKind::Expunged,
     }
+}
+
+/// A stored change as the client sees it: flags and claim holder opened.
+fn opened(ctx: &Ctx, tenant: &str, modseq: u64, c: ChangeRecord) -> Result<MailboxChange, Status> {
+    let names = names_for(ctx, tenant)?;
+    let claimed_by = match &c.claimed_by {
+        Some(a) => names.open(NameKind::Agent, a).map_err(error::crypto)?,
+        None => String::new(),
+    };
+    Ok(MailboxChange {
+        modseq,
+        uid: c.uid,
+        kind: kind(c.kind) as i32,
+        flags: names.open_flags(&c.flags).map_err(error::crypto)?,
+        claimed_by,
+    })
 }
 
 /// Starts a watcher task; it ends when the client goes away.
@@ -49,12 +67,12 @@ pub fn start(
             let full = changes.len() == BATCH;
             for (modseq, c) in changes {
                 last = modseq;
-                let change = MailboxChange {
-                    modseq,
-                    uid: c.uid,
-                    kind: kind(c.kind) as i32,
-                    flags: c.flags,
-                    claimed_by: c.claimed_by.unwrap_or_default(),
+                let change = match opened(&ctx, &tenant, modseq, c) {
+                    Ok(change) => change,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
                 };
                 if tx.send(Ok(change)).await.is_err() {
                     return;

@@ -7,8 +7,10 @@ use std::sync::{Arc, RwLock};
 use aes_gcm::Aes256Gcm;
 use zeroize::Zeroizing;
 
+use super::binding::RecordBinding;
 use super::envelope::{cipher, open, seal, Aad, CryptoError};
 use super::master_key::MasterKey;
+use super::names::TenantNames;
 use crate::state::command::WrappedKey;
 
 /// The all-zero blob id used in the AAD of wrapped tenant keys.
@@ -16,11 +18,15 @@ const NO_BLOB: [u8; 16] = [0; 16];
 /// The "mailbox" in the AAD of wrapped tenant keys.
 const KEY_PLACE: &str = "\0tenant-key";
 
-/// Unwrapped data keys, cached per tenant and version.
+/// Unwrapped data keys, cached per tenant and version; the tenants' name
+/// keys; the binding of stored records.
 #[derive(Clone)]
 pub struct Keyring {
     kek: Arc<Aes256Gcm>,
     deks: Arc<RwLock<HashMap<(String, u32), Arc<Aes256Gcm>>>>,
+    /// By tenant and the wrapped first key (a tenant made again has new keys).
+    names: Arc<RwLock<HashMap<(String, Vec<u8>), Arc<TenantNames>>>>,
+    binding: Arc<RecordBinding>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -35,7 +41,34 @@ impl Keyring {
         Keyring {
             kek: Arc::new(cipher(master.bytes())),
             deks: Arc::default(),
+            names: Arc::default(),
+            binding: Arc::new(RecordBinding::new(master)),
         }
+    }
+
+    /// The binding of stored records to their keys.
+    pub fn binding(&self) -> &Arc<RecordBinding> {
+        &self.binding
+    }
+
+    fn unwrap_dek(&self, tenant: &str, key: &WrappedKey) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let dek = Zeroizing::new(open(&self.kek, &Self::aad(tenant, key.version), &key.wrapped)?);
+        if dek.len() != 32 {
+            return Err(CryptoError::Authentication);
+        }
+        Ok(dek)
+    }
+
+    /// A tenant's index and name keys, derived from its first data key
+    /// (`first`, unwrapped on first use).
+    pub fn names(&self, tenant: &str, first: &WrappedKey) -> Result<Arc<TenantNames>, CryptoError> {
+        let id = (tenant.to_string(), first.wrapped.clone());
+        if let Some(n) = self.names.read().expect("keyring lock").get(&id) {
+            return Ok(n.clone());
+        }
+        let n = Arc::new(TenantNames::derive(&self.unwrap_dek(tenant, first)?));
+        self.names.write().expect("keyring lock").insert(id, n.clone());
+        Ok(n)
     }
 
     fn aad(tenant: &str, version: u32) -> Aad<'_> {
@@ -62,7 +95,7 @@ impl Keyring {
         if let Some(c) = self.deks.read().expect("keyring lock").get(&id) {
             return Ok(c.clone());
         }
-        let dek = Zeroizing::new(open(&self.kek, &Self::aad(tenant, key.version), &key.wrapped)?);
+        let dek = self.unwrap_dek(tenant, key)?;
         let dek: &[u8; 32] = dek
             .as_slice()
             .try_into()
@@ -71,6 +104,15 @@ impl Keyring {
         self.deks.write().expect("keyring lock").insert(id, c.clone());
         Ok(c)
     }
+}
+
+/// The keys of unit tests' stores (every record is bound and names are
+/// protected under them).
+#[cfg(test)]
+pub(crate) fn test_keyring() -> &'static Keyring {
+    static KEYS: std::sync::LazyLock<Keyring> =
+        std::sync::LazyLock::new(|| Keyring::new(&MasterKey::from_hex(&"11".repeat(32)).unwrap()));
+    &KEYS
 }
 
 #[cfg(test)]

@@ -19,7 +19,8 @@ pub const MAILBOX: u8 = 0x20;
 pub const MESSAGE: u8 = 0x30;
 /// Body chunks: `0x40 tenant 0 blob(16) index(be32)`.
 pub const CHUNK: u8 = 0x40;
-/// Idempotency records: `0x50 tenant 0 mailbox 0 key`.
+/// Idempotency records: `0x50 tenant 0 mailbox 0 key`, the key hashed
+/// (data version 3; see [`crate::crypto::TenantNames::idempotency_key`]).
 pub const IDEMPOTENCY: u8 = 0x50;
 /// Change records for watchers: `0x60 tenant 0 mailbox 0 modseq(be64)`.
 pub const CHANGE: u8 = 0x60;
@@ -39,6 +40,19 @@ pub const META_APPLIED: &[u8] = b"\x01applied";
 pub const META_MEMBERSHIP: &[u8] = b"\x01membership";
 /// Key of the data version (see [`super::version`]).
 pub const META_DATA_VERSION: &[u8] = b"\x01data_version";
+
+/// Whether the record at `key` is bound to its place (its value ends in a
+/// tag: see [`crate::crypto::RecordBinding`]). Not bound: the state machine's
+/// metadata (written by openraft's rules, checked by the data version),
+/// chunks (AES-GCM ciphertexts whose associated data already names their
+/// tenant, blob and index) and the audit chain (hash-chained, and verified
+/// offline by tools that hold no master key).
+pub fn is_bound(key: &[u8]) -> bool {
+    matches!(
+        key.first(),
+        Some(&(TENANT | MAILBOX | MESSAGE | IDEMPOTENCY | CHANGE | IDENTITY | REVOKED_SERIAL))
+    )
+}
 
 fn with(space: u8, parts: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
@@ -129,6 +143,29 @@ pub fn change(tenant: &str, mailbox: &str, modseq: u64) -> Vec<u8> {
     k
 }
 
+/// The tenant a tenant-scoped key belongs to (every subspace from
+/// [`TENANT`] to [`CHANGE`]).
+pub fn tenant_of(key: &[u8]) -> Option<&str> {
+    if !(TENANT..=CHANGE).contains(key.first()?) {
+        return None;
+    }
+    let rest = &key[1..];
+    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    std::str::from_utf8(&rest[..end]).ok()
+}
+
+/// The tenant, mailbox and stored key of an idempotency record's key.
+pub fn split_idempotency(key: &[u8]) -> Option<(&str, &str, &str)> {
+    let rest = key.strip_prefix(&[IDEMPOTENCY])?;
+    let mut parts = rest.splitn(3, |&b| b == 0);
+    let (t, m, k) = (parts.next()?, parts.next()?, parts.next()?);
+    Some((
+        std::str::from_utf8(t).ok()?,
+        std::str::from_utf8(m).ok()?,
+        std::str::from_utf8(k).ok()?,
+    ))
+}
+
 /// The smallest key greater than every key starting with `prefix`.
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -154,6 +191,16 @@ mod tests {
         assert!(a.starts_with(&p) && b.starts_with(&p));
         assert!(!message("t", "inbox2", 1).starts_with(&p));
         assert_eq!(uid_of_message_key(&b), Some(256));
+    }
+
+    #[test]
+    fn tenant_scoped_keys_name_their_tenant_and_idempotency_keys_split() {
+        assert_eq!(tenant_of(&tenant("acme")), Some("acme"));
+        assert_eq!(tenant_of(&message("acme", "inbox", 7)), Some("acme"));
+        assert_eq!(tenant_of(&identity("acme")), None);
+        let k = idempotency("acme", "in box", "k\u{0}ey");
+        assert_eq!(split_idempotency(&k), Some(("acme", "in box", "k\u{0}ey")));
+        assert_eq!(split_idempotency(&mailbox("acme", "inbox")), None);
     }
 
     #[test]

@@ -16,7 +16,11 @@
 /// 2. The log may hold `Command::Access` entries (server-side policy
 ///    changes), which a version-1 build cannot decode; no stored record
 ///    changed.
-pub const DATA_VERSION: u32 = 2;
+/// 3. Every record but the metadata, chunks and the audit chain is bound to
+///    its key (a tag after its encoding); idempotency records are keyed by
+///    hashed keys; keywords and claim agents are sealed (see
+///    `crypto::TenantNames`).
+pub const DATA_VERSION: u32 = 3;
 
 /// The version of data directories written before the version was stored
 /// (their formats are version 1's).

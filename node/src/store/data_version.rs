@@ -3,10 +3,16 @@
 //! knows, and upgrades older data one explicit step at a time before it
 //! serves.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions};
 
 use super::db::{Db, CF_LOG, CF_META, CF_SM};
-use crate::state::keys::META_DATA_VERSION;
+use crate::crypto::{Keyring, NameKind, TenantNames};
+use crate::state::codec::{decode, encode};
+use crate::state::keys::{self, META_DATA_VERSION};
+use crate::state::records::{ChangeRecord, MessageRecord, TenantRecord};
 use crate::state::version::{self, DATA_VERSION, UNVERSIONED};
 
 /// Why a store's data version was refused.
@@ -23,6 +29,15 @@ pub enum DataVersionError {
     /// The stored version is not a version.
     #[error("the stored data version is unreadable: the store is damaged")]
     Unreadable,
+    /// A record to upgrade does not decode, or its tenant's key does not
+    /// unwrap under this node's master key.
+    #[error("cannot upgrade the store to data version {to}: {what}")]
+    Damaged {
+        /// The version being upgraded to.
+        to: u32,
+        /// What failed (never a record's content).
+        what: &'static str,
+    },
     /// RocksDB failed.
     #[error("storage error: {0}")]
     Db(#[from] rocksdb::Error),
@@ -32,7 +47,7 @@ pub enum DataVersionError {
 /// adding its changes to the batch that also stamps `to`.
 struct Step {
     to: u32,
-    run: fn(&Db, &mut WriteBatch) -> Result<(), rocksdb::Error>,
+    run: fn(&Db, &Keyring, &mut WriteBatch) -> Result<(), DataVersionError>,
 }
 
 /// Every upgrade step, oldest first.
@@ -45,18 +60,87 @@ const STEPS: &[Step] = &[
         to: 2,
         run: stamp_only,
     },
+    Step {
+        to: 3,
+        run: bind_and_protect,
+    },
 ];
 
 /// Data written before the version was stored has version 1's formats:
 /// only the version is added.
-fn unversioned_to_1(_db: &Db, _batch: &mut WriteBatch) -> Result<(), rocksdb::Error> {
+fn unversioned_to_1(_db: &Db, _keys: &Keyring, _batch: &mut WriteBatch) -> Result<(), DataVersionError> {
     Ok(())
 }
 
 /// Version 2 adds a command family to the log and changes no stored record:
 /// stamping it keeps a version-1 build from reading a log it cannot decode.
-fn stamp_only(_db: &Db, _batch: &mut WriteBatch) -> Result<(), rocksdb::Error> {
+fn stamp_only(_db: &Db, _keys: &Keyring, _batch: &mut WriteBatch) -> Result<(), DataVersionError> {
     Ok(())
+}
+
+/// Version 3 binds every bound record to its key (see
+/// [`keys::is_bound`]), seals keywords and claim agents in message and
+/// change records, and moves each idempotency record to its hashed key.
+/// One batch, so a crash leaves version 2 or version 3, never a mixture
+/// (its size is about that of the records, without the chunks).
+fn bind_and_protect(db: &Db, keys: &Keyring, batch: &mut WriteBatch) -> Result<(), DataVersionError> {
+    const TO: u32 = 3;
+    let damaged = |what| DataVersionError::Damaged { to: TO, what };
+    let sm = db.cf_handle(CF_SM).expect("sm column family");
+    let mut tenants: HashMap<String, Arc<TenantNames>> = HashMap::new();
+    let mut names_of = |tenant: &str| -> Result<Arc<TenantNames>, DataVersionError> {
+        if let Some(n) = tenants.get(tenant) {
+            return Ok(n.clone());
+        }
+        let stored = db
+            .get_cf(sm, keys::tenant(tenant))?
+            .ok_or(damaged("a record's tenant has no tenant record"))?;
+        let rec: TenantRecord = decode(&stored).map_err(|_| damaged("a tenant record does not decode"))?;
+        let first = rec.keys.first().ok_or(damaged("a tenant record holds no key"))?;
+        let n = keys
+            .names(tenant, first)
+            .map_err(|_| damaged("a tenant's data key does not unwrap under this master key"))?;
+        tenants.insert(tenant.to_string(), n.clone());
+        Ok(n)
+    };
+    for item in db.iterator_cf(sm, IteratorMode::Start) {
+        let (key, value) = item?;
+        if !keys::is_bound(&key) {
+            continue;
+        }
+        let (key, encoded) = match key[0] {
+            keys::MESSAGE => {
+                let n = names_of(keys::tenant_of(&key).ok_or(damaged("a message key"))?)?;
+                let mut m: MessageRecord = decode(&value).map_err(|_| damaged("a message record"))?;
+                m.flags = sealed_flags(&n, &m.flags);
+                m.claimed_by = m.claimed_by.map(|a| n.seal(NameKind::Agent, &a));
+                (key.to_vec(), encode(&m))
+            }
+            keys::CHANGE => {
+                let n = names_of(keys::tenant_of(&key).ok_or(damaged("a change key"))?)?;
+                let mut c: ChangeRecord = decode(&value).map_err(|_| damaged("a change record"))?;
+                c.flags = sealed_flags(&n, &c.flags);
+                c.claimed_by = c.claimed_by.map(|a| n.seal(NameKind::Agent, &a));
+                (key.to_vec(), encode(&c))
+            }
+            keys::IDEMPOTENCY => {
+                let (t, m, k) = keys::split_idempotency(&key).ok_or(damaged("an idempotency key"))?;
+                let hashed = keys::idempotency(t, m, &names_of(t)?.idempotency_key(k));
+                batch.delete_cf(sm, &key);
+                (hashed, value.to_vec())
+            }
+            _ => (key.to_vec(), value.to_vec()),
+        };
+        let bound = keys.binding().bind(&key, encoded);
+        batch.put_cf(sm, &key, bound);
+    }
+    Ok(())
+}
+
+/// Flags as the state machine stores them: keywords sealed, sorted.
+fn sealed_flags(names: &TenantNames, flags: &[String]) -> Vec<String> {
+    let set: std::collections::BTreeSet<String> = flags.iter().map(|f| names.seal_flag(f)).collect();
+    set.into_iter().collect()
 }
 
 /// The stored version: `None` for a fresh store, [`UNVERSIONED`] for data
@@ -94,7 +178,7 @@ fn supported(found: Option<u32>) -> Result<Option<u32>, DataVersionError> {
 /// one step by step (each step and its stamp one synced write, so a crash
 /// leaves a version that was completely written), refuses a newer one.
 /// Returns the version found (`None` if fresh).
-pub fn upgrade(db: &Db) -> Result<Option<u32>, DataVersionError> {
+pub fn upgrade(db: &Db, keys: &Keyring) -> Result<Option<u32>, DataVersionError> {
     let found = supported(read(db)?)?;
     let from = found.unwrap_or(DATA_VERSION);
     let sm = db.cf_handle(CF_SM).expect("sm column family");
@@ -107,7 +191,7 @@ pub fn upgrade(db: &Db) -> Result<Option<u32>, DataVersionError> {
     }
     for step in STEPS.iter().filter(|s| s.to > from) {
         let mut batch = WriteBatch::default();
-        (step.run)(db, &mut batch)?;
+        (step.run)(db, keys, &mut batch)?;
         batch.put_cf(sm, META_DATA_VERSION, version::encode(step.to));
         db.write_opt(batch, &wo)?;
         tracing::info!(from = step.to - 1, to = step.to, "data version upgraded");
@@ -118,6 +202,7 @@ pub fn upgrade(db: &Db) -> Result<Option<u32>, DataVersionError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::test_keyring;
     use crate::store::open_db;
 
     fn db() -> (tempfile::TempDir, Db) {
@@ -128,6 +213,132 @@ mod tests {
 
     fn put(db: &Db, cf: &str, k: &[u8], v: &[u8]) {
         db.put_cf(db.cf_handle(cf).unwrap(), k, v).unwrap();
+    }
+
+    /// A chunk's key (chunks are not bound: kept byte for byte).
+    const CHUNK_KEY: &[u8] = b"\x40acme\0blob-of-16-bytes\0\0\0\0";
+
+    #[test]
+    fn a_version_2_store_is_bound_its_idempotency_keys_hashed_and_its_names_sealed() {
+        use crate::state::policy::IdentityPolicy;
+        use crate::state::records::{ChangeKind, IdempotencyRecord, MailboxRecord};
+        use crate::store::MailReader;
+        const T: &str = "acme";
+        const M: &str = "support";
+        const KEY: &str = "<IDEM-MARKER-4711@shop.example>";
+        let (_d, db) = db();
+        let keys = test_keyring();
+        // As version 2 wrote them: encodings without tags, names in clear.
+        let tenant = TenantRecord {
+            keys: vec![keys.generate(T, 1).unwrap()],
+        };
+        let mailbox = MailboxRecord {
+            uidvalidity: 9,
+            uidnext: 2,
+            highest_modseq: 1,
+            messages: 1,
+            total_bytes: 3,
+        };
+        let flags = vec!["$KEYWORD-MARKER-88".to_string(), "\\Seen".to_string()];
+        let agent = Some("AGENT-MARKER-ann".to_string());
+        let message = MessageRecord {
+            uid: 1,
+            modseq: 1,
+            flags: flags.clone(),
+            internal_date_ms: 5,
+            size: 3,
+            blob: [3; 16],
+            chunks: 1,
+            key_version: 1,
+            headers: vec![1, 2, 3],
+            claimed_by: agent.clone(),
+        };
+        let change = ChangeRecord {
+            uid: 1,
+            kind: ChangeKind::Claimed,
+            flags: flags.clone(),
+            claimed_by: agent.clone(),
+        };
+        put(&db, CF_SM, META_DATA_VERSION, &version::encode(2));
+        put(&db, CF_SM, &keys::tenant(T), &encode(&tenant));
+        put(&db, CF_SM, &keys::mailbox(T, M), &encode(&mailbox));
+        put(&db, CF_SM, &keys::message(T, M, 1), &encode(&message));
+        put(&db, CF_SM, &keys::change(T, M, 1), &encode(&change));
+        put(
+            &db,
+            CF_SM,
+            &keys::idempotency(T, M, KEY),
+            &encode(&IdempotencyRecord { uid: 1, modseq: 1 }),
+        );
+        put(
+            &db,
+            CF_SM,
+            &keys::identity("alice"),
+            &encode(&IdentityPolicy::default()),
+        );
+        put(&db, CF_SM, &keys::revoked_serial("0a0b"), b"");
+        put(&db, CF_SM, CHUNK_KEY, b"ciphertext");
+        put(&db, CF_SM, &keys::audit(1), b"audit record");
+
+        assert_eq!(upgrade(&db, keys).unwrap(), Some(2));
+        assert_eq!(read(&db).unwrap(), Some(DATA_VERSION));
+        let r = MailReader::new(db.clone(), keys.binding().clone());
+        let names = keys.names(T, &tenant.keys[0]).unwrap();
+        assert_eq!(r.tenant(T).unwrap().unwrap().keys, tenant.keys);
+        assert_eq!(r.mailbox(T, M).unwrap().unwrap().uidnext, 2);
+        let m = r.message(T, M, 1).unwrap().unwrap().unwrap();
+        assert_eq!((m.uid, m.headers.clone()), (1, vec![1, 2, 3]));
+        assert_eq!(names.open_flags(&m.flags).unwrap(), flags);
+        assert_eq!(
+            names
+                .open(NameKind::Agent, m.claimed_by.as_deref().unwrap())
+                .unwrap(),
+            "AGENT-MARKER-ann"
+        );
+        let changes = r.changes(T, M, 0, 10).unwrap();
+        assert_eq!(changes.len(), 1);
+        assert_eq!(names.open_flags(&changes[0].1.flags).unwrap(), flags);
+        let hashed = names.idempotency_key(KEY);
+        assert_eq!(r.idempotency(T, M, &hashed).unwrap().map(|i| i.uid), Some(1));
+        assert!(r.idempotency(T, M, KEY).unwrap().is_none());
+        assert!(r.identity_policy("alice").unwrap().is_some());
+        assert!(r.serial_revoked("0a0b").unwrap());
+        assert!(!r.serial_revoked("0c0d").unwrap());
+        let sm = db.cf_handle(CF_SM).unwrap();
+        assert_eq!(
+            db.get_cf(sm, CHUNK_KEY).unwrap().as_deref(),
+            Some(&b"ciphertext"[..])
+        );
+        assert_eq!(
+            db.get_cf(sm, keys::audit(1)).unwrap().as_deref(),
+            Some(&b"audit record"[..])
+        );
+        for item in db.iterator_cf(sm, IteratorMode::Start) {
+            let (k, v) = item.unwrap();
+            for marker in [&b"MARKER"[..], b"shop.example"] {
+                assert!(
+                    !k.windows(marker.len()).any(|w| w == marker),
+                    "a clear name in a key"
+                );
+                assert!(
+                    !v.windows(marker.len()).any(|w| w == marker),
+                    "a clear name in a value"
+                );
+            }
+        }
+        // Upgraded once: starting again changes nothing.
+        assert_eq!(upgrade(&db, keys).unwrap(), Some(DATA_VERSION));
+        assert!(r.message(T, M, 1).unwrap().unwrap().is_ok());
+    }
+
+    #[test]
+    fn a_damaged_version_2_record_stops_the_upgrade_and_changes_nothing() {
+        let (_d, db) = db();
+        put(&db, CF_SM, META_DATA_VERSION, &version::encode(2));
+        put(&db, CF_SM, &keys::message("acme", "m", 1), b"not a record");
+        let e = upgrade(&db, test_keyring()).unwrap_err();
+        assert!(matches!(e, DataVersionError::Damaged { to: 3, .. }), "{e}");
+        assert_eq!(read(&db).unwrap(), Some(2));
     }
 
     #[test]
@@ -142,10 +353,10 @@ mod tests {
     fn a_fresh_store_is_stamped_with_the_current_version() {
         let (_d, db) = db();
         assert_eq!(read(&db).unwrap(), None);
-        assert_eq!(upgrade(&db).unwrap(), None);
+        assert_eq!(upgrade(&db, test_keyring()).unwrap(), None);
         assert_eq!(read(&db).unwrap(), Some(DATA_VERSION));
         assert_eq!(
-            upgrade(&db).unwrap(),
+            upgrade(&db, test_keyring()).unwrap(),
             Some(DATA_VERSION),
             "upgrading again changes nothing"
         );
@@ -154,30 +365,30 @@ mod tests {
     #[test]
     fn data_written_before_versions_were_stored_is_upgraded_and_kept() {
         let (_d, db) = db();
-        put(&db, CF_SM, b"\x10acme", b"tenant");
+        put(&db, CF_SM, CHUNK_KEY, b"ciphertext");
         put(&db, CF_LOG, &7u64.to_be_bytes(), b"entry");
         assert_eq!(read(&db).unwrap(), Some(UNVERSIONED));
-        assert_eq!(upgrade(&db).unwrap(), Some(UNVERSIONED));
+        assert_eq!(upgrade(&db, test_keyring()).unwrap(), Some(UNVERSIONED));
         assert_eq!(read(&db).unwrap(), Some(DATA_VERSION));
         let sm = db.cf_handle(CF_SM).unwrap();
         assert_eq!(
-            db.get_cf(sm, b"\x10acme").unwrap().as_deref(),
-            Some(&b"tenant"[..])
+            db.get_cf(sm, CHUNK_KEY).unwrap().as_deref(),
+            Some(&b"ciphertext"[..])
         );
     }
 
     #[test]
-    fn a_version_1_store_is_upgraded_to_2_and_kept() {
+    fn a_version_1_store_is_upgraded_to_the_current_version_and_kept() {
         let (_d, db) = db();
         put(&db, CF_SM, META_DATA_VERSION, &version::encode(1));
-        put(&db, CF_SM, b"\x10acme", b"tenant");
+        put(&db, CF_SM, CHUNK_KEY, b"ciphertext");
         put(&db, CF_LOG, &7u64.to_be_bytes(), b"entry");
-        assert_eq!(upgrade(&db).unwrap(), Some(1));
-        assert_eq!(read(&db).unwrap(), Some(2));
+        assert_eq!(upgrade(&db, test_keyring()).unwrap(), Some(1));
+        assert_eq!(read(&db).unwrap(), Some(DATA_VERSION));
         let (sm, log) = (db.cf_handle(CF_SM).unwrap(), db.cf_handle(CF_LOG).unwrap());
         assert_eq!(
-            db.get_cf(sm, b"\x10acme").unwrap().as_deref(),
-            Some(&b"tenant"[..])
+            db.get_cf(sm, CHUNK_KEY).unwrap().as_deref(),
+            Some(&b"ciphertext"[..])
         );
         assert_eq!(
             db.get_cf(log, 7u64.to_be_bytes()).unwrap().as_deref(),
@@ -189,7 +400,7 @@ mod tests {
     fn a_newer_version_is_refused_with_a_clear_error_and_left_alone() {
         let (_d, db) = db();
         put(&db, CF_SM, META_DATA_VERSION, &version::encode(DATA_VERSION + 1));
-        let e = upgrade(&db).unwrap_err();
+        let e = upgrade(&db, test_keyring()).unwrap_err();
         assert!(
             matches!(e, DataVersionError::Newer { found, supported } if found == DATA_VERSION + 1 && supported == DATA_VERSION)
         );
@@ -200,6 +411,9 @@ mod tests {
         assert!(check(&db).is_err());
         assert_eq!(read(&db).unwrap(), Some(DATA_VERSION + 1));
         put(&db, CF_SM, META_DATA_VERSION, b"xy");
-        assert!(matches!(upgrade(&db), Err(DataVersionError::Unreadable)));
+        assert!(matches!(
+            upgrade(&db, test_keyring()),
+            Err(DataVersionError::Unreadable)
+        ));
     }
 }

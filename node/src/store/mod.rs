@@ -15,7 +15,7 @@ pub use data_version::DataVersionError;
 pub use db::{open_db, open_db_read_only, Db, CF_LOG, CF_META, CF_SM};
 pub use durability::Durability;
 pub use log_store::LogStore;
-pub use reader::{MailReader, ReadError};
+pub use reader::{MailReader, ReadError, StoredMessage};
 pub use state_machine::{SnapshotExtent, StateMachine};
 
 /// For offline tools on a stopped node's data directory: the log index its

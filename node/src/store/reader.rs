@@ -4,6 +4,7 @@
 use rocksdb::{Direction, IteratorMode};
 
 use super::db::{Db, CF_SM};
+use crate::crypto::RecordBinding;
 use crate::state::audit::{verify_chain, AuditHead, AuditRecord, ChainError};
 use crate::state::codec::decode;
 use crate::state::command::BlobId;
@@ -16,33 +17,64 @@ pub enum ReadError {
     /// RocksDB failed.
     #[error("storage read failed: {0}")]
     Db(#[from] rocksdb::Error),
-    /// A stored record does not decode: the local store is damaged.
+    /// A stored record does not decode, or fails its binding to its key
+    /// (moved, swapped or edited): the local store is damaged.
     #[error("stored record is corrupt")]
     Corrupt,
+    /// A bound record was read by a reader without the master key's binding.
+    #[error("this record is read only with the master key")]
+    Unkeyed,
 }
+
+/// A message record as stored here: the record, or the UID of one that
+/// fails its binding or does not decode (damaged on this node).
+pub type StoredMessage = Result<MessageRecord, u32>;
 
 /// Reads the state machine's records.
 #[derive(Clone)]
 pub struct MailReader {
     db: Db,
+    /// `None` for offline tools without the master key: they read only
+    /// records that are not bound (the audit chain).
+    binding: Option<std::sync::Arc<RecordBinding>>,
 }
 
 type R<T> = Result<T, ReadError>;
 
 impl MailReader {
-    /// A reader over the database.
-    pub fn new(db: Db) -> MailReader {
-        MailReader { db }
+    /// A reader over the database, checking bound records with `binding`.
+    pub fn new(db: Db, binding: std::sync::Arc<RecordBinding>) -> MailReader {
+        MailReader {
+            db,
+            binding: Some(binding),
+        }
+    }
+
+    /// A reader for offline tools without the master key: the audit chain
+    /// only (every bound record is refused with [`ReadError::Unkeyed`]).
+    pub fn unkeyed(db: Db) -> MailReader {
+        MailReader { db, binding: None }
     }
 
     fn cf(&self) -> &rocksdb::ColumnFamily {
         self.db.cf_handle(CF_SM).expect("sm column family")
     }
 
+    /// Decodes the record stored at `key`, checking its binding if it is bound.
+    fn open<T: for<'de> serde::Deserialize<'de>>(&self, key: &[u8], stored: &[u8]) -> R<T> {
+        let encoded = if keys::is_bound(key) {
+            let binding = self.binding.as_ref().ok_or(ReadError::Unkeyed)?;
+            binding.open(key, stored).ok_or(ReadError::Corrupt)?
+        } else {
+            stored
+        };
+        decode(encoded).map_err(|_| ReadError::Corrupt)
+    }
+
     fn get<T: for<'de> serde::Deserialize<'de>>(&self, key: &[u8]) -> R<Option<T>> {
         match self.db.get_pinned_cf(self.cf(), key)? {
             None => Ok(None),
-            Some(b) => decode(&b).map(Some).map_err(|_| ReadError::Corrupt),
+            Some(b) => self.open(key, &b).map(Some),
         }
     }
 
@@ -53,6 +85,16 @@ impl MailReader {
         start: &[u8],
         mut f: impl FnMut(&[u8], T) -> bool,
     ) -> R<()> {
+        self.scan_stored(prefix, start, |k, rec: R<T>| rec.map(|rec| f(k, rec)))
+    }
+
+    /// Like `scan`, handing `f` each record's decoding, which it may forgive.
+    fn scan_stored<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+        mut f: impl FnMut(&[u8], R<T>) -> R<bool>,
+    ) -> R<()> {
         let it = self
             .db
             .iterator_cf(self.cf(), IteratorMode::From(start, Direction::Forward));
@@ -61,8 +103,7 @@ impl MailReader {
             if !k.starts_with(prefix) {
                 break;
             }
-            let rec = decode(&v).map_err(|_| ReadError::Corrupt)?;
-            if !f(&k, rec) {
+            if !f(&k, self.open(&k, &v))? {
                 break;
             }
         }
@@ -74,12 +115,10 @@ impl MailReader {
         self.get(&keys::identity(identity))
     }
 
-    /// Whether a certificate serial is revoked.
+    /// Whether a certificate serial is revoked (a revocation record that
+    /// fails its binding is an error, which callers take as revoked).
     pub fn serial_revoked(&self, serial: &str) -> R<bool> {
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(), keys::revoked_serial(serial))?
-            .is_some())
+        Ok(self.get::<()>(&keys::revoked_serial(serial))?.is_some())
     }
 
     /// The audit chain head.
@@ -185,22 +224,40 @@ impl MailReader {
         Ok(out)
     }
 
-    /// One message's record.
-    pub fn message(&self, tenant: &str, mailbox: &str, uid: u32) -> R<Option<MessageRecord>> {
-        self.get(&keys::message(tenant, mailbox, uid))
+    /// One message's record (`Err(uid)` if it is damaged here).
+    pub fn message(&self, tenant: &str, mailbox: &str, uid: u32) -> R<Option<StoredMessage>> {
+        let key = keys::message(tenant, mailbox, uid);
+        match self.db.get_pinned_cf(self.cf(), &key)? {
+            None => Ok(None),
+            Some(b) => Ok(Some(Self::message_at(uid, self.open(&key, &b))?)),
+        }
     }
 
-    /// Messages with UID ≥ `from_uid`, in UID order, while `f` returns true.
+    /// A message record read at `uid`'s key: damaged if it fails its binding
+    /// or names another UID.
+    fn message_at(uid: u32, rec: R<MessageRecord>) -> R<StoredMessage> {
+        match rec {
+            Ok(m) if m.uid == uid => Ok(Ok(m)),
+            Ok(_) | Err(ReadError::Corrupt) => Ok(Err(uid)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Messages with UID ≥ `from_uid`, in UID order, while `f` returns
+    /// true. A message damaged here is handed over as its UID.
     pub fn messages(
         &self,
         tenant: &str,
         mailbox: &str,
         from_uid: u32,
-        f: impl FnMut(MessageRecord) -> bool,
+        f: impl FnMut(StoredMessage) -> bool,
     ) -> R<()> {
         let prefix = keys::message_prefix(tenant, mailbox);
         let mut f = f;
-        self.scan(&prefix, &keys::message(tenant, mailbox, from_uid), |_, m| f(m))
+        self.scan_stored(&prefix, &keys::message(tenant, mailbox, from_uid), |k, rec| {
+            let uid = keys::uid_of_message_key(k).ok_or(ReadError::Corrupt)?;
+            Ok(f(Self::message_at(uid, rec)?))
+        })
     }
 
     /// One encrypted chunk.
@@ -208,7 +265,8 @@ impl MailReader {
         Ok(self.db.get_cf(self.cf(), keys::chunk(tenant, blob, index))?)
     }
 
-    /// What an idempotency key was used for.
+    /// What an idempotency key was used for (`key` as stored: hashed, see
+    /// [`crate::crypto::TenantNames::idempotency_key`]).
     pub fn idempotency(&self, tenant: &str, mailbox: &str, key: &str) -> R<Option<IdempotencyRecord>> {
         self.get(&keys::idempotency(tenant, mailbox, key))
     }

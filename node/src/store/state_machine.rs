@@ -16,6 +16,7 @@ use super::db::{Db, CF_SM, INLINE_WRITE_BYTES};
 use super::durability::Durability;
 use super::io_err;
 use super::snapshot::{dump_to, load_file, SnapshotError, SnapshotFiles};
+use crate::crypto::Keyring;
 use crate::state::codec::{decode, encode};
 use crate::state::command::Command;
 use crate::state::keys::{META_APPLIED, META_MEMBERSHIP};
@@ -27,6 +28,8 @@ use crate::state::types::{
 #[derive(Clone)]
 pub struct StateMachine {
     db: Db,
+    /// Binds records to their keys and protects names (see `apply`).
+    keys: Keyring,
     files: SnapshotFiles,
     /// The current snapshot's metadata, data file and its size in bytes.
     current: Arc<Mutex<Option<(SnapshotMeta, PathBuf, u64)>>>,
@@ -59,7 +62,7 @@ pub struct SnapshotExtent {
 
 impl StateMachine {
     /// Opens the state machine over `db`, with snapshots kept under `snapshot_dir`.
-    pub fn open(db: Db, snapshot_dir: &std::path::Path) -> Result<StateMachine, StorageError> {
+    pub fn open(db: Db, keys: Keyring, snapshot_dir: &std::path::Path) -> Result<StateMachine, StorageError> {
         let files = SnapshotFiles::new(snapshot_dir)
             .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
         let read_err = |e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e);
@@ -72,6 +75,7 @@ impl StateMachine {
         };
         let sm = StateMachine {
             db,
+            keys,
             files,
             current: Arc::new(Mutex::new(current)),
             receiving: Arc::new(Mutex::new(None)),
@@ -141,9 +145,9 @@ impl StateMachine {
         in_memory: bool,
     ) -> Result<(Vec<BatchResult>, Option<u64>, bool), rocksdb::Error> {
         let mut tx = if in_memory {
-            Tx::in_memory(&self.db)
+            Tx::in_memory(&self.db, &self.keys)
         } else {
-            Tx::new(&self.db)
+            Tx::new(&self.db, &self.keys)
         };
         let mut results = Vec::with_capacity(entries.len());
         let mut last = None;
@@ -432,7 +436,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(|e| err(SnapshotError::Db(e)))?;
             // A snapshot of an older data version (or of one written before
             // versions were stored) is upgraded like a data directory.
-            super::data_version::upgrade(&this.db).map_err(|e| err(SnapshotError::Version(e)))?;
+            super::data_version::upgrade(&this.db, &this.keys).map_err(|e| err(SnapshotError::Version(e)))?;
             this.publish(meta2.clone(), &received, false)
                 .map_err(|e| err(SnapshotError::Io(e)))?;
             Ok(())
@@ -465,6 +469,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::test_keyring;
     use crate::store::open_db;
 
     fn meta(index: u64) -> SnapshotMeta {
@@ -503,7 +508,7 @@ mod tests {
     }
 
     fn applied_in(db: Db, dir: &std::path::Path) -> Option<u64> {
-        let sm = StateMachine::open(db, &dir.join("snaps-copy")).unwrap();
+        let sm = StateMachine::open(db, test_keyring().clone(), &dir.join("snaps-copy")).unwrap();
         sm.read_applied().unwrap().0.map(|l| l.index)
     }
 
@@ -511,7 +516,12 @@ mod tests {
     async fn a_crash_leaves_the_state_of_the_last_snapshot_with_its_own_applied_index() {
         let dir = tempfile::tempdir().unwrap();
         let db_dir = dir.path().join("db");
-        let mut sm = StateMachine::open(open_db(&db_dir).unwrap(), &dir.path().join("snaps")).unwrap();
+        let mut sm = StateMachine::open(
+            open_db(&db_dir).unwrap(),
+            test_keyring().clone(),
+            &dir.path().join("snaps"),
+        )
+        .unwrap();
         sm.apply((1..=3).map(blank).collect::<Vec<_>>()).await.unwrap();
         // Applied writes bypass the WAL: before any snapshot, a crash loses
         // them all, applied index included (the log applies them again).
@@ -534,6 +544,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sm = StateMachine::open(
             open_db(&dir.path().join("db")).unwrap(),
+            test_keyring().clone(),
             &dir.path().join("snaps"),
         )
         .unwrap();

@@ -18,7 +18,7 @@ impl Tx<'_> {
     }
 
     pub(super) fn revoke_serial(&mut self, serial: &str) -> Decided {
-        self.put_raw(keys::revoked_serial(serial), Vec::new());
+        self.put(keys::revoked_serial(serial), &());
         Ok(Ok(CommandResult::Done))
     }
 

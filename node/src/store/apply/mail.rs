@@ -2,8 +2,10 @@
 //! idempotency keys), flags, claims, moves and expunges.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
-use super::{Decided, Tx};
+use super::{Decided, Res, Tx};
+use crate::crypto::{NameKind, TenantNames};
 use crate::state::command::{CommandResult, NewMessage, Refusal};
 use crate::state::keys;
 use crate::state::records::{
@@ -12,6 +14,37 @@ use crate::state::records::{
 };
 
 impl Tx<'_> {
+    /// The tenant's name keys; `None` for a tenant that does not exist (its
+    /// commands are refused). Leaders protect names before they propose;
+    /// these keys protect what an older leader, or a log entry written before
+    /// data version 3, carries in clear (sealing is deterministic, so every
+    /// replica stores the same).
+    fn tenant_names(&self, tenant: &str) -> Res<Option<Arc<TenantNames>>> {
+        let Some(rec) = self.get::<TenantRecord>(&keys::tenant(tenant))? else {
+            return Ok(None);
+        };
+        let first = rec.keys.first().expect("a tenant record holds a key");
+        let names = self
+            .keys
+            .names(tenant, first)
+            .expect("a tenant's data key does not unwrap under this node's master key");
+        Ok(Some(names))
+    }
+
+    fn protect_flags(&self, tenant: &str, flags: Vec<String>) -> Res<Vec<String>> {
+        Ok(match self.tenant_names(tenant)? {
+            Some(n) => flags.iter().map(|f| n.seal_flag(f)).collect(),
+            None => flags,
+        })
+    }
+
+    fn protect_agent(&self, tenant: &str, agent: String) -> Res<String> {
+        Ok(match self.tenant_names(tenant)? {
+            Some(n) => n.seal(NameKind::Agent, &agent),
+            None => agent,
+        })
+    }
+
     pub(super) fn create_tenant(&mut self, tenant: &str, key: WrappedKey) -> Decided {
         let k = keys::tenant(tenant);
         if self.get_raw(&k)?.is_some() {
@@ -67,6 +100,8 @@ impl Tx<'_> {
         remove: Vec<String>,
         unchanged_since: Option<u64>,
     ) -> Decided {
+        let add = self.protect_flags(tenant, add)?;
+        let remove = self.protect_flags(tenant, remove)?;
         self.change(tenant, mailbox, uid, |m| {
             if let Some(since) = unchanged_since {
                 if m.modseq > since {
@@ -84,6 +119,7 @@ impl Tx<'_> {
     }
 
     pub(super) fn claim(&mut self, tenant: &str, mailbox: &str, uid: u32, agent: String) -> Decided {
+        let agent = self.protect_agent(tenant, agent)?;
         self.change(tenant, mailbox, uid, |m| match &m.claimed_by {
             Some(owner) if *owner != agent => Err(Refusal::ClaimedBy(owner.clone())),
             _ => {
@@ -94,8 +130,9 @@ impl Tx<'_> {
     }
 
     pub(super) fn release(&mut self, tenant: &str, mailbox: &str, uid: u32, agent: &str) -> Decided {
+        let agent = self.protect_agent(tenant, agent.to_string())?;
         self.change(tenant, mailbox, uid, |m| match &m.claimed_by {
-            Some(owner) if owner == agent => {
+            Some(owner) if *owner == agent => {
                 m.claimed_by = None;
                 Ok(ChangeKind::Released)
             }
@@ -131,7 +168,11 @@ impl Tx<'_> {
         }
     }
 
-    pub(super) fn append(&mut self, tenant: &str, m: NewMessage) -> Decided {
+    pub(super) fn append(&mut self, tenant: &str, mut m: NewMessage) -> Decided {
+        if let Some(names) = self.tenant_names(tenant)? {
+            m.idempotency_key = names.idempotency_key(&m.idempotency_key);
+            m.flags = m.flags.iter().map(|f| names.seal_flag(f)).collect();
+        }
         let mk = keys::mailbox(tenant, &m.mailbox);
         let Some(mut mbox) = self.get::<MailboxRecord>(&mk)? else {
             self.drop_staged(tenant, &m);

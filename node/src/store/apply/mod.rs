@@ -17,14 +17,18 @@ use std::collections::HashMap;
 
 use rocksdb::{ReadOptions, ReadTier, WriteBatch};
 
+use crate::crypto::Keyring;
 use crate::state::codec::{decode, encode};
 use crate::state::command::{Command, CommandResult, Refusal};
+use crate::state::keys;
 
 use super::db::{Db, CF_SM};
 
 /// A read-your-writes view over the database and a pending batch.
 pub(super) struct Tx<'a> {
     db: &'a Db,
+    /// Binds records to their keys; protects names a command carries in clear.
+    keys: &'a Keyring,
     pub(super) batch: WriteBatch,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// Reads only from the memtables and the block cache: a read that would
@@ -38,9 +42,10 @@ type Res<T> = Result<T, rocksdb::Error>;
 type Decided = Res<Result<CommandResult, Refusal>>;
 
 impl<'a> Tx<'a> {
-    pub(super) fn new(db: &'a Db) -> Tx<'a> {
+    pub(super) fn new(db: &'a Db, keys: &'a Keyring) -> Tx<'a> {
         Tx {
             db,
+            keys,
             batch: WriteBatch::default(),
             overlay: HashMap::new(),
             memory_only: false,
@@ -48,10 +53,10 @@ impl<'a> Tx<'a> {
     }
 
     /// A transaction whose reads never wait for the disk (see `memory_only`).
-    pub(super) fn in_memory(db: &'a Db) -> Tx<'a> {
+    pub(super) fn in_memory(db: &'a Db, keys: &'a Keyring) -> Tx<'a> {
         Tx {
             memory_only: true,
-            ..Tx::new(db)
+            ..Tx::new(db, keys)
         }
     }
 
@@ -71,15 +76,30 @@ impl<'a> Tx<'a> {
         self.db.get_cf(self.cf(), key)
     }
 
-    /// Reads a record. A record that does not decode is a corrupt store, which
-    /// must stop the node rather than be silently replaced.
+    /// Reads a record. A record that fails its binding (moved, swapped or
+    /// edited) or does not decode is a corrupt store, which must stop the
+    /// node rather than be silently replaced or diverge from the replicas.
     fn get<T: for<'de> serde::Deserialize<'de>>(&self, key: &[u8]) -> Res<Option<T>> {
-        Ok(self
-            .get_raw(key)?
-            .map(|b| decode(&b).expect("corrupt state-machine record")))
+        Ok(self.get_raw(key)?.map(|stored| {
+            let encoded = if keys::is_bound(key) {
+                self.keys
+                    .binding()
+                    .open(key, &stored)
+                    .expect("a state-machine record failed its binding to its key: the store is damaged")
+            } else {
+                &stored
+            };
+            decode(encoded).expect("corrupt state-machine record")
+        }))
     }
 
+    /// Writes a value, bound to its key if its kind is bound.
     pub(super) fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        let value = if keys::is_bound(&key) {
+            self.keys.binding().bind(&key, value)
+        } else {
+            value
+        };
         let cf = self.db.cf_handle(CF_SM).expect("sm column family");
         self.batch.put_cf(cf, &key, &value);
         self.overlay.insert(key, Some(value));

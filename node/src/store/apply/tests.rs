@@ -6,11 +6,22 @@ use super::Tx;
 use crate::state::audit::AuditEvent;
 use crate::state::command::{AccessChange, Command, CommandResult, NewMessage, Refusal, RoleGrant};
 use crate::state::policy::{ClusterRole, IdentityPolicy, TenantRole, ANY_TENANT};
-use crate::state::records::WrappedKey;
 use crate::store::{open_db, Db, MailReader};
 
 const T: &str = "acme";
 const M: &str = "support";
+
+use crate::crypto::{test_keyring as keys, NameKind, TenantNames};
+
+fn reader(db: &Db) -> MailReader {
+    MailReader::new(db.clone(), keys().binding().clone())
+}
+
+/// The tenant's name keys in this store.
+fn names(db: &Db) -> std::sync::Arc<TenantNames> {
+    let rec = reader(db).tenant(T).unwrap().unwrap();
+    keys().names(T, &rec.keys[0]).unwrap()
+}
 
 fn db() -> (tempfile::TempDir, Db) {
     let dir = tempfile::tempdir().unwrap();
@@ -20,7 +31,7 @@ fn db() -> (tempfile::TempDir, Db) {
 
 /// Applies `cmds` in one transaction, writes it, and returns the results.
 fn apply(db: &Db, cmds: Vec<Command>) -> Vec<CommandResult> {
-    let mut tx = Tx::new(db);
+    let mut tx = Tx::new(db, keys());
     let results = cmds.into_iter().map(|c| tx.apply(c).unwrap()).collect();
     db.write(tx.batch).unwrap();
     results
@@ -29,10 +40,7 @@ fn apply(db: &Db, cmds: Vec<Command>) -> Vec<CommandResult> {
 fn tenant() -> Command {
     Command::CreateTenant {
         tenant: T.into(),
-        key: WrappedKey {
-            version: 1,
-            wrapped: vec![7; 60],
-        },
+        key: keys().generate(T, 1).unwrap(),
     }
 }
 
@@ -104,11 +112,11 @@ fn mail_commands_in_one_transaction_see_each_other() {
             duplicate: true
         }
     );
-    let reader = MailReader::new(db.clone());
+    let reader = reader(&db);
     let mbox = reader.mailbox(T, M).unwrap().unwrap();
     assert_eq!((mbox.messages, mbox.uidnext), (1, 2));
     assert_eq!(
-        reader.message(T, M, 1).unwrap().unwrap().flags,
+        reader.message(T, M, 1).unwrap().unwrap().unwrap().flags,
         vec!["\\Seen".to_string()]
     );
     assert!(
@@ -143,7 +151,7 @@ fn mail_refusals_change_nothing() {
         apply(&db, vec![missing]),
         vec![CommandResult::Refused(Refusal::NoMessage)]
     );
-    let reader = MailReader::new(db.clone());
+    let reader = reader(&db);
     assert_eq!(reader.mailbox(T, M).unwrap().unwrap().messages, 0);
 }
 
@@ -151,9 +159,13 @@ fn mail_refusals_change_nothing() {
 fn claims_have_one_winner_and_conditional_flags_see_changes() {
     let (_d, db) = db();
     apply(&db, vec![tenant(), mailbox(), append("k", 1)]);
-    let r = apply(&db, vec![claim(1, "ann"), claim(1, "bob"), claim(1, "ann")]);
+    let n = names(&db);
+    let ann = n.seal(NameKind::Agent, "ann");
+    // Agents arrive sealed from a leader, or in clear from an older one:
+    // the state machine seals them the same way.
+    let r = apply(&db, vec![claim(1, &ann), claim(1, "bob"), claim(1, "ann")]);
     assert!(matches!(r[0], CommandResult::Changed { modseq: 2, .. }));
-    assert_eq!(r[1], CommandResult::Refused(Refusal::ClaimedBy("ann".into())));
+    assert_eq!(r[1], CommandResult::Refused(Refusal::ClaimedBy(ann.clone())));
     assert!(
         matches!(r[2], CommandResult::Changed { modseq: 3, .. }),
         "a claim is idempotent for its holder"
@@ -185,8 +197,8 @@ fn claims_have_one_winner_and_conditional_flags_see_changes() {
         r[0],
         CommandResult::Changed {
             modseq: 4,
-            flags: vec!["answered".into()],
-            claimed_by: Some("ann".into())
+            flags: vec![n.seal(NameKind::Keyword, "answered")],
+            claimed_by: Some(ann)
         }
     );
     assert!(matches!(&r[1], CommandResult::Changed { claimed_by: None, .. }));
@@ -210,7 +222,7 @@ fn expunge_and_move_remove_the_source_and_its_chunks() {
     let r = apply(&db, vec![mv, ex]);
     assert!(matches!(r[0], CommandResult::Appended { uid: 3, .. }));
     assert!(matches!(&r[1], CommandResult::Expunged { uids, .. } if uids == &vec![2]));
-    let reader = MailReader::new(db.clone());
+    let reader = reader(&db);
     assert!(reader.message(T, M, 1).unwrap().is_none());
     assert!(reader.chunk(T, &[1; 16], 0).unwrap().is_none());
     assert!(reader.chunk(T, &[2; 16], 0).unwrap().is_none());
@@ -236,7 +248,7 @@ fn access_commands_store_policies_and_revocations() {
         ],
     );
     assert_eq!(r, vec![CommandResult::Done, CommandResult::Done]);
-    let reader = MailReader::new(db.clone());
+    let reader = reader(&db);
     assert_eq!(reader.identity_policy("carol").unwrap(), Some(policy));
     assert_eq!(reader.identity_policy("dave").unwrap(), None);
     assert!(reader.serial_revoked("0abc").unwrap());
@@ -290,10 +302,7 @@ fn concurrent_access_changes_compose_instead_of_overwriting() {
             expected: Some(vec![]),
         })],
     );
-    let p = MailReader::new(db.clone())
-        .identity_policy("erin")
-        .unwrap()
-        .unwrap();
+    let p = reader(&db).identity_policy("erin").unwrap().unwrap();
     assert_eq!(&p.tenant_roles[T], &[TenantRole::Agent].into());
     assert!(p.cluster_roles.contains(&ClusterRole::Auditor));
     assert_eq!(p.allow_from, vec![net]);
@@ -322,7 +331,7 @@ fn concurrent_access_changes_compose_instead_of_overwriting() {
 fn access_changes_are_refused_when_their_precondition_fails_and_change_nothing() {
     let (_d, db) = db();
     apply(&db, vec![tenant()]);
-    let reader = MailReader::new(db.clone());
+    let reader = reader(&db);
     // A tenant that does not exist (a typo) is refused; "*" is every tenant.
     let r = apply(
         &db,
@@ -385,10 +394,117 @@ fn audit_events_are_chained_across_transactions() {
             events: vec![event("c")],
         }],
     );
-    let reader = MailReader::new(db.clone());
+    let reader = reader(&db);
     assert_eq!(reader.audit_head().unwrap().seq, 3);
     let records = reader.audit_records(1, 10).unwrap();
     assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert_eq!(records[2].prev_hash, records[1].hash);
     assert_eq!(reader.verify_audit().unwrap(), Ok(3));
+}
+
+/// Copies the stored value at `from` over `to` (as someone with a copy of
+/// the data directory could).
+fn copy_stored(db: &Db, from: &[u8], to: &[u8]) {
+    let cf = db.cf_handle(crate::store::CF_SM).unwrap();
+    let value = db.get_cf(cf, from).unwrap().expect("stored");
+    db.put_cf(cf, to, value).unwrap();
+}
+
+#[test]
+fn a_record_of_any_kind_copied_to_another_place_is_refused_where_it_lands() {
+    use crate::state::keys;
+    use crate::store::ReadError;
+    let (_d, db) = db();
+    let other_tenant = Command::CreateTenant {
+        tenant: "globex".into(),
+        key: keys().generate("globex", 1).unwrap(),
+    };
+    let other_mailbox = Command::CreateMailbox {
+        tenant: T.into(),
+        mailbox: "other".into(),
+        uidvalidity: 7,
+    };
+    let identity = |name: &str| Command::PutIdentity {
+        identity: name.into(),
+        policy: IdentityPolicy {
+            cluster_roles: [ClusterRole::Operator].into(),
+            ..Default::default()
+        },
+    };
+    let revoke = |serial: &str| Command::RevokeSerial {
+        serial: serial.into(),
+    };
+    apply(
+        &db,
+        vec![
+            tenant(),
+            other_tenant,
+            mailbox(),
+            other_mailbox,
+            append("k1", 1),
+            append("k2", 2),
+            identity("root"),
+            Command::PutIdentity {
+                identity: "intern".into(),
+                policy: IdentityPolicy::default(),
+            },
+            revoke("aa"),
+            revoke("bb"),
+        ],
+    );
+    let n = names(&db);
+    let r = reader(&db);
+    // Every record reads back whole before anything is moved.
+    assert!(r.message(T, M, 2).unwrap().unwrap().is_ok());
+    assert_eq!(
+        r.idempotency(T, M, &n.idempotency_key("k2"))
+            .unwrap()
+            .map(|i| i.uid),
+        Some(2)
+    );
+    let corrupt = |res: Result<bool, ReadError>| matches!(res, Err(ReadError::Corrupt));
+
+    copy_stored(&db, &keys::message(T, M, 1), &keys::message(T, M, 2));
+    assert_eq!(r.message(T, M, 2).unwrap().unwrap().map(|m| m.uid), Err(2));
+    let mut listed = Vec::new();
+    r.messages(T, M, 0, |m| {
+        listed.push(m.map(|m| m.uid));
+        true
+    })
+    .unwrap();
+    assert_eq!(listed, vec![Ok(1), Err(2)], "UID 1 is not listed twice");
+
+    copy_stored(&db, &keys::mailbox(T, M), &keys::mailbox(T, "other"));
+    assert!(corrupt(r.mailbox(T, "other").map(|m| m.is_some())));
+    assert!(corrupt(r.mailboxes(T).map(|m| m.is_empty())));
+
+    copy_stored(&db, &keys::change(T, M, 1), &keys::change(T, M, 2));
+    assert!(corrupt(r.changes(T, M, 0, 10).map(|c| c.is_empty())));
+
+    let (h1, h2) = (n.idempotency_key("k1"), n.idempotency_key("k2"));
+    copy_stored(&db, &keys::idempotency(T, M, &h1), &keys::idempotency(T, M, &h2));
+    assert!(corrupt(r.idempotency(T, M, &h2).map(|i| i.is_some())));
+
+    copy_stored(&db, &keys::tenant(T), &keys::tenant("globex"));
+    assert!(corrupt(r.tenant("globex").map(|t| t.is_some())));
+
+    // The operator's policy copied onto another identity grants nothing.
+    copy_stored(&db, &keys::identity("root"), &keys::identity("intern"));
+    assert!(corrupt(r.identity_policy("intern").map(|p| p.is_some())));
+
+    // A revocation copied to another serial is refused (callers take a
+    // failed read as revoked: it fails closed).
+    copy_stored(&db, &keys::revoked_serial("aa"), &keys::revoked_serial("bb"));
+    assert!(corrupt(r.serial_revoked("bb")));
+    assert_eq!(r.serial_revoked("aa").unwrap(), true);
+
+    // The state machine stops rather than apply over a moved record.
+    let db2 = db.clone();
+    let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        apply(&db2, vec![append("k2", 3)])
+    }));
+    assert!(
+        applied.is_err(),
+        "an apply over a moved record must stop the node"
+    );
 }
