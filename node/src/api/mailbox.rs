@@ -361,10 +361,7 @@ impl Mailbox for MailboxService {
         };
         let res = self.run_named(&n, cmd).await?;
         let (modseq, _, claimed_by) = Self::changed(res)?;
-        let claimed_by = match claimed_by {
-            Some(a) => n.open(NameKind::Agent, &a).map_err(error::crypto)?,
-            None => String::new(),
-        };
+        let claimed_by = n.open_agent(claimed_by.as_deref()).map_err(error::crypto)?;
         Ok(Response::new(ClaimMessageResponse { modseq, claimed_by }))
     }
 

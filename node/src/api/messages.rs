@@ -14,7 +14,7 @@ use tonic::{Code, Status};
 
 use super::tenant_keys::{cipher_for, names_for};
 use crate::access::{mask_address, mask_addresses_in, Principal};
-use crate::crypto::{NameKind, HEADERS_CHUNK};
+use crate::crypto::HEADERS_CHUNK;
 use crate::ctx::Ctx;
 use crate::damage::Part;
 use crate::error;
@@ -56,10 +56,7 @@ pub fn summary(
 /// What a message's record says, its flags and claim holder opened.
 fn record_summary(ctx: &Ctx, tenant: &str, m: &MessageRecord) -> Result<MessageSummary, Status> {
     let names = names_for(ctx, tenant)?;
-    let claimed_by = match &m.claimed_by {
-        Some(a) => names.open(NameKind::Agent, a).map_err(error::crypto)?,
-        None => String::new(),
-    };
+    let claimed_by = names.open_agent(m.claimed_by.as_deref()).map_err(error::crypto)?;
     Ok(MessageSummary {
         uid: m.uid,
         modseq: m.modseq,

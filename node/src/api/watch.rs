@@ -9,7 +9,6 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::tenant_keys::names_for;
-use crate::crypto::NameKind;
 use crate::ctx::Ctx;
 use crate::error;
 use crate::state::records::{ChangeKind as Kind, ChangeRecord};
@@ -29,10 +28,7 @@ fn kind(k: Kind) -> ChangeKind {
 /// A stored change as the client sees it: flags and claim holder opened.
 fn opened(ctx: &Ctx, tenant: &str, modseq: u64, c: ChangeRecord) -> Result<MailboxChange, Status> {
     let names = names_for(ctx, tenant)?;
-    let claimed_by = match &c.claimed_by {
-        Some(a) => names.open(NameKind::Agent, a).map_err(error::crypto)?,
-        None => String::new(),
-    };
+    let claimed_by = names.open_agent(c.claimed_by.as_deref()).map_err(error::crypto)?;
     Ok(MailboxChange {
         modseq,
         uid: c.uid,

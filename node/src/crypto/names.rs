@@ -127,6 +127,11 @@ impl TenantNames {
         String::from_utf8(clear).map_err(|_| CryptoError::Authentication)
     }
 
+    /// A claim holder as the client sees it (empty for no claim).
+    pub fn open_agent(&self, stored: Option<&str>) -> Result<String, CryptoError> {
+        stored.map_or(Ok(String::new()), |a| self.open(NameKind::Agent, a))
+    }
+
     /// A flag as stored: keywords sealed, system flags as they are.
     pub fn seal_flag(&self, flag: &str) -> String {
         if is_system_flag(flag) {
