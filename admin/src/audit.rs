@@ -41,11 +41,13 @@ fn record_json(r: &AuditRecord) -> serde_json::Value {
 pub async fn run(endpoint: &str, output: Output, cmd: AuditCmd) -> anyhow::Result<()> {
     match cmd {
         AuditCmd::Verify { data_dir: Some(dir) } => {
-            let db = mailvault_node::store::open_db_read_only(&dir.join("db"))
+            let log = mailvault_node::store::open_db_read_only(&dir.join("db"))
+                .with_context(|| format!("cannot open the store in {}", dir.display()))?;
+            let db = mailvault_node::store::open_state_dir_read_only(&dir)
                 .with_context(|| format!("cannot open the store in {}", dir.display()))?;
             mailvault_node::store::data_version::check(&db)
                 .with_context(|| format!("cannot read the store in {}", dir.display()))?;
-            let (applied, committed) = mailvault_node::store::applied_and_committed(&db)
+            let (applied, committed) = mailvault_node::store::applied_and_committed(&log, &db)
                 .map_err(|e| anyhow::anyhow!("cannot read the applied index: {e}"))?;
             if committed > applied {
                 eprintln!(

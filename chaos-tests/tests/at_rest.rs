@@ -114,8 +114,11 @@ async fn no_plaintext_mail_in_any_data_directory() {
             all.iter().any(|p| p.to_string_lossy().ends_with(".sst")),
             "node {i}: no SST was flushed"
         );
+        // A snapshot is a checkpoint directory (hard links to the state's files).
+        let snapshots = cluster.data_dir(i).join("snapshots");
         assert!(
-            all.iter().any(|p| p.extension().is_some_and(|e| e == "snap")),
+            all.iter()
+                .any(|p| p.starts_with(&snapshots) && p.ends_with("CURRENT")),
             "node {i}: no snapshot on disk"
         );
         let mut saw_tenant = false;

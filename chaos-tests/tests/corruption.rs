@@ -10,7 +10,7 @@ use std::time::Duration;
 use mailvault_chaos::scenario::seed_from_env;
 use mailvault_chaos::*;
 use mailvault_node::crypto::{MasterKey, RecordBinding, TAG_BYTES};
-use mailvault_node::store::{open_db, CF_SM};
+use mailvault_node::store::{open_state_dir, CF_SM};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tonic::Code;
@@ -100,7 +100,7 @@ fn rng(test: &str) -> SmallRng {
 /// Flips one random bit in the ciphertext of one random stored chunk of the
 /// stopped node with this data directory.
 fn flip_a_ciphertext_bit(data_dir: &Path, rng: &mut SmallRng) {
-    let db = open_db(&data_dir.join("db")).unwrap();
+    let db = open_state_dir(data_dir).unwrap();
     let cf = db.cf_handle(CF_SM).unwrap();
     let prefix = [mailvault_node::state::keys::CHUNK];
     let chunks: Vec<(Vec<u8>, Vec<u8>)> = db
@@ -123,8 +123,12 @@ fn flip_a_ciphertext_bit(data_dir: &Path, rng: &mut SmallRng) {
 /// every file of the node whose name ends in `ext`.
 fn flip_bytes_in_files(data_dir: &Path, ext: &str, rng: &mut SmallRng) -> usize {
     let mut n = 0;
-    let mut paths: Vec<_> = std::fs::read_dir(data_dir.join("db"))
-        .unwrap()
+    // The Raft log's database and the state's live generation (its own
+    // database since data version 4).
+    let state = std::fs::read_to_string(data_dir.join("state/CURRENT")).unwrap();
+    let mut paths: Vec<_> = [data_dir.join("db"), data_dir.join("state").join(state.trim())]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).unwrap())
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == ext))
         .collect();
@@ -208,7 +212,7 @@ fn damage_message(cluster: &Cluster, node: usize, uid: u32, what: Damage) {
     use mailvault_node::state::codec::{decode, encode};
     use mailvault_node::state::keys;
     use mailvault_node::state::records::MessageRecord;
-    let db = open_db(&cluster.data_dir(node).join("db")).unwrap();
+    let db = open_state_dir(&cluster.data_dir(node)).unwrap();
     let cf = db.cf_handle(CF_SM).unwrap();
     let key = keys::message(T, M, uid);
     let stored = db.get_cf(cf, &key).unwrap().expect("the message is stored");
@@ -455,7 +459,7 @@ async fn a_follower_with_a_corrupted_wal_refuses_to_start_rather_than_forget() {
 /// Copies the stored value at `from` over the one at `to` in the stopped
 /// node's store, as someone with a copy of the data directory could.
 fn copy_record(cluster: &Cluster, node: usize, from: &[u8], to: &[u8]) {
-    let db = open_db(&cluster.data_dir(node).join("db")).unwrap();
+    let db = open_state_dir(&cluster.data_dir(node)).unwrap();
     let cf = db.cf_handle(CF_SM).unwrap();
     let value = db
         .get_cf(cf, from)

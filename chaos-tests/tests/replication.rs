@@ -115,6 +115,9 @@ async fn a_node_that_was_down_catches_up_from_the_log_and_from_a_snapshot() {
         installed >= Some(1.0),
         "the restarted node must have installed a snapshot: {installed:?}"
     );
+    // It came as a checkpoint, file by file.
+    let received = scrape_metric(&cluster.ops_addr(down), "mailvault_snapshot_received_bytes_total").await;
+    assert!(received > Some(0.0), "no checkpoint was received: {received:?}");
     let _ = &mut d;
 }
 

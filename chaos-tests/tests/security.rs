@@ -880,7 +880,7 @@ fn tamper_audit(data_dir: &std::path::Path, how: &str) {
     use mailvault_node::state::audit::AuditRecord as Rec;
     use mailvault_node::state::codec::{decode, encode};
     use mailvault_node::state::keys;
-    let db = mailvault_node::store::open_db(&data_dir.join("db")).unwrap();
+    let db = mailvault_node::store::open_state_dir(data_dir).unwrap();
     let cf = db.cf_handle(mailvault_node::store::CF_SM).unwrap();
     let get = |seq: u64| decode::<Rec>(&db.get_cf(cf, keys::audit(seq)).unwrap().unwrap()).unwrap();
     match how {

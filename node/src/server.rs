@@ -29,7 +29,7 @@ use crate::raft::{
     snapshot_schedule, PeerClients, PeerNetwork, PeerService, ReadBarrier, ReadFence, PEER_MAX_MESSAGE_BYTES,
 };
 use crate::state::types::Raft;
-use crate::store::{open_db, LogStore, MailReader, StateMachine};
+use crate::store::{LogStore, MailReader, StateMachine};
 use crate::test_modes::TestModes;
 use crate::tls::{accept_loop, client_tls, server_config, CertIdentity, HandshakeFailure, Peer};
 use crate::workers::{Kind, Supervisor};
@@ -60,10 +60,11 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
 
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
-    let db = open_db(&config.data_dir.join("db"))
+    let stores = crate::store::open(&config.data_dir)
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+    let (db, state) = (stores.log, stores.state);
     // Before anything reads the store: refuse a newer data version, upgrade an older one.
-    let found = crate::store::data_version::upgrade(&db, &keyring)
+    let found = crate::store::data_version::upgrade(&state.get(), &keyring)
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     tracing::info!(
         found = ?found,
@@ -87,8 +88,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         );
     }
     let durability = log_store.durability();
-    let state_machine = StateMachine::open(db.clone(), keyring.clone(), &config.data_dir.join("snapshots"))?
-        .applying_synced(durability.clone());
+    let state_machine =
+        StateMachine::open(state.clone(), keyring.clone(), &config.data_dir.join("snapshots"))?
+            .applying_synced(durability.clone());
     let applied = state_machine.applied_index();
     let audit_changes = state_machine.audit_changes();
     tracing::info!(applied = *applied.borrow(), "store opened");
@@ -117,9 +119,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         resend_held_back_commits(r, durability).await;
         Ok(())
     });
-    let (r, schedule) = (raft.clone(), snapshot_schedule(&config));
+    let (r, schedule, sm) = (raft.clone(), snapshot_schedule(&config), state_machine.clone());
     workers.spawn("snapshot-schedule", Kind::Background, async move {
-        schedule_snapshots(r, state_machine, schedule).await;
+        schedule_snapshots(r, sm, schedule).await;
         Ok(())
     });
     // Listen for peers before bootstrapping, so the first election can reach us.
@@ -148,12 +150,17 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         Duration::from_secs(config.access.lockout_minutes * 60),
     );
     let denials = Denials::new(lockout.clone(), audit.clone());
-    let reader = MailReader::new(db.clone(), keyring.binding().clone());
+    let reader = MailReader::new(state.clone(), keyring.binding().clone());
 
     let fence = ReadFence::new(raft.clone());
-    let peer_svc = RaftPeerServer::new(PeerService::new(raft.clone(), proposer.clone(), fence.clone()))
-        .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES);
+    let peer_svc = RaftPeerServer::new(PeerService::new(
+        raft.clone(),
+        proposer.clone(),
+        fence.clone(),
+        state_machine.clone(),
+    ))
+    .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES);
     // The peer listener admits node certificates only.
     let peer_incoming = {
         let (denials, reader) = (denials.clone(), reader.clone());
@@ -317,7 +324,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     // RocksDB flushes them on close only if the database is dropped before
     // the process exits, which the log syncer thread can outlive: flush here,
     // so a cleanly stopped node's data directory holds all it applied.
-    if let Err(e) = crate::store::flush_state(&db) {
+    if let Err(e) = crate::store::flush_state(&state) {
         tracing::warn!(error = %e, "flushing the state machine at shutdown failed; the log replays it");
     }
     tracing::info!("stopped");

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use aes_gcm::Aes256Gcm;
 use zeroize::Zeroizing;
 
+use super::backup_seal::BackupSeal;
 use super::binding::RecordBinding;
 use super::envelope::{cipher, open, seal, Aad, CryptoError};
 use super::master_key::MasterKey;
@@ -27,6 +28,7 @@ pub struct Keyring {
     /// By tenant and the wrapped first key (a tenant made again has new keys).
     names: Arc<RwLock<HashMap<(String, Vec<u8>), Arc<TenantNames>>>>,
     binding: Arc<RecordBinding>,
+    backups: Arc<BackupSeal>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -43,7 +45,13 @@ impl Keyring {
             deks: Arc::default(),
             names: Arc::default(),
             binding: Arc::new(RecordBinding::new(master)),
+            backups: Arc::new(BackupSeal::new(master)),
         }
+    }
+
+    /// What authenticates backup manifests, and the master key's fingerprint.
+    pub fn backups(&self) -> &Arc<BackupSeal> {
+        &self.backups
     }
 
     /// The binding of stored records to their keys.

@@ -2,6 +2,7 @@
 //! keyring, the cipher of one message's parts, the binding of stored records
 //! to their keys and the protection of stored names.
 
+mod backup_seal;
 mod binding;
 mod envelope;
 mod keyring;
@@ -9,6 +10,7 @@ mod master_key;
 mod message;
 mod names;
 
+pub use backup_seal::BackupSeal;
 pub use binding::{RecordBinding, TAG_BYTES};
 pub use envelope::{open, seal, Aad, CryptoError, FORMAT_VERSION, HEADERS_CHUNK};
 #[cfg(test)]

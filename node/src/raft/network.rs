@@ -5,13 +5,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mailvault_proto::raft::raft_peer_client::RaftPeerClient;
-use mailvault_proto::raft::{RaftPayload, ReadIndexRequest};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use mailvault_proto::raft::{CheckpointPart, RaftPayload, ReadIndexRequest};
+use openraft::error::{
+    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
+    StreamingError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    SnapshotResponse, VoteRequest, VoteResponse,
 };
+use openraft::{OptionalSend, Snapshot, Vote};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, ClientTlsConfig};
@@ -19,6 +23,7 @@ use tonic::transport::{Channel, ClientTlsConfig};
 use super::PEER_MAX_MESSAGE_BYTES;
 use crate::error::{ApiError, Reason};
 use crate::state::codec::{decode, encode};
+use crate::state::snapshot_data::{CheckpointFile, CheckpointOffer, SnapshotData};
 use crate::state::types::{entry_bytes, Member, NodeId, TypeConfig};
 use crate::store::Durability;
 
@@ -232,7 +237,137 @@ fn bound_payload(rpc: &mut AppendEntriesRequest<TypeConfig>) -> Option<crate::st
     rpc.entries.last().map(|e| e.log_id)
 }
 
+/// Bytes of a checkpoint file per transfer part.
+const CHECKPOINT_PART_BYTES: usize = 1 << 20;
+
+/// A checkpoint transfer whose receiver takes no part for this long is
+/// given up (openraft tries again later, with the then current snapshot).
+const TRANSFER_STALL: Duration = Duration::from_secs(30);
+
+/// Feeds a checkpoint transfer: the offer, then every file in parts, each
+/// file's last part with the SHA-256 of what was read. Ends early (the
+/// receiver then refuses the incomplete transfer) if a file cannot be read
+/// or the receiver stalls.
+async fn send_checkpoint(
+    offer: CheckpointOffer,
+    files: Vec<CheckpointFile>,
+    tx: tokio::sync::mpsc::Sender<CheckpointPart>,
+) -> std::io::Result<()> {
+    use sha2::Digest;
+    let send = |part: CheckpointPart| {
+        let tx = tx.clone();
+        async move {
+            match tokio::time::timeout(TRANSFER_STALL, tx.send(part)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(std::io::Error::other("the transfer ended")),
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the receiver stalled",
+                )),
+            }
+        }
+    };
+    send(CheckpointPart {
+        offer: encode(&offer),
+        ..Default::default()
+    })
+    .await?;
+    for (index, f) in files.into_iter().enumerate() {
+        let (mut file, mut left, mut sum) = (f.file, f.len, sha2::Sha256::new());
+        loop {
+            let n = left.min(CHECKPOINT_PART_BYTES as u64) as usize;
+            let (back, data) = tokio::task::spawn_blocking(move || {
+                use std::io::Read;
+                let mut data = vec![0u8; n];
+                file.read_exact(&mut data).map(|()| (file, data))
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            file = back;
+            sum.update(&data);
+            left -= n as u64;
+            let last = left == 0;
+            let sha256 = if last {
+                sum.clone().finalize().to_vec()
+            } else {
+                Vec::new()
+            };
+            metrics::counter!("mailvault_snapshot_sent_bytes_total").increment(n as u64);
+            send(CheckpointPart {
+                offer: Vec::new(),
+                file: index as u32,
+                data,
+                sha256,
+            })
+            .await?;
+            if last {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl RaftNetwork<TypeConfig> for PeerConnection {
+    /// Sends a snapshot — a checkpoint of this node's state database — file
+    /// by file over `TransferCheckpoint`, instead of openraft's chunks of one
+    /// byte stream: nothing is copied into a stream first, and the follower
+    /// installs it by swapping the received directory in. Given up when
+    /// openraft cancels it, the receiver stalls or the connection breaks.
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let network = |why: String| StreamingError::Network(NetworkError::new(&std::io::Error::other(why)));
+        let SnapshotData::Checkpoint(files) = *snapshot.snapshot else {
+            return Err(network("only a checkpoint is sent as a snapshot".into()));
+        };
+        let offer = CheckpointOffer {
+            vote,
+            meta: snapshot.meta.clone(),
+            files: files.iter().map(|f| (f.name.clone(), f.len)).collect(),
+        };
+        let bytes: u64 = offer.files.iter().map(|(_, l)| l).sum();
+        let started = std::time::Instant::now();
+        let mut client = self
+            .clients
+            .client(&self.addr)
+            .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let feeder = tokio::spawn(send_checkpoint(offer, files, tx));
+        let call = client.transfer_checkpoint(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let reply = tokio::select! {
+            reply = call => reply,
+            closed = cancel => {
+                feeder.abort();
+                return Err(StreamingError::Closed(closed));
+            }
+        };
+        let fed = feeder.await;
+        let reply = reply.map_err(|s| match s.code() {
+            tonic::Code::Unavailable => StreamingError::Unreachable(Unreachable::new(&s)),
+            _ => StreamingError::Network(NetworkError::new(&s)),
+        })?;
+        let outcome: super::peer_service::TransferOutcome =
+            decode(&reply.into_inner().data).map_err(|e| network(e.to_string()))?;
+        match (outcome, fed) {
+            (Ok(resp), _) => {
+                tracing::info!(
+                    target_node = self.target,
+                    bytes,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "snapshot sent"
+                );
+                Ok(resp)
+            }
+            (Err(why), Ok(Err(e))) => Err(network(format!("{why} (sending: {e})"))),
+            (Err(why), _) => Err(network(why)),
+        }
+    }
+
     async fn append_entries(
         &mut self,
         mut rpc: AppendEntriesRequest<TypeConfig>,

@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use mailvault_proto::raft::raft_peer_server::RaftPeer;
 use mailvault_proto::raft::{
-    CampaignRequest, CampaignResponse, RaftPayload, ReadIndexRequest, ReadIndexResponse,
+    CampaignRequest, CampaignResponse, CheckpointPart, RaftPayload, ReadIndexRequest, ReadIndexResponse,
 };
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::ReadFence;
 use crate::error::{self, ApiError, Reason};
@@ -14,7 +14,12 @@ use crate::proposer::Proposer;
 use crate::state::audit::AuditEvent;
 use crate::state::codec::{decode, encode};
 use crate::state::command::Command;
-use crate::state::types::Raft;
+use crate::state::snapshot_data::{CheckpointOffer, SnapshotData};
+use crate::state::types::{NodeId, Raft};
+use crate::store::StateMachine;
+
+/// The outcome of a checkpoint transfer, as the receiver answers it.
+pub type TransferOutcome = Result<openraft::raft::SnapshotResponse<NodeId>, String>;
 
 /// Hands peer RPCs to the local Raft instance.
 #[derive(Clone)]
@@ -22,16 +27,73 @@ pub struct PeerService {
     raft: Raft,
     proposer: Proposer,
     fence: ReadFence,
+    /// Where received checkpoints go.
+    sm: StateMachine,
 }
 
 impl PeerService {
-    /// A service over `raft`; audit batches from followers go to `proposer`.
-    pub fn new(raft: Raft, proposer: Proposer, fence: ReadFence) -> PeerService {
+    /// A service over `raft`; audit batches from followers go to `proposer`,
+    /// snapshots into `sm`.
+    pub fn new(raft: Raft, proposer: Proposer, fence: ReadFence, sm: StateMachine) -> PeerService {
         PeerService {
             raft,
             proposer,
             fence,
+            sm,
         }
+    }
+
+    /// Receives a checkpoint's files (each checked against its SHA-256) and
+    /// has Raft install it; whatever is not installed is removed.
+    async fn receive_checkpoint(
+        &self,
+        offer: CheckpointOffer,
+        mut parts: Streaming<CheckpointPart>,
+    ) -> TransferOutcome {
+        let started = std::time::Instant::now();
+        let total: u64 = offer.files.iter().map(|(_, l)| l).sum();
+        let sm = self.sm.clone();
+        let files = offer.files.clone();
+        let mut rx = tokio::task::spawn_blocking(move || sm.checkpoint_receiver(files))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        while let Some(part) = parts
+            .message()
+            .await
+            .map_err(|s| format!("the transfer broke off: {}", s.message()))?
+        {
+            let sha = (!part.sha256.is_empty()).then_some(part.sha256);
+            rx = tokio::task::spawn_blocking(move || {
+                rx.chunk(part.file as usize, &part.data, sha.as_deref())?;
+                Ok::<_, crate::store::checkpoint::CheckpointError>(rx)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        }
+        let dir = tokio::task::spawn_blocking(move || rx.finish())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        metrics::counter!("mailvault_snapshot_received_bytes_total").increment(total);
+        tracing::info!(
+            bytes = total,
+            files = offer.files.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "checkpoint received; installing"
+        );
+        let snapshot = openraft::Snapshot {
+            meta: offer.meta,
+            snapshot: Box::new(SnapshotData::Received(dir.clone())),
+        };
+        let result = self.raft.install_full_snapshot(offer.vote, snapshot).await;
+        // Installed, it was moved; refused (a stale leader, nothing newer
+        // than what is committed here), it is still there.
+        if dir.exists() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        result.map_err(|fatal| format!("raft stopped: {fatal}"))
     }
 }
 
@@ -61,6 +123,24 @@ impl RaftPeer for PeerService {
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode_req(req)?;
         reply(&self.raft.install_snapshot(rpc).await)
+    }
+
+    async fn transfer_checkpoint(
+        &self,
+        req: Request<Streaming<CheckpointPart>>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let mut parts = req.into_inner();
+        let first = parts
+            .message()
+            .await?
+            .ok_or_else(|| error::invalid("an empty checkpoint transfer"))?;
+        let offer: CheckpointOffer =
+            decode(&first.offer).map_err(|_| error::invalid("undecodable checkpoint offer"))?;
+        let outcome = self.receive_checkpoint(offer, parts).await;
+        if let Err(why) = &outcome {
+            tracing::warn!(reason = %why, "a checkpoint transfer was refused");
+        }
+        reply(&outcome)
     }
 
     async fn read_index(

@@ -7,12 +7,14 @@
 //! here is a frozen format: change it only with a data-version migration.
 
 pub mod audit;
+pub mod backup;
 pub mod codec;
 pub mod command;
 pub mod keys;
 pub mod member;
 pub mod policy;
 pub mod records;
+pub mod snapshot_data;
 pub mod types;
 pub mod version;
 

@@ -20,7 +20,12 @@
 ///    its key (a tag after its encoding); idempotency records are keyed by
 ///    hashed keys; keywords and claim agents are sealed (see
 ///    `crypto::TenantNames`).
-pub const DATA_VERSION: u32 = 3;
+/// 4. The state machine has its own RocksDB (`data_dir/state`, one directory
+///    per generation), apart from the Raft log's; a snapshot is a checkpoint
+///    of it, sent file by file (`snapshot_data`), no longer a key/value dump.
+///    The log's database keeps only this version in its old `sm` column
+///    family, so that an older build refuses the directory.
+pub const DATA_VERSION: u32 = 4;
 
 /// The version of data directories written before the version was stored
 /// (their formats are version 1's).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions};
 
-use super::db::{Db, CF_LOG, CF_META, CF_SM};
+use super::db::{Db, CF_SM};
 use crate::crypto::{Keyring, NameKind, TenantNames};
 use crate::state::codec::{decode, encode};
 use crate::state::keys::{self, META_DATA_VERSION};
@@ -64,6 +64,10 @@ const STEPS: &[Step] = &[
         to: 3,
         run: bind_and_protect,
     },
+    Step {
+        to: 4,
+        run: stamp_only,
+    },
 ];
 
 /// Data written before the version was stored has version 1's formats:
@@ -74,6 +78,9 @@ fn unversioned_to_1(_db: &Db, _keys: &Keyring, _batch: &mut WriteBatch) -> Resul
 
 /// Version 2 adds a command family to the log and changes no stored record:
 /// stamping it keeps a version-1 build from reading a log it cannot decode.
+/// Version 4 moves the state machine into its own database and makes
+/// snapshots checkpoints: the move is `super::layout`'s, before any step
+/// runs, and no record changes.
 fn stamp_only(_db: &Db, _keys: &Keyring, _batch: &mut WriteBatch) -> Result<(), DataVersionError> {
     Ok(())
 }
@@ -143,17 +150,15 @@ fn sealed_flags(names: &TenantNames, flags: &[String]) -> Vec<String> {
     set.into_iter().collect()
 }
 
-/// The stored version: `None` for a fresh store, [`UNVERSIONED`] for data
-/// written before versions were stored.
+/// The stored version of a state database: `None` for a fresh one,
+/// [`UNVERSIONED`] for data written before versions were stored (the layout
+/// move stamps that explicitly, see `super::layout`).
 pub fn read(db: &Db) -> Result<Option<u32>, DataVersionError> {
     let sm = db.cf_handle(CF_SM).expect("sm column family");
     if let Some(v) = db.get_cf(sm, META_DATA_VERSION)? {
         return version::decode(&v).map(Some).ok_or(DataVersionError::Unreadable);
     }
-    let empty = [CF_LOG, CF_META, CF_SM].iter().all(|name| {
-        let cf = db.cf_handle(name).expect("column family");
-        db.iterator_cf(cf, IteratorMode::Start).next().is_none()
-    });
+    let empty = db.iterator_cf(sm, IteratorMode::Start).next().is_none();
     Ok((!empty).then_some(UNVERSIONED))
 }
 
@@ -203,7 +208,7 @@ pub fn upgrade(db: &Db, keys: &Keyring) -> Result<Option<u32>, DataVersionError>
 mod tests {
     use super::*;
     use crate::crypto::test_keyring;
-    use crate::store::open_db;
+    use crate::store::{open_db, StateDb, CF_LOG};
 
     fn db() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
@@ -282,7 +287,7 @@ mod tests {
 
         assert_eq!(upgrade(&db, keys).unwrap(), Some(2));
         assert_eq!(read(&db).unwrap(), Some(DATA_VERSION));
-        let r = MailReader::new(db.clone(), keys.binding().clone());
+        let r = MailReader::new(StateDb::fixed(db.clone()), keys.binding().clone());
         let names = keys.names(T, &tenant.keys[0]).unwrap();
         assert_eq!(r.tenant(T).unwrap().unwrap().keys, tenant.keys);
         assert_eq!(r.mailbox(T, M).unwrap().unwrap().uidnext, 2);

@@ -58,7 +58,7 @@ pub const MIN_BLOB_SIZE: u64 = 4096;
 /// are dropped, and compaction moves live values out of the oldest quarter
 /// of blob files (forced once half of those is garbage), so space is
 /// reclaimed.
-fn separate_large_values(o: &mut Options) {
+pub(super) fn separate_large_values(o: &mut Options) {
     o.set_enable_blob_files(true);
     o.set_min_blob_size(MIN_BLOB_SIZE);
     o.set_blob_file_size(64 << 20);

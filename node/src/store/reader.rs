@@ -4,6 +4,7 @@
 use rocksdb::{Direction, IteratorMode};
 
 use super::db::{Db, CF_SM};
+use super::state_db::StateDb;
 use crate::crypto::RecordBinding;
 use crate::state::audit::{verify_chain, AuditHead, AuditRecord, ChainError};
 use crate::state::codec::decode;
@@ -30,10 +31,11 @@ pub enum ReadError {
 /// fails its binding or does not decode (damaged on this node).
 pub type StoredMessage = Result<MessageRecord, u32>;
 
-/// Reads the state machine's records.
+/// Reads the state machine's records (each call from the live state
+/// database as it is when the call starts).
 #[derive(Clone)]
 pub struct MailReader {
-    db: Db,
+    state: StateDb,
     /// `None` for offline tools without the master key: they read only
     /// records that are not bound (the audit chain).
     binding: Option<std::sync::Arc<RecordBinding>>,
@@ -41,11 +43,15 @@ pub struct MailReader {
 
 type R<T> = Result<T, ReadError>;
 
+fn sm(db: &Db) -> &rocksdb::ColumnFamily {
+    db.cf_handle(CF_SM).expect("sm column family")
+}
+
 impl MailReader {
     /// A reader over the database, checking bound records with `binding`.
-    pub fn new(db: Db, binding: std::sync::Arc<RecordBinding>) -> MailReader {
+    pub fn new(state: StateDb, binding: std::sync::Arc<RecordBinding>) -> MailReader {
         MailReader {
-            db,
+            state,
             binding: Some(binding),
         }
     }
@@ -53,11 +59,14 @@ impl MailReader {
     /// A reader for offline tools without the master key: the audit chain
     /// only (every bound record is refused with [`ReadError::Unkeyed`]).
     pub fn unkeyed(db: Db) -> MailReader {
-        MailReader { db, binding: None }
+        MailReader {
+            state: StateDb::fixed(db),
+            binding: None,
+        }
     }
 
-    fn cf(&self) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(CF_SM).expect("sm column family")
+    fn db(&self) -> Db {
+        self.state.get()
     }
 
     /// Decodes the record stored at `key`, checking its binding if it is bound.
@@ -72,10 +81,12 @@ impl MailReader {
     }
 
     fn get<T: for<'de> serde::Deserialize<'de>>(&self, key: &[u8]) -> R<Option<T>> {
-        match self.db.get_pinned_cf(self.cf(), key)? {
+        let db = self.db();
+        let found = match db.get_pinned_cf(sm(&db), key)? {
             None => Ok(None),
             Some(b) => self.open(key, &b).map(Some),
-        }
+        };
+        found
     }
 
     /// Visits records under `prefix` from `start` on, until `f` returns false.
@@ -95,9 +106,8 @@ impl MailReader {
         start: &[u8],
         mut f: impl FnMut(&[u8], R<T>) -> R<bool>,
     ) -> R<()> {
-        let it = self
-            .db
-            .iterator_cf(self.cf(), IteratorMode::From(start, Direction::Forward));
+        let db = self.db();
+        let it = db.iterator_cf(sm(&db), IteratorMode::From(start, Direction::Forward));
         for item in it {
             let (k, v) = item?;
             if !k.starts_with(prefix) {
@@ -142,9 +152,8 @@ impl MailReader {
     pub fn audit_first_seq_since(&self, since_ms: i64) -> R<u64> {
         const SKEW_MS: i64 = 60_000;
         let end = keys::audit(u64::MAX);
-        let it = self
-            .db
-            .iterator_cf(self.cf(), IteratorMode::From(&end, Direction::Reverse));
+        let db = self.db();
+        let it = db.iterator_cf(sm(&db), IteratorMode::From(&end, Direction::Reverse));
         let mut first = self.audit_head()?.seq + 1;
         for item in it {
             let (k, v) = item?;
@@ -165,11 +174,12 @@ impl MailReader {
     /// count). Replicas at the same applied index must agree.
     pub fn state_digest(&self) -> R<(u64, [u8; 32], u64)> {
         use sha2::{Digest, Sha256};
-        let snap = self.db.snapshot();
+        let db = self.db();
+        let snap = db.snapshot();
         let mut h = Sha256::new();
         let mut records = 0u64;
         let mut applied = 0u64;
-        for item in snap.iterator_cf(self.cf(), IteratorMode::Start) {
+        for item in snap.iterator_cf(sm(&db), IteratorMode::Start) {
             let (k, v) = item?;
             if &*k == crate::state::keys::META_APPLIED {
                 let id: Option<crate::state::types::LogId> = decode(&v).map_err(|_| ReadError::Corrupt)?;
@@ -187,9 +197,8 @@ impl MailReader {
     /// Verifies the whole audit chain in this node's store.
     pub fn verify_audit(&self) -> R<Result<u64, ChainError>> {
         let head = self.audit_head()?;
-        let it = self
-            .db
-            .iterator_cf(self.cf(), IteratorMode::From(&keys::audit(0), Direction::Forward));
+        let db = self.db();
+        let it = db.iterator_cf(sm(&db), IteratorMode::From(&keys::audit(0), Direction::Forward));
         let records = it
             .take_while(|item| {
                 item.as_ref()
@@ -227,10 +236,12 @@ impl MailReader {
     /// One message's record (`Err(uid)` if it is damaged here).
     pub fn message(&self, tenant: &str, mailbox: &str, uid: u32) -> R<Option<StoredMessage>> {
         let key = keys::message(tenant, mailbox, uid);
-        match self.db.get_pinned_cf(self.cf(), &key)? {
-            None => Ok(None),
-            Some(b) => Ok(Some(Self::message_at(uid, self.open(&key, &b))?)),
-        }
+        let db = self.db();
+        let found = match db.get_pinned_cf(sm(&db), &key)? {
+            None => None,
+            Some(b) => Some(Self::message_at(uid, self.open(&key, &b))?),
+        };
+        Ok(found)
     }
 
     /// A message record read at `uid`'s key: damaged if it fails its binding
@@ -262,7 +273,8 @@ impl MailReader {
 
     /// One encrypted chunk.
     pub fn chunk(&self, tenant: &str, blob: &BlobId, index: u32) -> R<Option<Vec<u8>>> {
-        Ok(self.db.get_cf(self.cf(), keys::chunk(tenant, blob, index))?)
+        let db = self.db();
+        Ok(db.get_cf(sm(&db), keys::chunk(tenant, blob, index))?)
     }
 
     /// What an idempotency key was used for (`key` as stored: hashed, see

@@ -1,19 +1,19 @@
-//! Snapshot data: a dump of the state-machine column family, streamed to and
-//! from files so that no snapshot is ever held in memory whole.
+//! Where a node keeps its snapshots ([`SnapshotFiles`]: checkpoint
+//! directories, see `super::checkpoint`), and the snapshot format of data
+//! version 3 and before, which a node still receives from a leader of an
+//! older build during a rolling upgrade.
 //!
-//! Data format: `MVSNAP01`, then for each pair `len(key) be32, key, len(value) be32, value`,
-//! in key order, then a 32-byte SHA-256 of everything before it. Frozen
-//! format: do not change without a version bump.
-//!
-//! Installing one writes its pairs into an SST file that also carries a range
-//! deletion of the whole column family, and ingests it: the old state is
-//! replaced by the new in one atomic step, and a crash leaves one or the other.
+//! That old format: `MVSNAP01`, then for each pair `len(key) be32, key,
+//! len(value) be32, value`, in key order, then a 32-byte SHA-256 of
+//! everything before it. Frozen. Loading one writes its pairs into an SST
+//! file that also carries a range deletion of the whole column family, and
+//! ingests it into a new state database.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use rocksdb::{IngestExternalFileOptions, IteratorMode, Options, SstFileWriter};
+use rocksdb::{IngestExternalFileOptions, Options, SstFileWriter};
 use sha2::{Digest, Sha256};
 
 use super::data_version::DataVersionError;
@@ -26,6 +26,8 @@ use crate::state::version::{self, DATA_VERSION};
 const MAGIC: &[u8; 8] = b"MVSNAP01";
 /// Where versions before 2026-11-24 kept the current snapshot's data.
 const LEGACY_DATA: &str = "current.data";
+/// Where data version 3 and before kept the current snapshot's metadata.
+const LEGACY_META: &str = "current.meta";
 const SUM_LEN: u64 = 32;
 /// Every key of the state machine sorts below this (keys are short and
 /// never begin with 0xff bytes throughout).
@@ -49,11 +51,13 @@ pub enum SnapshotError {
 }
 
 /// A writer that hashes what passes through it.
+#[cfg(test)]
 struct Hashing<W> {
     inner: W,
     sum: Sha256,
 }
 
+#[cfg(test)]
 impl<W: Write> Write for Hashing<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
@@ -65,13 +69,15 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-/// Dumps the state machine from a consistent RocksDB snapshot into a new
+/// Dumps the state machine (in the old format, as a node of data version 3
+/// sent it) from a consistent RocksDB snapshot into a new
 /// file at `path`, synced. Returns its length, and the values the keys in
 /// `read` had in that same RocksDB snapshot (so the metadata describing the
 /// dump — the applied log id — is exactly that of the dumped state, though
 /// entries keep being applied meanwhile). Before it reads, the dumped state
 /// is flushed to SST files: state-machine writes bypass the WAL, so this is
 /// what makes it durable before the log entries it holds can be purged.
+#[cfg(test)]
 pub fn dump_to(db: &Db, path: &Path, read: &[&[u8]]) -> Result<(u64, Vec<Option<Vec<u8>>>), SnapshotError> {
     let cf = db.cf_handle(CF_SM).expect("sm column family");
     let snap = db.snapshot();
@@ -84,11 +90,11 @@ pub fn dump_to(db: &Db, path: &Path, read: &[&[u8]]) -> Result<(u64, Vec<Option<
         .collect::<Result<Vec<_>, _>>()?;
     let file = File::create(path)?;
     let mut out = Hashing {
-        inner: BufWriter::with_capacity(1 << 20, file),
+        inner: std::io::BufWriter::with_capacity(1 << 20, file),
         sum: Sha256::new(),
     };
     out.write_all(MAGIC)?;
-    for item in snap.iterator_cf(cf, IteratorMode::Start) {
+    for item in snap.iterator_cf(cf, rocksdb::IteratorMode::Start) {
         let (k, v) = item?;
         out.write_all(&(k.len() as u32).to_be_bytes())?;
         out.write_all(&k)?;
@@ -200,22 +206,47 @@ pub fn load_file(db: &Db, path: &Path, work: &Path) -> Result<(), SnapshotError>
     Ok(())
 }
 
-/// The snapshot files of a node, under one directory: `current.meta` names
-/// the current snapshot, whose data is in `<id>.snap`; snapshots being
-/// received are `incoming-*.tmp` until installed.
+/// Where the current snapshot's metadata is kept (naming its directory).
+const CURRENT_META: &str = "current.checkpoint";
+
+/// The snapshots of a node, under one directory: `current.checkpoint` names
+/// the current snapshot, whose checkpoint is the directory `<id>/`;
+/// checkpoints being built are `incoming-*` until published. (Data version 3
+/// and before kept `current.meta` and a dump `<id>.snap`; they are removed.)
 #[derive(Debug, Clone)]
 pub struct SnapshotFiles {
     dir: PathBuf,
 }
 
+fn safe_name(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 impl SnapshotFiles {
-    /// Files under `dir`, created if missing; leftovers of an interrupted
-    /// build or transfer are removed.
+    /// Snapshots under `dir`, created if missing; leftovers of an interrupted
+    /// build or transfer, and snapshots of the old format, are removed.
     pub fn new(dir: &Path) -> std::io::Result<SnapshotFiles> {
         std::fs::create_dir_all(dir)?;
         for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "tmp" || e == "sst") {
+            let entry = entry?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("incoming-") || name.starts_with("build-") || name.starts_with("installed-") {
+                remove_any(&path)?;
+            } else if path
+                .extension()
+                .is_some_and(|e| e == "tmp" || e == "sst" || e == "snap")
+                || name == LEGACY_META
+                || name == LEGACY_DATA
+            {
                 std::fs::remove_file(&path)?;
             }
         }
@@ -224,72 +255,81 @@ impl SnapshotFiles {
         })
     }
 
-    /// A fresh scratch path with this prefix and extension.
-    pub fn scratch(&self, prefix: &str, ext: &str) -> PathBuf {
-        let nanos = std::time::SystemTime::now()
+    fn nanos() -> u128 {
+        std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        self.dir.join(format!("{prefix}-{nanos}.{ext}"))
+            .unwrap_or_default()
     }
 
-    /// Where the data of the snapshot with this id lives.
-    pub fn data_path(&self, meta: &SnapshotMeta) -> PathBuf {
-        let name: String = meta
-            .snapshot_id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        self.dir.join(format!("{name}.snap"))
+    /// A fresh directory path for a checkpoint being built (`what`: build, installed).
+    pub fn scratch(&self, what: &str) -> PathBuf {
+        self.dir.join(format!("{what}-{}", Self::nanos()))
     }
 
-    /// Makes the synced data file at `data` the current snapshot, described by
-    /// `meta`: data first, then the metadata that names it, then older data
-    /// files are removed.
-    pub fn commit(&self, meta: &SnapshotMeta, data: &Path) -> std::io::Result<()> {
-        let keep = self.data_path(meta);
-        std::fs::rename(data, &keep)?;
-        let tmp = self.scratch("meta", "tmp");
+    /// A fresh scratch file path with this prefix and extension.
+    pub fn scratch_file(&self, prefix: &str, ext: &str) -> PathBuf {
+        self.dir
+            .join(format!("incoming-{prefix}-{}.{ext}", Self::nanos()))
+    }
+
+    /// Where the checkpoint of the snapshot with this id lives.
+    pub fn dir_for(&self, meta: &SnapshotMeta) -> PathBuf {
+        self.dir.join(safe_name(&meta.snapshot_id))
+    }
+
+    /// Makes the synced checkpoint in `staged` the current snapshot,
+    /// described by `meta`: the directory first, then the metadata that
+    /// names it, then older snapshots are removed (their hard links
+    /// dropped; a transfer that opened their files keeps reading them).
+    /// Returns its directory.
+    pub fn commit(&self, meta: &SnapshotMeta, staged: &Path) -> std::io::Result<PathBuf> {
+        let keep = self.dir_for(meta);
+        if keep.exists() {
+            std::fs::remove_dir_all(&keep)?;
+        }
+        std::fs::rename(staged, &keep)?;
+        let tmp = self.scratch_file("meta", "tmp");
         let mut f = File::create(&tmp)?;
         f.write_all(&encode(meta))?;
         f.sync_all()?;
-        std::fs::rename(&tmp, self.dir.join("current.meta"))?;
+        std::fs::rename(&tmp, self.dir.join(CURRENT_META))?;
         File::open(&self.dir)?.sync_all()?;
         for entry in std::fs::read_dir(&self.dir)? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "snap") && path != keep {
-                // Readers that opened it keep reading it until they close it.
-                std::fs::remove_file(&path)?;
+            let entry = entry?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let building =
+                name.starts_with("incoming-") || name.starts_with("build-") || name.starts_with("installed-");
+            if entry.file_type()?.is_dir() && path != keep && !building {
+                std::fs::remove_dir_all(&path)?;
             }
         }
-        Ok(())
+        Ok(keep)
     }
 
-    /// The stored snapshot's metadata and data path, if any, after checking
-    /// the data is intact.
+    /// The current snapshot's metadata and checkpoint directory, if any.
     pub fn read(&self) -> Result<Option<(SnapshotMeta, PathBuf)>, SnapshotError> {
-        let meta = match std::fs::read(self.dir.join("current.meta")) {
+        let meta = match std::fs::read(self.dir.join(CURRENT_META)) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
         };
         let meta: SnapshotMeta = decode(&meta).map_err(|_| SnapshotError::Corrupt("bad metadata"))?;
-        let path = self.data_path(&meta);
-        // Versions before 2026-11-24 kept the data, in the same format, as
-        // `current.data`; give it the name the metadata now implies.
-        let legacy = self.dir.join(LEGACY_DATA);
-        if !path.exists() && legacy.exists() {
-            std::fs::rename(&legacy, &path)?;
-            File::open(&self.dir)?.sync_all()?;
+        let dir = self.dir_for(&meta);
+        if !dir.join("CURRENT").is_file() {
+            // Named but gone: as if there were none (a new one is built).
+            return Ok(None);
         }
-        verify_file(&path)?;
-        Ok(Some((meta, path)))
+        Ok(Some((meta, dir)))
+    }
+}
+
+fn remove_any(path: &Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
     }
 }
 
@@ -297,6 +337,7 @@ impl SnapshotFiles {
 mod tests {
     use super::*;
     use crate::store::open_db;
+    use rocksdb::IteratorMode;
 
     fn put(db: &Db, k: &[u8], v: &[u8]) {
         db.put_cf(db.cf_handle(CF_SM).unwrap(), k, v).unwrap();
@@ -337,35 +378,23 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_stored_by_the_previous_version_is_found_and_renamed() {
+    fn snapshots_of_the_old_format_and_leftovers_are_removed_and_none_is_current() {
         let dir = tempfile::tempdir().unwrap();
         let db = open_db(&dir.path().join("db")).unwrap();
         put(&db, b"k", b"v");
         let snaps = dir.path().join("snapshots");
-        std::fs::create_dir_all(&snaps).unwrap();
-        // The previous layout: `current.meta` and `current.data`.
+        std::fs::create_dir_all(snaps.join("build-1")).unwrap();
+        dump_to(&db, &snaps.join("1-2-3-77.snap"), &[]).unwrap();
         dump_to(&db, &snaps.join(LEGACY_DATA), &[]).unwrap();
         let meta = SnapshotMeta {
             snapshot_id: "1-2-3-77".into(),
             ..Default::default()
         };
-        std::fs::write(snaps.join("current.meta"), encode(&meta)).unwrap();
+        std::fs::write(snaps.join(LEGACY_META), encode(&meta)).unwrap();
+        std::fs::write(snaps.join("incoming-x.tmp"), b"half").unwrap();
         let files = SnapshotFiles::new(&snaps).unwrap();
-        let (got, path) = files.read().unwrap().expect("snapshot found");
-        assert_eq!(got, meta);
-        assert_eq!(path, files.data_path(&meta));
-        assert!(!snaps.join(LEGACY_DATA).exists());
-        // It loads, and reading again finds it under its new name.
-        let other = open_db(&dir.path().join("other")).unwrap();
-        load_file(&other, &path, &dir.path().join("work.sst")).unwrap();
-        assert_eq!(all(&other), all(&db));
-        assert_eq!(files.read().unwrap().unwrap().1, path);
-        // A damaged legacy file is still refused.
-        std::fs::rename(&path, snaps.join(LEGACY_DATA)).unwrap();
-        let mut bytes = std::fs::read(snaps.join(LEGACY_DATA)).unwrap();
-        bytes[9] ^= 1;
-        std::fs::write(snaps.join(LEGACY_DATA), bytes).unwrap();
-        assert!(matches!(files.read(), Err(SnapshotError::Corrupt(_))));
+        assert!(files.read().unwrap().is_none());
+        assert_eq!(std::fs::read_dir(&snaps).unwrap().count(), 0);
     }
 
     #[test]

@@ -14,7 +14,7 @@ const M: &str = "support";
 use crate::crypto::{test_keyring as keys, NameKind, TenantNames};
 
 fn reader(db: &Db) -> MailReader {
-    MailReader::new(db.clone(), keys().binding().clone())
+    MailReader::new(crate::store::StateDb::fixed(db.clone()), keys().binding().clone())
 }
 
 /// The tenant's name keys in this store.
