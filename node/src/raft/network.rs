@@ -23,8 +23,8 @@ use tonic::transport::{Channel, ClientTlsConfig};
 use super::PEER_MAX_MESSAGE_BYTES;
 use crate::error::{ApiError, Reason};
 use crate::state::codec::{decode, encode};
-use crate::state::snapshot_data::{CheckpointFile, CheckpointOffer, SnapshotData};
-use crate::state::types::{entry_bytes, Member, NodeId, TypeConfig};
+use crate::state::snapshot_data::{CheckpointFile, SnapshotData};
+use crate::state::types::{entry_bytes, CheckpointOffer, Member, NodeId, TypeConfig};
 use crate::store::Durability;
 
 /// Cached peer channels, shared by the Raft network and the read-index client.

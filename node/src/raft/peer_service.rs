@@ -14,8 +14,8 @@ use crate::proposer::Proposer;
 use crate::state::audit::AuditEvent;
 use crate::state::codec::{decode, encode};
 use crate::state::command::Command;
-use crate::state::snapshot_data::{CheckpointOffer, SnapshotData};
-use crate::state::types::{NodeId, Raft};
+use crate::state::snapshot_data::SnapshotData;
+use crate::state::types::{CheckpointOffer, NodeId, Raft};
 use crate::store::StateMachine;
 
 /// The outcome of a checkpoint transfer, as the receiver answers it.

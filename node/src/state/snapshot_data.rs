@@ -5,7 +5,7 @@
 //! state-machine database (RocksDB SST and blob files, hard links to the live
 //! ones, plus its `MANIFEST`, `OPTIONS` and `CURRENT`), taken at one applied
 //! log id. A leader sends one file by file over the peer RPC
-//! `TransferCheckpoint` (a [`CheckpointOffer`] first, then every file in
+//! `TransferCheckpoint` (a `types::CheckpointOffer` first, then every file in
 //! chunks, each file closed by its SHA-256), and the follower installs the
 //! directory it received by swapping it in. Up to data version 3 a snapshot
 //! was one file of key/value pairs sent in openraft's chunks (`Legacy`): a
@@ -13,10 +13,6 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
-
-use serde::{Deserialize, Serialize};
-
-use super::types::{NodeId, SnapshotMeta};
 
 /// One file of a checkpoint, open for reading.
 #[derive(Debug)]
@@ -42,17 +38,6 @@ pub enum SnapshotData {
     /// state's key/value pairs, `MVSNAP01`), being received by openraft's
     /// chunks from a node of an older build, or received whole.
     Legacy(tokio::fs::File),
-}
-
-/// What a leader offers before it sends a checkpoint's files.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CheckpointOffer {
-    /// The leader's vote (openraft refuses a snapshot of a stale leader).
-    pub vote: openraft::Vote<NodeId>,
-    /// What the snapshot is.
-    pub meta: SnapshotMeta,
-    /// Every file, in the order they are sent: name and length.
-    pub files: Vec<(String, u64)>,
 }
 
 /// Whether `name` may name a file of a received checkpoint: a plain file

@@ -52,5 +52,16 @@ pub fn entry_bytes(e: &Entry) -> usize {
         _ => 256,
     }
 }
+/// What a leader offers before it sends a checkpoint's files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointOffer {
+    /// The leader's vote (openraft refuses a snapshot of a stale leader).
+    pub vote: openraft::Vote<NodeId>,
+    /// What the snapshot is.
+    pub meta: SnapshotMeta,
+    /// Every file, in the order they are sent: name and length.
+    pub files: Vec<(String, u64)>,
+}
+
 /// Raft metrics.
 pub type RaftMetrics = openraft::RaftMetrics<NodeId, Member>;

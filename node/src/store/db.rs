@@ -15,15 +15,23 @@ pub const CF_SM: &str = "sm";
 /// The shared database handle.
 pub type Db = Arc<DB>;
 
-/// Opens (or creates) the database under `dir`.
-pub fn open_db(dir: &Path) -> Result<Db, rocksdb::Error> {
+/// Options both databases share: created if missing, no compression (mail
+/// is ciphertext, which does not compress; compression would only cost CPU,
+/// and would hide plaintext from the at-rest scan test), and a WAL that
+/// tolerates only an incomplete record at its tail (see `open_db`).
+pub(super) fn base_options() -> Options {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    // Mail is ciphertext, which does not compress; compression would only
-    // cost CPU (and would hide plaintext from the at-rest scan test).
     opts.set_compression_type(rocksdb::DBCompressionType::None);
     opts.set_max_background_jobs(2);
+    opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
+    opts
+}
+
+/// Opens (or creates) the database under `dir`.
+pub fn open_db(dir: &Path) -> Result<Db, rocksdb::Error> {
+    let opts = base_options();
     // The WAL holds the Raft log, whose synced entries this node has
     // acknowledged to the leader. RocksDB's default (point-in-time recovery)
     // silently drops everything after a corrupted record, so a node with a
@@ -34,7 +42,6 @@ pub fn open_db(dir: &Path) -> Result<Db, rocksdb::Error> {
     // the tail (an unsynced write cut off by a crash, never acknowledged) is
     // tolerated; any other corruption refuses to open, and the node must be
     // re-seeded.
-    opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
     let cfs = [CF_LOG, CF_META, CF_SM].map(|name| {
         let mut o = Options::default();
         o.set_compression_type(rocksdb::DBCompressionType::None);

@@ -146,29 +146,26 @@ fn move_state_out(log: &Db, dir: &Path) -> Result<(), LayoutError> {
     Ok(())
 }
 
+/// The live state generation's directory of a stopped node's data directory.
+fn live_state_path(data_dir: &Path) -> Result<std::path::PathBuf, LayoutError> {
+    let (_, path) = state_db::live_generation(&data_dir.join("state"))?.ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no state/CURRENT: not a data directory of data version 4 or later (start the node with this build once to upgrade it)",
+        )
+    })?;
+    Ok(path)
+}
+
 /// Opens the state database of a stopped node's data directory, for offline
 /// tools and tests (read-write: tests damage it on purpose).
 pub fn open_state_dir(data_dir: &Path) -> Result<Db, LayoutError> {
-    let dir = data_dir.join("state");
-    let (_, path) = state_db::live_generation(&dir)?.ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no state/CURRENT: not a data directory of data version 4 or later",
-        )
-    })?;
-    Ok(state_db::open_state_at(&path)?)
+    Ok(state_db::open_state_at(&live_state_path(data_dir)?)?)
 }
 
 /// Opens the state database of a stopped node's data directory read-only.
 pub fn open_state_dir_read_only(data_dir: &Path) -> Result<Db, LayoutError> {
-    let dir = data_dir.join("state");
-    let (_, path) = state_db::live_generation(&dir)?.ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no state/CURRENT: not a data directory of data version 4 or later",
-        )
-    })?;
-    Ok(state_db::open_state_read_only_at(&path)?)
+    Ok(state_db::open_state_read_only_at(&live_state_path(data_dir)?)?)
 }
 
 #[cfg(test)]

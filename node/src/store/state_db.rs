@@ -38,14 +38,9 @@ struct Inner {
 
 /// Options of a state-machine database.
 fn options() -> (Options, Vec<ColumnFamilyDescriptor>) {
-    let mut opts = Options::default();
-    opts.create_if_missing(true);
-    opts.create_missing_column_families(true);
-    opts.set_compression_type(rocksdb::DBCompressionType::None);
-    opts.set_max_background_jobs(2);
     // Applies bypass the WAL (the Raft log holds them until a snapshot has
     // flushed them); the few writes that use it are synced.
-    opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
+    let opts = super::db::base_options();
     let mut sm = Options::default();
     sm.set_compression_type(rocksdb::DBCompressionType::None);
     separate_large_values(&mut sm);
