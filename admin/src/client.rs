@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 use anyhow::Context;
 use mailvault_proto::v1::access_client::AccessClient;
 use mailvault_proto::v1::audit_client::AuditClient;
+use mailvault_proto::v1::backups_client::BackupsClient;
 use mailvault_proto::v1::cluster_client::ClusterClient;
 use mailvault_proto::v1::mailbox_client::MailboxClient;
 use mailvault_proto::v1::tenants_client::TenantsClient;
@@ -90,6 +91,13 @@ pub async fn access(endpoint: &str) -> anyhow::Result<AccessClient<Channel>> {
 /// A client of the audit service.
 pub async fn audit(endpoint: &str) -> anyhow::Result<AuditClient<Channel>> {
     Ok(AuditClient::new(channel(endpoint).await?))
+}
+
+/// A client of the backups service.
+pub async fn backups(endpoint: &str) -> anyhow::Result<BackupsClient<Channel>> {
+    Ok(BackupsClient::new(channel(endpoint).await?)
+        .max_decoding_message_size(MAX_FRAME)
+        .max_encoding_message_size(MAX_FRAME))
 }
 
 /// A failed call as the CLI reports it: the code, the message and the stable

@@ -3,6 +3,7 @@
 
 mod access;
 mod audit;
+mod backup;
 mod bench;
 mod client;
 mod devcerts;
@@ -56,6 +57,9 @@ enum Command {
     /// The audit log: list, verify, export (auditor); verify offline on a data directory.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// Backups: the catalog, one backup's manifest, take one now, verify one (operator; list and show also auditor).
+    #[command(subcommand)]
+    Backup(backup::BackupCmd),
     /// Generates a development CA, node certificates and client identities.
     DevCerts(devcerts::DevCertsArgs),
 }
@@ -76,6 +80,7 @@ async fn main() -> std::process::ExitCode {
         Command::Bench(a) => bench::run(&cli.endpoint, cli.output, a).await,
         Command::Access(c) => access::run(&cli.endpoint, cli.output, c).await,
         Command::Audit(c) => audit::run(&cli.endpoint, cli.output, c).await,
+        Command::Backup(c) => backup::run(&cli.endpoint, cli.output, c).await,
         Command::DevCerts(a) => devcerts::run(cli.output, a),
     };
     match res {

@@ -1,6 +1,6 @@
 //! `mailvault-admin status`.
 
-use mailvault_proto::v1::{NodeStatusRequest, NodeStatusResponse, Worker};
+use mailvault_proto::v1::{BackupStatus, NodeStatusRequest, NodeStatusResponse, Worker};
 use serde_json::json;
 
 use crate::client::{cluster, status_err};
@@ -67,6 +67,7 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
                                         "since": rfc3339(w.since_ms)})
                         })
                         .collect();
+                    v["backup"] = s.backup.as_ref().map(backup_json).unwrap_or_default();
                     v["damaged"] = s
                         .damaged
                         .iter()
@@ -166,7 +167,8 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        format!("{}\n{summary}{damaged}", table(header, rows))
+        let backups = backup_text(&probes);
+        format!("{}\n{summary}{backups}{damaged}", table(header, rows))
     });
     Ok(())
 }
@@ -185,4 +187,99 @@ fn workers_text(workers: &[Worker]) -> String {
         true => format!("{} running", workers.len()),
         false => down.join("; "),
     }
+}
+
+fn backup_json(b: &BackupStatus) -> serde_json::Value {
+    json!({
+        "duty_node": b.duty_node, "standing_in": b.standing_in,
+        "newest": (!b.newest_id.is_empty()).then(|| json!({
+            "id": b.newest_id, "node": b.newest_node, "at": rfc3339(b.newest_at_ms)})),
+        "local_backups": b.local_backups,
+        "next_due": (b.next_due_ms > 0).then(|| rfc3339(b.next_due_ms)),
+        "last_failure": (b.last_failure_ms > 0).then(|| json!({
+            "at": rfc3339(b.last_failure_ms), "why": b.last_failure})),
+        "offsite": b.offsite,
+        "shipped": (!b.shipped_id.is_empty()).then(|| json!({"id": b.shipped_id, "at": rfc3339(b.shipped_at_ms)})),
+        "restorable": (!b.restorable_id.is_empty()).then(|| json!({
+            "id": b.restorable_id, "taken": rfc3339(b.restorable_at_ms)})),
+        "drill": (!b.drill_id.is_empty()).then(|| json!({
+            "id": b.drill_id, "at": rfc3339(b.drill_at_ms), "passed": b.drill_passed, "problem": b.drill_problem})),
+        "offsite_stale": b.offsite_stale,
+        "next_ship": (b.next_ship_ms > 0).then(|| rfc3339(b.next_ship_ms)),
+    })
+}
+
+/// The backup duty (as the leader sees it), the newest backup, and per node
+/// the backups it holds and its last failure.
+fn backup_text(probes: &[Probe]) -> String {
+    let answered: Vec<&NodeStatusResponse> = probes.iter().filter_map(|p| p.status.as_ref().ok()).collect();
+    let view = answered
+        .iter()
+        .find(|s| s.state == "leader")
+        .or(answered.first())
+        .and_then(|s| s.backup.as_ref());
+    let Some(view) = view else {
+        return String::new();
+    };
+    let duty = match (view.duty_node, view.standing_in) {
+        (0, _) => "no node holds the backup duty".to_string(),
+        (n, false) => format!("backup duty: node {n}"),
+        (n, true) => format!("backup duty: node {n}, STANDING IN for the backup node"),
+    };
+    let newest = match view.newest_id.as_str() {
+        "" => "no backup yet".to_string(),
+        id => format!(
+            "newest backup {id} on node {} at {}",
+            view.newest_node,
+            rfc3339(view.newest_at_ms)
+        ),
+    };
+    let mut out = format!("\n{duty}; {newest}");
+    out.push_str(&match view.shipped_id.as_str() {
+        "" => "\nno off-site copy yet".to_string(),
+        id => format!(
+            "\nnewest off-site copy {id}, verified {}",
+            rfc3339(view.shipped_at_ms)
+        ),
+    });
+    if !view.drill_id.is_empty() {
+        out.push_str(&format!(
+            "; last drill {} of {} at {}{}",
+            if view.drill_passed { "passed" } else { "FAILED" },
+            view.drill_id,
+            rfc3339(view.drill_at_ms),
+            if view.drill_passed {
+                String::new()
+            } else {
+                format!(": {}", view.drill_problem)
+            }
+        ));
+    }
+    if !view.restorable_id.is_empty() {
+        out.push_str(&format!("\nrestorable up to {}", rfc3339(view.restorable_at_ms)));
+    }
+    if view.offsite_stale {
+        out.push_str("\nALERT: no verified off-site copy within backup.max_offsite_age_secs");
+    }
+    for s in &answered {
+        let Some(b) = &s.backup else { continue };
+        if b.local_backups > 0 || b.next_due_ms > 0 {
+            out.push_str(&format!("\nnode {}: holds {} backup(s)", s.id, b.local_backups));
+            if b.next_due_ms > 0 {
+                out.push_str(&format!(", next due {}", rfc3339(b.next_due_ms)));
+            }
+            if b.next_ship_ms > 0 {
+                out.push_str(&format!(", next ship {}", rfc3339(b.next_ship_ms)));
+            }
+        }
+        if b.last_failure_ms > 0 {
+            out.push_str(&format!(
+                "\nnode {}: last backup FAILED at {}: {}",
+                s.id,
+                rfc3339(b.last_failure_ms),
+                b.last_failure
+            ));
+        }
+    }
+    out
 }

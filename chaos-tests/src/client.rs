@@ -192,3 +192,55 @@ pub async fn scrape_metric(ops_addr: &str, name: &str) -> Option<f64> {
     let page = scrape_metrics(ops_addr).await?;
     Some(mailvault_proto::client::metric_value(&page, name))
 }
+
+/// Node `i`'s backup catalog (retried while the cluster settles).
+pub async fn list_backups(cluster: &crate::Cluster, i: usize) -> mailvault_proto::v1::ListBackupsResponse {
+    let b = cluster.admin(i).await.backups;
+    retry(Duration::from_secs(20), || {
+        let mut b = b.clone();
+        async move {
+            b.list_backups(mailvault_proto::v1::ListBackupsRequest {})
+                .await
+                .map(|r| r.into_inner())
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("ListBackups on node {}: {e:?}", i + 1))
+}
+
+/// Waits until node `i`'s backup catalog satisfies `f` (at most `timeout`;
+/// then dumps the node logs and panics naming `what`).
+pub async fn wait_backups(
+    cluster: &crate::Cluster,
+    i: usize,
+    timeout: Duration,
+    what: &str,
+    f: impl Fn(&mailvault_proto::v1::ListBackupsResponse) -> bool,
+) -> mailvault_proto::v1::ListBackupsResponse {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let l = list_backups(cluster, i).await;
+        if f(&l) {
+            return l;
+        }
+        if std::time::Instant::now() > deadline {
+            cluster.dump_logs();
+            panic!(
+                "the backup catalog never showed {what}: {:?} (duty node {}, standing in {})",
+                l.backups
+                    .iter()
+                    .map(|b| (
+                        &b.id,
+                        b.node,
+                        b.local,
+                        b.shipped.is_some(),
+                        b.drill.as_ref().map(|d| d.passed)
+                    ))
+                    .collect::<Vec<_>>(),
+                l.duty_node,
+                l.standing_in
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

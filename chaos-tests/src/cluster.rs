@@ -10,6 +10,7 @@ use mailvault_node::tls::devcerts::DevCa;
 use crate::disk::LoopFs;
 use mailvault_proto::v1::access_client::AccessClient;
 use mailvault_proto::v1::audit_client::AuditClient;
+use mailvault_proto::v1::backups_client::BackupsClient;
 use mailvault_proto::v1::cluster_client::ClusterClient;
 use mailvault_proto::v1::mailbox_client::MailboxClient;
 use mailvault_proto::v1::tenants_client::TenantsClient;
@@ -42,6 +43,9 @@ pub struct ClusterOptions {
     /// Defaults to `MAILVAULT_CHAOS_EXTRA_RAFT`, so that any test can be run
     /// with a setting that is not the default (each line ends in `\n`).
     pub extra_raft: String,
+    /// TOML lines for every node's `[backup]` table (each ends in `\n`);
+    /// empty: the node's defaults (one backup an hour, which no test waits for).
+    pub backup: String,
 }
 
 impl Default for ClusterOptions {
@@ -58,6 +62,7 @@ impl Default for ClusterOptions {
             extra_raft: std::env::var("MAILVAULT_CHAOS_EXTRA_RAFT")
                 .map(|s| s.replace("\\n", "\n"))
                 .unwrap_or_default(),
+            backup: String::new(),
         }
     }
 }
@@ -199,13 +204,14 @@ impl Cluster {
                 .save(&n.dir, "node")
                 .expect("write node cert");
             let cfg = format!(
-                "node_id = {id}\ndata_dir = \"{data}\"\nclient_listen = \"{ip}:{CLIENT_PORT}\"\nraft_listen = \"{ip}:{RAFT_PORT}\"\nops_listen = \"{ip}:{OPS_PORT}\"\nmaster_key_file = \"{key}\"\nlog = \"info,openraft=warn\"\n\n[tls]\nca_file = \"{ca}\"\ncert_file = \"{nd}/node.pem\"\nkey_file = \"{nd}/node.key\"\n\n[access]\noperators = [\"{ADMIN}\"]\n\n[audit]\nfail_closed = {fail_closed}\n\n{members}[raft]\n{timing}{extra}snapshot_every = {snap}\n\n[limits]\nmax_message_bytes = {max}\n",
+                "node_id = {id}\ndata_dir = \"{data}\"\nclient_listen = \"{ip}:{CLIENT_PORT}\"\nraft_listen = \"{ip}:{RAFT_PORT}\"\nops_listen = \"{ip}:{OPS_PORT}\"\nmaster_key_file = \"{key}\"\nlog = \"info,openraft=warn\"\n\n[tls]\nca_file = \"{ca}\"\ncert_file = \"{nd}/node.pem\"\nkey_file = \"{nd}/node.key\"\n\n[access]\noperators = [\"{ADMIN}\"]\n\n[audit]\nfail_closed = {fail_closed}\n\n{members}[raft]\n{timing}{extra}snapshot_every = {snap}\n\n[limits]\nmax_message_bytes = {max}\n\n[backup]\n{backup}",
                 id = n.id,
                 data = n.dir.join("data").display(),
                 ip = n.ip,
                 key = key.display(),
                 snap = opts.snapshot_every,
                 extra = opts.extra_raft,
+                backup = opts.backup,
                 max = opts.max_message_bytes,
                 ca = dir.path().join("ca.pem").display(),
                 nd = n.dir.display(),
@@ -584,6 +590,16 @@ impl Cluster {
         leader.filter(|&l| self.nodes[l].child.is_some())
     }
 
+    /// Node `i`'s status (panics if it does not answer).
+    pub async fn node_status(&self, i: usize) -> mailvault_proto::v1::NodeStatusResponse {
+        let mut a = self.admin(i).await;
+        a.cluster
+            .node_status(NodeStatusRequest {})
+            .await
+            .unwrap_or_else(|e| panic!("NodeStatus of node {}: {e:?}", i + 1))
+            .into_inner()
+    }
+
     /// Node `i`'s applied index.
     pub async fn applied_index(&self, i: usize) -> Option<u64> {
         let mut a = self.admin(i).await;
@@ -646,7 +662,7 @@ impl Drop for Cluster {
     }
 }
 
-/// Clients of the operator services (cluster, tenants, access, audit) on one
+/// Clients of the operator services (cluster, tenants, access, audit, backups) on one
 /// channel, as one identity.
 #[derive(Clone)]
 pub struct Admin {
@@ -658,6 +674,8 @@ pub struct Admin {
     pub access: AccessClient<Channel>,
     /// The audit log.
     pub audit: AuditClient<Channel>,
+    /// Backups.
+    pub backups: BackupsClient<Channel>,
 }
 
 impl Admin {
@@ -667,7 +685,8 @@ impl Admin {
             cluster: ClusterClient::new(ch.clone()),
             tenants: TenantsClient::new(ch.clone()),
             access: AccessClient::new(ch.clone()),
-            audit: AuditClient::new(ch),
+            audit: AuditClient::new(ch.clone()),
+            backups: BackupsClient::new(ch),
         }
     }
 }

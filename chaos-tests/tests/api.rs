@@ -438,18 +438,12 @@ async fn every_node_reports_its_workers_in_status_and_metrics() {
         "raft-watch",
         "leadership-placement",
         "audit-follower",
+        "backup-schedule",
         "client-listener",
         "ops-listener",
     ];
     for i in 0..cluster.len() {
-        let s = cluster
-            .admin(i)
-            .await
-            .cluster
-            .node_status(NodeStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let s = cluster.node_status(i).await;
         let names: Vec<_> = s.workers.iter().map(|w| w.name.as_str()).collect();
         for name in expected {
             assert!(names.contains(&name), "node {i} lacks worker {name}: {names:?}");

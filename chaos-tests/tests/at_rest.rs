@@ -1,6 +1,7 @@
-//! No plaintext mail on disk: after appends, a memtable flush and a snapshot,
-//! no file under any node's data directory holds a body marker, a subject, a
-//! customer address, an idempotency key, a keyword or a claim agent.
+//! No plaintext mail on disk: after appends, a memtable flush, a snapshot and
+//! a backup, no file under any node's data directory (snapshots and backups
+//! included) holds a body marker, a subject, a customer address, an
+//! idempotency key, a keyword or a claim agent.
 
 use std::path::Path;
 use std::time::Duration;
@@ -99,6 +100,45 @@ async fn no_plaintext_mail_in_any_data_directory() {
     assert_eq!(info.reason, "CLAIMED_BY_ANOTHER_AGENT");
     assert_eq!(info.metadata["claimed_by"], AGENT, "the holder is named in clear");
     snapshot_every_node(&cluster).await.unwrap();
+    // A backup too (on the backup node, node 3, under its data directory):
+    // its checkpoint, its keyring object and its manifest are scanned below.
+    let backup = cluster
+        .admin(0)
+        .await
+        .backups
+        .take_backup(mailvault_proto::v1::TakeBackupRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .backup
+        .unwrap();
+    assert_eq!(backup.node, 3, "taken on the backup node");
+    // The first backup is shipped off-site at once (to node 3's
+    // `data_dir/offsite` by default) and drilled: wait for both, so that the
+    // off-site copy is scanned too and no drill's scratch files come and go
+    // during the scan.
+    wait_backups(
+        &cluster,
+        0,
+        Duration::from_secs(60),
+        "the backup shipped and drilled",
+        |l| {
+            l.backups
+                .iter()
+                .any(|b| b.id == backup.id && b.drill.as_ref().is_some_and(|d| d.passed))
+        },
+    )
+    .await;
+    assert!(cluster
+        .data_dir(2)
+        .join("offsite")
+        .join(&backup.id)
+        .join("manifest.json")
+        .exists());
+    let backup_dir = cluster.data_dir(2).join("backups").join(&backup.id);
+    for f in ["manifest.json", "keyring.json", "data/CURRENT"] {
+        assert!(backup_dir.join(f).exists(), "the backup has no {f}");
+    }
     // The reads still work, so the data is really there, names in clear.
     let (meta, bytes) = fetch(&mut c, T, M, 21).await.unwrap();
     assert_eq!(bytes, big);

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use mailvault_chaos::*;
-use mailvault_proto::v1::{NodeStatusRequest, NodeStatusResponse, TriggerSnapshotRequest};
+use mailvault_proto::v1::{NodeStatusResponse, TriggerSnapshotRequest};
 
 const T: &str = "acme";
 const M: &str = "support";
@@ -250,12 +250,7 @@ async fn nodes_snapshot_on_their_own_once_new_mail_reaches_a_share_of_the_last_s
 }
 
 async fn status(cluster: &Cluster, i: usize) -> NodeStatusResponse {
-    let mut a = cluster.admin(i).await;
-    a.cluster
-        .node_status(NodeStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
+    cluster.node_status(i).await
 }
 
 /// Waits until every node has applied all of the leader's log, twice in a

@@ -85,6 +85,7 @@ async fn reflection_lists_only_what_the_client_port_serves_and_exploring_counts_
         "grpc.reflection.v1alpha.ServerReflection",
         "mailvault.v1.Access",
         "mailvault.v1.Audit",
+        "mailvault.v1.Backups",
         "mailvault.v1.Cluster",
         "mailvault.v1.Mailbox",
         "mailvault.v1.Tenants",

@@ -22,6 +22,18 @@ ensure_prerequisites() {
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
+  # The off-site backup tests: an S3-compatible server from PyPI.
+  if ! command -v moto_server >/dev/null; then
+    echo "installing moto[server] (S3 test server)" >&2
+    if ! command -v pip3 >/dev/null && ! command -v pip >/dev/null; then
+      local sudo=""
+      [ "$(id -u)" -eq 0 ] || sudo="sudo"
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-pip >/dev/null
+    fi
+    local pip; pip=$(command -v pip3 || command -v pip)
+    "$pip" install -q "moto[server]" 2>/dev/null || "$pip" install -q --break-system-packages "moto[server]"
+    hash -r
+  fi
   if ! command -v cargo >/dev/null; then
     echo "error: no Rust toolchain; install one with rustup (https://rustup.rs), then re-run" >&2
     exit 1

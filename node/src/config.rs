@@ -150,6 +150,84 @@ pub struct AuditConfig {
     pub fail_closed: bool,
 }
 
+/// Backups: taken by the `backup` node (or, while it has recorded none for
+/// two intervals, by the leader standing in), kept locally, listed in the
+/// replicated catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// Where this node keeps the backups it takes (empty: `<data_dir>/backups`).
+    pub dir: PathBuf,
+    /// Seconds between two backups.
+    pub interval_secs: u64,
+    /// Backups this node keeps; older ones are removed once a newer one verified.
+    pub keep_local: usize,
+    /// The off-site store: `file:///path` or `s3://bucket/prefix` (empty:
+    /// `<data_dir>/offsite`, on this machine: for development only).
+    pub offsite: String,
+    /// The time of day (UTC, `HH:MM`) the newest backup is shipped.
+    pub ship_at: String,
+    /// Ship every this many seconds instead of once a day at `ship_at` (0: daily).
+    pub ship_interval_secs: u64,
+    /// Off-site copies kept; older ones are deleted once a newer one verified.
+    pub keep_offsite: usize,
+    /// No verified off-site copy newer than this (seconds) is an alert condition.
+    pub max_offsite_age_secs: u64,
+    /// How to reach an `s3://` store.
+    pub s3: S3Config,
+}
+
+/// An S3-compatible off-site store. Credentials come from the environment
+/// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`) or a
+/// file, never from a command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// The endpoint URL (empty: AWS's, from the region).
+    pub endpoint: String,
+    /// The region.
+    pub region: String,
+    /// A TOML file with `access_key_id`, `secret_access_key` and optionally
+    /// `session_token` (empty: the environment).
+    pub credentials_file: PathBuf,
+    /// Allow a plain-HTTP endpoint (test servers only).
+    pub allow_http: bool,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            credentials_file: PathBuf::new(),
+            allow_http: false,
+        }
+    }
+}
+
+/// `HH:MM` as minutes after midnight.
+pub fn parse_time_of_day(s: &str) -> Option<u32> {
+    let (h, m) = s.split_once(':')?;
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60 && s.len() == 5).then_some(h * 60 + m)
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            dir: PathBuf::new(),
+            interval_secs: 3600,
+            keep_local: 48,
+            offsite: String::new(),
+            ship_at: "02:00".into(),
+            ship_interval_secs: 0,
+            keep_offsite: 30,
+            max_offsite_age_secs: 26 * 3600,
+            s3: S3Config::default(),
+        }
+    }
+}
+
 /// The whole node configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -178,6 +256,9 @@ pub struct Config {
     /// Audit log.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Backups.
+    #[serde(default)]
+    pub backup: BackupConfig,
     /// The initial members of the cluster, keyed by node id. The lowest id
     /// bootstraps a fresh cluster once; later starts never bootstrap again.
     pub members: BTreeMap<u64, MemberConfig>,
@@ -289,7 +370,42 @@ impl Config {
         if l.write_timeout_ms < 100 {
             return bad("limits.write_timeout_ms must be at least 100".into());
         }
+        if self.backup.interval_secs == 0 || self.backup.keep_local == 0 {
+            return bad("backup.interval_secs and backup.keep_local must be positive".into());
+        }
+        if parse_time_of_day(&self.backup.ship_at).is_none() {
+            return bad(format!(
+                "backup.ship_at {:?} is not a time of day HH:MM",
+                self.backup.ship_at
+            ));
+        }
+        if self.backup.keep_offsite == 0 || self.backup.max_offsite_age_secs == 0 {
+            return bad("backup.keep_offsite and backup.max_offsite_age_secs must be positive".into());
+        }
+        let o = &self.backup.offsite;
+        if !(o.is_empty() || o.starts_with("file:///") || o.starts_with("s3://")) {
+            return bad(format!(
+                "backup.offsite {o:?} is neither file:///path nor s3://bucket/prefix"
+            ));
+        }
         Ok(())
+    }
+
+    /// The off-site store's URL (`file:///…` or `s3://…`).
+    pub fn offsite_url(&self) -> String {
+        match self.backup.offsite.as_str() {
+            "" => format!("file://{}", self.data_dir.join("offsite").display()),
+            url => url.to_string(),
+        }
+    }
+
+    /// Where this node keeps its backups.
+    pub fn backup_dir(&self) -> PathBuf {
+        if self.backup.dir.as_os_str().is_empty() {
+            self.data_dir.join("backups")
+        } else {
+            self.backup.dir.clone()
+        }
     }
 
     /// This node's own member entry.
@@ -322,6 +438,11 @@ mod tests {
             c.limits,
             Limits::default(),
             "example [limits] drifted from defaults"
+        );
+        assert_eq!(
+            c.backup,
+            BackupConfig::default(),
+            "example [backup] drifted from defaults"
         );
         assert_eq!(c.cluster_name, default_cluster_name());
         assert_eq!(c.log, default_log());

@@ -36,6 +36,8 @@ pub struct Ctx {
     pub audit: AuditRecorder,
     /// What the access checks work with (policies, denials, audit).
     pub gate: Gate,
+    /// This node's backups (taken here, recorded in the catalog).
+    pub backups: crate::backups::Backups,
     /// Stored messages found damaged on this node.
     pub damage: crate::damage::DamageReport,
     /// The node's background workers.

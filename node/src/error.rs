@@ -69,9 +69,14 @@ impl From<CryptoError> for Status {
 pub fn code_of(reason: Reason) -> Code {
     use Reason::*;
     match reason {
-        TenantNotFound | MailboxNotFound | MessageNotFound => Code::NotFound,
+        TenantNotFound | MailboxNotFound | MessageNotFound | BackupNotFound => Code::NotFound,
         TenantExists | MailboxExists => Code::AlreadyExists,
-        ClaimedByAnotherAgent | NotClaimant | ModifiedSince | IdentityRevoked => Code::FailedPrecondition,
+        ClaimedByAnotherAgent
+        | NotClaimant
+        | ModifiedSince
+        | IdentityRevoked
+        | BackupNotLocal
+        | BackupNotShipped => Code::FailedPrecondition,
         IncompleteBody | AllowlistChanged => Code::Aborted,
         UidsExhausted | MessageTooLarge => Code::ResourceExhausted,
         InvalidName
@@ -89,9 +94,11 @@ pub fn code_of(reason: Reason) -> Code {
         | LeadershipUnconfirmed
         | ReplicaBehind
         | ShuttingDown
-        | AuditUnavailable => Code::Unavailable,
+        | AuditUnavailable
+        | BackupNodeUnreachable
+        | OffsiteUnavailable => Code::Unavailable,
         DataDamaged => Code::DataLoss,
-        InternalError | Unspecified => Code::Internal,
+        InternalError | BackupFailed | Unspecified => Code::Internal,
         TimedOut => Code::DeadlineExceeded,
         NoIdentity | Revoked => Code::Unauthenticated,
         NoTenantRole
@@ -121,6 +128,8 @@ pub fn refusal(r: Refusal) -> ApiError {
         Refusal::UidsExhausted => ApiError::new(Reason::UidsExhausted, msg),
         Refusal::IdentityRevoked => ApiError::new(Reason::IdentityRevoked, msg),
         Refusal::AllowlistChanged => ApiError::new(Reason::AllowlistChanged, msg),
+        Refusal::NoBackup => ApiError::new(Reason::BackupNotFound, msg),
+        Refusal::BackupIdTaken => ApiError::new(Reason::BackupFailed, msg),
     }
 }
 
@@ -208,6 +217,22 @@ pub fn from_leader(s: Status) -> Status {
     .into()
 }
 
+/// The failure of a backup call passed on to the node that holds the
+/// backup (or the duty): its own answers pass unchanged; one the transport
+/// made up is `BACKUP_NODE_UNREACHABLE`.
+pub fn from_backup_node(s: Status, node: u64) -> Status {
+    let theirs = s.get_details_error_info().is_some_and(|i| i.domain == DOMAIN);
+    if theirs {
+        return s;
+    }
+    ApiError::new(
+        Reason::BackupNodeUnreachable,
+        format!("node {node}, which holds it, did not answer; retry"),
+    )
+    .with("node", node)
+    .into()
+}
+
 /// No leader is known: nothing can be written or read linearizably now.
 pub fn no_leader() -> ApiError {
     ApiError::new(Reason::NoLeader, "no leader elected; retry")
@@ -279,13 +304,13 @@ mod tests {
 
     #[test]
     fn every_reason_has_a_code_and_a_stable_name() {
-        for n in 1..=40 {
+        for n in 1..=46 {
             let r = Reason::try_from(n).expect("a reason for every number up to the last");
             assert_eq!(Reason::from_str_name(r.as_str_name()), Some(r));
             assert_ne!(code_of(r), Code::Ok);
         }
         assert!(
-            Reason::try_from(41).is_err(),
+            Reason::try_from(47).is_err(),
             "a new reason: extend this test and errors.proto's docs"
         );
         assert_eq!(code_of(Reason::WriteOutcomeUnknown), Code::Unavailable);

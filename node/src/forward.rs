@@ -54,6 +54,14 @@ impl Router {
             .collect()
     }
 
+    /// A channel to member `id`'s client port (calls about what one node
+    /// holds, such as its backups).
+    pub fn member_channel(&self, id: NodeId) -> Option<Channel> {
+        let m = self.raft.metrics().borrow().clone();
+        let member = m.membership_config.membership().get_node(&id)?.clone();
+        self.peers.channel(&member.client_addr).ok()
+    }
+
     /// Whether this node currently leads.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.id)

@@ -8,6 +8,7 @@ use anyhow::Context;
 use mailvault_proto::raft::raft_peer_server::RaftPeerServer;
 use mailvault_proto::v1::access_server::AccessServer;
 use mailvault_proto::v1::audit_server::AuditServer;
+use mailvault_proto::v1::backups_server::BackupsServer;
 use mailvault_proto::v1::cluster_server::ClusterServer;
 use mailvault_proto::v1::mailbox_server::MailboxServer;
 use mailvault_proto::v1::tenants_server::TenantsServer;
@@ -17,8 +18,11 @@ use tonic_reflection::server::v1::ServerReflectionServer;
 
 use crate::access::rules::{HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA};
 use crate::access::{follow_audit_log, AccessLayer, Against, Denials, Gate, Lockout, REFUSED};
-use crate::api::{AccessService, AuditService, ClusterService, MailboxService, TenantsService};
+use crate::api::{
+    AccessService, AuditService, BackupsService, ClusterService, MailboxService, TenantsService,
+};
 use crate::audit::AuditRecorder;
+use crate::backups::{run_schedule, Backups, BackupsParts, Offsite};
 use crate::config::Config;
 use crate::crypto::{Keyring, MasterKey};
 use crate::ctx::Ctx;
@@ -204,6 +208,27 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         applied.clone(),
         test_modes.stale_reads,
     );
+    let offsite = Offsite::open(&config.offsite_url(), &config.backup)
+        .context("cannot open the off-site backup store")?;
+    let backups = Backups::new(BackupsParts {
+        id,
+        cluster: config.cluster_name.clone(),
+        config: config.backup.clone(),
+        root: config.backup_dir(),
+        state: state.clone(),
+        keyring: keyring.clone(),
+        raft: raft.clone(),
+        proposer: proposer.clone(),
+        peers: peers.clone(),
+        audit: audit.clone(),
+        reader: reader.clone(),
+        offsite,
+    });
+    let (b, r) = (backups.clone(), reads.clone());
+    workers.spawn("backup-schedule", Kind::Background, async move {
+        run_schedule(b, r).await;
+        Ok(())
+    });
     let ctx = Arc::new(Ctx {
         id,
         config: config.clone(),
@@ -222,6 +247,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             operators: config.access.operators.clone().into(),
             unaudited_reads: test_modes.unaudited_reads,
         },
+        backups,
         damage: crate::damage::DamageReport::new(id, audit.clone()),
         workers: workers.clone(),
         test_modes,
@@ -258,6 +284,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let tenants = TenantsServer::new(TenantsService::new(ctx.clone()));
     let access_api = AccessServer::new(AccessService::new(ctx.clone()));
     let audit_api = AuditServer::new(AuditService::new(ctx.clone()));
+    let backups_api = BackupsServer::new(BackupsService::new(ctx.clone()));
     // The client listener admits any certificate of the cluster CA that names
     // an identity; the access layer then decides per call. No address is
     // refused before its handshake: a lockout of an address (after failed
@@ -285,6 +312,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             .add_service(tenants)
             .add_service(access_api)
             .add_service(audit_api)
+            .add_service(backups_api)
             .serve_with_incoming_shutdown(client_incoming, stop)
             .await
             .context("client listener failed")

@@ -1,7 +1,7 @@
 //! Wire types of mailvault, generated from `proto/` at build time.
 //!
 //! `v1` is the client API (the mailbox service and the operator services:
-//! cluster, tenants, access, audit); `raft` is the internal
+//! cluster, tenants, access, audit, backups); `raft` is the internal
 //! node-to-node protocol and must never be served on the client listener.
 
 /// The client API, `mailvault.v1`.

@@ -9,7 +9,9 @@
 //! Later columns (whether a call needs a second person's approval) belong in
 //! [`Rule`] too.
 
-use mailvault_proto::v1::{access_server, audit_server, cluster_server, mailbox_server, tenants_server};
+use mailvault_proto::v1::{
+    access_server, audit_server, backups_server, cluster_server, mailbox_server, tenants_server,
+};
 
 use crate::state::policy::ClusterRole;
 
@@ -67,6 +69,11 @@ const OPERATOR: Rule = Rule {
     nodes: false,
     probe: false,
 };
+const OPERATOR_OR_AUDITOR: Rule = Rule {
+    callers: Callers::ClusterRoles(&[ClusterRole::Operator, ClusterRole::Auditor]),
+    nodes: false,
+    probe: false,
+};
 const AUDITOR: Rule = Rule {
     callers: Callers::ClusterRoles(&[ClusterRole::Auditor]),
     nodes: false,
@@ -93,6 +100,12 @@ const RULES: &[(&str, &str, Rule)] = &[
     (access_server::SERVICE_NAME, "Unlock", OPERATOR),
     (audit_server::SERVICE_NAME, "ListAudit", AUDITOR),
     (audit_server::SERVICE_NAME, "VerifyAudit", AUDITOR),
+    (backups_server::SERVICE_NAME, "ListBackups", OPERATOR_OR_AUDITOR),
+    (backups_server::SERVICE_NAME, "ShowBackup", OPERATOR_OR_AUDITOR),
+    (backups_server::SERVICE_NAME, "TakeBackup", OPERATOR),
+    (backups_server::SERVICE_NAME, "VerifyBackup", OPERATOR),
+    (backups_server::SERVICE_NAME, "ShipBackup", OPERATOR),
+    (backups_server::SERVICE_NAME, "DrillBackup", OPERATOR),
 ];
 
 /// The rule for a gRPC path (`/package.Service/Method`), if it has one.
@@ -174,6 +187,10 @@ mod tests {
         assert!(rule("/mailvault.v1.Access/Grant").admits(operator));
         assert!(!rule("/mailvault.v1.Access/Grant").nodes);
         assert!(!rule("/mailvault.v1.Audit/ListAudit").admits(operator));
+        assert!(rule("/mailvault.v1.Backups/ListBackups").admits(auditor));
+        assert!(!rule("/mailvault.v1.Backups/ListBackups").nodes);
+        assert!(!rule("/mailvault.v1.Backups/TakeBackup").admits(auditor));
+        assert!(rule("/mailvault.v1.Backups/VerifyBackup").admits(operator));
         assert!(rule("/mailvault.v1.Mailbox/GetMessage").admits(none));
         assert!(
             rule_for("/mailvault.v1.Admin/NodeStatus").is_none(),

@@ -40,6 +40,43 @@ fn raft_stopped() -> ApiError {
     ApiError::new(Reason::ShuttingDown, "raft stopped")
 }
 
+impl ClusterService {
+    /// The backup duty and this node's backups, from the catalog as applied
+    /// here (status never waits on the cluster).
+    fn backup_status(&self) -> BackupStatus {
+        let local = self.ctx.backups.local_status();
+        let newest = self.ctx.reader.newest_backup().ok().flatten();
+        let duty = local.duty;
+        let o = &local.offsite;
+        BackupStatus {
+            duty_node: duty.and_then(|d| d.holder).unwrap_or(0),
+            standing_in: duty.is_some_and(|d| d.standing_in),
+            newest_id: newest.as_ref().map(|r| r.entry.id.clone()).unwrap_or_default(),
+            newest_at_ms: newest.as_ref().map_or(0, |r| r.entry.taken_at_ms),
+            newest_node: newest.as_ref().map_or(0, |r| r.entry.node),
+            local_backups: self.ctx.backups.local_backups().len() as u32,
+            next_due_ms: local.next_due_ms.unwrap_or(0),
+            last_failure_ms: local.last_failure.as_ref().map_or(0, |f| f.0),
+            last_failure: local.last_failure.map(|f| f.1).unwrap_or_default(),
+            shipped_id: o.last_shipped.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
+            shipped_at_ms: o.last_shipped.as_ref().map_or(0, |s| s.1),
+            restorable_id: o.restorable.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
+            restorable_at_ms: o.restorable.as_ref().map_or(0, |s| s.1),
+            drill_id: o.last_drill.as_ref().map(|d| d.0.clone()).unwrap_or_default(),
+            drill_at_ms: o.last_drill.as_ref().map_or(0, |d| d.1.at_ms),
+            drill_passed: o.last_drill.as_ref().is_some_and(|d| d.1.passed),
+            drill_problem: o
+                .last_drill
+                .as_ref()
+                .map(|d| d.1.problem.clone())
+                .unwrap_or_default(),
+            offsite_stale: o.stale,
+            next_ship_ms: local.next_ship_ms.unwrap_or(0),
+            offsite: self.ctx.backups.offsite().url().to_string(),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn node_status(
@@ -101,6 +138,7 @@ impl Cluster for ClusterService {
                     found_ms: d.found_ms,
                 })
                 .collect(),
+            backup: Some(self.backup_status()),
         }))
     }
 

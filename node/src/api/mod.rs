@@ -1,9 +1,11 @@
 //! The client-facing gRPC services: the mailbox service front ends use, and
-//! one service per operator concern (cluster, tenants, access, audit).
+//! one service per operator concern (cluster, tenants, access, audit,
+//! backups).
 
 mod access;
 mod append;
 mod audit;
+mod backups;
 mod cluster;
 mod mailbox;
 mod messages;
@@ -14,6 +16,7 @@ mod watch;
 
 pub use access::AccessService;
 pub use audit::AuditService;
+pub use backups::BackupsService;
 pub use cluster::ClusterService;
 pub use mailbox::MailboxService;
 pub use tenants::TenantsService;

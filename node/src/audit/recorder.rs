@@ -12,7 +12,7 @@ use tonic::Status;
 
 use crate::error::{ApiError, Reason};
 use crate::proposer::Proposer;
-use crate::raft::PeerClients;
+use crate::raft::{leader_peer, LeaderPeer, PeerClients};
 use crate::state::audit::AuditEvent;
 use crate::state::codec::encode;
 use crate::state::command::Command;
@@ -148,30 +148,23 @@ async fn submit(
     peers: &PeerClients,
     events: &[AuditEvent],
 ) -> Result<(), String> {
-    let m = raft.metrics().borrow().clone();
-    let leader = m.current_leader.ok_or("no leader")?;
-    if leader == m.id {
-        return proposer
+    match leader_peer(raft, peers)? {
+        LeaderPeer::Here => proposer
             .propose(Command::Audit {
                 events: events.to_vec(),
             })
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string());
+            .map_err(|e| e.to_string()),
+        LeaderPeer::There(mut c) => {
+            let mut req = tonic::Request::new(RaftPayload {
+                data: encode(&events),
+            });
+            req.set_timeout(Duration::from_secs(5));
+            c.propose_audit(req)
+                .await
+                .map(|_| ())
+                .map_err(|s| s.message().to_string())
+        }
     }
-    let addr = m
-        .membership_config
-        .membership()
-        .get_node(&leader)
-        .map(|n| n.raft_addr.clone())
-        .ok_or("leader address unknown")?;
-    let mut c = peers.client(&addr).map_err(|e| e.to_string())?;
-    let mut req = tonic::Request::new(RaftPayload {
-        data: encode(&events),
-    });
-    req.set_timeout(Duration::from_secs(5));
-    c.propose_audit(req)
-        .await
-        .map(|_| ())
-        .map_err(|s| s.message().to_string())
 }

@@ -176,6 +176,16 @@ impl RaftPeer for PeerService {
         reply(&())
     }
 
+    async fn propose_backup(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let change: crate::state::backup::BackupChange = decode_req(req)?;
+        let result = self
+            .proposer
+            .propose(Command::Backups(change))
+            .await
+            .map_err(crate::error::propose)?;
+        reply(&result)
+    }
+
     async fn campaign(&self, _req: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {
         tracing::info!("asked by the leader to campaign (leadership placement)");
         self.raft

@@ -9,6 +9,11 @@
 //! wrapped data keys, an object of its own so that crypto-shredding can
 //! rewrite every copy's keyring without touching the data) and
 //! `manifest.json`. It never holds plaintext mail or the master key.
+//!
+//! Also the backup catalog (data version 5): [`BackupChange`], replicated as
+//! `Command::Backups`, and [`BackupRecord`], stored under `keys::BACKUP`,
+//! which every node reads to know which backups exist, where, and what
+//! became of them.
 
 use serde::{Deserialize, Serialize};
 
@@ -118,4 +123,135 @@ pub struct BackupKeyring {
     pub format: u32,
     /// By tenant name, the tenant's keys as its record held them.
     pub tenants: std::collections::BTreeMap<String, Vec<WrappedKey>>,
+}
+
+/// A change to the cluster's backup catalog (data version 5): which backups
+/// exist, where, and what became of them, replicated so that every node knows
+/// when the last backup was taken (the duty's schedule and its stand-in rule)
+/// and any node can list them. Appended as `Command::Backups`, a nested
+/// family: do not reorder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackupChange {
+    /// A backup was taken and verified on `entry.node`.
+    Taken(BackupEntry),
+    /// The node holding a backup removed its local copy (retention, or an
+    /// operator).
+    LocalRemoved {
+        /// The backup.
+        id: String,
+        /// When (ms since the Unix epoch).
+        at_ms: i64,
+    },
+    /// A copy was shipped off-site, and every object read back and checked.
+    Shipped {
+        /// The backup.
+        id: String,
+        /// The copy.
+        copy: ShippedCopy,
+    },
+    /// Retention deleted the off-site copy.
+    OffsiteRemoved {
+        /// The backup.
+        id: String,
+        /// When (ms since the Unix epoch).
+        at_ms: i64,
+    },
+    /// A restore drill of the backup ran.
+    Drilled {
+        /// The backup.
+        id: String,
+        /// How it went.
+        drill: DrillResult,
+    },
+}
+
+impl BackupChange {
+    /// The backup the change is about.
+    pub fn id(&self) -> &str {
+        match self {
+            BackupChange::Taken(e) => &e.id,
+            BackupChange::LocalRemoved { id, .. }
+            | BackupChange::Shipped { id, .. }
+            | BackupChange::OffsiteRemoved { id, .. }
+            | BackupChange::Drilled { id, .. } => id,
+        }
+    }
+}
+
+/// A backup as the catalog records it when it was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupEntry {
+    /// Its id ([`BackupManifest::backup_id`]).
+    pub id: String,
+    /// The node that took it and holds it.
+    pub node: u64,
+    /// When it was taken (ms since the Unix epoch).
+    pub taken_at_ms: i64,
+    /// The last log index applied in it.
+    pub applied_index: u64,
+    /// The term of that entry.
+    pub applied_term: u64,
+    /// Its files, the manifest included.
+    pub files: u32,
+    /// Their bytes.
+    pub bytes: u64,
+    /// How long taking and verifying it took, in milliseconds.
+    pub took_ms: u64,
+}
+
+/// A copy in the off-site store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShippedCopy {
+    /// The store and prefix it is under (a URL without credentials).
+    pub target: String,
+    /// When it was verified there (ms since the Unix epoch).
+    pub at_ms: i64,
+    /// Objects uploaded.
+    pub objects: u32,
+    /// Their bytes.
+    pub bytes: u64,
+    /// How long the upload and the read-back took, in milliseconds.
+    pub took_ms: u64,
+}
+
+/// A restore drill's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillResult {
+    /// The node that ran it.
+    pub node: u64,
+    /// When it ended (ms since the Unix epoch).
+    pub at_ms: i64,
+    /// Whether the copy restored and checked whole.
+    pub passed: bool,
+    /// Why not (names the object at fault, never content); empty if passed.
+    pub problem: String,
+    /// How long it took, in milliseconds.
+    pub took_ms: u64,
+}
+
+/// A backup in the catalog: as taken, and what became of it since.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRecord {
+    /// As taken.
+    pub entry: BackupEntry,
+    /// When the local copy was removed, if it was.
+    pub local_removed_at_ms: Option<i64>,
+    /// The off-site copy, once one verified.
+    pub shipped: Option<ShippedCopy>,
+    /// When the off-site copy was deleted, if it was.
+    pub offsite_removed_at_ms: Option<i64>,
+    /// The last drill of it.
+    pub drill: Option<DrillResult>,
+}
+
+impl BackupRecord {
+    /// Whether the node that took it still holds it.
+    pub fn is_local(&self) -> bool {
+        self.local_removed_at_ms.is_none()
+    }
+
+    /// Whether a verified off-site copy exists.
+    pub fn is_offsite(&self) -> bool {
+        self.shipped.is_some() && self.offsite_removed_at_ms.is_none()
+    }
 }

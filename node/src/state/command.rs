@@ -161,6 +161,8 @@ pub enum Command {
     },
     /// Changes one part of an identity's access policy (data version 2).
     Access(AccessChange),
+    /// Changes the backup catalog (data version 5).
+    Backups(super::backup::BackupChange),
 }
 
 /// A change to one identity's access policy, decided against the policy as
@@ -286,6 +288,13 @@ pub enum Refusal {
     /// The allowlist is not the one the change expected.
     #[error("allowlist changed since it was read")]
     AllowlistChanged,
+    /// The backup is not in the catalog.
+    #[error("backup not found")]
+    NoBackup,
+    /// Another node's backup already has this id (taken in the same second
+    /// at the same log index).
+    #[error("another backup has this id")]
+    BackupIdTaken,
 }
 
 /// The outcome of one command.

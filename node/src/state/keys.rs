@@ -31,6 +31,8 @@ pub const IDENTITY: u8 = 0x70;
 pub const REVOKED_SERIAL: u8 = 0x71;
 /// Audit records: `0x81 seq(be64)`.
 pub const AUDIT: u8 = 0x81;
+/// The backup catalog: `0x90 backup id` (data version 5).
+pub const BACKUP: u8 = 0x90;
 /// The audit chain head.
 pub const AUDIT_HEAD: &[u8] = b"\x80head";
 
@@ -50,7 +52,7 @@ pub const META_DATA_VERSION: &[u8] = b"\x01data_version";
 pub fn is_bound(key: &[u8]) -> bool {
     matches!(
         key.first(),
-        Some(&(TENANT | MAILBOX | MESSAGE | IDEMPOTENCY | CHANGE | IDENTITY | REVOKED_SERIAL))
+        Some(&(TENANT | MAILBOX | MESSAGE | IDEMPOTENCY | CHANGE | IDENTITY | REVOKED_SERIAL | BACKUP))
     )
 }
 
@@ -74,6 +76,11 @@ pub fn identity(identity: &str) -> Vec<u8> {
 /// `0x71 serial`.
 pub fn revoked_serial(serial: &str) -> Vec<u8> {
     with(REVOKED_SERIAL, &[serial.as_bytes()])
+}
+
+/// `0x90 backup id`.
+pub fn backup(id: &str) -> Vec<u8> {
+    with(BACKUP, &[id.as_bytes()])
 }
 
 /// `0x81 seq`.

@@ -25,7 +25,10 @@
 ///    of it, sent file by file (`snapshot_data`), no longer a key/value dump.
 ///    The log's database keeps only this version in its old `sm` column
 ///    family, so that an older build refuses the directory.
-pub const DATA_VERSION: u32 = 4;
+/// 5. The log may hold `Command::Backups` entries (the backup catalog, its
+///    records under [`super::keys::BACKUP`]), which a version-4 build cannot
+///    decode; no stored record changed.
+pub const DATA_VERSION: u32 = 5;
 
 /// The version of data directories written before the version was stored
 /// (their formats are version 1's).

@@ -85,17 +85,26 @@ pub enum BackupError {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// The restored state does not agree with the manifest (its digest,
+    /// its audit chain), or its mail does not decrypt.
+    #[error("backup {backup}: {what}")]
+    NotRestorable {
+        /// The backup's id.
+        backup: String,
+        /// What failed (names a tenant at most, never content).
+        what: String,
+    },
     /// A record of the state does not decode or fails its binding.
     #[error("cannot back up: a stored {0} record fails its check")]
     Corrupt(&'static str),
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// SHA-256 and length of a file, read in pieces.
-fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
+pub fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
     let mut f = File::open(path)?;
     let mut sum = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -123,6 +132,58 @@ pub fn backup_id(time_ms: i64, applied: u64) -> String {
     let s = humantime::format_rfc3339_seconds(t).to_string();
     let compact: String = s.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
     format!("{compact}-{applied:012}")
+}
+
+/// Whether `s` has the form of a backup id (so that it is safe as a
+/// directory name: digits, `T`, `Z` and one `-`).
+pub fn is_backup_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 29
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 => *c == b'T',
+            15 => *c == b'Z',
+            16 => *c == b'-',
+            _ => c.is_ascii_digit(),
+        })
+}
+
+/// What lies under a backup root: the backups (by id, sorted) and the
+/// leftovers of backups cut short (`incoming-*`), which are never backups.
+#[derive(Debug, Default)]
+pub struct RootListing {
+    /// Directories named by a backup id.
+    pub backups: Vec<String>,
+    /// Directories of backups that were being taken.
+    pub incomplete: Vec<PathBuf>,
+}
+
+/// Lists a backup root (empty if it does not exist).
+pub fn list_root(root: &Path) -> std::io::Result<RootListing> {
+    let mut out = RootListing::default();
+    let entries = match std::fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if is_backup_id(&name) {
+            out.backups.push(name);
+        } else if name.starts_with("incoming-") {
+            out.incomplete.push(e.path());
+        }
+    }
+    out.backups.sort();
+    Ok(out)
+}
+
+/// Removes one backup directory (its hard links to live files go with it).
+pub fn remove(root: &Path, id: &str) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(root.join(id)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => sync_dir(root),
+    }
 }
 
 /// Who takes a backup, for its manifest.
@@ -315,7 +376,14 @@ pub fn read_manifest(dir: &Path, keyring: &Keyring) -> Result<BackupManifest, Ba
         backup: backup.clone(),
         why: e.to_string(),
     })?;
-    let sealed: SealedManifest = serde_json::from_slice(&bytes).map_err(|e| BackupError::NoManifest {
+    parse_manifest(&backup, &bytes, keyring)
+}
+
+/// Parses a manifest's bytes (of backup `backup`, as named where it was
+/// found) and checks it is this master key's and authentic.
+pub fn parse_manifest(backup: &str, bytes: &[u8], keyring: &Keyring) -> Result<BackupManifest, BackupError> {
+    let backup = backup.to_string();
+    let sealed: SealedManifest = serde_json::from_slice(bytes).map_err(|e| BackupError::NoManifest {
         backup: backup.clone(),
         why: e.to_string(),
     })?;
@@ -349,7 +417,16 @@ pub fn read_manifest(dir: &Path, keyring: &Keyring) -> Result<BackupManifest, Ba
             ),
         });
     }
+    if sealed.manifest.backup_id != backup && is_backup_id(&backup) {
+        // A manifest moved under another backup's name.
+        return Err(BackupError::ManifestForged { backup });
+    }
     Ok(sealed.manifest)
+}
+
+/// Whether a manifest's file path stays inside the backup.
+pub fn is_inner_path(path: &str) -> bool {
+    !path.split('/').any(|p| p.is_empty() || p == "." || p == "..")
 }
 
 /// Verifies a backup: its manifest (see [`read_manifest`]), then every file
@@ -363,7 +440,7 @@ pub fn verify(dir: &Path, keyring: &Keyring) -> Result<BackupManifest, BackupErr
             path: f.path.clone(),
             why,
         };
-        if f.path.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+        if !is_inner_path(&f.path) {
             return Err(damaged("is not a path inside the backup"));
         }
         let (bytes, sha256) = match sha256_file(&dir.join(&f.path)) {
@@ -450,6 +527,22 @@ mod tests {
     }
 
     #[test]
+    fn backup_ids_are_recognised_and_nothing_else_is() {
+        let id = backup_id(1_764_700_000_123, 12_345);
+        assert_eq!(id, "20251202T182640Z-000000012345");
+        assert!(is_backup_id(&id));
+        for bad in [
+            "",
+            "../etc",
+            "20251202T182640Z-00000001234",
+            "20251202T182640Z/000000012345",
+            "incoming-1",
+        ] {
+            assert!(!is_backup_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn a_backup_lists_every_file_keeps_its_keys_apart_and_verifies() {
         let dir = tempfile::tempdir().unwrap();
         let state = state(&dir.path().join("node"));
@@ -460,8 +553,18 @@ mod tests {
             let r = super::super::MailReader::new(state.clone(), test_keyring().binding().clone());
             r.tenant(T).unwrap().unwrap().keys[0].wrapped.clone()
         };
-        let (m, bdir) = take(&state, test_keyring(), &dir.path().join("backups"), by()).unwrap();
+        let root = dir.path().join("backups");
+        std::fs::create_dir_all(root.join("incoming-1")).unwrap();
+        let (m, bdir) = take(&state, test_keyring(), &root, by()).unwrap();
         assert_eq!(bdir.file_name().unwrap().to_string_lossy(), m.backup_id);
+        assert!(is_backup_id(&m.backup_id), "{}", m.backup_id);
+        let listing = list_root(&root).unwrap();
+        assert_eq!(listing.backups, std::slice::from_ref(&m.backup_id));
+        assert_eq!(
+            listing.incomplete,
+            [root.join("incoming-1")],
+            "a cut-short take is no backup"
+        );
         assert!(m.backup_id.ends_with("-000000000041"), "{}", m.backup_id);
         assert_eq!((m.applied_index, m.applied_term), (41, 2));
         assert_eq!(m.state_digest, hex(&live_digest), "the digest of the live state");
@@ -495,12 +598,14 @@ mod tests {
             saw_chunk |= has(&bytes, SECRET_BODY);
         }
         assert!(saw_chunk, "positive control: the data is really there");
-        // No half-taken backup is left beside it.
-        let names: Vec<_> = std::fs::read_dir(dir.path().join("backups"))
+        // No half-taken backup of its own is left beside it (only the
+        // older leftover the test put there).
+        let mut names: Vec<_> = std::fs::read_dir(&root)
             .unwrap()
-            .map(|e| e.unwrap().file_name())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names.len(), 1);
+        names.sort();
+        assert_eq!(names, [m.backup_id.clone(), "incoming-1".to_string()]);
     }
 
     #[test]

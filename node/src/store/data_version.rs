@@ -68,6 +68,10 @@ const STEPS: &[Step] = &[
         to: 4,
         run: stamp_only,
     },
+    Step {
+        to: 5,
+        run: stamp_only,
+    },
 ];
 
 /// Data written before the version was stored has version 1's formats:
@@ -80,7 +84,8 @@ fn unversioned_to_1(_db: &Db, _keys: &Keyring, _batch: &mut WriteBatch) -> Resul
 /// stamping it keeps a version-1 build from reading a log it cannot decode.
 /// Version 4 moves the state machine into its own database and makes
 /// snapshots checkpoints: the move is `super::layout`'s, before any step
-/// runs, and no record changes.
+/// runs, and no record changes. Version 5 adds the backup catalog's command
+/// family, like version 2.
 fn stamp_only(_db: &Db, _keys: &Keyring, _batch: &mut WriteBatch) -> Result<(), DataVersionError> {
     Ok(())
 }

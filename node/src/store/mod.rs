@@ -7,6 +7,7 @@ pub mod backup;
 pub mod checkpoint;
 pub mod data_version;
 mod db;
+pub mod drill;
 mod durability;
 mod layout;
 mod log_cache;

@@ -212,6 +212,40 @@ impl MailReader {
         Ok(verify_chain(records, head))
     }
 
+    /// One backup in the catalog.
+    pub fn backup(&self, id: &str) -> R<Option<crate::state::backup::BackupRecord>> {
+        self.get(&keys::backup(id))
+    }
+
+    /// The newest backup in the catalog (the last key under the prefix).
+    pub fn newest_backup(&self) -> R<Option<crate::state::backup::BackupRecord>> {
+        let db = self.db();
+        let end = [keys::BACKUP + 1];
+        let mut it = db.iterator_cf(sm(&db), IteratorMode::From(&end, Direction::Reverse));
+        match it.next() {
+            Some(item) => {
+                let (k, v) = item?;
+                if k.first() == Some(&keys::BACKUP) {
+                    self.open(&k, &v).map(Some)
+                } else {
+                    Ok(None)
+                }
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The backup catalog, oldest first (ids sort by time).
+    pub fn backups(&self) -> R<Vec<crate::state::backup::BackupRecord>> {
+        let prefix = [keys::BACKUP];
+        let mut out = Vec::new();
+        self.scan(&prefix, &prefix, |_, rec| {
+            out.push(rec);
+            true
+        })?;
+        Ok(out)
+    }
+
     /// A tenant's record.
     pub fn tenant(&self, tenant: &str) -> R<Option<TenantRecord>> {
         self.get(&keys::tenant(tenant))

@@ -4,11 +4,12 @@
 //! within the call go through an overlay so a command sees the effects of the
 //! commands before it. [`Tx::apply`] is the table from command to domain;
 //! each domain's rules are in a file of their own, over the same [`Tx`]:
-//! mail (`mail.rs`), access policies (`access.rs`) and the audit chain
-//! (`audit.rs`). A new command family gets a file here and a line in the table.
+//! mail (`mail.rs`), access policies (`access.rs`), the audit chain
+//! (`audit.rs`) and the backup catalog (`backups.rs`). A new command family gets a file here and a line in the table.
 
 mod access;
 mod audit;
+mod backups;
 mod mail;
 #[cfg(test)]
 mod tests;
@@ -175,6 +176,7 @@ impl<'a> Tx<'a> {
             Command::RevokeSerial { serial } => self.revoke_serial(&serial),
             Command::Audit { events } => self.append_audit(events),
             Command::Access(change) => self.change_access(change),
+            Command::Backups(change) => self.change_backups(change),
         }
     }
 }

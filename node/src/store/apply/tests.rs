@@ -508,3 +508,99 @@ fn a_record_of_any_kind_copied_to_another_place_is_refused_where_it_lands() {
         "an apply over a moved record must stop the node"
     );
 }
+
+fn taken(id: &str) -> crate::state::backup::BackupEntry {
+    crate::state::backup::BackupEntry {
+        id: id.into(),
+        node: 3,
+        taken_at_ms: 1_000,
+        applied_index: 7,
+        applied_term: 1,
+        files: 5,
+        bytes: 4096,
+        took_ms: 12,
+    }
+}
+
+#[test]
+fn the_backup_catalog_records_each_backup_once_and_refuses_changes_to_unknown_ones() {
+    use crate::state::backup::{BackupChange, BackupEntry, DrillResult, ShippedCopy};
+    let (_d, db) = db();
+    let copy = ShippedCopy {
+        target: "file:///offsite".into(),
+        at_ms: 2_000,
+        objects: 5,
+        bytes: 4096,
+        took_ms: 40,
+    };
+    let drill = DrillResult {
+        node: 3,
+        at_ms: 2_500,
+        passed: true,
+        problem: String::new(),
+        took_ms: 90,
+    };
+    let mut retried = taken("b1");
+    retried.took_ms = 99;
+    let r = apply(
+        &db,
+        vec![
+            Command::Backups(BackupChange::Taken(taken("b1"))),
+            Command::Backups(BackupChange::Taken(retried)),
+            Command::Backups(BackupChange::Shipped {
+                id: "b1".into(),
+                copy: copy.clone(),
+            }),
+            Command::Backups(BackupChange::Drilled {
+                id: "b1".into(),
+                drill: drill.clone(),
+            }),
+            Command::Backups(BackupChange::LocalRemoved {
+                id: "b1".into(),
+                at_ms: 3_000,
+            }),
+            Command::Backups(BackupChange::LocalRemoved {
+                id: "b1".into(),
+                at_ms: 4_000,
+            }),
+            Command::Backups(BackupChange::Shipped {
+                id: "nope".into(),
+                copy: copy.clone(),
+            }),
+            Command::Backups(BackupChange::Taken(taken("b2"))),
+            Command::Backups(BackupChange::Taken(BackupEntry {
+                node: 9,
+                ..taken("b2")
+            })),
+        ],
+    );
+    assert_eq!(r[..6], vec![CommandResult::Done; 6][..]);
+    assert_eq!(r[6], CommandResult::Refused(Refusal::NoBackup));
+    assert_eq!(r[7], CommandResult::Done);
+    assert_eq!(
+        r[8],
+        CommandResult::Refused(Refusal::BackupIdTaken),
+        "another node's backup under a held id"
+    );
+    let all = reader(&db).backups().unwrap();
+    assert_eq!(
+        all.iter().map(|b| b.entry.id.as_str()).collect::<Vec<_>>(),
+        ["b1", "b2"]
+    );
+    let b1 = &all[0];
+    assert_eq!(b1.entry, taken("b1"), "a retried Taken keeps the first record");
+    assert_eq!(b1.shipped.as_ref(), Some(&copy));
+    assert_eq!(b1.drill.as_ref(), Some(&drill));
+    assert_eq!(
+        b1.local_removed_at_ms,
+        Some(3_000),
+        "the first removal's time stays"
+    );
+    assert!(!b1.is_local() && b1.is_offsite());
+    assert!(all[1].is_local() && !all[1].is_offsite());
+    assert!(reader(&db).backup("nope").unwrap().is_none());
+    assert_eq!(
+        reader(&db).newest_backup().unwrap().map(|b| b.entry),
+        Some(taken("b2"))
+    );
+}

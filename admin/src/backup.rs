@@ -1,0 +1,324 @@
+//! `mailvault-admin backup`: the backup catalog, one backup's manifest,
+//! taking one now and verifying one. Any node answers; a call about one
+//! backup is passed on to the node that holds it.
+
+use clap::Subcommand;
+use mailvault_proto::v1::backups_client::BackupsClient;
+use mailvault_proto::v1::{
+    Backup, BackupManifest, Drill, DrillBackupRequest, ListBackupsRequest, ShipBackupRequest,
+    ShowBackupRequest, TakeBackupRequest, VerifyBackupRequest,
+};
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::client::{backups, status_err};
+use crate::output::{rfc3339, table, Output};
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCmd {
+    /// Lists the catalog, oldest first, and who holds the backup duty.
+    List,
+    /// Shows one backup and its authenticated manifest.
+    Show {
+        /// The backup's id (from `backup list`), or `latest`: the newest one still held.
+        id: String,
+    },
+    /// Takes a backup now on the node holding the duty; answers once it is verified and recorded.
+    Now,
+    /// Ships a backup off-site now (the newest, or the one named), reads every object back, and
+    /// drills its restore. Exits non-zero if the drill fails.
+    ShipNow {
+        /// The backup's id; omitted: the newest held by the node holding the duty.
+        id: Option<String>,
+    },
+    /// Restores a backup's off-site copy into scratch and checks it whole (manifest, every object,
+    /// state digest, audit chain, a sample of every tenant's mail decrypted). Exits non-zero if it
+    /// fails.
+    Drill {
+        /// The backup's id; omitted: the newest shipped.
+        id: Option<String>,
+    },
+    /// Verifies a backup where it is held: the manifest's authenticity and every file's checksum.
+    /// Exits non-zero if it fails.
+    Verify {
+        /// The backup's id, or `latest`: the newest one still held.
+        id: String,
+    },
+}
+
+fn size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+fn backup_json(b: &Backup) -> serde_json::Value {
+    json!({
+        "id": b.id, "node": b.node, "taken": rfc3339(b.taken_at_ms), "taken_at_ms": b.taken_at_ms,
+        "applied_index": b.applied_index, "applied_term": b.applied_term,
+        "files": b.files, "bytes": b.bytes, "took_ms": b.took_ms,
+        "local": b.local,
+        "local_removed": (b.local_removed_at_ms > 0).then(|| rfc3339(b.local_removed_at_ms)),
+        "shipped": b.shipped.as_ref().map(|c| json!({
+            "target": c.target, "at": rfc3339(c.at_ms), "objects": c.objects, "bytes": c.bytes,
+            "took_ms": c.took_ms, "removed": (c.removed_at_ms > 0).then(|| rfc3339(c.removed_at_ms))})),
+        "drill": b.drill.as_ref().map(|d| json!({
+            "node": d.node, "at": rfc3339(d.at_ms), "passed": d.passed, "problem": d.problem,
+            "took_ms": d.took_ms})),
+    })
+}
+
+fn manifest_json(m: &BackupManifest) -> serde_json::Value {
+    json!({
+        "cluster": m.cluster, "mailvault_version": m.mailvault_version, "data_version": m.data_version,
+        "manifest_format": m.manifest_format,
+        "members": m.members.iter().map(|x| json!({"id": x.id, "role": x.role, "voter": x.voter})).collect::<Vec<_>>(),
+        "files": m.files.iter().map(|f| json!({"path": f.path, "bytes": f.bytes, "sha256": f.sha256})).collect::<Vec<_>>(),
+        "state_digest": m.state_digest, "records": m.records,
+        "audit_head": {"seq": m.audit_head_seq, "hash": m.audit_head_hash},
+        "tenants": m.tenants.iter().map(|t| json!({"name": t.name, "key_versions": t.key_versions})).collect::<Vec<_>>(),
+        "master_key_fingerprint": m.master_key_fingerprint,
+    })
+}
+
+fn backup_text(b: &Backup) -> String {
+    let mut lines = vec![
+        format!("backup:        {}", b.id),
+        format!("node:          {}", b.node),
+        format!("taken:         {} ({} ms)", rfc3339(b.taken_at_ms), b.took_ms),
+        format!(
+            "log id:        index {}, term {}",
+            b.applied_index, b.applied_term
+        ),
+        format!("size:          {} files, {}", b.files, size(b.bytes)),
+        format!(
+            "local copy:    {}",
+            match b.local {
+                true => "held".to_string(),
+                false => format!("removed {}", rfc3339(b.local_removed_at_ms)),
+            }
+        ),
+    ];
+    lines.push(match &b.shipped {
+        Some(c) => format!("shipped:       {} at {}", c.target, rfc3339(c.at_ms)),
+        None => "shipped:       not yet".to_string(),
+    });
+    if let Some(d) = &b.drill {
+        lines.push(format!(
+            "drill:         {} at {} on node {}{}",
+            if d.passed { "passed" } else { "FAILED" },
+            rfc3339(d.at_ms),
+            d.node,
+            if d.problem.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", d.problem)
+            }
+        ));
+    }
+    lines.join("\n")
+}
+
+/// `latest` as the newest backup the catalog says is still held; any other
+/// id as it is (the node checks it).
+async fn resolve(c: &mut BackupsClient<Channel>, id: String) -> anyhow::Result<String> {
+    if id != "latest" {
+        return Ok(id);
+    }
+    let r = c
+        .list_backups(ListBackupsRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    r.backups
+        .into_iter()
+        .rev()
+        .find(|b| b.local)
+        .map(|b| b.id)
+        .ok_or_else(|| anyhow::anyhow!("no backup is held yet (take one with `backup now`)"))
+}
+
+/// A drill that failed (or did not run) as the exit status.
+fn drill_outcome(id: &str, drill: Option<&Drill>) -> anyhow::Result<()> {
+    match drill {
+        Some(d) if d.passed => Ok(()),
+        Some(d) => anyhow::bail!("the restore drill of backup {id} FAILED: {}", d.problem),
+        None => anyhow::bail!("no restore drill of backup {id} was recorded"),
+    }
+}
+
+pub async fn run(endpoint: &str, output: Output, cmd: BackupCmd) -> anyhow::Result<()> {
+    let mut c = backups(endpoint).await?;
+    let cmd = match cmd {
+        BackupCmd::Show { id } => BackupCmd::Show {
+            id: resolve(&mut c, id).await?,
+        },
+        BackupCmd::Verify { id } => BackupCmd::Verify {
+            id: resolve(&mut c, id).await?,
+        },
+        BackupCmd::Drill { id: Some(id) } => BackupCmd::Drill {
+            id: Some(resolve(&mut c, id).await?),
+        },
+        BackupCmd::ShipNow { id: Some(id) } => BackupCmd::ShipNow {
+            id: Some(resolve(&mut c, id).await?),
+        },
+        other => other,
+    };
+    match cmd {
+        BackupCmd::List => {
+            let r = c
+                .list_backups(ListBackupsRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let doc = json!({
+                "backups": r.backups.iter().map(backup_json).collect::<Vec<_>>(),
+                "duty_node": r.duty_node, "standing_in": r.standing_in,
+            });
+            output.emit(doc, || {
+                let rows = r.backups.iter().map(|b| {
+                    [
+                        b.id.clone(),
+                        b.node.to_string(),
+                        rfc3339(b.taken_at_ms),
+                        b.applied_index.to_string(),
+                        size(b.bytes),
+                        if b.local { "held" } else { "removed" }.to_string(),
+                        match &b.shipped {
+                            Some(s) if s.removed_at_ms == 0 => "yes".to_string(),
+                            Some(_) => "deleted".to_string(),
+                            None => "-".to_string(),
+                        },
+                        match &b.drill {
+                            Some(d) if d.passed => "passed".to_string(),
+                            Some(_) => "FAILED".to_string(),
+                            None => "-".to_string(),
+                        },
+                    ]
+                });
+                let header = [
+                    "id",
+                    "node",
+                    "taken (UTC)",
+                    "log index",
+                    "size",
+                    "local",
+                    "shipped",
+                    "drill",
+                ];
+                let duty = match (r.duty_node, r.standing_in) {
+                    (0, _) => "no node holds the backup duty".to_string(),
+                    (n, false) => format!("backup duty: node {n}"),
+                    (n, true) => format!("backup duty: node {n}, standing in for the backup node"),
+                };
+                format!("{}\n{} backup(s); {duty}", table(header, rows), r.backups.len())
+            });
+            Ok(())
+        }
+        BackupCmd::Show { id } => {
+            let r = c
+                .show_backup(ShowBackupRequest { id })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let (b, m) = (r.backup.unwrap_or_default(), r.manifest.unwrap_or_default());
+            output.emit(json!({"backup": backup_json(&b), "manifest": manifest_json(&m)}), || {
+                let members: Vec<String> = m
+                    .members
+                    .iter()
+                    .map(|x| format!("{} ({}{})", x.id, x.role, if x.voter { ", voter" } else { "" }))
+                    .collect();
+                let tenants: Vec<String> = m
+                    .tenants
+                    .iter()
+                    .map(|t| format!("{} (key versions {:?})", t.name, t.key_versions))
+                    .collect();
+                let files = m.files.iter().map(|f| [f.path.clone(), f.bytes.to_string(), f.sha256.clone()]);
+                format!(
+                    "{}\ncluster:       {}\nversion:       mailvault {}, data version {}, manifest format {}\n\
+                     members:       {}\nstate digest:  {} ({} records)\naudit head:    record {} ({})\n\
+                     tenants:       {}\nmaster key:    fingerprint {}\n{}",
+                    backup_text(&b),
+                    m.cluster,
+                    m.mailvault_version,
+                    m.data_version,
+                    m.manifest_format,
+                    members.join(", "),
+                    m.state_digest,
+                    m.records,
+                    m.audit_head_seq,
+                    m.audit_head_hash,
+                    if tenants.is_empty() { "-".to_string() } else { tenants.join(", ") },
+                    m.master_key_fingerprint,
+                    table(["file", "bytes", "sha256"], files),
+                )
+            });
+            Ok(())
+        }
+        BackupCmd::Now => {
+            let r = c
+                .take_backup(TakeBackupRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let b = r.backup.unwrap_or_default();
+            output.emit(backup_json(&b), || {
+                format!("backup taken and verified\n{}", backup_text(&b))
+            });
+            Ok(())
+        }
+        BackupCmd::ShipNow { id } => {
+            let r = c
+                .ship_backup(ShipBackupRequest {
+                    id: id.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let b = r.backup.unwrap_or_default();
+            output.emit(backup_json(&b), || {
+                format!("backup shipped and read back\n{}", backup_text(&b))
+            });
+            drill_outcome(&b.id, b.drill.as_ref())
+        }
+        BackupCmd::Drill { id } => {
+            let r = c
+                .drill_backup(DrillBackupRequest {
+                    id: id.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let b = r.backup.unwrap_or_default();
+            output.emit(backup_json(&b), || backup_text(&b));
+            drill_outcome(&b.id, r.drill.as_ref())
+        }
+        BackupCmd::Verify { id } => {
+            let r = c
+                .verify_backup(VerifyBackupRequest { id: id.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let doc = json!({
+                "id": id, "ok": r.ok, "problem": (!r.ok).then_some(&r.problem),
+                "files_checked": r.files_checked, "bytes_checked": r.bytes_checked, "took_ms": r.took_ms,
+            });
+            output.emit(doc, || match r.ok {
+                true => format!(
+                    "backup {id} verified: manifest authentic, {} files ({}) match their checksums, in {} ms",
+                    r.files_checked,
+                    size(r.bytes_checked),
+                    r.took_ms
+                ),
+                false => format!("backup {id} FAILED verification: {}", r.problem),
+            });
+            match r.ok {
+                true => Ok(()),
+                false => anyhow::bail!("backup {id} does not verify"),
+            }
+        }
+    }
+}
