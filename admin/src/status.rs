@@ -265,8 +265,13 @@ fn backup_text(probes: &[Probe]) -> String {
         let Some(b) = &s.backup else { continue };
         if b.local_backups > 0 || b.next_due_ms > 0 {
             out.push_str(&format!("\nnode {}: holds {} backup(s)", s.id, b.local_backups));
-            if b.next_due_ms > 0 {
+            if b.next_due_ms > 0 && s.id == view.duty_node {
                 out.push_str(&format!(", next due {}", rfc3339(b.next_due_ms)));
+            } else if b.next_due_ms > 0 {
+                out.push_str(&format!(
+                    ", stands in at {} if none is taken before",
+                    rfc3339(b.next_due_ms)
+                ));
             }
             if b.next_ship_ms > 0 {
                 out.push_str(&format!(", next ship {}", rfc3339(b.next_ship_ms)));
