@@ -4,7 +4,8 @@
 //! drill restores the copy into scratch and checks it whole; a damaged or
 //! missing object fails the drill by name, and the restorable time does not
 //! claim that copy; while the store is down, ships fail and alert, and no
-//! local backup that is not off-site is deleted.
+//! local backup that is not off-site is deleted; a ship cut short by `kill -9`
+//! is never listed and completes after the restart.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -424,4 +425,72 @@ async fn shipping_to_s3_reads_back_alerts_while_the_store_is_down_and_resumes_on
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     drop(moto);
+}
+
+/// The backup node is killed (`kill -9`) in the middle of a ship: the copy
+/// is not listed as shipped, and after the restart the ship resumes and
+/// completes, read back and drilled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ship_cut_short_by_kill_9_is_never_listed_and_completes_after_the_restart() {
+    let offsite = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(ClusterOptions {
+        backup: format!("offsite = \"file://{}\"\n", offsite.path().display()),
+        ..Default::default()
+    })
+    .await;
+    // 40 MiB of mail: the ship takes long enough to be caught in the middle.
+    fill(&cluster, 40 << 20).await;
+    let b = take(&cluster).await;
+    let copy = offsite.path().join(&b.id);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if copy.exists() && !copy.join("manifest.json").exists() {
+            break;
+        }
+        assert!(
+            !copy.join("manifest.json").exists(),
+            "the ship finished before the test could catch it in the middle"
+        );
+        assert!(Instant::now() < deadline, "the ship never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    cluster.kill(2);
+    // Objects already whole there (LocalFileSystem writes a staging file
+    // named `…#n` and renames it once complete).
+    let mut at_kill = Vec::new();
+    files_under(&copy, &mut at_kill);
+    let whole = at_kill
+        .iter()
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().contains('#'))
+        .count();
+    let l = list_backups(&cluster, 0).await;
+    let listed = l.backups.iter().find(|x| x.id == b.id).unwrap();
+    assert!(
+        listed.shipped.is_none(),
+        "a partial copy is listed as shipped: {listed:?}"
+    );
+    assert!(!copy.join("manifest.json").exists());
+    cluster.start_node(2);
+    let l = wait_backups(
+        &cluster,
+        0,
+        Duration::from_secs(120),
+        "the ship completed after the restart",
+        |l| {
+            l.backups
+                .iter()
+                .any(|x| x.id == b.id && x.drill.as_ref().is_some_and(|d| d.passed))
+        },
+    )
+    .await;
+    let done = l.backups.iter().find(|x| x.id == b.id).unwrap();
+    let shipped = done.shipped.as_ref().unwrap();
+    assert!(shipped.objects <= b.files);
+    if whole > 0 {
+        assert!(
+            shipped.objects as usize <= b.files as usize - whole,
+            "the resumed ship sent again the {whole} objects already whole there: {shipped:?}"
+        );
+    }
+    assert!(copy.join("manifest.json").exists());
 }
