@@ -328,6 +328,25 @@ impl Cluster {
         c
     }
 
+    /// Runs `mailvault-admin --output json ARGS` against node `i` as the
+    /// bootstrap operator: whether it succeeded, its JSON (null if none),
+    /// its stderr.
+    pub fn admin_json(&self, i: usize, args: &[&str]) -> (bool, serde_json::Value, String) {
+        let out = self
+            .admin_command(&self.client_addr(i), ADMIN)
+            .args(["--output", "json"])
+            .args(args)
+            .output()
+            .expect("run mailvault-admin");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let json = serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null);
+        (
+            out.status.success(),
+            json,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// TLS config presenting `identity`, trusting the cluster CA.
     pub fn tls_with(&self, identity: Identity) -> ClientTlsConfig {
         ClientTlsConfig::new()

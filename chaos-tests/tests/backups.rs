@@ -21,29 +21,6 @@ fn reason(s: &tonic::Status) -> (Code, String) {
     (s.code(), info.reason)
 }
 
-async fn wait_catalog(
-    cluster: &Cluster,
-    i: usize,
-    timeout: Duration,
-    what: &str,
-    f: impl Fn(&ListBackupsResponse) -> bool,
-) -> ListBackupsResponse {
-    wait_backups(cluster, i, timeout, what, f).await
-}
-
-fn admin_json(cluster: &Cluster, i: usize, args: &[&str]) -> (bool, serde_json::Value, String) {
-    let out = cluster
-        .admin_command(&cluster.client_addr(i), ADMIN)
-        .args(["--output", "json"])
-        .args(args)
-        .output()
-        .expect("run mailvault-admin");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let json = serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null);
-    (out.status.success(), json, stderr)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backup_node_takes_verified_backups_on_schedule_and_keeps_only_keep_local() {
     let cluster = Cluster::start(ClusterOptions {
@@ -68,7 +45,7 @@ async fn the_backup_node_takes_verified_backups_on_schedule_and_keeps_only_keep_
         .unwrap();
     }
     // Several backups, every one by the backup node (node 3), listed by any node.
-    let l = wait_catalog(&cluster, 0, Duration::from_secs(60), "five backups", |l| {
+    let l = wait_backups(&cluster, 0, Duration::from_secs(60), "five backups", |l| {
         l.backups.len() >= 5
     })
     .await;
@@ -94,7 +71,7 @@ async fn the_backup_node_takes_verified_backups_on_schedule_and_keeps_only_keep_
     assert!(first.files >= 4 && first.bytes > 0, "{first:?}");
 
     // Show, through node 1 (passed on to node 3): the authenticated manifest.
-    let newest = wait_catalog(&cluster, 0, Duration::from_secs(10), "a held backup", |l| {
+    let newest = wait_backups(&cluster, 0, Duration::from_secs(10), "a held backup", |l| {
         l.backups.iter().any(|b| b.local)
     })
     .await
@@ -102,7 +79,7 @@ async fn the_backup_node_takes_verified_backups_on_schedule_and_keeps_only_keep_
     .into_iter()
     .rfind(|b| b.local)
     .unwrap();
-    let (ok, shown, err) = admin_json(&cluster, 0, &["backup", "show", &newest.id]);
+    let (ok, shown, err) = cluster.admin_json(0, &["backup", "show", &newest.id]);
     if ok {
         assert_eq!(shown["backup"]["id"], newest.id.as_str());
         assert_eq!(shown["manifest"]["tenants"][0]["name"], T);
@@ -149,13 +126,13 @@ async fn the_backup_node_takes_verified_backups_on_schedule_and_keeps_only_keep_
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
     // `backup now`, asked of node 2: taken by node 3, verified, listed.
-    let (ok, taken, err) = admin_json(&cluster, 1, &["backup", "now"]);
+    let (ok, taken, err) = cluster.admin_json(1, &["backup", "now"]);
     assert!(ok, "backup now: {err}");
     assert_eq!(taken["node"], 3);
     let id = taken["id"].as_str().unwrap().to_string();
     // Verified where it is held; then damaged: its keyring object (a file of
     // its own, not shared with the live state) has one byte flipped.
-    let (ok, v, err) = admin_json(&cluster, 0, &["backup", "verify", &id]);
+    let (ok, v, err) = cluster.admin_json(0, &["backup", "verify", &id]);
     if !ok && err.contains("BACKUP_NOT_LOCAL") {
         panic!("the backup just taken expired before it was verified: keep_local too small for the test");
     }
@@ -167,7 +144,7 @@ async fn the_backup_node_takes_verified_backups_on_schedule_and_keeps_only_keep_
     let at = bytes.len() / 2;
     bytes[at] ^= 0x01;
     std::fs::write(&keyring, bytes).unwrap();
-    let (ok, v, _) = admin_json(&cluster, 0, &["backup", "verify", &id]);
+    let (ok, v, _) = cluster.admin_json(0, &["backup", "verify", &id]);
     assert!(!ok, "a damaged backup must fail verification (exit non-zero)");
     assert_eq!(v["ok"], false);
     let problem = v["problem"].as_str().unwrap();
@@ -223,7 +200,7 @@ async fn the_leader_stands_in_while_the_backup_node_is_down_and_hands_the_duty_b
     })
     .await;
     create_tenant_and_mailbox(&cluster, 0, T, M).await;
-    wait_catalog(&cluster, 0, Duration::from_secs(60), "a backup by node 3", |l| {
+    wait_backups(&cluster, 0, Duration::from_secs(60), "a backup by node 3", |l| {
         l.backups.iter().any(|b| b.node == 3)
     })
     .await;
@@ -231,7 +208,7 @@ async fn the_leader_stands_in_while_the_backup_node_is_down_and_hands_the_duty_b
     let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
     let leader_id = leader as u64 + 1;
     // Two intervals without a backup, then the leader takes them.
-    let l = wait_catalog(
+    let l = wait_backups(
         &cluster,
         leader,
         Duration::from_secs(60),
@@ -247,19 +224,19 @@ async fn the_leader_stands_in_while_the_backup_node_is_down_and_hands_the_duty_b
         "every node names the stand-in"
     );
     // `backup now` goes to the node holding the duty.
-    let (ok, taken, err) = admin_json(&cluster, 0, &["backup", "now"]);
+    let (ok, taken, err) = cluster.admin_json(0, &["backup", "now"]);
     assert!(ok, "backup now during the stand-in: {err}");
     assert_eq!(taken["node"], leader_id);
     let stood_in = taken["id"].as_str().unwrap().to_string();
 
     cluster.start_node(2);
-    let l = wait_catalog(&cluster, 0, Duration::from_secs(60), "node 3 back on duty", |l| {
+    let l = wait_backups(&cluster, 0, Duration::from_secs(60), "node 3 back on duty", |l| {
         l.backups.last().is_some_and(|b| b.node == 3) && l.duty_node == 3 && !l.standing_in
     })
     .await;
     assert!(l.backups.iter().any(|b| b.id == stood_in));
     // A stand-in's backup is verified where it is held, asked of node 3.
-    let (ok, v, err) = admin_json(&cluster, 2, &["backup", "verify", &stood_in]);
+    let (ok, v, err) = cluster.admin_json(2, &["backup", "verify", &stood_in]);
     assert!(ok, "verify through node 3: {err}");
     assert_eq!(v["ok"], true);
     // The text status says who holds the duty.

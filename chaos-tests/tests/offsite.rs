@@ -18,22 +18,6 @@ use mailvault_proto::v1::*;
 const T: &str = "acme";
 const M: &str = "inbox";
 
-fn admin_json(cluster: &Cluster, i: usize, args: &[&str]) -> (bool, serde_json::Value, String) {
-    let out = cluster
-        .admin_command(&cluster.client_addr(i), ADMIN)
-        .args(["--output", "json"])
-        .args(args)
-        .output()
-        .expect("run mailvault-admin");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let json = serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null);
-    (
-        out.status.success(),
-        json,
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 async fn fill(cluster: &Cluster, big: usize) {
     create_tenant_and_mailbox(cluster, 0, T, M).await;
     let c = cluster.mailbox(0).await;
@@ -185,10 +169,10 @@ async fn a_shipped_copy_is_read_back_and_drilled_and_a_damaged_one_fails_by_name
     );
 
     // A second backup, shipped by hand through node 2: read back, drilled.
-    let (ok, b, err) = admin_json(&cluster, 1, &["backup", "now"]);
+    let (ok, b, err) = cluster.admin_json(1, &["backup", "now"]);
     assert!(ok, "{err}");
     let b_id = b["id"].as_str().unwrap().to_string();
-    let (ok, shipped, err) = admin_json(&cluster, 1, &["backup", "ship-now", &b_id]);
+    let (ok, shipped, err) = cluster.admin_json(1, &["backup", "ship-now", &b_id]);
     assert!(ok, "ship-now: {err}");
     assert_eq!(shipped["drill"]["passed"], true, "{shipped}");
     let b_taken = shipped["taken_at_ms"].as_i64().unwrap();
@@ -215,7 +199,7 @@ async fn a_shipped_copy_is_read_back_and_drilled_and_a_damaged_one_fails_by_name
     let at = bytes.len() / 3;
     bytes[at] ^= 0x20;
     std::fs::write(&largest, bytes).unwrap();
-    let (ok, drilled, _) = admin_json(&cluster, 0, &["backup", "drill", &b_id]);
+    let (ok, drilled, _) = cluster.admin_json(0, &["backup", "drill", &b_id]);
     assert!(!ok, "a damaged copy's drill must fail (exit non-zero)");
     let problem = drilled["drill"]["problem"]
         .as_str()
@@ -239,7 +223,7 @@ async fn a_shipped_copy_is_read_back_and_drilled_and_a_damaged_one_fails_by_name
 
     // An object deleted from the first copy: named too.
     std::fs::remove_file(offsite.path().join(&a.id).join("keyring.json")).unwrap();
-    let (ok, drilled, _) = admin_json(&cluster, 2, &["backup", "drill", &a.id]);
+    let (ok, drilled, _) = cluster.admin_json(2, &["backup", "drill", &a.id]);
     assert!(!ok);
     let problem = drilled["drill"]["problem"].as_str().unwrap_or_default();
     assert!(
@@ -380,7 +364,7 @@ async fn shipping_to_s3_reads_back_alerts_while_the_store_is_down_and_resumes_on
         1.0,
         "every node raises the alert"
     );
-    let (ok, _, err) = admin_json(&cluster, 0, &["backup", "ship-now"]);
+    let (ok, _, err) = cluster.admin_json(0, &["backup", "ship-now"]);
     assert!(!ok && err.contains("OFFSITE_UNAVAILABLE"), "{err}");
     let l = wait_backups(&cluster, 0, Duration::from_secs(60), "backups while down", |l| {
         l.backups.iter().filter(|b| b.shipped.is_none()).count() >= 4
