@@ -9,6 +9,8 @@ mod client;
 mod devcerts;
 mod mail;
 mod output;
+mod progress;
+mod restore;
 mod status;
 
 pub use output::Output;

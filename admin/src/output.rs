@@ -96,6 +96,16 @@ pub fn policy_diff(before: &IdentityPolicy, after: &IdentityPolicy) -> Vec<Strin
     out
 }
 
+/// A byte count for people (`1.5 MiB`).
+pub fn size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use mailvault_proto::v1::TenantRoles;

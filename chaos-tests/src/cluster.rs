@@ -46,6 +46,11 @@ pub struct ClusterOptions {
     /// TOML lines for every node's `[backup]` table (each ends in `\n`);
     /// empty: the node's defaults (one backup an hour, which no test waits for).
     pub backup: String,
+    /// The master key as 64 hex characters; empty: a random one.
+    pub master_key: String,
+    /// Start the nodes (else only their directories and configs are made,
+    /// e.g. for a restore into them; then [`Cluster::start_all`]).
+    pub start_nodes: bool,
 }
 
 impl Default for ClusterOptions {
@@ -63,6 +68,8 @@ impl Default for ClusterOptions {
                 .map(|s| s.replace("\\n", "\n"))
                 .unwrap_or_default(),
             backup: String::new(),
+            master_key: String::new(),
+            start_nodes: true,
         }
     }
 }
@@ -159,9 +166,14 @@ impl Cluster {
             .tempdir()
             .expect("tempdir");
         let key = dir.path().join("master.key");
-        let mut hex = [0u8; 32];
-        getrandom::fill(&mut hex).expect("random");
-        let hex: String = hex.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = match opts.master_key.is_empty() {
+            false => opts.master_key.clone(),
+            true => {
+                let mut hex = [0u8; 32];
+                getrandom::fill(&mut hex).expect("random");
+                hex.iter().map(|b| format!("{b:02x}")).collect()
+            }
+        };
         std::fs::write(&key, hex).expect("write key");
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -237,12 +249,30 @@ impl Cluster {
                 c.set_clock(i, "+0");
             }
         }
-        for i in 0..c.nodes.len() {
-            c.start_node(i);
+        if !opts.start_nodes {
+            return c;
         }
-        c.wait_for_leader(Duration::from_secs(30)).await;
+        c.start_all().await;
         c.grant(FRONTEND, "*", "tenant-admin").await;
         c
+    }
+
+    /// Starts every node and waits until the cluster has a leader.
+    pub async fn start_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.start_node(i);
+        }
+        self.wait_for_leader(Duration::from_secs(30)).await;
+    }
+
+    /// The master key file every node reads.
+    pub fn master_key_file(&self) -> PathBuf {
+        self.dir.path().join("master.key")
+    }
+
+    /// Node `i`'s config file.
+    pub fn config_file(&self, i: usize) -> PathBuf {
+        self.nodes[i].dir.join("node.toml")
     }
 
     /// Grants `identity` a tenant role, through node 0 as the admin.
@@ -264,6 +294,26 @@ impl Cluster {
         })
         .await
         .expect("grant");
+        self.wait_all_applied().await;
+    }
+
+    /// Grants `identity` a cluster role (`operator`, `auditor`), through
+    /// node 0 as the admin, and waits until every node applied it.
+    pub async fn grant_cluster_role(&self, identity: &str, role: &str) {
+        use mailvault_proto::v1::{role, GrantRequest, Role};
+        let a = self.admin(0).await;
+        let req = GrantRequest {
+            identity: identity.into(),
+            role: Some(Role {
+                role: Some(role::Role::Cluster(role.into())),
+            }),
+        };
+        crate::client::retry(Duration::from_secs(20), || {
+            let (mut a, req) = (a.access.clone(), req.clone());
+            async move { a.grant(req).await }
+        })
+        .await
+        .expect("grant a cluster role");
         self.wait_all_applied().await;
     }
 

@@ -358,16 +358,7 @@ async fn a_listing_with_one_damaged_message_returns_the_rest_and_the_damaged_one
         Some(2.0)
     );
     assert!(damaged_on(&cluster, 0).await.is_empty());
-    let mut grant = cluster.admin(0).await.access;
-    grant
-        .grant(mailvault_proto::v1::GrantRequest {
-            identity: "auditor".into(),
-            role: Some(mailvault_proto::v1::Role {
-                role: Some(mailvault_proto::v1::role::Role::Cluster("auditor".into())),
-            }),
-        })
-        .await
-        .unwrap();
+    cluster.grant_cluster_role("auditor", "auditor").await;
     let audit = cluster.admin_as(0, "auditor").await.audit;
     let records = retry(Duration::from_secs(20), || {
         let mut a = audit.clone();

@@ -90,16 +90,7 @@ async fn a_shipped_copy_is_read_back_and_drilled_and_a_damaged_one_fails_by_name
     .await;
     // One message of 12 MiB: its blob file goes up in parts.
     fill(&cluster, 12 << 20).await;
-    let mut access = cluster.admin(0).await.access;
-    access
-        .grant(GrantRequest {
-            identity: "auditor".into(),
-            role: Some(Role {
-                role: Some(role::Role::Cluster("auditor".into())),
-            }),
-        })
-        .await
-        .unwrap();
+    cluster.grant_cluster_role("auditor", "auditor").await;
 
     // The first backup is shipped at once and drilled.
     let a = take(&cluster).await;

@@ -62,15 +62,7 @@ async fn setup() -> Cluster {
     for t in ["acme", "globex"] {
         create_tenant_and_mailbox(&cluster, 0, t, "inbox").await;
     }
-    let mut a = cluster.admin(0).await.access;
-    a.grant(GrantRequest {
-        identity: "auditor".into(),
-        role: Some(Role {
-            role: Some(role::Role::Cluster("auditor".into())),
-        }),
-    })
-    .await
-    .unwrap();
+    cluster.grant_cluster_role("auditor", "auditor").await;
     cluster
 }
 

@@ -5,6 +5,62 @@ RUN_DIR="${MAILVAULT_RUN_DIR:-$ROOT/deploy/local/run}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mailvault-target}"
 BIN_DIR="$CARGO_TARGET_DIR/debug"
 
+# Writes RUN/node$3.toml: node $3 of a local cluster whose ports are
+# 71$2$3 (client), 72$2$3 (raft), 73$2$3 (ops), with master key $4 and the
+# development certificates in $5.
+write_node_config() {
+  local run=$1 base=$2 i=$3 key=$4 certs=$5 members="" roles=(active standby backup)
+  for n in 1 2 3; do
+    members+="[members.$n]
+role = \"${roles[$((n-1))]}\"
+client_addr = \"127.0.0.1:71$base$n\"
+raft_addr = \"127.0.0.1:72$base$n\"
+ops_addr = \"127.0.0.1:73$base$n\"
+
+"
+  done
+  cat >"$run/node$i.toml" <<TOML
+node_id = $i
+data_dir = "$run/node$i"
+client_listen = "127.0.0.1:71$base$i"
+raft_listen = "127.0.0.1:72$base$i"
+ops_listen = "127.0.0.1:73$base$i"
+master_key_file = "$key"
+
+[tls]
+ca_file = "$certs/ca.pem"
+cert_file = "$certs/node-$i.pem"
+key_file = "$certs/node-$i.key"
+
+[access]
+operators = ["admin"]
+
+$members
+TOML
+}
+
+# Starts node $2 of the cluster in $1 in the background (pid and log there).
+start_node() {
+  nohup "$BIN_DIR/mailvault-node" --config "$1/node$2.toml" >"$1/node$2.log" 2>&1 &
+  echo $! >"$1/node$2.pid"
+}
+
+# Waits until the three nodes of the cluster in $1 (ports 73$2N) are ready.
+wait_healthy() {
+  echo "waiting for the cluster to elect a leader..." >&2
+  local healthy=0
+  for _ in $(seq 1 60); do
+    healthy=0
+    for i in 1 2 3; do
+      curl -fs "http://127.0.0.1:73$2$i/readyz" >/dev/null 2>&1 && healthy=$((healthy+1))
+    done
+    [ "$healthy" = 3 ] && return 0
+    sleep 1
+  done
+  echo "error: cluster not healthy after 60s; logs in $1/node*.log" >&2
+  exit 1
+}
+
 # Installs what a fresh Debian machine lacks to build mailvault.
 ensure_prerequisites() {
   local missing=()

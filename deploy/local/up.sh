@@ -27,57 +27,15 @@ if [ ! -f "$CERTS/ca.pem" ]; then
     --client admin --client auditor --client frontend --client reader >&2
 fi
 
-members=""
-roles=(active standby backup)
-for i in 1 2 3; do
-  members+="[members.$i]
-role = \"${roles[$((i-1))]}\"
-client_addr = \"127.0.0.1:710$i\"
-raft_addr = \"127.0.0.1:720$i\"
-ops_addr = \"127.0.0.1:730$i\"
-
-"
-done
 for i in 1 2 3; do
   if [ -f "$RUN_DIR/node$i.pid" ] && kill -0 "$(cat "$RUN_DIR/node$i.pid")" 2>/dev/null; then
     echo "node $i already running" >&2
     continue
   fi
-  cat >"$RUN_DIR/node$i.toml" <<TOML
-node_id = $i
-data_dir = "$RUN_DIR/node$i"
-client_listen = "127.0.0.1:710$i"
-raft_listen = "127.0.0.1:720$i"
-ops_listen = "127.0.0.1:730$i"
-master_key_file = "$KEY"
-
-[tls]
-ca_file = "$CERTS/ca.pem"
-cert_file = "$CERTS/node-$i.pem"
-key_file = "$CERTS/node-$i.key"
-
-[access]
-operators = ["admin"]
-
-$members
-TOML
-  nohup "$BIN_DIR/mailvault-node" --config "$RUN_DIR/node$i.toml" >"$RUN_DIR/node$i.log" 2>&1 &
-  echo $! >"$RUN_DIR/node$i.pid"
+  write_node_config "$RUN_DIR" 0 "$i" "$KEY" "$CERTS"
+  start_node "$RUN_DIR" "$i"
 done
-
-echo "waiting for the cluster to elect a leader..." >&2
-for _ in $(seq 1 60); do
-  healthy=0
-  for i in 1 2 3; do
-    curl -fs "http://127.0.0.1:730$i/readyz" >/dev/null 2>&1 && healthy=$((healthy+1))
-  done
-  [ "$healthy" = 3 ] && break
-  sleep 1
-done
-if [ "$healthy" != 3 ]; then
-  echo "error: cluster not healthy after 60s; logs in $RUN_DIR/node*.log" >&2
-  exit 1
-fi
+wait_healthy "$RUN_DIR" 0
 as_admin=(--ca "$CERTS/ca.pem" --cert "$CERTS/client-admin.pem" --key "$CERTS/client-admin.key")
 "$BIN_DIR/mailvault-admin" "${as_admin[@]}" --endpoint 127.0.0.1:7101 status
 cat <<MSG

@@ -223,6 +223,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         audit: audit.clone(),
         reader: reader.clone(),
         offsite,
+        pause_backup: test_modes
+            .pause_backup
+            .then(|| config.data_dir.join(crate::test_modes::PAUSE_BACKUP_FILE)),
     });
     let (b, r) = (backups.clone(), reads.clone());
     workers.spawn("backup-schedule", Kind::Background, async move {

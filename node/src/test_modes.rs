@@ -31,6 +31,11 @@ pub struct TestModes {
     /// [`SLOW_LEADER_SYNC`] first, so tests can see what waits for the
     /// leader's own copy to be on disk (`store::durability`). Slow, not unsafe.
     pub slow_leader_sync: bool,
+    /// While the file [`PAUSE_BACKUP_FILE`] exists in the node's data
+    /// directory, a backup being taken waits before its manifest is written
+    /// (its files all in `incoming-*`), so a test can kill the node in the
+    /// middle of a backup. Slow, not unsafe.
+    pub pause_backup: bool,
 }
 
 /// How long `slow-leader-sync` holds back each sync of a leader's appends.
@@ -38,6 +43,9 @@ pub const SLOW_LEADER_SYNC: std::time::Duration = std::time::Duration::from_secs
 
 /// The file in a node's data directory that turns `slow-leader-sync` on.
 pub const SLOW_LEADER_SYNC_FILE: &str = "slow-leader-sync";
+
+/// The file in a node's data directory that holds `pause-backup` backups.
+pub const PAUSE_BACKUP_FILE: &str = "pause-backup";
 
 /// The names of the modes this build can enable.
 #[cfg(feature = "test-modes")]
@@ -47,6 +55,7 @@ const KNOWN: &[&str] = &[
     "stale-reads",
     "plaintext",
     "slow-leader-sync",
+    "pause-backup",
 ];
 #[cfg(not(feature = "test-modes"))]
 const KNOWN: &[&str] = &[];
@@ -90,6 +99,7 @@ impl TestModes {
             "stale-reads" => self.stale_reads = true,
             "plaintext" => self.plaintext = true,
             "slow-leader-sync" => self.slow_leader_sync = true,
+            "pause-backup" => self.pause_backup = true,
             other => return Err(TestModeError::Unknown(other.to_string())),
         }
         Ok(())

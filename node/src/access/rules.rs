@@ -106,6 +106,7 @@ const RULES: &[(&str, &str, Rule)] = &[
     (backups_server::SERVICE_NAME, "VerifyBackup", OPERATOR),
     (backups_server::SERVICE_NAME, "ShipBackup", OPERATOR),
     (backups_server::SERVICE_NAME, "DrillBackup", OPERATOR),
+    (backups_server::SERVICE_NAME, "RestoreMailbox", OPERATOR),
 ];
 
 /// The rule for a gRPC path (`/package.Service/Method`), if it has one.

@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::operator::record;
-use crate::backups::{OffsiteError, ShipError, TakeError};
+use crate::backups::{MailboxRestore, MailboxRestoreError, OffsiteError, ShipError, TakeError};
 use crate::ctx::Ctx;
 use crate::error::{self, ApiError, Reason};
 use crate::forward::{forwarded, principal_of, FORWARDED};
@@ -138,6 +138,21 @@ fn ship_error(e: ShipError) -> Status {
         _ => Reason::BackupFailed,
     };
     ApiError::new(reason, e.to_string()).into()
+}
+
+/// A failed mailbox restore as the caller sees it.
+fn restore_error(e: MailboxRestoreError) -> Status {
+    match e {
+        MailboxRestoreError::Refused(r) => error::refusal(r).into(),
+        MailboxRestoreError::NotInBackup { .. } => ApiError::new(Reason::MailboxNotFound, e.to_string())
+            .with("in", "backup")
+            .into(),
+        MailboxRestoreError::Write(..) => ApiError::new(Reason::WriteOutcomeUnknown, e.to_string()).into(),
+        MailboxRestoreError::Live(_) => ApiError::new(Reason::InternalError, e.to_string()).into(),
+        MailboxRestoreError::Backup(_) | MailboxRestoreError::Damaged { .. } => {
+            ApiError::new(Reason::BackupFailed, e.to_string()).into()
+        }
+    }
 }
 
 /// The catalog record as the API shows it.
@@ -270,6 +285,8 @@ impl Backups for BackupsService {
         let p = principal_of(&req);
         record(&self.ctx, p.as_ref(), "TakeBackup", "-".into()).await?;
         let who = p.as_ref().map(|p| p.identity.as_str()).unwrap_or("-");
+        // Everything acknowledged before the call is in the backup.
+        self.ctx.read_barrier().await?;
         let entry = self
             .ctx
             .backups
@@ -390,6 +407,79 @@ impl Backups for BackupsService {
         Ok(Response::new(ShipBackupResponse {
             backup: Some(backup_message(&rec)),
         }))
+    }
+
+    async fn restore_mailbox(
+        &self,
+        req: Request<RestoreMailboxRequest>,
+    ) -> Result<Response<RestoreMailboxResponse>, Status> {
+        {
+            let r = req.get_ref();
+            crate::names::tenant(&r.tenant).map_err(error::name)?;
+            crate::names::mailbox(&r.mailbox).map_err(error::name)?;
+            crate::names::mailbox(&r.new_mailbox).map_err(error::name)?;
+        }
+        let rec = match self
+            .held(&req, &req.get_ref().backup_id, "RestoreMailbox")
+            .await?
+        {
+            Held::Here(rec) => rec,
+            Held::There(mut c, node) => {
+                let p = principal_of(&req);
+                return c
+                    .restore_mailbox(forwarded(req.into_inner(), p.as_ref()))
+                    .await
+                    .map_err(|s| error::from_backup_node(s, node));
+            }
+        };
+        let who = principal_of(&req)
+            .map(|p| p.identity)
+            .unwrap_or_else(|| "-".into());
+        let r = req.into_inner();
+        let job = MailboxRestore {
+            backup: rec.entry.id.clone(),
+            tenant: r.tenant,
+            mailbox: r.mailbox,
+            new_mailbox: r.new_mailbox,
+            resume: r.resume,
+        };
+        let target = format!(
+            "{}/{} from {} as {}/{}",
+            job.tenant, job.mailbox, job.backup, job.tenant, job.new_mailbox
+        );
+        match self.ctx.backups.restore_mailbox(&job).await {
+            Ok(done) => {
+                tracing::info!(backup = %job.backup, messages = done.messages, skipped = done.skipped, took_ms = done.took_ms, "mailbox restored from a backup");
+                self.ctx
+                    .backups
+                    .audit_event(
+                        "backup-restore-mailbox",
+                        &target,
+                        &format!(
+                            "restored (asked by {who}): {} messages, {} bytes, {} already there, {} ms",
+                            done.messages, done.bytes, done.skipped, done.took_ms
+                        ),
+                    )
+                    .await;
+                Ok(Response::new(RestoreMailboxResponse {
+                    backup: Some(backup_message(&rec)),
+                    messages: done.messages,
+                    skipped: done.skipped,
+                    bytes: done.bytes,
+                    uidvalidity: done.uidvalidity,
+                    took_ms: done.took_ms,
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(backup = %job.backup, problem = %e, "a mailbox restore failed");
+                metrics::counter!("mailvault_backup_mailbox_restore_failures_total").increment(1);
+                self.ctx
+                    .backups
+                    .audit_event("backup-restore-mailbox-failed", &target, &e.to_string())
+                    .await;
+                Err(restore_error(e))
+            }
+        }
     }
 
     async fn drill_backup(

@@ -11,7 +11,9 @@
 //! (`offsite.rs`, `ship.rs`) and drills its restore.
 
 pub mod duty;
+mod mailbox;
 pub mod offsite;
+pub mod restore;
 mod schedule;
 mod ship;
 
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 use mailvault_proto::raft::RaftPayload;
 
 pub use self::duty::{decide, Duty, DutyView};
+pub use self::mailbox::{MailboxRestore, MailboxRestoreError, MailboxRestored};
 pub use self::offsite::{Offsite, OffsiteError};
 pub use self::schedule::run_schedule;
 pub use self::ship::{summarize, OffsiteSummary, ShipError};
@@ -109,6 +112,8 @@ pub struct BackupsParts {
     pub reader: MailReader,
     /// The off-site store.
     pub offsite: Offsite,
+    /// The `pause-backup` test mode's file (`None` in production).
+    pub pause_backup: Option<PathBuf>,
 }
 
 impl Backups {
@@ -274,6 +279,7 @@ impl Backups {
             self.inner.p.root.clone(),
         );
         let (cluster, node) = (self.inner.p.cluster.clone(), self.inner.p.id);
+        let pause = self.inner.p.pause_backup.clone();
         let (manifest, dir) = blocking(move || {
             let (manifest, dir) = disk::take(
                 &state,
@@ -282,6 +288,7 @@ impl Backups {
                 Taker {
                     cluster: &cluster,
                     node,
+                    pause_while: pause.as_deref(),
                 },
             )?;
             // A backup counts once it verified as a reader would check it.

@@ -57,6 +57,22 @@ pub enum OffsiteError {
     Manifest(#[from] BackupError),
 }
 
+/// Told how far a long transfer or restore step has come (the CLI draws
+/// it as a progress bar; the node tells nobody).
+pub trait Progress: Send + Sync {
+    /// A step of `total` bytes begins.
+    fn begin(&self, _step: &str, _total: u64) {}
+    /// `bytes` more are done.
+    fn advance(&self, _bytes: u64) {}
+    /// The step ended.
+    fn end(&self) {}
+}
+
+/// Progress nobody watches.
+pub struct Quiet;
+
+impl Progress for Quiet {}
+
 /// An opened off-site store.
 #[derive(Clone)]
 pub struct Offsite {
@@ -257,7 +273,20 @@ impl Offsite {
     /// Downloads the copy into `into` (a directory named by its id), each
     /// object streamed to its file; checks nothing (the drill does).
     pub async fn download(&self, id: &str, keyring: &Keyring, into: &FsPath) -> Result<(), OffsiteError> {
+        self.download_with(id, keyring, into, &Quiet).await.map(|_| ())
+    }
+
+    /// [`Self::download`], telling `progress` the bytes as they arrive;
+    /// returns the copy's manifest (authenticated, files not yet checked).
+    pub async fn download_with(
+        &self,
+        id: &str,
+        keyring: &Keyring,
+        into: &FsPath,
+        progress: &dyn Progress,
+    ) -> Result<BackupManifest, OffsiteError> {
         let manifest = self.manifest(id, keyring).await?;
+        progress.begin("download", manifest.files.iter().map(|f| f.bytes).sum());
         tokio::fs::create_dir_all(into).await?;
         for path in manifest
             .files
@@ -280,12 +309,14 @@ impl Offsite {
             let mut out = tokio::fs::File::create(&target).await?;
             let mut stream = got.into_stream();
             while let Some(part) = stream.next().await {
-                out.write_all(&part.map_err(|e| self.store_error(&key, e))?)
-                    .await?;
+                let part = part.map_err(|e| self.store_error(&key, e))?;
+                out.write_all(&part).await?;
+                progress.advance(part.len() as u64);
             }
             out.flush().await?;
         }
-        Ok(())
+        progress.end();
+        Ok(manifest)
     }
 
     /// Deletes every object of a copy.

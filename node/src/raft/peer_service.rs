@@ -186,6 +186,28 @@ impl RaftPeer for PeerService {
         reply(&result)
     }
 
+    async fn propose_restored(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let command: Command = decode_req(req)?;
+        if !matches!(
+            command,
+            Command::CreateMailbox { .. }
+                | Command::PutChunk { .. }
+                | Command::Append { .. }
+                | Command::DropBlob { .. }
+        ) {
+            return Err(error::invalid(
+                "only the mail commands of a mailbox restore are proposed for a peer",
+            )
+            .into());
+        }
+        let result = self
+            .proposer
+            .propose(command)
+            .await
+            .map_err(crate::error::propose)?;
+        reply(&result)
+    }
+
     async fn campaign(&self, _req: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {
         tracing::info!("asked by the leader to campaign (leadership placement)");
         self.raft

@@ -193,6 +193,9 @@ pub struct Taker<'a> {
     pub cluster: &'a str,
     /// This node's id.
     pub node: u64,
+    /// While this file exists, wait before the manifest is written (the
+    /// `pause-backup` test mode; `None` in production).
+    pub pause_while: Option<&'a Path>,
 }
 
 /// Takes a backup of the live state into a new directory under `root`;
@@ -354,6 +357,9 @@ fn take_into(
         }
     }
     sync_dir(&data)?;
+    while by.pause_while.is_some_and(|f| f.exists()) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     // Last: without it there is no backup.
     let tmp = staged.join("manifest.json.tmp");
     write_synced(
@@ -459,7 +465,7 @@ pub fn verify(dir: &Path, keyring: &Keyring) -> Result<BackupManifest, BackupErr
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::crypto::{test_keyring, MasterKey};
     use crate::state::command::Command;
@@ -468,7 +474,7 @@ mod tests {
     const SECRET_BODY: &[u8] = b"SECRET-BODY-MARKER-in-a-chunk-of-mail";
 
     /// A state with a tenant, a mailbox and a large chunk, applied for real.
-    fn state(dir: &Path) -> StateDb {
+    pub(in crate::store) fn state(dir: &Path) -> StateDb {
         let stores = crate::store::open(dir).unwrap();
         super::super::data_version::upgrade(&stores.state.get(), test_keyring()).unwrap();
         let db = stores.state.get();
@@ -508,10 +514,11 @@ mod tests {
         stores.state
     }
 
-    fn by() -> Taker<'static> {
+    pub(in crate::store) fn by() -> Taker<'static> {
         Taker {
             cluster: "test-cluster",
             node: 3,
+            pause_while: None,
         }
     }
 

@@ -31,7 +31,7 @@ use crate::state::codec::{decode, encode};
 use crate::state::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
 use crate::workers::{Kind, Supervisor};
 
-const KEY_VOTE: &[u8] = b"vote";
+pub(super) const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_PURGED: &[u8] = b"last_purged";
 
@@ -61,7 +61,10 @@ enum Flush {
 }
 
 /// Reads and decodes one Raft metadata value.
-fn read_meta<T: for<'a> serde::Deserialize<'a>>(db: &Db, key: &[u8]) -> Result<Option<T>, StorageError> {
+pub(super) fn read_meta<T: for<'a> serde::Deserialize<'a>>(
+    db: &Db,
+    key: &[u8],
+) -> Result<Option<T>, StorageError> {
     let cf = db.cf_handle(CF_META).expect("meta column family");
     let v = db
         .get_cf(cf, key)

@@ -13,6 +13,7 @@ mod layout;
 mod log_cache;
 mod log_store;
 mod reader;
+pub mod restore;
 mod snapshot;
 mod state_db;
 mod state_machine;
@@ -23,7 +24,7 @@ pub use durability::Durability;
 pub use layout::{open, open_state_dir, open_state_dir_read_only, LayoutError, Stores};
 pub use log_store::LogStore;
 pub use reader::{MailReader, ReadError, StoredMessage};
-pub use state_db::StateDb;
+pub use state_db::{open_state_read_only_at, StateDb};
 pub use state_machine::{SnapshotExtent, StateMachine};
 
 /// For offline tools on a stopped node's data directory: the log index its

@@ -1,0 +1,618 @@
+//! Restore, from the outside: `mailvault-admin backup restore` builds a new
+//! 3-node cluster from a backup taken under a steady write load, and the new
+//! cluster serves every message acknowledged before the backup was asked
+//! for, byte-exact, with the same UIDs, MODSEQs, flags and claims; a copy
+//! that is damaged, edited, missing an object or of another master key is
+//! refused with nothing written; one mailbox expunged by mistake comes back
+//! under a new name with `backup restore-mailbox`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mailvault_chaos::*;
+use mailvault_proto::v1::*;
+
+const T: &str = "acme";
+const M: &str = "support";
+
+/// An append the writer saw acknowledged.
+#[derive(Debug, Clone)]
+struct Acked {
+    uid: u32,
+    modseq: u64,
+    body: Vec<u8>,
+    /// Acknowledged before the backup was asked for.
+    before: bool,
+}
+
+fn body(n: usize) -> Vec<u8> {
+    // Every 25th message spans three chunks (1 MiB each).
+    let size = if n.is_multiple_of(25) {
+        (2 << 20) + 12_345
+    } else {
+        1500 + n * 37
+    };
+    test_message(
+        &format!("Restore subject {n}"),
+        "cust@example.org",
+        &format!("RESTORE-BODY-{n}"),
+        size,
+    )
+}
+
+async fn take(cluster: &Cluster) -> Backup {
+    let b = cluster.admin(0).await.backups;
+    retry(Duration::from_secs(60), || {
+        let mut b = b.clone();
+        async move { b.take_backup(TakeBackupRequest {}).await }
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .backup
+    .unwrap()
+}
+
+async fn manifest(cluster: &Cluster, id: &str) -> mailvault_proto::v1::BackupManifest {
+    let mut b = cluster.admin(0).await.backups;
+    b.show_backup(ShowBackupRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .manifest
+        .unwrap()
+}
+
+/// `mailvault-admin backup restore … --output json` (offline: no node).
+fn restore(from: &str, backup: &str, configs: &[PathBuf]) -> (bool, serde_json::Value, String) {
+    let mut cmd = std::process::Command::new(admin_binary());
+    cmd.args([
+        "--output", "json", "backup", "restore", "--from", from, "--backup", backup,
+    ]);
+    for c in configs {
+        cmd.arg("--config").arg(c);
+    }
+    let out = cmd.output().expect("run mailvault-admin");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (
+        out.status.success(),
+        serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null),
+        stderr,
+    )
+}
+
+fn configs(c: &Cluster) -> Vec<PathBuf> {
+    (0..c.len()).map(|i| c.config_file(i)).collect()
+}
+
+/// Nothing of a refused restore is left: no data directory, no half-written
+/// one beside it, no scratch.
+fn nothing_written(c: &Cluster) {
+    for i in 0..c.len() {
+        let dir = c.data_dir(i);
+        let siblings: Vec<String> = std::fs::read_dir(dir.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("data"))
+            .collect();
+        assert!(siblings.is_empty(), "node {}: {siblings:?} written", i + 1);
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(e.file_name());
+        match e.path().is_dir() {
+            true => copy_tree(&e.path(), &target),
+            false => {
+                std::fs::copy(e.path(), target).unwrap();
+            }
+        }
+    }
+}
+
+async fn summaries(
+    c: &mut mailvault_proto::v1::mailbox_client::MailboxClient<tonic::transport::Channel>,
+    mailbox: &str,
+) -> BTreeMap<u32, MessageSummary> {
+    let all = retry(Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { list_all(&mut c, T, mailbox).await }
+    })
+    .await
+    .unwrap();
+    all.into_iter().map(|m| (m.uid, m)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_under_load_restores_into_a_new_cluster_byte_exact() {
+    let offsite = tempfile::tempdir().unwrap();
+    let old = Cluster::start(ClusterOptions {
+        backup: format!("offsite = \"file://{}\"\n", offsite.path().display()),
+        ..Default::default()
+    })
+    .await;
+    create_tenant_and_mailbox(&old, 0, T, M).await;
+    // The access policy is part of the state: the restored cluster has this grant.
+    old.grant_cluster_role("auditor", "auditor").await;
+    let mut c = old.mailbox(0).await;
+    // Flags, keywords and a claim, set before the load.
+    for n in 1..=4 {
+        append(&mut c, T, M, &format!("pre-{n}"), &body(n + 1000))
+            .await
+            .unwrap();
+    }
+    c.update_flags(UpdateFlagsRequest {
+        tenant: T.into(),
+        mailbox: M.into(),
+        uid: 2,
+        add: vec!["\\Seen".into(), "$Escalated".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.claim_message(ClaimMessageRequest {
+        tenant: T.into(),
+        mailbox: M.into(),
+        uid: 3,
+        agent: "agent-7".into(),
+    })
+    .await
+    .unwrap();
+
+    // A steady writer, bounded in count and time.
+    let asked = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<BTreeMap<String, Acked>>> = Arc::default();
+    let writer = {
+        let (asked, stop, acked, mut c) = (asked.clone(), stop.clone(), acked.clone(), c.clone());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            for n in 0..400 {
+                if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
+                    break;
+                }
+                let key = format!("load-{n}");
+                let b = body(n);
+                if let Ok(r) = append(&mut c, T, M, &key, &b).await {
+                    let before = !asked.load(Ordering::SeqCst);
+                    acked.lock().unwrap().insert(
+                        key,
+                        Acked {
+                            uid: r.uid,
+                            modseq: r.modseq,
+                            body: b,
+                            before,
+                        },
+                    );
+                }
+            }
+        })
+    };
+    while acked.lock().unwrap().len() < 40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    asked.store(true, Ordering::SeqCst);
+    let backup = take(&old).await;
+    // The load goes on a while after the backup.
+    let after = acked.lock().unwrap().len() + 20;
+    while acked.lock().unwrap().len() < after {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    writer.await.unwrap();
+    // The first backup ships at once and is drilled.
+    wait_backups(
+        &old,
+        0,
+        Duration::from_secs(180),
+        "the backup shipped and drilled",
+        |l| {
+            l.backups
+                .iter()
+                .any(|b| b.id == backup.id && b.drill.as_ref().is_some_and(|d| d.passed))
+        },
+    )
+    .await;
+    let m = manifest(&old, &backup.id).await;
+    let acked = acked.lock().unwrap().clone();
+    let before = acked.values().filter(|a| a.before).count();
+    assert!(
+        before >= 40 && acked.len() > before,
+        "{before} of {} acknowledged before",
+        acked.len()
+    );
+    let mut oc = old.mailbox(0).await;
+    let old_box = summaries(&mut oc, M).await;
+
+    // The new cluster: same master key, its own addresses and certificates.
+    let key = std::fs::read_to_string(old.master_key_file()).unwrap();
+    let mut new = Cluster::start(ClusterOptions {
+        master_key: key.trim().to_string(),
+        start_nodes: false,
+        ..Default::default()
+    })
+    .await;
+    let from = format!("file://{}", offsite.path().display());
+    let (ok, doc, err) = restore(&from, &backup.id, &configs(&new));
+    assert!(ok, "restore failed: {err}");
+    assert_eq!(doc["backup"], backup.id.as_str());
+    assert_eq!(doc["applied_index"], backup.applied_index);
+    assert_eq!(doc["manifest_state_digest"], m.state_digest.as_str(), "{doc}");
+    assert_eq!(doc["checks"]["state_digest"], "equal to the manifest's");
+    assert_eq!(doc["nodes"].as_array().unwrap().len(), 3);
+    for s in ["RESTORE-BODY", "cust@example.org", "Restore subject"] {
+        assert!(
+            !err.contains(s) && !doc.to_string().contains(s),
+            "content in the restore's output"
+        );
+    }
+    // A second restore into the written directories is refused.
+    let (ok, _, err) = restore(&from, &backup.id, &configs(&new));
+    assert!(!ok && err.contains("is not empty"), "{err}");
+
+    new.start_all().await;
+    let mut nc = new.mailbox(0).await;
+    let restored = summaries(&mut nc, M).await;
+    // Every message acknowledged before the backup was asked for is there,
+    // byte-exact, at its UID and MODSEQ.
+    for (key, a) in &acked {
+        let got = restored.get(&a.uid);
+        if !a.before && got.is_none() {
+            continue;
+        }
+        let got =
+            got.unwrap_or_else(|| panic!("{key} (uid {}) acknowledged before the backup is missing", a.uid));
+        assert_eq!(got.modseq, a.modseq, "{key}");
+        let (_, bytes) = fetch(&mut nc, T, M, a.uid).await.unwrap();
+        assert!(bytes == a.body, "{key}: the body differs");
+    }
+    // And every restored message is the old cluster's, summary for summary
+    // (flags, keywords, claims, internal dates, sizes, headers).
+    assert!(restored.len() >= before + 4);
+    for (uid, s) in &restored {
+        assert_eq!(Some(s), old_box.get(uid), "uid {uid}");
+    }
+    assert_eq!(restored[&2].flags, ["$Escalated", "\\Seen"]);
+    assert_eq!(restored[&3].claimed_by, "agent-7");
+    // The new cluster goes on from there: a new append gets the next UID
+    // and a higher MODSEQ; its nodes agree.
+    let top_uid = *restored.keys().max().unwrap();
+    let top_modseq = restored.values().map(|s| s.modseq).max().unwrap();
+    let r = retry(Duration::from_secs(20), || {
+        let mut c = nc.clone();
+        async move { append(&mut c, T, M, "after-restore", &body(7)).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(r.uid, top_uid + 1);
+    assert!(r.modseq > top_modseq);
+    new.wait_all_applied().await;
+    let mut digests = Vec::new();
+    for i in 0..3 {
+        let mut a = new.admin(i).await.cluster;
+        let d = a.state_digest(StateDigestRequest {}).await.unwrap().into_inner();
+        digests.push((d.applied_index, d.sha256));
+    }
+    assert!(digests.windows(2).all(|w| w[0] == w[1]), "{digests:?}");
+    // Its audit chain verifies and says where it came from; the old
+    // cluster's backups are not its own.
+    let mut audit = new.admin_as(0, "auditor").await.audit;
+    let v = audit
+        .verify_audit(VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.ok, "{v:?}");
+    let records = audit
+        .list_audit(ListAuditRequest {
+            from_seq: 1,
+            limit: 100_000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert!(
+        records
+            .iter()
+            .any(|r| r.action == "backup-restore" && r.target == backup.id),
+        "no audit record of the restore"
+    );
+    let l = list_backups(&new, 0).await;
+    assert!(l.backups.iter().all(|b| b.id != backup.id), "{:?}", l.backups);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_edited_incomplete_or_foreign_copy_is_refused_with_nothing_written() {
+    let offsite = tempfile::tempdir().unwrap();
+    let old = Cluster::start(ClusterOptions {
+        backup: format!("offsite = \"file://{}\"\n", offsite.path().display()),
+        ..Default::default()
+    })
+    .await;
+    create_tenant_and_mailbox(&old, 0, T, M).await;
+    let mut c = old.mailbox(0).await;
+    for n in 0..5 {
+        append(&mut c, T, M, &format!("k{n}"), &body(n + 1))
+            .await
+            .unwrap();
+    }
+    let backup = take(&old).await;
+    wait_backups(&old, 0, Duration::from_secs(180), "the backup shipped", |l| {
+        l.backups.iter().any(|b| b.id == backup.id && b.shipped.is_some())
+    })
+    .await;
+    let key = std::fs::read_to_string(old.master_key_file()).unwrap();
+    let new = Cluster::start(ClusterOptions {
+        master_key: key.trim().to_string(),
+        start_nodes: false,
+        ..Default::default()
+    })
+    .await;
+    let copy = offsite.path().join(&backup.id);
+    let refused = |store: &Path, want: &str| {
+        let (ok, _, err) = restore(&format!("file://{}", store.display()), &backup.id, &configs(&new));
+        assert!(!ok, "restored from a bad copy ({want})");
+        assert!(err.contains(want), "wanted {want:?} in: {err}");
+        nothing_written(&new);
+        err
+    };
+    let variant = || {
+        let root = tempfile::tempdir().unwrap();
+        copy_tree(&copy, &root.path().join(&backup.id));
+        root
+    };
+    // One field of the manifest edited offline.
+    let edited = variant();
+    let path = edited.path().join(&backup.id).join("manifest.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let changed = text.replacen("\"records\": ", "\"records\": 1", 1);
+    assert_ne!(changed, text);
+    std::fs::write(&path, changed).unwrap();
+    refused(edited.path(), "fails its authentication");
+    // One byte of one data object flipped: named.
+    let flipped = variant();
+    let data = flipped.path().join(&backup.id).join("data");
+    let victim = std::fs::read_dir(&data)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sst" || x == "blob"))
+        .unwrap();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&victim, bytes).unwrap();
+    let name = victim.file_name().unwrap().to_string_lossy().into_owned();
+    let err = refused(flipped.path(), "does not match its checksum");
+    assert!(err.contains(&name), "the damaged object is not named: {err}");
+    // The keyring object missing.
+    let missing = variant();
+    std::fs::remove_file(missing.path().join(&backup.id).join("keyring.json")).unwrap();
+    refused(missing.path(), "keyring.json is missing");
+    // Another master key.
+    let foreign = Cluster::start(ClusterOptions {
+        start_nodes: false,
+        ..Default::default()
+    })
+    .await;
+    let (ok, _, err) = restore(
+        &format!("file://{}", offsite.path().display()),
+        &backup.id,
+        &configs(&foreign),
+    );
+    assert!(!ok && err.contains("master key"), "{err}");
+    nothing_written(&foreign);
+    // A config for only two of the three voters.
+    let (ok, _, err) = restore(
+        &format!("file://{}", offsite.path().display()),
+        &backup.id,
+        &configs(&new)[..2],
+    );
+    assert!(!ok && err.contains("voter 3"), "{err}");
+    nothing_written(&new);
+    // A data directory that holds something.
+    std::fs::create_dir_all(new.data_dir(1)).unwrap();
+    std::fs::write(new.data_dir(1).join("keep"), b"x").unwrap();
+    let (ok, _, err) = restore(
+        &format!("file://{}", offsite.path().display()),
+        &backup.id,
+        &configs(&new),
+    );
+    assert!(!ok && err.contains("is not empty"), "{err}");
+    assert!(!new.data_dir(0).exists() && !new.data_dir(2).exists());
+    assert_eq!(std::fs::read_dir(new.data_dir(1)).unwrap().count(), 1);
+    // The good copy restores (the refusals above were the copies' fault).
+    std::fs::remove_dir_all(new.data_dir(1)).unwrap();
+    let (ok, _, err) = restore(
+        &format!("file://{}", offsite.path().display()),
+        "latest",
+        &configs(&new),
+    );
+    assert!(ok, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_expunged_by_mistake_comes_back_under_a_new_name() {
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    create_tenant_and_mailbox(&cluster, 0, T, M).await;
+    cluster.grant_cluster_role("auditor", "auditor").await;
+    let mut c = cluster.mailbox(0).await;
+    let mut bodies = BTreeMap::new();
+    for n in 0..12 {
+        let b = body(n);
+        let frames = {
+            let header = AppendHeader {
+                tenant: T.into(),
+                mailbox: M.into(),
+                idempotency_key: format!("m{n}"),
+                flags: match n % 3 {
+                    0 => vec!["\\Seen".into()],
+                    1 => vec!["\\Flagged".into(), "$Invoice".into()],
+                    _ => vec![],
+                },
+                internal_date_ms: 1_700_000_000_000 + n as i64 * 86_400_000,
+                size: 0,
+            };
+            mailvault_proto::client::append_frames(header, &b)
+        };
+        let r = c
+            .append_message(tokio_stream::iter(frames))
+            .await
+            .unwrap()
+            .into_inner();
+        bodies.insert(r.uid, b);
+    }
+    let before = summaries(&mut c, M).await;
+    let backup = take(&cluster).await;
+    // Expunged by mistake.
+    let uids: Vec<u32> = before.keys().copied().collect();
+    c.expunge_messages(ExpungeMessagesRequest {
+        tenant: T.into(),
+        mailbox: M.into(),
+        uids,
+    })
+    .await
+    .unwrap();
+    assert!(summaries(&mut c, M).await.is_empty());
+
+    let (ok, doc, err) = cluster.admin_json(
+        0,
+        &[
+            "backup",
+            "restore-mailbox",
+            "latest",
+            "--tenant",
+            T,
+            "--mailbox",
+            M,
+            "--as",
+            "support-restored",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(doc["backup"], backup.id.as_str());
+    assert_eq!(doc["messages"], 12);
+    let restored = summaries(&mut c, "support-restored").await;
+    assert_eq!(restored.len(), before.len());
+    // In UID order, byte-exact, with flags, keywords, internal dates and
+    // headers; new UIDs of the new mailbox.
+    for ((old_uid, was), (new_uid, now)) in before.iter().zip(restored.iter()) {
+        assert_eq!(old_uid, new_uid);
+        assert_eq!(now.flags, was.flags);
+        assert_eq!(now.internal_date_ms, was.internal_date_ms);
+        assert_eq!(
+            (now.size, &now.subject, &now.from),
+            (was.size, &was.subject, &was.from)
+        );
+        let (_, bytes) = fetch(&mut c, T, "support-restored", *new_uid).await.unwrap();
+        assert!(bytes == bodies[old_uid], "uid {old_uid}: the body differs");
+    }
+    // Run again: the mailbox exists (refused), or with --resume nothing is added.
+    let (ok, _, err) = cluster.admin_json(
+        0,
+        &[
+            "backup",
+            "restore-mailbox",
+            &backup.id,
+            "--tenant",
+            T,
+            "--mailbox",
+            M,
+            "--as",
+            "support-restored",
+        ],
+    );
+    assert!(!ok && err.contains("MAILBOX_EXISTS"), "{err}");
+    let (ok, doc, err) = cluster.admin_json(
+        0,
+        &[
+            "backup",
+            "restore-mailbox",
+            &backup.id,
+            "--tenant",
+            T,
+            "--mailbox",
+            M,
+            "--as",
+            "support-restored",
+            "--resume",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        (doc["messages"].as_u64(), doc["skipped"].as_u64()),
+        (Some(0), Some(12))
+    );
+    assert_eq!(summaries(&mut c, "support-restored").await.len(), 12);
+    // A mailbox the backup does not hold; a name that is not one; a front end.
+    let (ok, _, err) = cluster.admin_json(
+        0,
+        &[
+            "backup",
+            "restore-mailbox",
+            &backup.id,
+            "--tenant",
+            T,
+            "--mailbox",
+            "nope",
+            "--as",
+            "x",
+        ],
+    );
+    assert!(
+        !ok && err.contains("MAILBOX_NOT_FOUND") && err.contains("holds no mailbox"),
+        "{err}"
+    );
+    let (ok, _, err) = cluster.admin_json(
+        0,
+        &[
+            "backup",
+            "restore-mailbox",
+            &backup.id,
+            "--tenant",
+            T,
+            "--mailbox",
+            M,
+            "--as",
+            "bad\u{1}name",
+        ],
+    );
+    assert!(!ok && err.contains("INVALID_NAME"), "{err}");
+    let mut as_frontend = cluster.admin_as(0, FRONTEND).await.backups;
+    let e = as_frontend
+        .restore_mailbox(RestoreMailboxRequest {
+            backup_id: backup.id.clone(),
+            tenant: T.into(),
+            mailbox: M.into(),
+            new_mailbox: "y".into(),
+            resume: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    // On record.
+    let mut audit = cluster.admin_as(0, "auditor").await.audit;
+    let records = audit
+        .list_audit(ListAuditRequest {
+            from_seq: 1,
+            limit: 100_000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert!(records
+        .iter()
+        .any(|r| r.action == "backup-restore-mailbox" && r.target.contains("support-restored")));
+    assert!(records
+        .iter()
+        .any(|r| r.action == "backup-restore-mailbox-failed"));
+}
