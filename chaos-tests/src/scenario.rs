@@ -56,11 +56,17 @@ pub enum Fault {
     ClockSkew,
     /// One node's data filesystem full; then space freed and the node restarted.
     DiskFull,
+    /// `kill -9` of the backup node at a random moment of a backup it was
+    /// asked to take (or of the ship and drill that follow it, every second),
+    /// restarted after 0–5 s; afterwards every listed backup and off-site
+    /// copy must verify, nothing half-taken may remain, and the next backup,
+    /// ship and drill must succeed.
+    KillBackup,
 }
 
 impl Fault {
     /// Every fault class.
-    pub const ALL: [Fault; 13] = [
+    pub const ALL: [Fault; 14] = [
         Fault::KillRandom,
         Fault::KillLeader,
         Fault::PauseLeader,
@@ -74,6 +80,7 @@ impl Fault {
         Fault::PowerLossAll,
         Fault::ClockSkew,
         Fault::DiskFull,
+        Fault::KillBackup,
     ];
 
     /// A short name, for tables and file names.
@@ -92,6 +99,7 @@ impl Fault {
             Fault::PowerLossAll => "power-loss-all",
             Fault::ClockSkew => "clock-skew",
             Fault::DiskFull => "disk-full",
+            Fault::KillBackup => "kill-backup",
         }
     }
 
@@ -551,6 +559,32 @@ async fn inject(cluster: &mut Cluster, net: Option<&Net>, fault: Fault, rng: &mu
             rec.fault(format!("restart node {}", victim + 1));
             cluster.start_node(victim);
         }
+        Fault::KillBackup => {
+            // Node 3 is the backup node (the last node of a smaller cluster).
+            let victim = 2.min(n - 1);
+            let mut b = cluster.admin(0).await.backups;
+            let asked = tokio::spawn(async move {
+                let mut req = tonic::Request::new(mailvault_proto::v1::TakeBackupRequest {});
+                req.set_timeout(Duration::from_secs(30));
+                b.take_backup(req).await.map(|_| ())
+            });
+            // From before the backup starts to after it, during the ship and drill.
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..3000))).await;
+            rec.fault(format!(
+                "kill -9 node {} (backup node, a backup asked for)",
+                victim + 1
+            ));
+            cluster.kill(victim);
+            let outcome = match tokio::time::timeout(Duration::from_secs(35), asked).await {
+                Ok(Ok(Ok(()))) => "taken before the kill".to_string(),
+                Ok(Ok(Err(s))) => format!("{:?}", s.code()),
+                _ => "no answer".to_string(),
+            };
+            rec.fault(format!("the backup: {outcome}"));
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..5000))).await;
+            rec.fault(format!("restart node {}", victim + 1));
+            cluster.start_node(victim);
+        }
         Fault::PowerLossOne | Fault::PowerLossMajority | Fault::PowerLossAll => {
             let victims: Vec<usize> = match fault {
                 Fault::PowerLossAll => (0..n).collect(),
@@ -781,6 +815,102 @@ async fn converge(cluster: &Cluster, healed: Instant, r: &mut Recovery, missed: 
     r.converged = healed.elapsed();
 }
 
+/// After `kill-backup`: nothing half-taken is left under the backup node's
+/// root, every backup the catalog lists as held verifies, and a backup taken
+/// now is whole and ships, reads back and drills. Returns what failed.
+async fn backups_whole(cluster: &Cluster, rec: &Recorder) -> Vec<String> {
+    use mailvault_proto::v1::{
+        ListBackupsRequest, ShipBackupRequest, TakeBackupRequest, VerifyBackupRequest,
+    };
+    let mut problems = Vec::new();
+    let node = 2.min(cluster.len() - 1);
+    let root = cluster.data_dir(node).join("backups");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let leftovers = || -> Vec<String> {
+        std::fs::read_dir(&root)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("incoming-") || n == "drills")
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    while !leftovers().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    if !leftovers().is_empty() {
+        problems.push(format!(
+            "half-taken backups left on node {}: {:?}",
+            node + 1,
+            leftovers()
+        ));
+    }
+    let b = cluster.admin(0).await.backups;
+    let listed = retry(Duration::from_secs(30), || {
+        let mut b = b.clone();
+        async move { b.list_backups(ListBackupsRequest {}).await }
+    })
+    .await;
+    let listed = match listed {
+        Ok(l) => l.into_inner().backups,
+        Err(e) => return vec![format!("the backup catalog cannot be listed: {:?}", e.code())],
+    };
+    for backup in listed.iter().filter(|b| b.local) {
+        let v = retry(Duration::from_secs(30), || {
+            let (mut b, id) = (b.clone(), backup.id.clone());
+            async move { b.verify_backup(VerifyBackupRequest { id }).await }
+        })
+        .await;
+        match v.map(|v| v.into_inner()) {
+            Ok(v) if v.ok => {}
+            Ok(v) => problems.push(format!(
+                "listed backup {} does not verify: {}",
+                backup.id, v.problem
+            )),
+            Err(e) => problems.push(format!(
+                "listed backup {} cannot be verified: {:?}",
+                backup.id,
+                e.code()
+            )),
+        }
+    }
+    let taken = retry(Duration::from_secs(60), || {
+        let mut b = b.clone();
+        async move { b.take_backup(TakeBackupRequest {}).await }
+    })
+    .await;
+    let id = match taken.map(|t| t.into_inner().backup.unwrap_or_default().id) {
+        Ok(id) => id,
+        Err(e) => {
+            problems.push(format!("no backup could be taken after the heal: {:?}", e.code()));
+            return problems;
+        }
+    };
+    let shipped = retry(Duration::from_secs(60), || {
+        let (mut b, id) = (b.clone(), id.clone());
+        async move { b.ship_backup(ShipBackupRequest { id }).await }
+    })
+    .await;
+    match shipped.map(|s| s.into_inner().backup.unwrap_or_default()) {
+        Ok(b) if b.drill.as_ref().is_some_and(|d| d.passed) => {}
+        Ok(b) => problems.push(format!(
+            "backup {id} shipped but its drill did not pass: {:?}",
+            b.drill
+        )),
+        Err(e) => problems.push(format!(
+            "backup {id} could not be shipped after the heal: {:?}",
+            e.code()
+        )),
+    }
+    rec.fault(format!(
+        "backups after the heal: {} listed, {} held, one more taken, shipped and drilled",
+        listed.len(),
+        listed.iter().filter(|b| b.local).count()
+    ));
+    problems
+}
+
 /// Every node's copy of every mailbox, bodies fetched and digested.
 async fn finals(cluster: &Cluster, mailboxes: usize, rec: &Recorder) -> Vec<String> {
     let mut problems = Vec::new();
@@ -852,6 +982,12 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
         test_modes: s.test_modes.clone(),
         loop_fs_mb: if s.fault.needs_disk() { 256 } else { 0 },
         fake_clock: s.fault == Fault::ClockSkew,
+        // Every new backup shipped and drilled at once (to the node's own
+        // off-site directory), so the kills also land in ships.
+        backup: match s.fault {
+            Fault::KillBackup => "ship_interval_secs = 1\n".into(),
+            _ => String::new(),
+        },
         ..Default::default()
     })
     .await;
@@ -929,6 +1065,9 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
     }
     converge(&cluster, healed, &mut recovery, &mut missed).await;
     let unreadable = finals(&cluster, s.mailboxes, &rec).await;
+    if s.fault == Fault::KillBackup {
+        missed.extend(backups_whole(&cluster, &rec).await);
+    }
     std::fs::create_dir_all(out_dir)?;
     let history = out_dir.join(format!("{}-{}.jsonl", s.fault.name(), s.seed));
     rec.save(&history)?;

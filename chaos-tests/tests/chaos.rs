@@ -107,3 +107,8 @@ async fn clock_skew_on_one_node_loses_nothing_acknowledged() {
 async fn a_full_disk_on_one_node_loses_nothing_acknowledged() {
     scenario(Fault::DiskFull).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backup_node_killed_mid_backup_or_ship_loses_nothing_and_leaves_nothing_half_done() {
+    scenario(Fault::KillBackup).await;
+}

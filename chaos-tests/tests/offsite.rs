@@ -5,13 +5,13 @@
 //! missing object fails the drill by name, and the restorable time does not
 //! claim that copy; while the store is down, ships fail and alert, and no
 //! local backup that is not off-site is deleted; a ship cut short by `kill -9`
-//! is never listed and completes after the restart.
+//! is never listed and completes after the restart; retention keeps exactly
+//! `keep_offsite` restorable copies and never deletes the last one.
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mailvault_chaos::s3::{free_port, Moto};
 use mailvault_chaos::*;
 use mailvault_proto::v1::*;
 
@@ -228,62 +228,6 @@ async fn a_shipped_copy_is_read_back_and_drilled_and_a_damaged_one_fails_by_name
     );
 }
 
-/// A `moto_server` on loopback, stopped when dropped.
-struct Moto {
-    child: Child,
-    addr: String,
-}
-
-impl Moto {
-    fn start(port: u16) -> Moto {
-        let addr = format!("127.0.0.1:{port}");
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server not found: pip install 'moto[server]' (deploy/local/test.sh does)");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start on {addr}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let m = Moto { child, addr };
-        m.http("PUT", "/mailvault");
-        m
-    }
-
-    /// One plain HTTP/1.0 request; the answer's text.
-    fn http(&self, method: &str, path: &str) -> String {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.addr).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.0\r\nHost: {}\r\nContent-Length: 0\r\n\r\n",
-            self.addr
-        )
-        .unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shipping_to_s3_reads_back_alerts_while_the_store_is_down_and_resumes_once_it_is_back() {
     let port = free_port();
@@ -468,4 +412,98 @@ async fn a_ship_cut_short_by_kill_9_is_never_listed_and_completes_after_the_rest
         );
     }
     assert!(copy.join("manifest.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn off_site_retention_keeps_exactly_keep_offsite_restorable_copies() {
+    let offsite = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        backup: format!(
+            "offsite = \"file://{}\"\ninterval_secs = 2\nship_interval_secs = 1\nkeep_offsite = 2\nkeep_local = 10\n",
+            offsite.path().display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    fill(&cluster, 3000).await;
+    cluster.grant_cluster_role("auditor", "auditor").await;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut first_restorable = false;
+    loop {
+        let l = list_backups(&cluster, 0).await;
+        let restorable: Vec<&Backup> = l
+            .backups
+            .iter()
+            .filter(|b| {
+                b.shipped.as_ref().is_some_and(|c| c.removed_at_ms == 0)
+                    && b.drill.as_ref().is_some_and(|d| d.passed)
+            })
+            .collect();
+        // Once a copy restored, there is always one.
+        first_restorable |= !restorable.is_empty();
+        assert!(
+            !first_restorable || !restorable.is_empty(),
+            "the last restorable copy was deleted"
+        );
+        let expired: Vec<&Backup> = l
+            .backups
+            .iter()
+            .filter(|b| b.shipped.as_ref().is_some_and(|c| c.removed_at_ms > 0))
+            .collect();
+        if expired.len() >= 3 && restorable.len() == 2 {
+            // The expired copies are the oldest ones.
+            let oldest_kept = restorable.iter().map(|b| b.id.as_str()).min().unwrap();
+            assert!(expired.iter().all(|b| b.id.as_str() < oldest_kept), "{expired:?}");
+            // And their objects are gone from the store (deleted after marking).
+            let on_disk = || {
+                let mut ids: Vec<String> = std::fs::read_dir(offsite.path())
+                    .unwrap()
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                ids.sort();
+                ids
+            };
+            let live: Vec<String> = l
+                .backups
+                .iter()
+                .filter(|b| b.shipped.as_ref().is_some_and(|c| c.removed_at_ms == 0))
+                .map(|b| b.id.clone())
+                .collect();
+            let settle = Instant::now() + Duration::from_secs(10);
+            while expired.iter().any(|b| on_disk().contains(&b.id)) && Instant::now() < settle {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            for b in &expired {
+                assert!(
+                    !on_disk().contains(&b.id),
+                    "expired copy {} still in the store",
+                    b.id
+                );
+            }
+            assert!(
+                live.iter().all(|id| on_disk().contains(id)),
+                "{live:?} vs {:?}",
+                on_disk()
+            );
+            let removed = audited(&cluster, "backup-offsite-expired", &expired[0].id).await;
+            assert_eq!(removed.len(), 1, "one audit record per expired copy");
+            return;
+        }
+        if Instant::now() > deadline {
+            cluster.dump_logs();
+            panic!(
+                "retention never settled at 2 restorable copies: {:?}",
+                l.backups
+                    .iter()
+                    .map(|b| (
+                        &b.id,
+                        b.shipped.as_ref().map(|c| c.removed_at_ms),
+                        b.drill.as_ref().map(|d| d.passed)
+                    ))
+                    .collect::<Vec<_>>()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }

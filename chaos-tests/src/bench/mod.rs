@@ -17,6 +17,7 @@
 //! (mailvault / etcd, mailvault / floor): absolute figures drift on a shared
 //! machine, ratios from one run much less.
 
+pub mod backups;
 pub mod etcd;
 pub mod load;
 
@@ -197,6 +198,7 @@ struct MailvaultTarget {
     clients: Vec<Vec<MailboxClient<Channel>>>,
     size: usize,
     run: String,
+    mailbox: String,
 }
 
 impl Target for MailvaultTarget {
@@ -208,8 +210,9 @@ impl Target for MailvaultTarget {
         let mut c = self.clients[client][endpoint].clone();
         let key = format!("{}-{n}", self.run);
         let body = value(self.size, n);
+        let mailbox = self.mailbox.clone();
         Box::pin(async move {
-            append(&mut c, TENANT, MAILBOX, &key, &body)
+            append(&mut c, TENANT, &mailbox, &key, &body)
                 .await
                 .map(|_| ())
                 .map_err(|s| s.code().to_string())
@@ -218,6 +221,11 @@ impl Target for MailvaultTarget {
 }
 
 fn mailvault_target(c: &Cluster, clients: usize, size: usize, run: &str) -> Arc<dyn Target> {
+    mailbox_target(c, clients, size, run, MAILBOX)
+}
+
+/// [`mailvault_target`] appending to `mailbox` of the bench tenant.
+fn mailbox_target(c: &Cluster, clients: usize, size: usize, run: &str, mailbox: &str) -> Arc<dyn Target> {
     let per_client = (0..clients)
         .map(|_| {
             (0..c.len())
@@ -233,6 +241,7 @@ fn mailvault_target(c: &Cluster, clients: usize, size: usize, run: &str) -> Arc<
         clients: per_client,
         size,
         run: run.to_string(),
+        mailbox: mailbox.to_string(),
     })
 }
 

@@ -4,6 +4,9 @@
 //! `mailvault-bench compare` runs mailvault side by side with a 3-node etcd
 //! and the machine's floor (see `mailvault_chaos::bench`).
 //!
+//! `mailvault-bench backups` measures backups, ships, drills and restores
+//! at growing message counts (`mailvault_chaos::bench::backups`).
+//!
 //! `mailvault-bench audit-cost` measures what auditing reads costs: one
 //! cluster, alternating rounds with the audit of successful reads on and off
 //! (the `unaudited-reads` test mode), the same read load each round.
@@ -74,6 +77,23 @@ enum Cmd {
         /// Seconds measured.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// What backups cost as the mail held grows: snapshot build, backup,
+    /// ship and read-back (MB/s), drill, whole-cluster restore and a mailbox
+    /// restore, per message count (one fresh cluster each).
+    Backups {
+        /// Message counts.
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+        messages: Vec<u64>,
+        /// Message size in bytes.
+        #[arg(long, default_value_t = 4096)]
+        size: usize,
+        /// Also ship to an S3 server (`moto_server`, which must be installed).
+        #[arg(long)]
+        s3: bool,
+        /// Messages of the mailbox restored into the live cluster.
+        #[arg(long, default_value_t = 1000)]
+        mailbox_messages: u64,
     },
     /// Reads/s with and without the audit of reads, same cluster, same run.
     AuditCost {
@@ -230,6 +250,20 @@ async fn main() -> anyhow::Result<()> {
                 size,
                 clients,
                 seconds,
+            })
+            .await
+        }
+        Cmd::Backups {
+            messages,
+            size,
+            s3,
+            mailbox_messages,
+        } => {
+            mailvault_chaos::bench::backups::backups(mailvault_chaos::bench::backups::BackupPlan {
+                messages,
+                size,
+                s3,
+                mailbox_messages,
             })
             .await
         }

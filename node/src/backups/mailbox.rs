@@ -300,6 +300,9 @@ impl Backups {
         out.took_ms = started.elapsed().as_millis() as u64;
         metrics::counter!("mailvault_backup_mailbox_restores_total").increment(1);
         metrics::counter!("mailvault_backup_restored_messages_total").increment(u64::from(out.messages));
+        metrics::counter!("mailvault_backup_restored_bytes_total").increment(out.bytes);
+        metrics::histogram!("mailvault_backup_mailbox_restore_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         Ok(out)
     }
 

@@ -254,23 +254,13 @@ impl Backups {
         Ok(drill)
     }
 
-    /// Deletes the oldest off-site copies beyond `keep_offsite`, now that
+    /// Deletes the off-site copies older than the `keep_offsite` newest restorable ones, now that
     /// `newest` verified and restored; and any copy the catalog says was
     /// removed but whose deletion was cut short.
     async fn expire_offsite(&self, newest: &str) {
         let catalog = self.inner.p.reader.backups().unwrap_or_default();
-        let mut ids: Vec<String> = catalog
-            .iter()
-            .filter(|r| r.is_offsite())
-            .map(|r| r.entry.id.clone())
-            .collect();
-        if !ids.iter().any(|i| i == newest) {
-            ids.push(newest.to_string());
-        }
-        ids.sort();
-        let excess = ids.len().saturating_sub(self.inner.p.config.keep_offsite);
         let mut gone: Vec<String> = Vec::new();
-        for id in ids.into_iter().take(excess).filter(|i| i != newest) {
+        for id in offsite_expiry(&catalog, newest, self.inner.p.config.keep_offsite) {
             let change = BackupChange::OffsiteRemoved {
                 id: id.clone(),
                 at_ms: now_ms(),
@@ -315,5 +305,106 @@ impl Backups {
         self.update_status(|s| s.last_failure = Some((now, format!("{what} of {id}: {problem}"))));
         self.audit_event(action, id, &format!("failed ({why}): {problem}"))
             .await;
+    }
+}
+
+/// Which off-site copies `keep_offsite` removes once `newest` passed its
+/// drill: every copy older than the `keep` newest copies whose last drill
+/// passed (`newest` among them), whether it passed or not; none while there
+/// are `keep` or fewer restorable copies. So exactly `keep` restorable copies
+/// remain (and any newer copy whose drill failed, kept for a look), and the
+/// newest restorable copy is never removed.
+pub fn offsite_expiry(catalog: &[BackupRecord], newest: &str, keep: usize) -> Vec<String> {
+    let mut restorable: Vec<&str> = catalog
+        .iter()
+        .filter(|r| r.is_offsite() && r.drill.as_ref().is_some_and(|d| d.passed))
+        .map(|r| r.entry.id.as_str())
+        .chain([newest])
+        .collect();
+    restorable.sort();
+    restorable.dedup();
+    if restorable.len() <= keep.max(1) {
+        return Vec::new();
+    }
+    let oldest_kept = restorable[restorable.len() - keep.max(1)];
+    let mut out: Vec<String> = catalog
+        .iter()
+        .filter(|r| r.is_offsite() && r.entry.id.as_str() < oldest_kept)
+        .map(|r| r.entry.id.clone())
+        .collect();
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::backup::{BackupEntry, DrillResult, ShippedCopy};
+
+    fn rec(id: &str, shipped: bool, drill: Option<bool>) -> BackupRecord {
+        BackupRecord {
+            entry: BackupEntry {
+                id: id.into(),
+                node: 3,
+                taken_at_ms: 0,
+                applied_index: 0,
+                applied_term: 0,
+                files: 0,
+                bytes: 0,
+                took_ms: 0,
+            },
+            local_removed_at_ms: None,
+            shipped: shipped.then(|| ShippedCopy {
+                target: "file:///x".into(),
+                at_ms: 0,
+                objects: 0,
+                bytes: 0,
+                took_ms: 0,
+            }),
+            offsite_removed_at_ms: None,
+            drill: drill.map(|passed| DrillResult {
+                node: 3,
+                at_ms: 0,
+                passed,
+                problem: String::new(),
+                took_ms: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn retention_keeps_exactly_keep_restorable_copies_and_never_the_last_restorable_one() {
+        // a, b, c restorable; d's drill failed; e just passed.
+        let catalog = vec![
+            rec("a", true, Some(true)),
+            rec("b", true, Some(true)),
+            rec("c", true, Some(true)),
+            rec("d", true, Some(false)),
+            rec("e", true, None),
+            rec("f", false, None),
+        ];
+        assert_eq!(
+            offsite_expiry(&catalog, "e", 2),
+            ["a", "b"],
+            "c and e kept, d kept for a look"
+        );
+        assert_eq!(offsite_expiry(&catalog, "e", 4), Vec::<String>::new());
+        assert_eq!(offsite_expiry(&catalog, "e", 1), ["a", "b", "c", "d"]);
+        // keep 0 is read as 1: the newest restorable copy always stays.
+        assert_eq!(offsite_expiry(&catalog, "e", 0), ["a", "b", "c", "d"]);
+        // Failed drills alone never make room: the older restorable copies stay.
+        let failing = vec![
+            rec("a", true, Some(true)),
+            rec("b", true, Some(false)),
+            rec("c", true, Some(false)),
+        ];
+        assert_eq!(offsite_expiry(&failing, "a", 1), Vec::<String>::new());
+        // A copy already marked removed is not counted.
+        let mut gone = rec("a", true, Some(true));
+        gone.offsite_removed_at_ms = Some(1);
+        assert_eq!(
+            offsite_expiry(&[gone, rec("b", true, Some(true))], "c", 2),
+            Vec::<String>::new()
+        );
     }
 }
