@@ -244,3 +244,20 @@ pub async fn wait_backups(
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+/// Waits until node `i`'s catalog shows backup `id` drilled and restorable
+/// (at most `timeout`; then panics naming `what`, as [`wait_backups`]).
+pub async fn wait_drilled(
+    cluster: &crate::Cluster,
+    i: usize,
+    id: &str,
+    timeout: Duration,
+    what: &str,
+) -> mailvault_proto::v1::ListBackupsResponse {
+    wait_backups(cluster, i, timeout, what, |l| {
+        l.backups
+            .iter()
+            .any(|b| b.id == id && b.drill.as_ref().is_some_and(|d| d.passed))
+    })
+    .await
+}

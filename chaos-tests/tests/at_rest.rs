@@ -117,16 +117,12 @@ async fn no_plaintext_mail_in_any_data_directory() {
     // `data_dir/offsite` by default) and drilled: wait for both, so that the
     // off-site copy is scanned too and no drill's scratch files come and go
     // during the scan.
-    wait_backups(
+    wait_drilled(
         &cluster,
         0,
+        &backup.id,
         Duration::from_secs(60),
         "the backup shipped and drilled",
-        |l| {
-            l.backups
-                .iter()
-                .any(|b| b.id == backup.id && b.drill.as_ref().is_some_and(|d| d.passed))
-        },
     )
     .await;
     assert!(cluster

@@ -94,16 +94,12 @@ async fn a_shipped_copy_is_read_back_and_drilled_and_a_damaged_one_fails_by_name
 
     // The first backup is shipped at once and drilled.
     let a = take(&cluster).await;
-    let l = wait_backups(
+    let l = wait_drilled(
         &cluster,
         0,
+        &a.id,
         Duration::from_secs(120),
         "the first copy drilled",
-        |l| {
-            l.backups
-                .iter()
-                .any(|b| b.id == a.id && b.drill.as_ref().is_some_and(|d| d.passed))
-        },
     )
     .await;
     let shipped = l.backups.iter().find(|b| b.id == a.id).unwrap();
@@ -390,16 +386,12 @@ async fn a_ship_cut_short_by_kill_9_is_never_listed_and_completes_after_the_rest
     );
     assert!(!copy.join("manifest.json").exists());
     cluster.start_node(2);
-    let l = wait_backups(
+    let l = wait_drilled(
         &cluster,
         0,
+        &b.id,
         Duration::from_secs(120),
         "the ship completed after the restart",
-        |l| {
-            l.backups
-                .iter()
-                .any(|x| x.id == b.id && x.drill.as_ref().is_some_and(|d| d.passed))
-        },
     )
     .await;
     let done = l.backups.iter().find(|x| x.id == b.id).unwrap();

@@ -82,19 +82,7 @@ async fn a_node_that_was_down_catches_up_from_the_log_and_from_a_snapshot() {
         let body = test_message(&format!("snap {n}"), "a@b.example", "y", 2000);
         append(&mut c, T, M, &format!("snap-{n}"), &body).await.unwrap();
     }
-    for i in [leader, up] {
-        let mut a = cluster.admin(i).await;
-        let r = a
-            .cluster
-            .trigger_snapshot(TriggerSnapshotRequest { purge_log: true })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(
-            r.purged_index >= r.snapshot_index && r.snapshot_index > 0,
-            "{r:?}"
-        );
-    }
+    purge_logs(&cluster, &[leader, up]).await;
     cluster.start_node(down);
     let all = retry(Duration::from_secs(60), || {
         let mut d = d.clone();
@@ -163,19 +151,8 @@ async fn a_follower_down_during_twenty_thousand_appends_and_a_purge_catches_up_b
     let took = started.elapsed();
     assert_eq!(acked, APPENDS, "every append acknowledged");
     // The log the follower would need is purged on both others.
-    for i in (0..3).filter(|&i| i != down) {
-        let mut a = cluster.admin(i).await;
-        let r = a
-            .cluster
-            .trigger_snapshot(TriggerSnapshotRequest { purge_log: true })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(
-            r.purged_index >= r.snapshot_index && r.snapshot_index > 0,
-            "{r:?}"
-        );
-    }
+    let others: Vec<usize> = (0..3).filter(|&i| i != down).collect();
+    purge_logs(&cluster, &others).await;
     let restarted = Instant::now();
     cluster.start_node(down);
     let d = cluster.mailbox(down).await;
@@ -245,6 +222,23 @@ async fn a_twenty_mib_message_round_trips_byte_exact() {
         assert!(bytes == body, "node {i}: 20 MiB body differs");
     }
     let _ = &mut c;
+}
+
+/// A snapshot on each of `nodes`, its log purged up to it.
+async fn purge_logs(cluster: &Cluster, nodes: &[usize]) {
+    for &i in nodes {
+        let mut a = cluster.admin(i).await;
+        let r = a
+            .cluster
+            .trigger_snapshot(TriggerSnapshotRequest { purge_log: true })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            r.purged_index >= r.snapshot_index && r.snapshot_index > 0,
+            "{r:?}"
+        );
+    }
 }
 
 /// Each node's count of snapshots it built itself (or was asked to).

@@ -208,16 +208,12 @@ async fn a_backup_taken_under_load_restores_into_a_new_cluster_byte_exact() {
     stop.store(true, Ordering::SeqCst);
     writer.await.unwrap();
     // The first backup ships at once and is drilled.
-    wait_backups(
+    wait_drilled(
         &old,
         0,
+        &backup.id,
         Duration::from_secs(180),
         "the backup shipped and drilled",
-        |l| {
-            l.backups
-                .iter()
-                .any(|b| b.id == backup.id && b.drill.as_ref().is_some_and(|d| d.passed))
-        },
     )
     .await;
     let m = manifest(&old, &backup.id).await;
@@ -439,6 +435,31 @@ async fn a_damaged_edited_incomplete_or_foreign_copy_is_refused_with_nothing_wri
     assert!(ok, "{err}");
 }
 
+/// `mailvault-admin backup restore-mailbox ID --tenant T --mailbox FROM --as TO [--resume]`.
+fn restore_mailbox(
+    cluster: &Cluster,
+    id: &str,
+    from: &str,
+    to: &str,
+    resume: bool,
+) -> (bool, serde_json::Value, String) {
+    let mut args = vec![
+        "backup",
+        "restore-mailbox",
+        id,
+        "--tenant",
+        T,
+        "--mailbox",
+        from,
+        "--as",
+        to,
+    ];
+    if resume {
+        args.push("--resume");
+    }
+    cluster.admin_json(0, &args)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mailbox_expunged_by_mistake_comes_back_under_a_new_name() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
@@ -483,20 +504,7 @@ async fn a_mailbox_expunged_by_mistake_comes_back_under_a_new_name() {
     .unwrap();
     assert!(summaries(&mut c, M).await.is_empty());
 
-    let (ok, doc, err) = cluster.admin_json(
-        0,
-        &[
-            "backup",
-            "restore-mailbox",
-            "latest",
-            "--tenant",
-            T,
-            "--mailbox",
-            M,
-            "--as",
-            "support-restored",
-        ],
-    );
+    let (ok, doc, err) = restore_mailbox(&cluster, "latest", M, "support-restored", false);
     assert!(ok, "{err}");
     assert_eq!(doc["backup"], backup.id.as_str());
     assert_eq!(doc["messages"], 12);
@@ -516,36 +524,9 @@ async fn a_mailbox_expunged_by_mistake_comes_back_under_a_new_name() {
         assert!(bytes == bodies[old_uid], "uid {old_uid}: the body differs");
     }
     // Run again: the mailbox exists (refused), or with --resume nothing is added.
-    let (ok, _, err) = cluster.admin_json(
-        0,
-        &[
-            "backup",
-            "restore-mailbox",
-            &backup.id,
-            "--tenant",
-            T,
-            "--mailbox",
-            M,
-            "--as",
-            "support-restored",
-        ],
-    );
+    let (ok, _, err) = restore_mailbox(&cluster, &backup.id, M, "support-restored", false);
     assert!(!ok && err.contains("MAILBOX_EXISTS"), "{err}");
-    let (ok, doc, err) = cluster.admin_json(
-        0,
-        &[
-            "backup",
-            "restore-mailbox",
-            &backup.id,
-            "--tenant",
-            T,
-            "--mailbox",
-            M,
-            "--as",
-            "support-restored",
-            "--resume",
-        ],
-    );
+    let (ok, doc, err) = restore_mailbox(&cluster, &backup.id, M, "support-restored", true);
     assert!(ok, "{err}");
     assert_eq!(
         (doc["messages"].as_u64(), doc["skipped"].as_u64()),
@@ -553,38 +534,12 @@ async fn a_mailbox_expunged_by_mistake_comes_back_under_a_new_name() {
     );
     assert_eq!(summaries(&mut c, "support-restored").await.len(), 12);
     // A mailbox the backup does not hold; a name that is not one; a front end.
-    let (ok, _, err) = cluster.admin_json(
-        0,
-        &[
-            "backup",
-            "restore-mailbox",
-            &backup.id,
-            "--tenant",
-            T,
-            "--mailbox",
-            "nope",
-            "--as",
-            "x",
-        ],
-    );
+    let (ok, _, err) = restore_mailbox(&cluster, &backup.id, "nope", "x", false);
     assert!(
         !ok && err.contains("MAILBOX_NOT_FOUND") && err.contains("holds no mailbox"),
         "{err}"
     );
-    let (ok, _, err) = cluster.admin_json(
-        0,
-        &[
-            "backup",
-            "restore-mailbox",
-            &backup.id,
-            "--tenant",
-            T,
-            "--mailbox",
-            M,
-            "--as",
-            "bad\u{1}name",
-        ],
-    );
+    let (ok, _, err) = restore_mailbox(&cluster, &backup.id, M, "bad\u{1}name", false);
     assert!(!ok && err.contains("INVALID_NAME"), "{err}");
     let mut as_frontend = cluster.admin_as(0, FRONTEND).await.backups;
     let e = as_frontend

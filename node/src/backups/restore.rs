@@ -225,9 +225,12 @@ async fn restore_from_scratch(
             "backup-restore",
             id,
             &format!(
-                "a new cluster restored from backup {id} of cluster {} (log index {}, state digest verified), members {:?}",
+                "a new cluster restored from backup {id} of cluster {} (log index {}, {} files, {} bytes, state digest and audit head verified, {} messages decrypted), voters {:?}",
                 manifest.cluster,
                 manifest.applied_index,
+                manifest.files.len(),
+                manifest.files.iter().map(|f| f.bytes).sum::<u64>(),
+                checks.messages_decrypted,
                 cluster.voters
             ),
         )
