@@ -75,7 +75,7 @@ pub async fn run(output: Output, args: RestoreArgs) -> anyhow::Result<()> {
         "applied_index": m.applied_index, "applied_term": m.applied_term,
         "manifest_state_digest": m.state_digest, "records": m.records,
         "checks": {
-            "files": r.checks.files, "state_digest": "equal to the manifest's",
+            "files": r.checks.files, "state_digest": r.checks.state_digest,
             "audit_records": r.checks.audit_records, "messages_decrypted": r.checks.messages_decrypted,
         },
         "restored_state_digest": r.prepared.state_digest, "restored_records": r.prepared.records,
@@ -91,7 +91,7 @@ pub async fn run(output: Output, args: RestoreArgs) -> anyhow::Result<()> {
             .collect();
         format!(
             "backup {} of cluster {} (log index {}) restored in {} ms\n\
-             checked:  manifest authentic, {} files, state digest {} equal to the manifest's,\n          \
+             checked:  manifest authentic, {} files, state digest recomputed {} (the manifest's),\n          \
              {} audit records, every data key unwrapped, {} messages decrypted\n\
              written:\n{}\n\
              The new cluster starts at log index {} with its own membership (state digest {});\n\
@@ -101,7 +101,7 @@ pub async fn run(output: Output, args: RestoreArgs) -> anyhow::Result<()> {
             m.applied_index,
             r.took_ms,
             r.checks.files,
-            m.state_digest,
+            r.checks.state_digest,
             r.checks.audit_records,
             r.checks.messages_decrypted,
             nodes.join("\n"),

@@ -28,6 +28,9 @@ pub struct DrillReport {
     pub audit_records: u64,
     /// Messages decrypted whole.
     pub messages_decrypted: usize,
+    /// The state digest recomputed from the restored data (equal to the
+    /// manifest's, or the check failed).
+    pub state_digest: String,
 }
 
 /// Runs the checks on the backup in `dir` (opened read-write: use a scratch
@@ -126,6 +129,7 @@ pub fn check_restorable(dir: &Path, keyring: &Keyring) -> Result<DrillReport, Ba
         manifest,
         audit_records,
         messages_decrypted,
+        state_digest: hex(&digest),
     })
 }
 
