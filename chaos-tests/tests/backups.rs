@@ -57,14 +57,20 @@ async fn the_backup_node_takes_verified_backups_on_schedule_and_keeps_only_keep_
         "keep_local = 4, {} held",
         held.len()
     );
-    // The oldest were removed from the catalog's local copies and from disk.
+    // The oldest were removed from the catalog's local copies, then from
+    // disk (in that order: a moment after the catalog says so).
     let root = cluster.data_dir(2).join("backups");
-    for b in &l.backups {
-        let on_disk = root.join(&b.id).exists();
-        if !b.local {
-            assert!(!on_disk, "{} removed in the catalog but still on disk", b.id);
-            assert!(b.local_removed_at_ms >= b.taken_at_ms);
+    for b in l.backups.iter().filter(|b| !b.local) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while root.join(&b.id).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} removed in the catalog but still on disk",
+                b.id
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        assert!(b.local_removed_at_ms >= b.taken_at_ms);
     }
     let first = &l.backups[0];
     assert!(!first.local, "the oldest backup went");
