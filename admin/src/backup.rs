@@ -13,7 +13,7 @@ use tonic::transport::Channel;
 
 use crate::client::{backups, status_err};
 use crate::output::{rfc3339, size, table, Output};
-use crate::progress::Spinner;
+use crate::progress::with_spinner;
 use crate::restore::RestoreArgs;
 
 #[derive(Subcommand, Debug)]
@@ -298,10 +298,10 @@ async fn online(endpoint: &str, output: Output, cmd: BackupCmd) -> anyhow::Resul
             Ok(())
         }
         BackupCmd::Now => {
-            let spinner = Spinner::start(output, "taking a backup");
-            let r = c.take_backup(TakeBackupRequest {}).await.map_err(status_err);
-            spinner.stop();
-            let r = r?.into_inner();
+            let r = with_spinner(output, "taking a backup", c.take_backup(TakeBackupRequest {}))
+                .await
+                .map_err(status_err)?
+                .into_inner();
             let b = r.backup.unwrap_or_default();
             output.emit(backup_json(&b), || {
                 format!("backup taken and verified\n{}", backup_text(&b))
@@ -309,15 +309,16 @@ async fn online(endpoint: &str, output: Output, cmd: BackupCmd) -> anyhow::Resul
             Ok(())
         }
         BackupCmd::ShipNow { id } => {
-            let spinner = Spinner::start(output, "shipping, reading back and drilling");
-            let r = c
-                .ship_backup(ShipBackupRequest {
+            let r = with_spinner(
+                output,
+                "shipping, reading back and drilling",
+                c.ship_backup(ShipBackupRequest {
                     id: id.unwrap_or_default(),
-                })
-                .await
-                .map_err(status_err);
-            spinner.stop();
-            let r = r?.into_inner();
+                }),
+            )
+            .await
+            .map_err(status_err)?
+            .into_inner();
             let b = r.backup.unwrap_or_default();
             output.emit(backup_json(&b), || {
                 format!("backup shipped and read back\n{}", backup_text(&b))
@@ -325,15 +326,16 @@ async fn online(endpoint: &str, output: Output, cmd: BackupCmd) -> anyhow::Resul
             drill_outcome(&b.id, b.drill.as_ref())
         }
         BackupCmd::Drill { id } => {
-            let spinner = Spinner::start(output, "drilling a restore");
-            let r = c
-                .drill_backup(DrillBackupRequest {
+            let r = with_spinner(
+                output,
+                "drilling a restore",
+                c.drill_backup(DrillBackupRequest {
                     id: id.unwrap_or_default(),
-                })
-                .await
-                .map_err(status_err);
-            spinner.stop();
-            let r = r?.into_inner();
+                }),
+            )
+            .await
+            .map_err(status_err)?
+            .into_inner();
             let b = r.backup.unwrap_or_default();
             output.emit(backup_json(&b), || backup_text(&b));
             drill_outcome(&b.id, r.drill.as_ref())
@@ -345,19 +347,20 @@ async fn online(endpoint: &str, output: Output, cmd: BackupCmd) -> anyhow::Resul
             new_mailbox,
             resume,
         } => {
-            let spinner = Spinner::start(output, &format!("restoring {tenant}/{mailbox} from {id}"));
-            let r = c
-                .restore_mailbox(RestoreMailboxRequest {
+            let r = with_spinner(
+                output,
+                &format!("restoring {tenant}/{mailbox} from {id}"),
+                c.restore_mailbox(RestoreMailboxRequest {
                     backup_id: id.clone(),
                     tenant: tenant.clone(),
                     mailbox: mailbox.clone(),
                     new_mailbox: new_mailbox.clone(),
                     resume,
-                })
-                .await
-                .map_err(status_err);
-            spinner.stop();
-            let r = r?.into_inner();
+                }),
+            )
+            .await
+            .map_err(status_err)?
+            .into_inner();
             let doc = json!({
                 "backup": id, "tenant": tenant, "mailbox": mailbox, "new_mailbox": new_mailbox,
                 "messages": r.messages, "skipped": r.skipped, "bytes": r.bytes,

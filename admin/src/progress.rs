@@ -85,3 +85,11 @@ impl Spinner {
         }
     }
 }
+
+/// Awaits `call` with a spinner saying `what` (see [`Spinner`]).
+pub async fn with_spinner<T>(output: Output, what: &str, call: impl std::future::Future<Output = T>) -> T {
+    let spinner = Spinner::start(output, what);
+    let out = call.await;
+    spinner.stop();
+    out
+}

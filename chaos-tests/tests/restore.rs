@@ -130,15 +130,22 @@ async fn summaries(
     all.into_iter().map(|m| (m.uid, m)).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backup_taken_under_load_restores_into_a_new_cluster_byte_exact() {
-    let offsite = tempfile::tempdir().unwrap();
-    let old = Cluster::start(ClusterOptions {
-        backup: format!("offsite = \"file://{}\"\n", offsite.path().display()),
+/// A cluster that ships its backups to the directory `offsite`, with the
+/// tenant and mailbox the tests write to.
+async fn shipping_cluster(offsite: &Path) -> Cluster {
+    let c = Cluster::start(ClusterOptions {
+        backup: format!("offsite = \"file://{}\"\n", offsite.display()),
         ..Default::default()
     })
     .await;
-    create_tenant_and_mailbox(&old, 0, T, M).await;
+    create_tenant_and_mailbox(&c, 0, T, M).await;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_under_load_restores_into_a_new_cluster_byte_exact() {
+    let offsite = tempfile::tempdir().unwrap();
+    let old = shipping_cluster(offsite.path()).await;
     // The access policy is part of the state: the restored cluster has this grant.
     old.grant_cluster_role("auditor", "auditor").await;
     let mut c = old.mailbox(0).await;
@@ -329,12 +336,7 @@ async fn a_backup_taken_under_load_restores_into_a_new_cluster_byte_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_edited_incomplete_or_foreign_copy_is_refused_with_nothing_written() {
     let offsite = tempfile::tempdir().unwrap();
-    let old = Cluster::start(ClusterOptions {
-        backup: format!("offsite = \"file://{}\"\n", offsite.path().display()),
-        ..Default::default()
-    })
-    .await;
-    create_tenant_and_mailbox(&old, 0, T, M).await;
+    let old = shipping_cluster(offsite.path()).await;
     let mut c = old.mailbox(0).await;
     for n in 0..5 {
         append(&mut c, T, M, &format!("k{n}"), &body(n + 1))
