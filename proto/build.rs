@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/mailvault/v1/access.proto",
         "proto/mailvault/v1/audit.proto",
         "proto/mailvault/v1/backups.proto",
+        "proto/mailvault/v1/operations.proto",
         "proto/mailvault/raft/v1/raft.proto",
     ];
     for f in &files {

@@ -4,14 +4,18 @@
 //! changed.
 
 use clap::Subcommand;
+use mailvault_proto::v1::operation_kind::Kind;
 use mailvault_proto::v1::{
-    role, unlock_request, Allowlist, GetIdentityRequest, GrantRequest, IdentityPolicy, ListLockoutsRequest,
-    PolicyChange, RevokeCertificateRequest, RevokeIdentityRequest, Role, SetAllowlistRequest, TenantRole,
-    UnlockRequest,
+    role, unlock_request, Allowlist, AllowlistOperation, GetIdentityRequest, GrantOperation, GrantRequest,
+    IdentityPolicy, ListLockoutsRequest, OperationKind, PolicyChange, RevokeCertificateRequest,
+    RevokeIdentityRequest, Role, SetAllowlistRequest, TenantRole, UnlockRequest,
 };
 use serde_json::json;
 
-use crate::client::{access, status_err};
+use crate::client::{access, reason_of, status_err};
+
+/// How long a proposal made by `access grant` or `access allow` waits for approval.
+const DEFAULT_EXPIRY: std::time::Duration = std::time::Duration::from_secs(3600);
 use crate::output::{policy_diff, policy_text, rfc3339, table, Output};
 
 #[derive(Subcommand, Debug)]
@@ -21,12 +25,17 @@ pub enum AccessCmd {
         /// The identity.
         identity: String,
     },
-    /// Grants a tenant role (`--tenant T --role agent`) or a cluster role (`--cluster-role auditor`).
+    /// Proposes granting a tenant role (`--tenant T --role agent`) or a
+    /// cluster role (`--cluster-role auditor`): a two-person operation, which
+    /// changes nothing until a second operator approves it (`op approve`).
     Grant {
         /// The identity.
         identity: String,
         #[command(flatten)]
         role: RoleArgs,
+        /// Why (e.g. a ticket number); required.
+        #[arg(long)]
+        reason: String,
     },
     /// Removes a tenant role or a cluster role.
     Ungrant {
@@ -36,6 +45,8 @@ pub enum AccessCmd {
         role: RoleArgs,
     },
     /// Sets the networks an identity may call from (no networks: anywhere).
+    /// Narrowing takes effect at once; a change that admits new sources is
+    /// proposed instead (a two-person operation; give --reason).
     Allow {
         /// The identity.
         identity: String,
@@ -45,6 +56,9 @@ pub enum AccessCmd {
         /// for none): refused if another operator changed it meanwhile.
         #[arg(long)]
         expect: Option<String>,
+        /// Why, should the change need a second operator (e.g. a ticket number).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Revokes an identity: it can make no new call, on any node.
     RevokeIdentity {
@@ -85,7 +99,8 @@ pub struct RoleArgs {
 }
 
 impl RoleArgs {
-    fn into_role(self) -> anyhow::Result<Option<Role>> {
+    /// The role as the API names it.
+    pub fn into_role(self) -> anyhow::Result<Option<Role>> {
         let role = match (self.tenant, self.role, self.cluster_role) {
             (Some(tenant), Some(role), None) => role::Role::Tenant(TenantRole { tenant, role }),
             (None, None, Some(c)) => role::Role::Cluster(c),
@@ -198,9 +213,17 @@ pub async fn run(endpoint: &str, output: Output, cmd: AccessCmd) -> anyhow::Resu
             });
             return Ok(());
         }
-        AccessCmd::Grant { identity, role } => {
-            let role = role.into_role()?;
-            c.grant(GrantRequest { identity, role }).await
+        AccessCmd::Grant {
+            identity,
+            role,
+            reason,
+        } => {
+            let kind = Kind::Grant(GrantOperation {
+                identity,
+                role: role.into_role()?,
+            });
+            let kind = OperationKind { kind: Some(kind) };
+            return crate::op::propose(endpoint, output, kind, reason, DEFAULT_EXPIRY).await;
         }
         AccessCmd::Ungrant { identity, role } => {
             let role = role.into_role()?;
@@ -210,15 +233,37 @@ pub async fn run(endpoint: &str, output: Output, cmd: AccessCmd) -> anyhow::Resu
             identity,
             networks: list,
             expect,
+            reason,
         } => {
-            c.set_allowlist(SetAllowlistRequest {
-                identity,
-                allow_from: Some(Allowlist { networks: list }),
-                expected: expect.map(|e| Allowlist {
-                    networks: networks(&e),
-                }),
-            })
-            .await
+            let set = c
+                .set_allowlist(SetAllowlistRequest {
+                    identity: identity.clone(),
+                    allow_from: Some(Allowlist {
+                        networks: list.clone(),
+                    }),
+                    expected: expect.map(|e| Allowlist {
+                        networks: networks(&e),
+                    }),
+                })
+                .await;
+            match set {
+                Err(s) if reason_of(&s).as_deref() == Some("TWO_PERSON_REQUIRED") => {
+                    let Some(reason) = reason else {
+                        anyhow::bail!(
+                            "this change admits new sources: it needs a second operator. Give --reason \
+                             to propose it ({})",
+                            s.message()
+                        );
+                    };
+                    let kind = Kind::Allowlist(AllowlistOperation {
+                        identity,
+                        allow_from: Some(Allowlist { networks: list }),
+                    });
+                    let kind = OperationKind { kind: Some(kind) };
+                    return crate::op::propose(endpoint, output, kind, reason, DEFAULT_EXPIRY).await;
+                }
+                other => other,
+            }
         }
         AccessCmd::RevokeIdentity { identity } => c.revoke_identity(RevokeIdentityRequest { identity }).await,
     };

@@ -227,7 +227,8 @@ async fn prepare(endpoint: &str, a: &BenchArgs) -> anyhow::Result<()> {
             Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(Ok(())),
             Err(s) if s.code() == tonic::Code::PermissionDenied => Err(anyhow::anyhow!(
                 "{}\nhint: the bench identity needs a role on the tenant, e.g. \
-                 `mailvault-admin access grant <identity> --tenant {} --role tenant-admin`",
+                 `mailvault-admin access grant <identity> --tenant {} --role tenant-admin --reason R`, \
+                 approved by a second operator (`mailvault-admin op approve`)",
                 status_err(s),
                 a.tenant
             )),

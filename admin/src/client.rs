@@ -9,6 +9,7 @@ use mailvault_proto::v1::audit_client::AuditClient;
 use mailvault_proto::v1::backups_client::BackupsClient;
 use mailvault_proto::v1::cluster_client::ClusterClient;
 use mailvault_proto::v1::mailbox_client::MailboxClient;
+use mailvault_proto::v1::operations_client::OperationsClient;
 use mailvault_proto::v1::tenants_client::TenantsClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -30,11 +31,14 @@ pub struct TlsArgs {
 }
 
 static TLS: OnceLock<Option<ClientTlsConfig>> = OnceLock::new();
+/// The certificate and key files, for signing approvals.
+static IDENTITY: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
 
 /// Sets the TLS files for every connection this process makes.
 pub fn init_tls(args: &TlsArgs) -> anyhow::Result<()> {
     let cfg = match (&args.ca, &args.cert, &args.key) {
         (Some(ca), Some(cert), Some(key)) => {
+            let _ = IDENTITY.set((cert.clone(), key.clone()));
             let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
             Some(
                 ClientTlsConfig::new()
@@ -98,6 +102,28 @@ pub async fn backups(endpoint: &str) -> anyhow::Result<BackupsClient<Channel>> {
     Ok(BackupsClient::new(channel(endpoint).await?)
         .max_decoding_message_size(MAX_FRAME)
         .max_encoding_message_size(MAX_FRAME))
+}
+
+/// A client of the operations service (two-person operations).
+pub async fn operations(endpoint: &str) -> anyhow::Result<OperationsClient<Channel>> {
+    Ok(OperationsClient::new(channel(endpoint).await?))
+}
+
+/// This CLI's certificate (DER) and private key (PEM), which sign approvals.
+pub fn signing_identity() -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let (cert, key) = IDENTITY
+        .get()
+        .context("no client certificate: give --cert and --key")?;
+    let pem = std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?;
+    let der = mailvault_proto::approval::certificate_der(&pem).map_err(anyhow::Error::msg)?;
+    let key = std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?;
+    Ok((der, key))
+}
+
+/// The stable reason of a failed call, if it carries one.
+pub fn reason_of(s: &tonic::Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    s.get_details_error_info().map(|i| i.reason)
 }
 
 /// A failed call as the CLI reports it: the code, the message and the stable

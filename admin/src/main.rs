@@ -8,6 +8,7 @@ mod bench;
 mod client;
 mod devcerts;
 mod mail;
+mod op;
 mod output;
 mod progress;
 mod restore;
@@ -59,6 +60,9 @@ enum Command {
     /// The audit log: list, verify, export (auditor); verify offline on a data directory.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// Two-person operations: plan, propose, list, show, approve, reject, cancel, watch.
+    #[command(subcommand)]
+    Op(op::OpCmd),
     /// Backups: the catalog, one backup's manifest, take one now, verify one (operator; list and show also auditor).
     #[command(subcommand)]
     Backup(backup::BackupCmd),
@@ -83,6 +87,7 @@ async fn main() -> std::process::ExitCode {
         Command::Access(c) => access::run(&cli.endpoint, cli.output, c).await,
         Command::Audit(c) => audit::run(&cli.endpoint, cli.output, c).await,
         Command::Backup(c) => backup::run(&cli.endpoint, cli.output, c).await,
+        Command::Op(c) => op::run(&cli.endpoint, cli.output, c).await,
         Command::DevCerts(a) => devcerts::run(cli.output, a),
     };
     match res {

@@ -68,6 +68,14 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
                         })
                         .collect();
                     v["backup"] = s.backup.as_ref().map(backup_json).unwrap_or_default();
+                    v["operations"] = s
+                        .operations
+                        .as_ref()
+                        .map(|o| {
+                            json!({"bootstrap_operators": o.bootstrap_operators, "warning": o.warning,
+                                   "pending": o.pending, "executing": o.executing})
+                        })
+                        .unwrap_or_default();
                     v["damaged"] = s
                         .damaged
                         .iter()
@@ -168,12 +176,13 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
             })
             .collect();
         let backups = backup_text(&probes);
-        format!("{}\n{summary}{backups}{damaged}", table(header, rows))
+        let operations = operations_text(&probes);
+        format!("{}\n{summary}{operations}{backups}{damaged}", table(header, rows))
     });
     Ok(())
 }
 
-/// `12 running`, or the workers that are not running and why.
+/// `14 running`, or the workers that are not running and why.
 fn workers_text(workers: &[Worker]) -> String {
     let down: Vec<String> = workers
         .iter()
@@ -207,6 +216,35 @@ fn backup_json(b: &BackupStatus) -> serde_json::Value {
         "offsite_stale": b.offsite_stale,
         "next_ship": (b.next_ship_ms > 0).then(|| rfc3339(b.next_ship_ms)),
     })
+}
+
+/// Two-person operations under way (as the leader sees them), and any node
+/// whose config has fewer than two bootstrap operators.
+fn operations_text(probes: &[Probe]) -> String {
+    let answered: Vec<&NodeStatusResponse> = probes.iter().filter_map(|p| p.status.as_ref().ok()).collect();
+    let view = answered
+        .iter()
+        .find(|s| s.state == "leader")
+        .or(answered.first())
+        .and_then(|s| s.operations.as_ref());
+    let mut out = match view {
+        Some(o) if o.pending + o.executing > 0 => format!(
+            "
+operations: {} waiting for approval, {} approved and running (`op list`)",
+            o.pending, o.executing
+        ),
+        _ => String::new(),
+    };
+    for s in &answered {
+        if let Some(o) = s.operations.as_ref().filter(|o| !o.warning.is_empty()) {
+            out.push_str(&format!(
+                "
+node {}: WARNING: {}",
+                s.id, o.warning
+            ));
+        }
+    }
+    out
 }
 
 /// The backup duty (as the leader sees it), the newest backup, and per node

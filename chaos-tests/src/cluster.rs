@@ -13,6 +13,7 @@ use mailvault_proto::v1::audit_client::AuditClient;
 use mailvault_proto::v1::backups_client::BackupsClient;
 use mailvault_proto::v1::cluster_client::ClusterClient;
 use mailvault_proto::v1::mailbox_client::MailboxClient;
+use mailvault_proto::v1::operations_client::OperationsClient;
 use mailvault_proto::v1::tenants_client::TenantsClient;
 use mailvault_proto::v1::NodeStatusRequest;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -94,6 +95,8 @@ pub struct Cluster {
 
 /// The identity [`Cluster::admin`] uses: a bootstrap operator.
 pub const ADMIN: &str = "admin";
+/// The second bootstrap operator, who approves what [`ADMIN`] proposes.
+pub const ADMIN2: &str = "admin2";
 /// The identity [`Cluster::mailbox`] uses: tenant-admin on every tenant.
 pub const FRONTEND: &str = "frontend";
 
@@ -216,7 +219,7 @@ impl Cluster {
                 .save(&n.dir, "node")
                 .expect("write node cert");
             let cfg = format!(
-                "node_id = {id}\ndata_dir = \"{data}\"\nclient_listen = \"{ip}:{CLIENT_PORT}\"\nraft_listen = \"{ip}:{RAFT_PORT}\"\nops_listen = \"{ip}:{OPS_PORT}\"\nmaster_key_file = \"{key}\"\nlog = \"info,openraft=warn\"\n\n[tls]\nca_file = \"{ca}\"\ncert_file = \"{nd}/node.pem\"\nkey_file = \"{nd}/node.key\"\n\n[access]\noperators = [\"{ADMIN}\"]\n\n[audit]\nfail_closed = {fail_closed}\n\n{members}[raft]\n{timing}{extra}snapshot_every = {snap}\n\n[limits]\nmax_message_bytes = {max}\n\n[backup]\n{backup}",
+                "node_id = {id}\ndata_dir = \"{data}\"\nclient_listen = \"{ip}:{CLIENT_PORT}\"\nraft_listen = \"{ip}:{RAFT_PORT}\"\nops_listen = \"{ip}:{OPS_PORT}\"\nmaster_key_file = \"{key}\"\nlog = \"info,openraft=warn\"\n\n[tls]\nca_file = \"{ca}\"\ncert_file = \"{nd}/node.pem\"\nkey_file = \"{nd}/node.key\"\n\n[access]\noperators = [\"{ADMIN}\", \"{ADMIN2}\"]\n\n[audit]\nfail_closed = {fail_closed}\n\n{members}[raft]\n{timing}{extra}snapshot_every = {snap}\n\n[limits]\nmax_message_bytes = {max}\n\n[backup]\n{backup}",
                 id = n.id,
                 data = n.dir.join("data").display(),
                 ip = n.ip,
@@ -275,46 +278,155 @@ impl Cluster {
         self.nodes[i].dir.join("node.toml")
     }
 
-    /// Grants `identity` a tenant role, through node 0 as the admin.
+    /// Grants `identity` a tenant role: a two-person operation, proposed by
+    /// [`ADMIN`] and approved by [`ADMIN2`] through node 0; returns once
+    /// every node applied it.
     pub async fn grant(&self, identity: &str, tenant: &str, role: &str) {
-        use mailvault_proto::v1::{role, GrantRequest, Role, TenantRole};
-        let a = self.admin(0).await;
-        let req = GrantRequest {
-            identity: identity.into(),
-            role: Some(Role {
-                role: Some(role::Role::Tenant(TenantRole {
-                    tenant: tenant.into(),
-                    role: role.into(),
-                })),
-            }),
+        use mailvault_proto::v1::{role, Role, TenantRole};
+        let role = Role {
+            role: Some(role::Role::Tenant(TenantRole {
+                tenant: tenant.into(),
+                role: role.into(),
+            })),
         };
-        crate::client::retry(Duration::from_secs(20), || {
-            let (mut a, req) = (a.access.clone(), req.clone());
-            async move { a.grant(req).await }
-        })
-        .await
-        .expect("grant");
+        self.grant_role(identity, role).await;
+    }
+
+    /// Grants `identity` a cluster role (`operator`, `auditor`), as
+    /// [`Cluster::grant`] does.
+    pub async fn grant_cluster_role(&self, identity: &str, role: &str) {
+        use mailvault_proto::v1::{role, Role};
+        let role = Role {
+            role: Some(role::Role::Cluster(role.into())),
+        };
+        self.grant_role(identity, role).await;
+    }
+
+    async fn grant_role(&self, identity: &str, role: mailvault_proto::v1::Role) {
+        use mailvault_proto::v1::{operation_kind::Kind, GrantOperation, OperationKind};
+        let kind = OperationKind {
+            kind: Some(Kind::Grant(GrantOperation {
+                identity: identity.into(),
+                role: Some(role),
+            })),
+        };
+        let op = self.two_person(0, kind, "test setup").await;
+        assert_eq!(op.status, "succeeded", "the grant ran: {op:?}");
         self.wait_all_applied().await;
     }
 
-    /// Grants `identity` a cluster role (`operator`, `auditor`), through
-    /// node 0 as the admin, and waits until every node applied it.
-    pub async fn grant_cluster_role(&self, identity: &str, role: &str) {
-        use mailvault_proto::v1::{role, GrantRequest, Role};
-        let a = self.admin(0).await;
-        let req = GrantRequest {
-            identity: identity.into(),
-            role: Some(Role {
-                role: Some(role::Role::Cluster(role.into())),
-            }),
-        };
-        crate::client::retry(Duration::from_secs(20), || {
-            let (mut a, req) = (a.access.clone(), req.clone());
-            async move { a.grant(req).await }
+    /// Runs one two-person operation through node `i`: proposed by
+    /// [`ADMIN`], approved by [`ADMIN2`]; returns it once it ended.
+    pub async fn two_person(
+        &self,
+        i: usize,
+        kind: mailvault_proto::v1::OperationKind,
+        reason: &str,
+    ) -> mailvault_proto::v1::Operation {
+        use mailvault_proto::v1::ProposeOperationRequest;
+        let a = self.admin(i).await;
+        let proposed = crate::client::retry(Duration::from_secs(20), || {
+            let mut a = a.operations.clone();
+            let req = ProposeOperationRequest {
+                kind: Some(kind.clone()),
+                reason: reason.into(),
+                expires_in_secs: 0,
+            };
+            async move { a.propose_operation(req).await }
         })
         .await
-        .expect("grant a cluster role");
-        self.wait_all_applied().await;
+        .expect("propose")
+        .into_inner();
+        self.approve(i, ADMIN2, &proposed.id, &proposed.plan_hash)
+            .await
+            .expect("approve");
+        self.wait_operation_ended(i, &proposed.id).await
+    }
+
+    /// Approves operation `id` as `identity` through node `i`, signing
+    /// `plan_hash` with the key of `identity`'s certificate.
+    pub async fn approve(
+        &self,
+        i: usize,
+        identity: &str,
+        id: &str,
+        plan_hash: &str,
+    ) -> Result<mailvault_proto::v1::Operation, tonic::Status> {
+        let (cert, key) = self.identity_files(identity);
+        let message = mailvault_proto::approval::message(id, plan_hash);
+        let signature = mailvault_proto::approval::sign(&key, &cert, &message).expect("sign the approval");
+        let a = self.admin_as(i, identity).await;
+        crate::client::retry(Duration::from_secs(20), || {
+            let mut a = a.operations.clone();
+            let req = mailvault_proto::v1::ApproveOperationRequest {
+                id: id.into(),
+                plan_hash: plan_hash.into(),
+                certificate: cert.clone(),
+                signature: signature.clone(),
+            };
+            async move { a.approve_operation(req).await }
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// Issues `identity` a certificate on `owner`'s key (two identities
+    /// sharing one key), written where [`Cluster::tls_for`] finds it.
+    pub fn issue_on_key_of(&self, identity: &str, owner: &str) {
+        let (_, key) = self.identity_files(owner);
+        self.ca
+            .client_with_key(identity, std::str::from_utf8(&key).expect("a PEM key"))
+            .expect("client cert on a shared key")
+            .save(self.dir.path(), &format!("client-{identity}"))
+            .expect("write client cert");
+    }
+
+    /// The whole audit log, read through node `i` as `auditor` (who must
+    /// hold the auditor role).
+    pub async fn audit_records(&self, i: usize, auditor: &str) -> Vec<mailvault_proto::v1::AuditRecord> {
+        let mut a = self.admin_as(i, auditor).await.audit;
+        a.list_audit(mailvault_proto::v1::ListAuditRequest {
+            from_seq: 1,
+            limit: 100_000,
+        })
+        .await
+        .expect("list the audit log")
+        .into_inner()
+        .records
+    }
+
+    /// `identity`'s certificate (DER) and private key (PEM), issued on first use.
+    pub fn identity_files(&self, identity: &str) -> (Vec<u8>, Vec<u8>) {
+        let _ = self.tls_for(identity);
+        let read = |ext: &str| {
+            std::fs::read(self.dir.path().join(format!("client-{identity}.{ext}"))).expect("read cert")
+        };
+        let cert = mailvault_proto::approval::certificate_der(&read("pem")).expect("a certificate");
+        (cert, read("key"))
+    }
+
+    /// Waits (up to 60 s) until operation `id` ended, as node `i` sees it.
+    pub async fn wait_operation_ended(&self, i: usize, id: &str) -> mailvault_proto::v1::Operation {
+        let a = self.admin(i).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = crate::client::retry(Duration::from_secs(20), || {
+                let mut a = a.operations.clone();
+                let req = mailvault_proto::v1::GetOperationRequest { id: id.into() };
+                async move { a.get_operation(req).await }
+            })
+            .await
+            .expect("get the operation")
+            .into_inner();
+            if !matches!(got.status.as_str(), "proposed" | "approved" | "executing") {
+                return got;
+            }
+            if Instant::now() > deadline {
+                self.dump_logs();
+                panic!("operation {id} did not end: {got:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Waits until every running node has applied what the most advanced
@@ -745,6 +857,8 @@ pub struct Admin {
     pub audit: AuditClient<Channel>,
     /// Backups.
     pub backups: BackupsClient<Channel>,
+    /// Two-person operations.
+    pub operations: OperationsClient<Channel>,
 }
 
 impl Admin {
@@ -755,7 +869,8 @@ impl Admin {
             tenants: TenantsClient::new(ch.clone()),
             access: AccessClient::new(ch.clone()),
             audit: AuditClient::new(ch.clone()),
-            backups: BackupsClient::new(ch),
+            backups: BackupsClient::new(ch.clone()),
+            operations: OperationsClient::new(ch),
         }
     }
 }

@@ -18,5 +18,6 @@ pub mod scenario;
 
 pub use client::*;
 pub use cluster::{
-    admin_binary, libfaketime, node_binary, test_modes_node_binary, Cluster, ClusterOptions, ADMIN, FRONTEND,
+    admin_binary, libfaketime, node_binary, test_modes_node_binary, Cluster, ClusterOptions, ADMIN, ADMIN2,
+    FRONTEND,
 };

@@ -439,6 +439,7 @@ async fn every_node_reports_its_workers_in_status_and_metrics() {
         "leadership-placement",
         "audit-follower",
         "backup-schedule",
+        "operation-executor",
         "client-listener",
         "ops-listener",
     ];

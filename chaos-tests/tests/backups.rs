@@ -119,17 +119,7 @@ async fn the_backup_node_takes_verified_backups_on_schedule_and_keeps_only_keep_
         .await
         .unwrap_err();
     assert_eq!(reason(&e), (Code::FailedPrecondition, "BACKUP_NOT_LOCAL".into()));
-    let mut grant = cluster.admin(0).await.access;
-    grant
-        .grant(GrantRequest {
-            identity: "auditor".into(),
-            role: Some(Role {
-                role: Some(role::Role::Cluster("auditor".into())),
-            }),
-        })
-        .await
-        .unwrap();
-    cluster.wait_all_applied().await;
+    cluster.grant_cluster_role("auditor", "auditor").await;
     let mut auditor = cluster.admin_as(0, "auditor").await.backups;
     assert!(auditor.list_backups(ListBackupsRequest {}).await.is_ok());
     let e = auditor.take_backup(TakeBackupRequest {}).await.unwrap_err();

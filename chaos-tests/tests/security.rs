@@ -35,15 +35,7 @@ async fn status_of(
 }
 
 async fn audit_records(cluster: &Cluster) -> Vec<AuditRecord> {
-    let mut a = cluster.admin_as(0, "auditor").await.audit;
-    a.list_audit(ListAuditRequest {
-        from_seq: 1,
-        limit: 10_000,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .records
+    cluster.audit_records(0, "auditor").await
 }
 
 /// Waits until the audit log holds a record matching `f`.
@@ -595,28 +587,49 @@ fn reason(s: &tonic::Status) -> String {
     s.get_details_error_info().map(|i| i.reason).unwrap_or_default()
 }
 
-/// Two operators change one identity at once through two nodes: both changes
-/// land (each is a server-side command, not a read-modify-write of the whole
-/// policy); preconditions are checked where the change applies, with a stable
-/// reason; the CLI shows what changed.
+fn grant_kind(req: GrantRequest) -> OperationKind {
+    OperationKind {
+        kind: Some(operation_kind::Kind::Grant(GrantOperation {
+            identity: req.identity,
+            role: req.role,
+        })),
+    }
+}
+
+/// Grants are two-person operations, rehearsed against the policy as it is,
+/// so grants proposed one after another through different nodes compose;
+/// the immediate changes (removing roles, narrowing an allowlist) made by two
+/// operators at once through two nodes both land (each is a server-side
+/// command, not a read-modify-write of the whole policy); preconditions are
+/// checked at proposal and where a change applies, with a stable reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_policy_changes_compose_and_preconditions_hold() {
+async fn policy_changes_compose_and_preconditions_hold() {
     let cluster = setup().await;
+    for (i, req) in [
+        (1, grant_request("duo", Some(("acme", "agent")), None)),
+        (2, grant_request("duo", Some(("globex", "reader")), None)),
+        (1, grant_request("duo", None, Some("auditor"))),
+        (2, grant_request("duo", Some(("acme", "exporter")), None)),
+        (1, grant_request("duo", Some(("globex", "agent")), None)),
+    ] {
+        let op = cluster.two_person(i, grant_kind(req), "T-100").await;
+        assert_eq!(op.status, "succeeded", "{op:?}");
+    }
+    cluster.wait_all_applied().await;
+    // Two removals at once, through two nodes: both land.
     let (a1, a2) = (cluster.admin(1).await.access, cluster.admin(2).await.access);
-    let grants = [
-        (a1.clone(), grant_request("duo", Some(("acme", "agent")), None)),
-        (a2.clone(), grant_request("duo", Some(("globex", "reader")), None)),
-        (a1.clone(), grant_request("duo", None, Some("auditor"))),
-        (a2.clone(), grant_request("duo", Some(("acme", "exporter")), None)),
+    let removals = [
+        (a1.clone(), grant_request("duo", Some(("acme", "exporter")), None)),
+        (a2.clone(), grant_request("duo", Some(("globex", "agent")), None)),
     ];
-    let calls = grants.into_iter().map(|(a, req)| {
+    let calls = removals.into_iter().map(|(a, req)| {
         retry(Duration::from_secs(10), move || {
             let (mut a, req) = (a.clone(), req.clone());
-            async move { a.grant(req).await }
+            async move { a.ungrant(req).await }
         })
     });
     for r in futures::future::join_all(calls).await {
-        r.unwrap();
+        assert!(r.unwrap().into_inner().changed);
     }
     cluster.wait_all_applied().await;
     let mut a0 = cluster.admin(0).await.access;
@@ -637,39 +650,76 @@ async fn concurrent_policy_changes_compose_and_preconditions_hold() {
         r.sort();
         r
     };
-    assert_eq!(roles("acme"), ["agent", "exporter"], "{p:?}");
+    assert_eq!(roles("acme"), ["agent"], "{p:?}");
     assert_eq!(roles("globex"), ["reader"], "{p:?}");
     assert_eq!(p.cluster_roles, ["auditor"], "{p:?}");
 
-    // Granting again changes nothing and says so (a retry is safe).
+    // Removing again changes nothing and says so (a retry is safe).
     let again = a0
-        .grant(grant_request("duo", Some(("acme", "agent")), None))
+        .ungrant(grant_request("duo", Some(("acme", "exporter")), None))
         .await
         .unwrap()
         .into_inner();
     assert!(!again.changed && again.before == again.after, "{again:?}");
 
-    // A tenant that does not exist is refused, not granted.
+    // A grant is never made by one operator: Access.Grant refuses, and
+    // nothing changes.
     let e = a0
-        .grant(grant_request("duo", Some(("acne", "agent")), None))
+        .grant(grant_request("duo", Some(("acme", "reader")), None))
         .await
         .unwrap_err();
     assert_eq!(
         (e.code(), reason(&e).as_str()),
-        (Code::NotFound, "TENANT_NOT_FOUND")
+        (Code::FailedPrecondition, "TWO_PERSON_REQUIRED")
     );
-    // An unknown role is malformed.
-    let e = a0
-        .grant(grant_request("duo", Some(("acme", "god")), None))
+    assert!(e.message().contains("second operator"), "{e:?}");
+    // Proposals are rehearsed: a tenant that does not exist, a role already
+    // held, an unknown role are refused at once, and nothing is proposed.
+    let mut ops = cluster.admin(0).await.operations;
+    let propose = |req: GrantRequest| ProposeOperationRequest {
+        kind: Some(grant_kind(req)),
+        reason: "T-101".into(),
+        expires_in_secs: 0,
+    };
+    let e = ops
+        .propose_operation(propose(grant_request("duo", Some(("acne", "agent")), None)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::FailedPrecondition, "PRECONDITION_VIOLATED")
+    );
+    assert!(e.message().contains("tenant acne does not exist"), "{e:?}");
+    let e = ops
+        .propose_operation(propose(grant_request("duo", Some(("acme", "agent")), None)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::AlreadyExists, "NOTHING_TO_DO")
+    );
+    let e = ops
+        .propose_operation(propose(grant_request("duo", Some(("acme", "god")), None)))
         .await
         .unwrap_err();
     assert_eq!(
         (e.code(), reason(&e).as_str()),
         (Code::InvalidArgument, "INVALID_REQUEST")
     );
+    let listed = ops
+        .list_operations(ListOperationsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .operations;
+    assert!(
+        listed.iter().all(|o| o.status == "succeeded"),
+        "no refused rehearsal was proposed: {listed:?}"
+    );
 
     // An allowlist change that expected another allowlist is refused; one
-    // that expected the current one is made.
+    // that narrows the current one (anywhere → a network) is made at once;
+    // one that widens it is two-person.
     let allow = |networks: &[&str], expected: Option<&[&str]>| SetAllowlistRequest {
         identity: "duo".into(),
         allow_from: Some(Allowlist {
@@ -693,49 +743,46 @@ async fn concurrent_policy_changes_compose_and_preconditions_hold() {
         .unwrap()
         .into_inner();
     assert_eq!(ok.after.unwrap().allow_from, ["127.0.0.0/8"]);
+    let ok = a0
+        .set_allowlist(allow(&["127.0.0.0/16"], None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.after.unwrap().allow_from, ["127.0.0.0/16"], "narrowed at once");
+    for wider in [&["127.0.0.0/8"][..], &["127.0.0.0/16", "10.0.0.0/8"], &[]] {
+        let e = a0.set_allowlist(allow(wider, None)).await.unwrap_err();
+        assert_eq!(
+            (e.code(), reason(&e).as_str()),
+            (Code::FailedPrecondition, "TWO_PERSON_REQUIRED"),
+            "{wider:?}"
+        );
+    }
 
-    // A revoked identity gets no new role.
+    // A revoked identity gets no new role: the rehearsal says why.
     a0.revoke_identity(RevokeIdentityRequest {
         identity: "duo".into(),
     })
     .await
     .unwrap();
-    let e = a0
-        .grant(grant_request("duo", None, Some("operator")))
+    cluster.wait_all_applied().await;
+    let e = ops
+        .propose_operation(propose(grant_request("duo", None, Some("operator"))))
         .await
         .unwrap_err();
     assert_eq!(
         (e.code(), reason(&e).as_str()),
-        (Code::FailedPrecondition, "IDENTITY_REVOKED")
+        (Code::FailedPrecondition, "PRECONDITION_VIOLATED")
     );
-
-    // The CLI prints the change as a diff, and the audit log names it readably.
-    let out = cluster
-        .admin_command(&cluster.client_addr(0), ADMIN)
-        .args(["access", "grant", "solo", "--tenant", "acme", "--role", "reader"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("+ tenant acme: reader"), "{text}");
-    wait_audited(&cluster, "a readable grant", |r| {
-        r.action == "Grant" && r.target == "solo: +reader on tenant acme"
-    })
-    .await;
+    assert!(e.message().contains("identity duo is revoked"), "{e:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_change_on_one_node_is_enforced_by_every_node() {
     let cluster = setup().await;
-    // Granted through node 2 ...
-    let a = cluster.admin(2).await.access;
+    // Granted through node 2 (proposed and approved there) ...
     let req = grant_request("newhire", Some(("acme", "agent")), None);
-    retry(Duration::from_secs(5), || {
-        let (mut a, req) = (a.clone(), req.clone());
-        async move { a.grant(req).await }
-    })
-    .await
-    .unwrap();
+    let op = cluster.two_person(2, grant_kind(req), "T-102").await;
+    assert_eq!(op.status, "succeeded", "{op:?}");
     // ... honoured by every node.
     for i in 0..cluster.len() {
         let c = cluster.mailbox_as(i, "newhire").await;

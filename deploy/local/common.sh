@@ -33,7 +33,7 @@ cert_file = "$certs/node-$i.pem"
 key_file = "$certs/node-$i.key"
 
 [access]
-operators = ["admin"]
+operators = ["admin", "admin2"]
 
 $members
 TOML

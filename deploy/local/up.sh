@@ -24,7 +24,11 @@ CERTS="$RUN_DIR/certs"
 if [ ! -f "$CERTS/ca.pem" ]; then
   "$BIN_DIR/mailvault-admin" dev-certs --out "$CERTS" \
     --node 1=127.0.0.1 --node 2=127.0.0.1 --node 3=127.0.0.1 \
-    --client admin --client auditor --client frontend --client reader >&2
+    --client admin --client admin2 --client auditor --client frontend --client reader >&2
+fi
+if [ ! -f "$CERTS/client-admin2.pem" ]; then
+  echo "warning: $CERTS predates the second operator (admin2), who approves two-person" \
+    "operations; start over with MAILVAULT_FRESH=1 deploy/local/up.sh" >&2
 fi
 
 for i in 1 2 3; do
@@ -43,11 +47,12 @@ cat <<MSG
 mailvault is running (mTLS on every listener).
   client API (gRPC):     127.0.0.1:7101, 127.0.0.1:7102, 127.0.0.1:7103
   ops (health, metrics): http://127.0.0.1:7301/metrics (7302, 7303)
-  certificates:          $CERTS (CA, nodes, and clients admin, auditor, frontend, reader)
+  certificates:          $CERTS (CA, nodes, and clients admin, admin2, auditor, frontend, reader)
   data, logs:            $RUN_DIR
   stop:                  deploy/local/down.sh
 
-Use it as the bootstrap operator:
+Use it as a bootstrap operator (admin and admin2 are the two: what one proposes,
+the other approves):
   export PATH="$BIN_DIR:\$PATH" MAILVAULT_ENDPOINT=127.0.0.1:7101
   export MAILVAULT_CA=$CERTS/ca.pem MAILVAULT_CERT=$CERTS/client-admin.pem MAILVAULT_KEY=$CERTS/client-admin.key
   mailvault-admin status

@@ -124,7 +124,8 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessConfig {
-    /// Identities that are always operators (break-glass bootstrap of the policy).
+    /// Identities that are always operators (the bootstrap of the policy);
+    /// two at least, for two-person operations.
     pub operators: Vec<String>,
     /// Failed authentications or denied calls that lock an identity or address out.
     pub lockout_threshold: usize,

@@ -18,6 +18,7 @@ use crate::crypto::CryptoError;
 use crate::names::BadName;
 use crate::proposer::ProposeError;
 use crate::state::command::Refusal;
+use crate::state::ops::OpRefusal;
 use crate::store::ReadError;
 
 /// The `ErrorInfo.domain` of every mailvault error.
@@ -69,15 +70,22 @@ impl From<CryptoError> for Status {
 pub fn code_of(reason: Reason) -> Code {
     use Reason::*;
     match reason {
-        TenantNotFound | MailboxNotFound | MessageNotFound | BackupNotFound => Code::NotFound,
-        TenantExists | MailboxExists => Code::AlreadyExists,
+        TenantNotFound | MailboxNotFound | MessageNotFound | BackupNotFound | OperationNotFound => {
+            Code::NotFound
+        }
+        TenantExists | MailboxExists | NothingToDo => Code::AlreadyExists,
         ClaimedByAnotherAgent
         | NotClaimant
         | ModifiedSince
         | IdentityRevoked
         | BackupNotLocal
-        | BackupNotShipped => Code::FailedPrecondition,
-        IncompleteBody | AllowlistChanged => Code::Aborted,
+        | BackupNotShipped
+        | TwoPersonRequired
+        | OperationExpired
+        | OperationDecided
+        | PlanHashMismatch
+        | PreconditionViolated => Code::FailedPrecondition,
+        IncompleteBody | AllowlistChanged | StateChanged => Code::Aborted,
         UidsExhausted | MessageTooLarge => Code::ResourceExhausted,
         InvalidName
         | StreamHeaderMissing
@@ -106,7 +114,11 @@ pub fn code_of(reason: Reason) -> Code {
         | SourceNotAllowed
         | NodeNotAllowed
         | LockedOut
-        | CertificateWithoutIdentity => Code::PermissionDenied,
+        | CertificateWithoutIdentity
+        | SelfApproval
+        | SameKey
+        | ApprovalSignatureInvalid
+        | NotProposer => Code::PermissionDenied,
     }
 }
 
@@ -130,6 +142,30 @@ pub fn refusal(r: Refusal) -> ApiError {
         Refusal::AllowlistChanged => ApiError::new(Reason::AllowlistChanged, msg),
         Refusal::NoBackup => ApiError::new(Reason::BackupNotFound, msg),
         Refusal::BackupIdTaken => ApiError::new(Reason::BackupFailed, msg),
+        Refusal::Operation(r) => op_refusal(r),
+    }
+}
+
+/// A refused change to a two-person operation, or a rehearsal that found a
+/// precondition violated.
+pub fn op_refusal(r: OpRefusal) -> ApiError {
+    let msg = r.to_string();
+    match r {
+        OpRefusal::NotFound => ApiError::new(Reason::OperationNotFound, msg),
+        OpRefusal::Expired => ApiError::new(Reason::OperationExpired, msg),
+        OpRefusal::Decided(status) => ApiError::new(Reason::OperationDecided, msg).with("status", status),
+        OpRefusal::SelfApproval => ApiError::new(Reason::SelfApproval, msg),
+        OpRefusal::SameKey => ApiError::new(Reason::SameKey, msg),
+        OpRefusal::PlanChanged => ApiError::new(Reason::PlanHashMismatch, msg),
+        OpRefusal::FenceChanged(changed) => {
+            ApiError::new(Reason::StateChanged, msg).with("changed", changed.join("; "))
+        }
+        OpRefusal::BadSignature(_) => ApiError::new(Reason::ApprovalSignatureInvalid, msg),
+        OpRefusal::NotProposer => ApiError::new(Reason::NotProposer, msg),
+        OpRefusal::ProposerRejects => invalid(msg),
+        OpRefusal::Precondition(_) => ApiError::new(Reason::PreconditionViolated, msg),
+        OpRefusal::NothingToDo(_) => ApiError::new(Reason::NothingToDo, msg),
+        OpRefusal::IdTaken | OpRefusal::NotNextStep(_) => ApiError::new(Reason::InternalError, msg),
     }
 }
 

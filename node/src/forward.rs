@@ -7,7 +7,7 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::Channel;
 use tonic::Status;
 
-use crate::access::{Principal, ON_BEHALF_OF, ON_BEHALF_SERIAL, ON_BEHALF_SOURCE};
+use crate::access::{Principal, ON_BEHALF_KEY, ON_BEHALF_OF, ON_BEHALF_SERIAL, ON_BEHALF_SOURCE};
 use crate::error::{ApiError, Reason};
 use crate::raft::PeerClients;
 use crate::state::types::{Member, NodeId, Raft};
@@ -108,6 +108,7 @@ pub fn forwarded<T>(inner: T, principal: Option<&Principal>) -> tonic::Request<T
         set(ON_BEHALF_OF, &p.identity);
         set(ON_BEHALF_SERIAL, &p.serial);
         set(ON_BEHALF_SOURCE, &p.source_text());
+        set(ON_BEHALF_KEY, &p.key);
     }
     r
 }

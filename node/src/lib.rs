@@ -15,6 +15,7 @@ pub mod error;
 pub mod forward;
 pub mod headers;
 pub mod names;
+pub mod operations;
 pub mod ops;
 pub mod proposer;
 pub mod raft;

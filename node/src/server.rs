@@ -11,6 +11,7 @@ use mailvault_proto::v1::audit_server::AuditServer;
 use mailvault_proto::v1::backups_server::BackupsServer;
 use mailvault_proto::v1::cluster_server::ClusterServer;
 use mailvault_proto::v1::mailbox_server::MailboxServer;
+use mailvault_proto::v1::operations_server::OperationsServer;
 use mailvault_proto::v1::tenants_server::TenantsServer;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::net::TcpListener;
@@ -19,7 +20,8 @@ use tonic_reflection::server::v1::ServerReflectionServer;
 use crate::access::rules::{HEALTH_SERVICE, REFLECTION_V1, REFLECTION_V1ALPHA};
 use crate::access::{follow_audit_log, AccessLayer, Against, Denials, Gate, Lockout, REFUSED};
 use crate::api::{
-    AccessService, AuditService, BackupsService, ClusterService, MailboxService, TenantsService,
+    AccessService, AuditService, BackupsService, ClusterService, MailboxService, OperationsService,
+    TenantsService,
 };
 use crate::audit::AuditRecorder;
 use crate::backups::{run_schedule, Backups, BackupsParts, Offsite};
@@ -256,6 +258,18 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         test_modes,
     });
     workers.spawn("raft-watch", Kind::Essential, watch_leader(raft.clone()));
+    if config.access.operators.len() < 2 {
+        tracing::warn!(
+            operators = config.access.operators.len(),
+            "fewer than two bootstrap operators ([access] operators): no two-person operation can be \
+             approved until a second operator is configured"
+        );
+    }
+    workers.spawn(
+        "operation-executor",
+        Kind::Background,
+        crate::operations::run_executor(ctx.clone()),
+    );
     // Leadership returns to the active node; a backup campaigns only as a last resort.
     let (role, r) = (config.me().role, raft.clone());
     let election_timeout = Duration::from_millis(config.raft.election_timeout_max_ms);
@@ -288,6 +302,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let access_api = AccessServer::new(AccessService::new(ctx.clone()));
     let audit_api = AuditServer::new(AuditService::new(ctx.clone()));
     let backups_api = BackupsServer::new(BackupsService::new(ctx.clone()));
+    let operations_api = OperationsServer::new(OperationsService::new(ctx.clone()));
     // The client listener admits any certificate of the cluster CA that names
     // an identity; the access layer then decides per call. No address is
     // refused before its handshake: a lockout of an address (after failed
@@ -316,6 +331,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             .add_service(access_api)
             .add_service(audit_api)
             .add_service(backups_api)
+            .add_service(operations_api)
             .serve_with_incoming_shutdown(client_incoming, stop)
             .await
             .context("client listener failed")

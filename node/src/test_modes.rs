@@ -36,6 +36,11 @@ pub struct TestModes {
     /// (its files all in `incoming-*`), so a test can kill the node in the
     /// middle of a backup. Slow, not unsafe.
     pub pause_backup: bool,
+    /// While the file [`PAUSE_OPERATION_FILE`] exists in the node's data
+    /// directory, its operation executor (on the leader) takes no step of an
+    /// approved operation, so a test can kill the leader between an approval
+    /// and the operation's end. Slow, not unsafe.
+    pub pause_operation: bool,
 }
 
 /// How long `slow-leader-sync` holds back each sync of a leader's appends.
@@ -47,6 +52,9 @@ pub const SLOW_LEADER_SYNC_FILE: &str = "slow-leader-sync";
 /// The file in a node's data directory that holds `pause-backup` backups.
 pub const PAUSE_BACKUP_FILE: &str = "pause-backup";
 
+/// The file in a node's data directory that holds `pause-operation` steps.
+pub const PAUSE_OPERATION_FILE: &str = "pause-operation";
+
 /// The names of the modes this build can enable.
 #[cfg(feature = "test-modes")]
 const KNOWN: &[&str] = &[
@@ -56,6 +64,7 @@ const KNOWN: &[&str] = &[
     "plaintext",
     "slow-leader-sync",
     "pause-backup",
+    "pause-operation",
 ];
 #[cfg(not(feature = "test-modes"))]
 const KNOWN: &[&str] = &[];
@@ -100,6 +109,7 @@ impl TestModes {
             "plaintext" => self.plaintext = true,
             "slow-leader-sync" => self.slow_leader_sync = true,
             "pause-backup" => self.pause_backup = true,
+            "pause-operation" => self.pause_operation = true,
             other => return Err(TestModeError::Unknown(other.to_string())),
         }
         Ok(())

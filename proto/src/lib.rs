@@ -1,7 +1,7 @@
 //! Wire types of mailvault, generated from `proto/` at build time.
 //!
 //! `v1` is the client API (the mailbox service and the operator services:
-//! cluster, tenants, access, audit, backups); `raft` is the internal
+//! cluster, tenants, access, audit, backups, operations); `raft` is the internal
 //! node-to-node protocol and must never be served on the client listener.
 
 /// The client API, `mailvault.v1`.
@@ -23,6 +23,7 @@ pub mod etcd {
     tonic::include_proto!("etcdserverpb");
 }
 
+pub mod approval;
 pub mod client;
 
 /// Encoded file descriptor set of the client API (`mailvault.v1`: every

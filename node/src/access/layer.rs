@@ -25,6 +25,8 @@ pub const ON_BEHALF_OF: &str = "x-mailvault-on-behalf-of";
 pub const ON_BEHALF_SERIAL: &str = "x-mailvault-on-behalf-serial";
 /// The original caller's source address.
 pub const ON_BEHALF_SOURCE: &str = "x-mailvault-on-behalf-source";
+/// The original caller's certificate key fingerprint (see [`Principal::key`]).
+pub const ON_BEHALF_KEY: &str = "x-mailvault-on-behalf-key";
 
 /// Authenticates every call and admits it by its method's rule (see `rules.rs`).
 #[derive(Clone)]
@@ -141,17 +143,22 @@ async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> 
         };
         return Err(denial.record(gate, counts(Against::Address)).await);
     };
-    let (identity, is_node, serial, source) = match cert_identity {
+    let own_key = leaf
+        .as_deref()
+        .and_then(|d| mailvault_proto::approval::key_fingerprint(d).ok())
+        .unwrap_or_default();
+    let (identity, is_node, serial, source, key) = match cert_identity {
         CertIdentity::Node(id) => match header(req, ON_BEHALF_OF) {
             Some(user) => (
                 user.to_string(),
                 false,
                 header(req, ON_BEHALF_SERIAL).unwrap_or("").to_string(),
                 header(req, ON_BEHALF_SOURCE).and_then(|s| s.parse::<IpAddr>().ok()),
+                header(req, ON_BEHALF_KEY).unwrap_or("").to_string(),
             ),
-            None => (format!("node:{id}"), true, serial, addr),
+            None => (format!("node:{id}"), true, serial, addr, own_key),
         },
-        CertIdentity::User(u) => (u, false, serial, addr),
+        CertIdentity::User(u) => (u, false, serial, addr, own_key),
     };
     // A method without a rule is not served on this port (the peer protocol
     // is served only on the Raft port); asking for it is no denial.
@@ -173,6 +180,7 @@ async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> 
                 is_node,
                 serial,
                 source,
+                key,
                 policy: Default::default(),
             }),
             false => {
@@ -220,6 +228,7 @@ async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> 
         is_node,
         serial,
         source,
+        key,
         policy,
     })
 }

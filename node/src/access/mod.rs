@@ -15,7 +15,7 @@ pub mod rules;
 
 pub use denials::{Against, Denials};
 pub use gate::Gate;
-pub use layer::{AccessLayer, ON_BEHALF_OF, ON_BEHALF_SERIAL, ON_BEHALF_SOURCE};
+pub use layer::{AccessLayer, ON_BEHALF_KEY, ON_BEHALF_OF, ON_BEHALF_SERIAL, ON_BEHALF_SOURCE};
 pub use lockout::{
     follow_audit_log, id_key, ip_key, is_key, Locked, Lockout, Started, DENIED, DENIED_UNAUTHENTICATED,
     LOCKOUT_ACTION, LOCKOUT_STARTED, REFUSED, REFUSED_LOCKED, UNLOCKED, UNLOCK_ACTION,

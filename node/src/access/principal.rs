@@ -21,6 +21,10 @@ pub struct Principal {
     pub serial: String,
     /// The source address of the original caller.
     pub source: Option<IpAddr>,
+    /// SHA-256 of the caller's certificate public key (SubjectPublicKeyInfo),
+    /// hex: two certificates of one key share it (two-person operations
+    /// need two keys).
+    pub key: String,
     /// The identity's replicated policy.
     pub policy: IdentityPolicy,
 }

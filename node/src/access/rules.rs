@@ -6,11 +6,14 @@
 //!
 //! Tenant-scoped calls (the mailbox service) are only admitted here: the
 //! handler checks the caller's tenant role once it has read the request.
-//! Later columns (whether a call needs a second person's approval) belong in
-//! [`Rule`] too.
+//! Whether a change needs a second person is not a column here: it depends
+//! on the request (widening an allowlist does, narrowing it does not), so the
+//! handlers refuse such changes (`TWO_PERSON_REQUIRED`) and the `Operations`
+//! service proposes them.
 
 use mailvault_proto::v1::{
-    access_server, audit_server, backups_server, cluster_server, mailbox_server, tenants_server,
+    access_server, audit_server, backups_server, cluster_server, mailbox_server, operations_server,
+    tenants_server,
 };
 
 use crate::state::policy::ClusterRole;
@@ -107,6 +110,26 @@ const RULES: &[(&str, &str, Rule)] = &[
     (backups_server::SERVICE_NAME, "ShipBackup", OPERATOR),
     (backups_server::SERVICE_NAME, "DrillBackup", OPERATOR),
     (backups_server::SERVICE_NAME, "RestoreMailbox", OPERATOR),
+    (operations_server::SERVICE_NAME, "PlanOperation", OPERATOR),
+    (operations_server::SERVICE_NAME, "ProposeOperation", OPERATOR),
+    (
+        operations_server::SERVICE_NAME,
+        "ListOperations",
+        OPERATOR_OR_AUDITOR,
+    ),
+    (
+        operations_server::SERVICE_NAME,
+        "GetOperation",
+        OPERATOR_OR_AUDITOR,
+    ),
+    (
+        operations_server::SERVICE_NAME,
+        "WatchOperation",
+        OPERATOR_OR_AUDITOR,
+    ),
+    (operations_server::SERVICE_NAME, "ApproveOperation", OPERATOR),
+    (operations_server::SERVICE_NAME, "RejectOperation", OPERATOR),
+    (operations_server::SERVICE_NAME, "CancelOperation", OPERATOR),
 ];
 
 /// The rule for a gRPC path (`/package.Service/Method`), if it has one.
@@ -193,6 +216,10 @@ mod tests {
         assert!(!rule("/mailvault.v1.Backups/TakeBackup").admits(auditor));
         assert!(rule("/mailvault.v1.Backups/VerifyBackup").admits(operator));
         assert!(rule("/mailvault.v1.Mailbox/GetMessage").admits(none));
+        assert!(rule("/mailvault.v1.Operations/ListOperations").admits(auditor));
+        assert!(!rule("/mailvault.v1.Operations/ApproveOperation").admits(auditor));
+        assert!(!rule("/mailvault.v1.Operations/ProposeOperation").admits(auditor));
+        assert!(!rule("/mailvault.v1.Operations/ApproveOperation").nodes);
         assert!(
             rule_for("/mailvault.v1.Admin/NodeStatus").is_none(),
             "the old service is gone"

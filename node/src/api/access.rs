@@ -14,12 +14,14 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::operator::record;
+use crate::access::Principal;
 use crate::access::{id_key, ip_key, is_key, UNLOCKED, UNLOCK_ACTION};
 use crate::ctx::Ctx;
 use crate::error::{self, ApiError, Reason};
 use crate::forward::{principal_of, route_write};
 use crate::names;
 use crate::state::command::{AccessChange, Command, CommandResult, RoleGrant};
+use crate::state::ops::{allowlist_text, widens};
 use crate::state::policy::{ClusterRole, IdentityPolicy, TenantRole, ANY_TENANT};
 
 /// Longest identity name accepted.
@@ -63,7 +65,7 @@ impl AccessService {
     }
 }
 
-fn identity(name: &str) -> Result<(), ApiError> {
+pub(super) fn check_identity(name: &str) -> Result<(), ApiError> {
     names::check("identity", name, IDENTITY_MAX_BYTES).map_err(error::name)
 }
 
@@ -85,7 +87,7 @@ fn policy_to_proto(identity: &str, p: &IdentityPolicy) -> ProtoPolicy {
 }
 
 /// The role a grant or ungrant names.
-fn role_of(r: Option<Role>) -> Result<RoleGrant, ApiError> {
+pub(super) fn role_of(r: Option<Role>) -> Result<RoleGrant, ApiError> {
     match r.and_then(|r| r.role) {
         Some(role::Role::Tenant(t)) => {
             if t.tenant != ANY_TENANT {
@@ -105,7 +107,7 @@ fn role_of(r: Option<Role>) -> Result<RoleGrant, ApiError> {
     }
 }
 
-fn networks(list: &[String]) -> Result<Vec<IpNet>, ApiError> {
+pub(super) fn networks(list: &[String]) -> Result<Vec<IpNet>, ApiError> {
     list.iter()
         .map(|n| {
             n.parse()
@@ -114,11 +116,35 @@ fn networks(list: &[String]) -> Result<Vec<IpNet>, ApiError> {
         .collect()
 }
 
-fn allowlist_text(networks: &[IpNet]) -> String {
-    match networks {
-        [] => "anywhere".to_string(),
-        n => n.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "),
+/// A role as the API names it.
+pub(super) fn role_to_proto(r: &RoleGrant) -> Role {
+    let role = match r {
+        RoleGrant::Tenant { tenant, role } => role::Role::Tenant(mailvault_proto::v1::TenantRole {
+            tenant: tenant.clone(),
+            role: role.as_str().to_string(),
+        }),
+        RoleGrant::Cluster(c) => role::Role::Cluster(c.as_str().to_string()),
+    };
+    Role { role: Some(role) }
+}
+
+/// A change that needs a second operator, refused (and audited) here: it is
+/// proposed through the Operations service instead.
+async fn two_person(ctx: &Ctx, p: Option<&Principal>, method: &str, target: String, what: &str) -> Status {
+    let message = format!(
+        "{what} needs a second operator: propose it (Operations.ProposeOperation, \
+         `mailvault-admin op propose`) and have another operator approve it"
+    );
+    if let Some(p) = p {
+        if let Err(e) = ctx
+            .audit
+            .record(p.event(method, target, "refused: two-person operation"))
+            .await
+        {
+            return e;
+        }
     }
+    ApiError::new(Reason::TwoPersonRequired, message).into()
 }
 
 /// Normalises a certificate serial: lowercase hex without colons.
@@ -135,7 +161,7 @@ impl Access for AccessService {
     async fn get_identity(&self, req: Request<GetIdentityRequest>) -> Result<Response<ProtoPolicy>, Status> {
         let p = principal_of(&req);
         let id = req.into_inner().identity;
-        identity(&id)?;
+        check_identity(&id)?;
         record(&self.ctx, p.as_ref(), "GetIdentity", id.clone()).await?;
         self.ctx.read_barrier().await?;
         let policy = self
@@ -148,22 +174,19 @@ impl Access for AccessService {
     }
 
     async fn grant(&self, req: Request<GrantRequest>) -> Result<Response<PolicyChange>, Status> {
-        route_write!(self, req, p, grant);
+        // Every grant widens someone's rights: two-person, never here.
+        let p = principal_of(&req);
         let r = req.into_inner();
-        identity(&r.identity)?;
+        check_identity(&r.identity)?;
         let role = role_of(r.role)?;
-        record(&self.ctx, p.as_ref(), "Grant", format!("{}: +{role}", r.identity)).await?;
-        self.change(AccessChange::Grant {
-            identity: r.identity,
-            role,
-        })
-        .await
+        let target = format!("{}: +{role}", r.identity);
+        Err(two_person(&self.ctx, p.as_ref(), "Grant", target, "granting a role").await)
     }
 
     async fn ungrant(&self, req: Request<GrantRequest>) -> Result<Response<PolicyChange>, Status> {
         route_write!(self, req, p, ungrant);
         let r = req.into_inner();
-        identity(&r.identity)?;
+        check_identity(&r.identity)?;
         let role = role_of(r.role)?;
         record(
             &self.ctx,
@@ -185,15 +208,33 @@ impl Access for AccessService {
     ) -> Result<Response<PolicyChange>, Status> {
         route_write!(self, req, p, set_allowlist);
         let r = req.into_inner();
-        identity(&r.identity)?;
+        check_identity(&r.identity)?;
         let list = networks(&r.allow_from.map(|a| a.networks).unwrap_or_default())?;
         let expected = r.expected.map(|e| networks(&e.networks)).transpose()?;
         let target = format!("{}: allow from {}", r.identity, allowlist_text(&list));
+        // Narrowing is immediate; widening is a two-person operation. The
+        // change is decided against the allowlist read here, so it applies
+        // only if that is still the allowlist (else ALLOWLIST_CHANGED).
+        self.ctx.read_barrier().await?;
+        let current = self
+            .ctx
+            .reader
+            .identity_policy(&r.identity)
+            .map_err(error::read)?
+            .unwrap_or_default()
+            .allow_from;
+        if expected.as_ref().is_some_and(|e| *e != current) {
+            return Err(error::refusal(crate::state::command::Refusal::AllowlistChanged).into());
+        }
+        if widens(&current, &list) {
+            let what = "an allowlist change that admits new sources";
+            return Err(two_person(&self.ctx, p.as_ref(), "SetAllowlist", target, what).await);
+        }
         record(&self.ctx, p.as_ref(), "SetAllowlist", target).await?;
         self.change(AccessChange::SetAllowlist {
             identity: r.identity,
             networks: list,
-            expected,
+            expected: Some(current),
         })
         .await
     }
@@ -204,7 +245,7 @@ impl Access for AccessService {
     ) -> Result<Response<PolicyChange>, Status> {
         route_write!(self, req, p, revoke_identity);
         let id = req.into_inner().identity;
-        identity(&id)?;
+        check_identity(&id)?;
         record(&self.ctx, p.as_ref(), "RevokeIdentity", id.clone()).await?;
         self.change(AccessChange::Revoke { identity: id }).await
     }
@@ -262,7 +303,7 @@ impl Access for AccessService {
         let p = principal_of(&req);
         let key = match req.into_inner().who {
             Some(unlock_request::Who::Identity(id)) => {
-                identity(&id)?;
+                check_identity(&id)?;
                 id_key(&id)
             }
             Some(unlock_request::Who::Address(a)) => {

@@ -12,6 +12,7 @@ use super::operator::{hex, record};
 use crate::ctx::Ctx;
 use crate::error::{self, ApiError, Reason};
 use crate::forward::principal_of;
+use crate::state::ops::OpStatus;
 
 /// The cluster service.
 #[derive(Clone)]
@@ -41,6 +42,26 @@ fn raft_stopped() -> ApiError {
 }
 
 impl ClusterService {
+    /// The bootstrap operators and the operations under way, as applied here.
+    fn operations_status(&self) -> OperationsStatus {
+        let operators = self.ctx.config.access.operators.clone();
+        let ops = self.ctx.reader.operations().unwrap_or_default();
+        let count = |f: fn(OpStatus) -> bool| ops.iter().filter(|o| f(o.status)).count() as u32;
+        OperationsStatus {
+            warning: match operators.len() {
+                0 | 1 => format!(
+                    "{} bootstrap operator(s) configured: two-person operations need two; no operation \
+                     can be approved until a second operator exists",
+                    operators.len()
+                ),
+                _ => String::new(),
+            },
+            bootstrap_operators: operators,
+            pending: count(|s| s == OpStatus::Proposed),
+            executing: count(|s| matches!(s, OpStatus::Approved | OpStatus::Executing)),
+        }
+    }
+
     /// The backup duty and this node's backups, from the catalog as applied
     /// here (status never waits on the cluster).
     fn backup_status(&self) -> BackupStatus {
@@ -139,6 +160,7 @@ impl Cluster for ClusterService {
                 })
                 .collect(),
             backup: Some(self.backup_status()),
+            operations: Some(self.operations_status()),
         }))
     }
 

@@ -1,6 +1,6 @@
 //! The client-facing gRPC services: the mailbox service front ends use, and
 //! one service per operator concern (cluster, tenants, access, audit,
-//! backups).
+//! backups, two-person operations).
 
 mod access;
 mod append;
@@ -9,6 +9,7 @@ mod backups;
 mod cluster;
 mod mailbox;
 mod messages;
+mod operations;
 mod operator;
 mod tenant_keys;
 mod tenants;
@@ -19,4 +20,5 @@ pub use audit::AuditService;
 pub use backups::BackupsService;
 pub use cluster::ClusterService;
 pub use mailbox::MailboxService;
+pub use operations::OperationsService;
 pub use tenants::TenantsService;

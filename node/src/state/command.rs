@@ -163,6 +163,8 @@ pub enum Command {
     Access(AccessChange),
     /// Changes the backup catalog (data version 5).
     Backups(super::backup::BackupChange),
+    /// Moves a two-person operation through its lifecycle (data version 6).
+    Ops(super::ops::OpChange),
 }
 
 /// A change to one identity's access policy, decided against the policy as
@@ -295,6 +297,9 @@ pub enum Refusal {
     /// at the same log index).
     #[error("another backup has this id")]
     BackupIdTaken,
+    /// A two-person operation's change, refused (see [`super::ops::OpRefusal`]).
+    #[error("{0}")]
+    Operation(super::ops::OpRefusal),
 }
 
 /// The outcome of one command.
@@ -343,4 +348,6 @@ pub enum CommandResult {
         /// After (equal to `before` when the change was already in place).
         after: super::policy::IdentityPolicy,
     },
+    /// A two-person operation after a change.
+    Operation(Box<super::ops::Operation>),
 }

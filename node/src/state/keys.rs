@@ -33,6 +33,8 @@ pub const REVOKED_SERIAL: u8 = 0x71;
 pub const AUDIT: u8 = 0x81;
 /// The backup catalog: `0x90 backup id` (data version 5).
 pub const BACKUP: u8 = 0x90;
+/// Two-person operations: `0xA0 operation id` (data version 6).
+pub const OPERATION: u8 = 0xA0;
 /// The audit chain head.
 pub const AUDIT_HEAD: &[u8] = b"\x80head";
 
@@ -52,7 +54,17 @@ pub const META_DATA_VERSION: &[u8] = b"\x01data_version";
 pub fn is_bound(key: &[u8]) -> bool {
     matches!(
         key.first(),
-        Some(&(TENANT | MAILBOX | MESSAGE | IDEMPOTENCY | CHANGE | IDENTITY | REVOKED_SERIAL | BACKUP))
+        Some(
+            &(TENANT
+                | MAILBOX
+                | MESSAGE
+                | IDEMPOTENCY
+                | CHANGE
+                | IDENTITY
+                | REVOKED_SERIAL
+                | BACKUP
+                | OPERATION)
+        )
     )
 }
 
@@ -81,6 +93,11 @@ pub fn revoked_serial(serial: &str) -> Vec<u8> {
 /// `0x90 backup id`.
 pub fn backup(id: &str) -> Vec<u8> {
     with(BACKUP, &[id.as_bytes()])
+}
+
+/// `0xA0 operation id`.
+pub fn operation(id: &str) -> Vec<u8> {
+    with(OPERATION, &[id.as_bytes()])
 }
 
 /// `0x81 seq`.

@@ -1,6 +1,7 @@
 //! What is persisted or replicated: the replicated commands and their results,
 //! the stored records, the RocksDB key layout, the Raft type config, the
-//! membership record, identity policies and audit records.
+//! membership record, identity policies, audit records, the backup catalog
+//! and two-person operations.
 //!
 //! *Architecture invariant:* this module depends on nothing else in the crate
 //! but the leaves [`crate::clock`] and [`crate::names`]; every other layer builds on it. Everything
@@ -12,6 +13,7 @@ pub mod codec;
 pub mod command;
 pub mod keys;
 pub mod member;
+pub mod ops;
 pub mod policy;
 pub mod records;
 pub mod snapshot_data;

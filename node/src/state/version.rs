@@ -28,7 +28,10 @@
 /// 5. The log may hold `Command::Backups` entries (the backup catalog, its
 ///    records under [`super::keys::BACKUP`]), which a version-4 build cannot
 ///    decode; no stored record changed.
-pub const DATA_VERSION: u32 = 5;
+/// 6. The log may hold `Command::Ops` entries (two-person operations, their
+///    records under [`super::keys::OPERATION`]), which a version-5 build
+///    cannot decode; no stored record changed.
+pub const DATA_VERSION: u32 = 6;
 
 /// The version of data directories written before the version was stored
 /// (their formats are version 1's).

@@ -246,6 +246,22 @@ impl MailReader {
         Ok(out)
     }
 
+    /// One two-person operation.
+    pub fn operation(&self, id: &str) -> R<Option<crate::state::ops::Operation>> {
+        self.get(&keys::operation(id))
+    }
+
+    /// Every two-person operation, by id.
+    pub fn operations(&self) -> R<Vec<crate::state::ops::Operation>> {
+        let prefix = [keys::OPERATION];
+        let mut out = Vec::new();
+        self.scan(&prefix, &prefix, |_, op| {
+            out.push(op);
+            true
+        })?;
+        Ok(out)
+    }
+
     /// A tenant's record.
     pub fn tenant(&self, tenant: &str) -> R<Option<TenantRecord>> {
         self.get(&keys::tenant(tenant))
@@ -334,5 +350,18 @@ impl MailReader {
             out.len() < limit
         })?;
         Ok(out)
+    }
+}
+
+/// Rehearsals of two-person operations read this node's copy.
+impl crate::state::ops::View for MailReader {
+    type Error = ReadError;
+
+    fn policy(&self, identity: &str) -> R<Option<crate::state::policy::IdentityPolicy>> {
+        self.identity_policy(identity)
+    }
+
+    fn tenant(&self, tenant: &str) -> R<Option<TenantRecord>> {
+        MailReader::tenant(self, tenant)
     }
 }

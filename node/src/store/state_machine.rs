@@ -203,7 +203,7 @@ impl StateMachine {
                 EntryPayload::Normal(batch) => {
                     for cmd in batch.commands {
                         bytes += cmd.approx_bytes() as u64;
-                        audited |= matches!(cmd, Command::Audit { .. });
+                        audited |= matches!(cmd, Command::Audit { .. } | Command::Ops(_));
                         out.results.push(tx.apply(cmd)?);
                     }
                 }

@@ -55,6 +55,26 @@ pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
     Ok(Arc::new(config))
 }
 
+/// Checks that `der` is a client certificate the cluster's CA issued, valid
+/// now, naming an identity: what the handshake checks, for a certificate that
+/// arrives in a request body (an approval's).
+pub fn verify_client_certificate(files: &TlsFiles, der: &[u8]) -> Result<(), String> {
+    let ca = files.ca_pem().map_err(|e| e.to_string())?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&ca) {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+        .build()
+        .map_err(|e| e.to_string())?;
+    NamedIdentity(verifier)
+        .verify_client_cert(&CertificateDer::from(der), &[], UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| format!("the certificate is not one the cluster's CA issued and trusts now ({e})"))
+}
+
 /// The CA's verifier, which also refuses a certificate that names no
 /// identity (neither a node nor a user), in the handshake: the client gets the
 /// `access_denied` alert instead of a session every call of which is denied.

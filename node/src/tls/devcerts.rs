@@ -53,6 +53,16 @@ fn name(cn: &str) -> DistinguishedName {
     dn
 }
 
+/// A user certificate's subject: CN and the SAN URI `mailvault://user/<user>`.
+fn user_params(user: &str) -> Result<CertificateParams, Error> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = name(user);
+    params
+        .subject_alt_names
+        .push(SanType::URI(format!("mailvault://user/{user}").try_into()?));
+    Ok(params)
+}
+
 impl DevCa {
     /// A new CA named `cn`.
     pub fn new(cn: &str) -> Result<DevCa, Error> {
@@ -72,7 +82,11 @@ impl DevCa {
         })
     }
 
-    fn issue(&self, mut params: CertificateParams, server: bool) -> Result<Pems, Error> {
+    fn issue(&self, params: CertificateParams, server: bool) -> Result<Pems, Error> {
+        self.issue_on(params, server, KeyPair::generate()?)
+    }
+
+    fn issue_on(&self, mut params: CertificateParams, server: bool, key: KeyPair) -> Result<Pems, Error> {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         if server {
@@ -80,7 +94,6 @@ impl DevCa {
                 .extended_key_usages
                 .push(ExtendedKeyUsagePurpose::ServerAuth);
         }
-        let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Pems {
             cert: cert.pem(),
@@ -106,17 +119,19 @@ impl DevCa {
         self.client_valid(user, None)
     }
 
+    /// A client certificate for user `user` on an existing key (PEM): two
+    /// identities sharing one key, for tests of two-person operations.
+    pub fn client_with_key(&self, user: &str, key_pem: &str) -> Result<Pems, Error> {
+        self.issue_on(user_params(user)?, false, KeyPair::from_pem(key_pem)?)
+    }
+
     /// A client certificate valid between two dates `(y, m, d)` (for expiry tests).
     pub fn client_valid(
         &self,
         user: &str,
         valid: Option<((i32, u8, u8), (i32, u8, u8))>,
     ) -> Result<Pems, Error> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name = name(user);
-        params
-            .subject_alt_names
-            .push(SanType::URI(format!("mailvault://user/{user}").try_into()?));
+        let mut params = user_params(user)?;
         if let Some(((y0, m0, d0), (y1, m1, d1))) = valid {
             params.not_before = date_time_ymd(y0, m0, d0);
             params.not_after = date_time_ymd(y1, m1, d1);

@@ -6,6 +6,6 @@ mod connector;
 pub mod devcerts;
 mod identity;
 
-pub use acceptor::{accept_loop, server_config, HandshakeFailure};
+pub use acceptor::{accept_loop, server_config, verify_client_certificate, HandshakeFailure};
 pub use connector::{client_tls, TlsFiles};
 pub use identity::{identity_of, CertIdentity, Peer};

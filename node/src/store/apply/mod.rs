@@ -5,12 +5,14 @@
 //! commands before it. [`Tx::apply`] is the table from command to domain;
 //! each domain's rules are in a file of their own, over the same [`Tx`]:
 //! mail (`mail.rs`), access policies (`access.rs`), the audit chain
-//! (`audit.rs`) and the backup catalog (`backups.rs`). A new command family gets a file here and a line in the table.
+//! (`audit.rs`), the backup catalog (`backups.rs`) and two-person operations
+//! (`ops.rs`). A new command family gets a file here and a line in the table.
 
 mod access;
 mod audit;
 mod backups;
 mod mail;
+mod ops;
 #[cfg(test)]
 mod tests;
 
@@ -177,6 +179,7 @@ impl<'a> Tx<'a> {
             Command::Audit { events } => self.append_audit(events),
             Command::Access(change) => self.change_access(change),
             Command::Backups(change) => self.change_backups(change),
+            Command::Ops(change) => self.change_operation(change),
         }
     }
 }

@@ -604,3 +604,211 @@ fn the_backup_catalog_records_each_backup_once_and_refuses_changes_to_unknown_on
         Some(taken("b2"))
     );
 }
+
+mod operations {
+    use super::*;
+    use crate::state::ops::{
+        hex, plan_hash, rehearse, Actor, Approval, OpChange, OpKind, OpRefusal, OpStatus, Operation, Person,
+    };
+
+    fn actor(identity: &str, at_ms: i64) -> Actor {
+        Actor {
+            identity: identity.into(),
+            source: "127.0.0.1".into(),
+            node: 1,
+            at_ms,
+        }
+    }
+
+    /// A certificate and its key, as an operator's client certificate.
+    fn operator(name: &str) -> (Vec<u8>, String) {
+        let ca = crate::tls::devcerts::DevCa::new("test ca").unwrap();
+        let pems = ca.client(name).unwrap();
+        let der = mailvault_proto::approval::certificate_der(pems.cert.as_bytes()).unwrap();
+        (der, pems.key)
+    }
+
+    fn person(name: &str, cert: &[u8]) -> Person {
+        Person {
+            identity: name.into(),
+            key: mailvault_proto::approval::key_fingerprint(cert).unwrap(),
+        }
+    }
+
+    fn proposal(db: &Db, id: &str, proposer: &Person) -> Operation {
+        let kind = OpKind::Grant {
+            identity: "bob".into(),
+            role: agent_on(T),
+        };
+        let plan = rehearse(&reader(db), &kind).unwrap().unwrap();
+        let expires_ms = 10_000;
+        Operation {
+            id: id.into(),
+            plan_hash: plan_hash(id, &kind, "T-1", proposer, expires_ms, &plan),
+            kind,
+            reason: "T-1".into(),
+            proposer: proposer.clone(),
+            created_ms: 1_000,
+            expires_ms,
+            plan,
+            status: OpStatus::Proposed,
+            approval: None,
+            backup_id: None,
+            steps: vec![],
+            ended_ms: None,
+            outcome: String::new(),
+        }
+    }
+
+    fn approve(op: &Operation, who: &str, cert: &[u8], key: &str, at_ms: i64) -> Command {
+        let message = mailvault_proto::approval::message(&op.id, &hex(&op.plan_hash));
+        let signature = mailvault_proto::approval::sign(key.as_bytes(), cert, &message).unwrap();
+        Command::Ops(OpChange::Approve {
+            id: op.id.clone(),
+            plan_hash: op.plan_hash,
+            approval: Approval {
+                by: person(who, cert),
+                certificate: cert.to_vec(),
+                signature,
+                at_ms,
+            },
+            actor: actor(who, at_ms),
+        })
+    }
+
+    fn refusal(r: &CommandResult) -> OpRefusal {
+        match r {
+            CommandResult::Refused(Refusal::Operation(r)) => r.clone(),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    fn op_of(r: &CommandResult) -> Operation {
+        match r {
+            CommandResult::Operation(op) => (**op).clone(),
+            other => panic!("not an operation: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_operation_runs_only_after_a_second_persons_valid_approval_and_audits_each_transition() {
+        let (_d, db) = db();
+        apply(&db, vec![tenant()]);
+        let (alice_cert, alice_key) = operator("alice");
+        let (bob_cert, bob_key) = operator("bob2");
+        let alice = person("alice", &alice_cert);
+        let op = proposal(&db, "op-00000001", &alice);
+        let r = apply(
+            &db,
+            vec![Command::Ops(OpChange::Propose {
+                op: Box::new(op.clone()),
+                actor: actor("alice", 1_000),
+            })],
+        );
+        assert_eq!(op_of(&r[0]).status, OpStatus::Proposed);
+        // A step before approval, the proposer's approval, a signature by
+        // the proposer's key under another name: refused, nothing changes.
+        let step = |at_ms| {
+            Command::Ops(OpChange::Step {
+                id: "op-00000001".into(),
+                index: 0,
+                actor: actor("node:1", at_ms),
+            })
+        };
+        let r = apply(
+            &db,
+            vec![
+                step(1_500),
+                approve(&op, "alice", &alice_cert, &alice_key, 2_000),
+                approve(&op, "carol", &alice_cert, &alice_key, 2_000),
+            ],
+        );
+        assert_eq!(refusal(&r[0]), OpRefusal::Decided("proposed".into()));
+        assert_eq!(refusal(&r[1]), OpRefusal::SelfApproval);
+        assert_eq!(refusal(&r[2]), OpRefusal::SameKey);
+        // A signature that is not over this operation.
+        let mut other = op.clone();
+        other.id = "op-00000002".into();
+        let mut forged = approve(&other, "bob2", &bob_cert, &bob_key, 2_000);
+        if let Command::Ops(OpChange::Approve { id, plan_hash, .. }) = &mut forged {
+            *id = op.id.clone();
+            *plan_hash = op.plan_hash;
+        }
+        let r = apply(&db, vec![forged]);
+        assert!(matches!(refusal(&r[0]), OpRefusal::BadSignature(_)));
+        assert!(
+            reader(&db).identity_policy("bob").unwrap().is_none(),
+            "nothing granted"
+        );
+        // After the expiry: refused as expired.
+        let r = apply(&db, vec![approve(&op, "bob2", &bob_cert, &bob_key, 10_001)]);
+        assert_eq!(refusal(&r[0]), OpRefusal::Expired);
+        // The second person, in time: approved; the step runs, once.
+        let r = apply(
+            &db,
+            vec![
+                approve(&op, "bob2", &bob_cert, &bob_key, 2_000),
+                step(2_100),
+                step(2_200),
+            ],
+        );
+        assert_eq!(op_of(&r[0]).status, OpStatus::Approved);
+        let done = op_of(&r[1]);
+        assert_eq!(done.status, OpStatus::Succeeded);
+        assert_eq!(done.steps.len(), 1);
+        assert!(done.steps[0].ok);
+        assert_eq!(refusal(&r[2]), OpRefusal::Decided("succeeded".into()));
+        let p = reader(&db).identity_policy("bob").unwrap().unwrap();
+        assert!(p.tenant_roles[T].contains(&TenantRole::Agent));
+        let stored = reader(&db).operation("op-00000001").unwrap().unwrap();
+        assert_eq!(stored, done);
+        // Each transition audited, in order, and nothing for the refusals.
+        let actions: Vec<String> = reader(&db)
+            .audit_records(1, 100)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event.action)
+            .collect();
+        assert_eq!(actions, ["op-propose", "op-approve", "op-step"]);
+    }
+
+    #[test]
+    fn the_fence_refuses_an_approval_after_the_state_changed_and_a_first_step_fails_whole() {
+        let (_d, db) = db();
+        apply(&db, vec![tenant()]);
+        let (alice_cert, _) = operator("alice");
+        let (bob_cert, bob_key) = operator("bob2");
+        let alice = person("alice", &alice_cert);
+        let op = proposal(&db, "op-00000003", &alice);
+        apply(
+            &db,
+            vec![Command::Ops(OpChange::Propose {
+                op: Box::new(op.clone()),
+                actor: actor("alice", 1_000),
+            })],
+        );
+        // The identity's policy changes: the approval is refused, naming it.
+        apply(&db, vec![grant("bob", RoleGrant::Cluster(ClusterRole::Auditor))]);
+        let r = apply(&db, vec![approve(&op, "bob2", &bob_cert, &bob_key, 2_000)]);
+        assert_eq!(
+            refusal(&r[0]),
+            OpRefusal::FenceChanged(vec!["policy of identity bob".into()])
+        );
+        // A proposal whose plan is not the state's: refused.
+        let r = apply(
+            &db,
+            vec![Command::Ops(OpChange::Propose {
+                op: Box::new(proposal_with_id(op.clone(), "op-00000004")),
+                actor: actor("alice", 1_000),
+            })],
+        );
+        assert!(matches!(refusal(&r[0]), OpRefusal::FenceChanged(_)), "{r:?}");
+    }
+
+    /// `op` under another id (its plan, rehearsed earlier, kept).
+    fn proposal_with_id(mut op: Operation, id: &str) -> Operation {
+        op.id = id.into();
+        op.plan_hash = op.computed_plan_hash();
+        op
+    }
+}

@@ -1,0 +1,446 @@
+//! `mailvault-admin op`: two-person operations. One operator proposes (the
+//! cluster rehearses and shows the exact plan), a second one — another
+//! identity with another key — reads the plan and approves it, signing its
+//! hash with the key of the certificate this CLI calls with; the leader then
+//! executes it step by step (`op watch`).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::Duration;
+
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use mailvault_proto::v1::operation_kind::Kind;
+use mailvault_proto::v1::{
+    Allowlist, AllowlistOperation, ApproveOperationRequest, CancelOperationRequest, GetOperationRequest,
+    GrantOperation, ListOperationsRequest, Operation, OperationKind, Plan, PlanOperationRequest,
+    ProposeOperationRequest, RejectOperationRequest,
+};
+use serde_json::json;
+
+use crate::access::RoleArgs;
+use crate::client::{operations, signing_identity, status_err};
+use crate::output::{rfc3339, table, Output};
+
+#[derive(Subcommand, Debug)]
+pub enum OpCmd {
+    /// Rehearses an operation without proposing it (read-only, one person).
+    Plan {
+        #[command(subcommand)]
+        kind: KindCmd,
+    },
+    /// Proposes an operation: rehearsed, recorded, and changing nothing until
+    /// a second operator approves it.
+    Propose {
+        /// Why (e.g. a ticket number); required.
+        #[arg(long)]
+        reason: String,
+        /// How long the proposal waits for approval (e.g. 30m, 2h; at most 24h).
+        #[arg(long, default_value = "1h")]
+        expires: humantime::Duration,
+        #[command(subcommand)]
+        kind: KindCmd,
+    },
+    /// Every operation, pending first.
+    List,
+    /// One operation, with its plan as the approver sees it.
+    Show {
+        /// The operation id (op-…).
+        id: String,
+    },
+    /// Approves an operation proposed by another operator: shows its plan,
+    /// asks for its id to be typed, signs its plan hash with this CLI's key.
+    Approve {
+        /// The operation id.
+        id: String,
+        /// For scripts: approve without asking; needs --plan-hash.
+        #[arg(long, requires = "plan_hash")]
+        yes: bool,
+        /// The plan hash the approver read (`op show`); refused if the
+        /// operation's is another.
+        #[arg(long)]
+        plan_hash: Option<String>,
+    },
+    /// Rejects an operation proposed by another operator.
+    Reject {
+        /// The operation id.
+        id: String,
+        /// Why; required.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Withdraws one's own proposal.
+    Cancel {
+        /// The operation id.
+        id: String,
+    },
+    /// Follows an operation until it ends, with a progress bar.
+    Watch {
+        /// The operation id.
+        id: String,
+    },
+}
+
+/// The operations that can be planned and proposed.
+#[derive(Subcommand, Debug)]
+pub enum KindCmd {
+    /// Grant a tenant role (`--tenant T --role R`) or a cluster role
+    /// (`--cluster-role R`) to an identity.
+    Grant {
+        /// The identity.
+        identity: String,
+        #[command(flatten)]
+        role: RoleArgs,
+    },
+    /// Let an identity call from these networks (none: anywhere) when that
+    /// admits new sources (narrowing is `access allow`, at once).
+    Allow {
+        /// The identity.
+        identity: String,
+        /// CIDR networks.
+        networks: Vec<String>,
+    },
+}
+
+impl KindCmd {
+    fn into_kind(self) -> anyhow::Result<OperationKind> {
+        let kind = match self {
+            KindCmd::Grant { identity, role } => Kind::Grant(GrantOperation {
+                identity,
+                role: role.into_role()?,
+            }),
+            KindCmd::Allow { identity, networks } => Kind::Allowlist(AllowlistOperation {
+                identity,
+                allow_from: Some(Allowlist { networks }),
+            }),
+        };
+        Ok(OperationKind { kind: Some(kind) })
+    }
+}
+
+/// What the operation does, in a few words.
+fn kind_text(k: Option<&OperationKind>) -> String {
+    match k.and_then(|k| k.kind.as_ref()) {
+        Some(Kind::Grant(g)) => {
+            let role = g.role.as_ref().and_then(|r| r.role.as_ref());
+            let role = match role {
+                Some(mailvault_proto::v1::role::Role::Tenant(t)) => {
+                    format!("{} on tenant {}", t.role, t.tenant)
+                }
+                Some(mailvault_proto::v1::role::Role::Cluster(c)) => format!("cluster role {c}"),
+                None => "-".into(),
+            };
+            format!("grant {role} to {}", g.identity)
+        }
+        Some(Kind::Allowlist(a)) => {
+            let n = a
+                .allow_from
+                .as_ref()
+                .map(|a| a.networks.clone())
+                .unwrap_or_default();
+            let n = match n.is_empty() {
+                true => "anywhere".to_string(),
+                false => n.join(", "),
+            };
+            format!("let {} call from {n}", a.identity)
+        }
+        None => "-".into(),
+    }
+}
+
+fn plan_json(p: &Plan) -> serde_json::Value {
+    json!({
+        "operation": kind_text(p.kind.as_ref()),
+        "steps": p.steps.iter().map(|s| json!({"index": s.index, "action": s.action, "description": s.description})).collect::<Vec<_>>(),
+        "effect": p.effect,
+        "checks": p.checks,
+        "backup_first": p.backup_first,
+        "fence": p.fence.iter().map(|f| json!({"what": f.what, "hash": f.hash})).collect::<Vec<_>>(),
+        "fence_hash": p.fence_hash,
+    })
+}
+
+fn plan_text(p: &Plan) -> String {
+    let mut out = vec![format!("operation: {}", kind_text(p.kind.as_ref()))];
+    out.push("plan (executed in this order):".into());
+    for s in &p.steps {
+        out.push(format!("  {}. {}", s.index + 1, s.description));
+    }
+    out.push("effect:".into());
+    out.extend(p.effect.iter().map(|e| format!("  - {e}")));
+    out.push("checked:".into());
+    out.extend(p.checks.iter().map(|c| format!("  - {c}")));
+    out.push(format!(
+        "pre-operation backup: {}",
+        match p.backup_first {
+            true => "yes, taken and verified before the first step",
+            false => "no (nothing is deleted)",
+        }
+    ));
+    let fence: Vec<String> = p.fence.iter().map(|f| f.what.clone()).collect();
+    out.push(format!(
+        "depends on: {} (fence {})",
+        fence.join(", "),
+        short(&p.fence_hash)
+    ));
+    out.join("\n")
+}
+
+fn short(hash: &str) -> &str {
+    hash.get(..16).unwrap_or(hash)
+}
+
+fn op_json(o: &Operation) -> serde_json::Value {
+    json!({
+        "id": o.id, "status": o.status, "reason": o.reason,
+        "proposer": o.proposer, "proposer_key": o.proposer_key,
+        "created": rfc3339(o.created_ms), "expires": rfc3339(o.expires_ms),
+        "plan": o.plan.as_ref().map(plan_json), "plan_hash": o.plan_hash,
+        "approver": o.approver, "approver_key": o.approver_key,
+        "approved": (o.approved_ms > 0).then(|| rfc3339(o.approved_ms)),
+        "backup_id": o.backup_id,
+        "steps": o.steps.iter().map(|s| json!({"index": s.index, "at": rfc3339(s.at_ms), "ok": s.ok, "result": s.result})).collect::<Vec<_>>(),
+        "ended": (o.ended_ms > 0).then(|| rfc3339(o.ended_ms)),
+        "outcome": o.outcome,
+    })
+}
+
+fn op_text(o: &Operation) -> String {
+    let mut out = vec![
+        format!("operation {}  [{}]", o.id, o.status),
+        format!(
+            "proposed by {} (key {}) at {}; expires {}",
+            o.proposer,
+            short(&o.proposer_key),
+            rfc3339(o.created_ms),
+            rfc3339(o.expires_ms)
+        ),
+        format!("reason: {}", o.reason),
+    ];
+    if let Some(p) = &o.plan {
+        out.push(plan_text(p));
+    }
+    out.push(format!("plan hash: {}", o.plan_hash));
+    if !o.approver.is_empty() {
+        out.push(format!(
+            "approved by {} (key {}) at {}",
+            o.approver,
+            short(&o.approver_key),
+            rfc3339(o.approved_ms)
+        ));
+    }
+    if !o.backup_id.is_empty() {
+        out.push(format!("pre-operation backup: {}", o.backup_id));
+    }
+    for s in &o.steps {
+        let mark = if s.ok { "done" } else { "FAILED" };
+        out.push(format!(
+            "step {} {mark} at {}: {}",
+            s.index + 1,
+            rfc3339(s.at_ms),
+            s.result
+        ));
+    }
+    if !o.outcome.is_empty() {
+        out.push(format!("outcome: {}", o.outcome));
+    }
+    out.join("\n")
+}
+
+/// Asks the approver to type the operation's id, on a terminal.
+fn confirm(id: &str) -> anyhow::Result<()> {
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("stdin is not a terminal: approve with --yes --plan-hash HASH (from `op show {id}`)");
+    }
+    eprint!("Type the operation id ({id}) to approve this plan: ");
+    std::io::stderr().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    match line.trim() == id {
+        true => Ok(()),
+        false => anyhow::bail!("not approved: the id typed is not {id}"),
+    }
+}
+
+pub async fn run(endpoint: &str, output: Output, cmd: OpCmd) -> anyhow::Result<()> {
+    let mut c = operations(endpoint).await?;
+    match cmd {
+        OpCmd::Plan { kind } => {
+            let p = c
+                .plan_operation(PlanOperationRequest {
+                    kind: Some(kind.into_kind()?),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            output.emit(plan_json(&p), || plan_text(&p));
+        }
+        OpCmd::Propose {
+            reason,
+            expires,
+            kind,
+        } => {
+            let kind = kind.into_kind()?;
+            propose(endpoint, output, kind, reason, expires.into()).await?;
+        }
+        OpCmd::List => {
+            let ops = c
+                .list_operations(ListOperationsRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .operations;
+            output.emit(json!(ops.iter().map(op_json).collect::<Vec<_>>()), || {
+                match ops.is_empty() {
+                    true => "no operations".to_string(),
+                    false => table(
+                        [
+                            "id",
+                            "status",
+                            "operation",
+                            "proposer",
+                            "approver",
+                            "created",
+                            "reason",
+                        ],
+                        ops.iter().map(|o| {
+                            [
+                                o.id.clone(),
+                                o.status.clone(),
+                                kind_text(o.plan.as_ref().and_then(|p| p.kind.as_ref())),
+                                o.proposer.clone(),
+                                o.approver.clone(),
+                                rfc3339(o.created_ms),
+                                o.reason.clone(),
+                            ]
+                        }),
+                    ),
+                }
+            });
+        }
+        OpCmd::Show { id } => {
+            let o = c
+                .get_operation(GetOperationRequest { id })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            output.emit(op_json(&o), || op_text(&o));
+        }
+        OpCmd::Approve { id, yes, plan_hash } => {
+            let o = c
+                .get_operation(GetOperationRequest { id: id.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let hash = match (yes, plan_hash) {
+                (true, Some(h)) => h,
+                (_, given) => {
+                    eprintln!("{}", op_text(&o));
+                    confirm(&id)?;
+                    given.unwrap_or_else(|| o.plan_hash.clone())
+                }
+            };
+            let (cert, key) = signing_identity()?;
+            let message = mailvault_proto::approval::message(&id, &hash);
+            let signature =
+                mailvault_proto::approval::sign(&key, &cert, &message).map_err(anyhow::Error::msg)?;
+            let o = c
+                .approve_operation(ApproveOperationRequest {
+                    id,
+                    plan_hash: hash,
+                    certificate: cert,
+                    signature,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            output.emit(op_json(&o), || {
+                format!(
+                    "{}\napproved: the leader executes it now (`op watch {}`)",
+                    op_text(&o),
+                    o.id
+                )
+            });
+        }
+        OpCmd::Reject { id, reason } => {
+            let o = c
+                .reject_operation(RejectOperationRequest { id, reason })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            output.emit(op_json(&o), || op_text(&o));
+        }
+        OpCmd::Cancel { id } => {
+            let o = c
+                .cancel_operation(CancelOperationRequest { id })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            output.emit(op_json(&o), || op_text(&o));
+        }
+        OpCmd::Watch { id } => return watch(endpoint, output, id).await,
+    }
+    Ok(())
+}
+
+/// Proposes `kind` and prints the proposal with what to do next.
+pub async fn propose(
+    endpoint: &str,
+    output: Output,
+    kind: OperationKind,
+    reason: String,
+    expires: Duration,
+) -> anyhow::Result<()> {
+    let mut c = operations(endpoint).await?;
+    let o = c
+        .propose_operation(ProposeOperationRequest {
+            kind: Some(kind),
+            reason,
+            expires_in_secs: u32::try_from(expires.as_secs()).unwrap_or(u32::MAX),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    output.emit(op_json(&o), || {
+        format!(
+            "{}\nproposed: nothing changes until a second operator approves it \
+             (`mailvault-admin op show {id}`, then `mailvault-admin op approve {id}`)",
+            op_text(&o),
+            id = o.id
+        )
+    });
+    Ok(())
+}
+
+/// Follows an operation until it ends; fails unless it succeeded.
+async fn watch(endpoint: &str, output: Output, id: String) -> anyhow::Result<()> {
+    let mut c = operations(endpoint).await?;
+    let mut stream = c
+        .watch_operation(GetOperationRequest { id })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let shown = output == Output::Text && std::io::stderr().is_terminal();
+    let bar = ProgressBar::new(0);
+    if !shown {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    if let Ok(style) = ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} steps {elapsed}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let mut last = None;
+    while let Some(o) = stream.message().await.map_err(status_err)? {
+        let steps = o.plan.as_ref().map_or(0, |p| p.steps.len()) as u64;
+        bar.set_length(steps);
+        bar.set_position(o.steps.len() as u64);
+        bar.set_message(o.status.clone());
+        last = Some(o);
+    }
+    bar.finish_and_clear();
+    let o = last.ok_or_else(|| anyhow::anyhow!("the node sent no operation"))?;
+    output.emit(op_json(&o), || op_text(&o));
+    match o.status.as_str() {
+        "succeeded" => Ok(()),
+        "proposed" | "approved" | "executing" => anyhow::bail!("{} has not ended", o.id),
+        other => anyhow::bail!("{} {other}: {}", o.id, o.outcome),
+    }
+}

@@ -1,0 +1,602 @@
+//! Two-person operations against real nodes, with two operator identities
+//! (`admin` proposes, `admin2` approves) and one front end: a grant proposed
+//! by one operator changes nothing until a second one approves it; every
+//! approval that is not a second person's, for the plan shown, on the state
+//! rehearsed, in time, with a valid signature, is refused with a reason that
+//! says which; a leader killed between approval and completion leaves the
+//! operation whole and recorded.
+
+use std::time::Duration;
+
+use mailvault_chaos::*;
+use mailvault_proto::v1::*;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const T: &str = "acme";
+const M: &str = "support";
+
+fn reason(s: &tonic::Status) -> (Code, String) {
+    let r = s.get_details_error_info().map(|i| i.reason).unwrap_or_default();
+    (s.code(), r)
+}
+
+fn grant_kind(identity: &str, tenant: &str, role: &str) -> OperationKind {
+    OperationKind {
+        kind: Some(operation_kind::Kind::Grant(GrantOperation {
+            identity: identity.into(),
+            role: Some(Role {
+                role: Some(role::Role::Tenant(TenantRole {
+                    tenant: tenant.into(),
+                    role: role.into(),
+                })),
+            }),
+        })),
+    }
+}
+
+async fn propose(cluster: &Cluster, kind: OperationKind, expires_in_secs: u32) -> Operation {
+    let a = cluster.admin(0).await.operations;
+    retry(Duration::from_secs(20), || {
+        let mut a = a.clone();
+        let req = ProposeOperationRequest {
+            kind: Some(kind.clone()),
+            reason: "T-200".into(),
+            expires_in_secs,
+        };
+        async move { a.propose_operation(req).await }
+    })
+    .await
+    .expect("propose")
+    .into_inner()
+}
+
+async fn get(cluster: &Cluster, id: &str) -> Operation {
+    let mut a = cluster.admin(0).await.operations;
+    a.get_operation(GetOperationRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// An approval request as `identity` would make it: its certificate, its
+/// signature over (id, plan_hash).
+fn approval(cluster: &Cluster, identity: &str, id: &str, plan_hash: &str) -> ApproveOperationRequest {
+    let (cert, key) = cluster.identity_files(identity);
+    let message = mailvault_proto::approval::message(id, plan_hash);
+    ApproveOperationRequest {
+        id: id.into(),
+        plan_hash: plan_hash.into(),
+        signature: mailvault_proto::approval::sign(&key, &cert, &message).unwrap(),
+        certificate: cert,
+    }
+}
+
+async fn approve_as(
+    cluster: &Cluster,
+    identity: &str,
+    req: ApproveOperationRequest,
+) -> Result<Operation, tonic::Status> {
+    let mut a = cluster.admin_as(0, identity).await.operations;
+    a.approve_operation(req).await.map(|r| r.into_inner())
+}
+
+async fn can_read(cluster: &Cluster, identity: &str) -> bool {
+    let mut c = cluster.mailbox_as(0, identity).await;
+    c.get_mailbox_status(GetMailboxStatusRequest {
+        tenant: T.into(),
+        mailbox: M.into(),
+    })
+    .await
+    .is_ok()
+}
+
+async fn setup(opts: ClusterOptions) -> Cluster {
+    let cluster = Cluster::start(opts).await;
+    create_tenant_and_mailbox(&cluster, 0, T, M).await;
+    cluster.grant_cluster_role("auditor", "auditor").await;
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_proposed_by_one_operator_runs_only_once_a_second_one_approves_it() {
+    let cluster = setup(ClusterOptions::default()).await;
+    assert!(!can_read(&cluster, "carol").await, "no role yet");
+
+    // `access grant` proposes; nothing changes.
+    let (ok, proposed, err) = cluster.admin_json(
+        0,
+        &[
+            "access",
+            "grant",
+            "carol",
+            "--tenant",
+            T,
+            "--role",
+            "reader",
+            "--reason",
+            "T-200 onboarding",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(proposed["status"], "proposed");
+    let id = proposed["id"].as_str().unwrap().to_string();
+    let hash = proposed["plan_hash"].as_str().unwrap().to_string();
+    let planned = proposed["plan"]["steps"].as_array().unwrap().clone();
+    assert_eq!(planned.len(), 1);
+    assert_eq!(planned[0]["description"], "grant reader on tenant acme to carol");
+    assert!(
+        proposed["plan"]["effect"][0]
+            .as_str()
+            .unwrap()
+            .contains("carol gains reader on tenant acme"),
+        "{proposed}"
+    );
+    assert_eq!(proposed["plan"]["backup_first"], false);
+    cluster.wait_all_applied().await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        !can_read(&cluster, "carol").await,
+        "nothing changes before the approval"
+    );
+    assert_eq!(get(&cluster, &id).await.status, "proposed");
+
+    // The second operator reads the plan ...
+    let out = cluster
+        .admin_command(&cluster.client_addr(1), ADMIN2)
+        .args(["op", "show", &id])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for line in [
+        "grant reader on tenant acme to carol",
+        "proposed by admin",
+        "reason: T-200 onboarding",
+        &hash,
+    ] {
+        assert!(shown.contains(line), "{line:?} not in {shown}");
+    }
+    // ... cannot approve it without a terminal or --yes ...
+    let out = cluster
+        .admin_command(&cluster.client_addr(1), ADMIN2)
+        .args(["op", "approve", &id])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--yes --plan-hash"));
+    assert_eq!(get(&cluster, &id).await.status, "proposed");
+    // ... and approves it, presenting the hash it read.
+    let out = cluster
+        .admin_command(&cluster.client_addr(1), ADMIN2)
+        .args(["op", "approve", &id, "--yes", "--plan-hash", &hash])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // `op watch` follows it to its end.
+    let out = cluster
+        .admin_command(&cluster.client_addr(2), ADMIN)
+        .args(["--output", "json", "op", "watch", &id])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["approver"], "admin2");
+    // The executed steps are the planned steps.
+    let steps = done["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), planned.len());
+    for (s, p) in steps.iter().zip(&planned) {
+        assert_eq!(s["index"], p["index"]);
+        assert_eq!(s["ok"], true);
+        assert!(
+            s["result"]
+                .as_str()
+                .unwrap()
+                .contains(p["description"].as_str().unwrap()),
+            "{s} ≠ {p}"
+        );
+    }
+    cluster.wait_all_applied().await;
+    assert!(can_read(&cluster, "carol").await, "granted");
+
+    // Every transition is in the audit log, in order, by who made it.
+    let records = cluster.audit_records(0, "auditor").await;
+    let of = |action: &str| {
+        records
+            .iter()
+            .find(|r| r.action == action && r.target.starts_with(&id))
+            .unwrap_or_else(|| panic!("no {action} record for {id}"))
+            .clone()
+    };
+    let (p, a, s) = (of("op-propose"), of("op-approve"), of("op-step"));
+    assert_eq!(p.identity, "admin");
+    assert_eq!(p.result, "proposed: T-200 onboarding");
+    assert_eq!(a.identity, "admin2");
+    assert!(
+        s.identity.starts_with("node:") && s.result.ends_with("succeeded"),
+        "{s:?}"
+    );
+    assert!(p.seq < a.seq && a.seq < s.seq);
+    assert!(p.target.contains("grant carol: +reader on tenant acme"), "{p:?}");
+
+    // An auditor lists operations but approves nothing.
+    let mut aud = cluster.admin_as(0, "auditor").await.operations;
+    let listed = aud
+        .list_operations(ListOperationsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .operations;
+    assert!(listed.iter().any(|o| o.id == id && o.status == "succeeded"));
+    let e = aud
+        .approve_operation(approval(&cluster, "auditor", &id, &hash))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_that_is_not_a_second_persons_for_the_plan_shown_is_refused_with_its_reason() {
+    let cluster = setup(ClusterOptions::default()).await;
+    // A third operator whose certificate has admin's key.
+    cluster.issue_on_key_of("admin-twin", ADMIN);
+    cluster.grant_cluster_role("admin-twin", "operator").await;
+    // And one that will be revoked.
+    cluster.grant_cluster_role("ops3", "operator").await;
+
+    let op = propose(&cluster, grant_kind("dave", T, "reader"), 0).await;
+    let (id, hash) = (op.id.clone(), op.plan_hash.clone());
+    assert_eq!(op.proposer, ADMIN);
+
+    // The proposer approving: refused.
+    let e = approve_as(&cluster, ADMIN, approval(&cluster, ADMIN, &id, &hash))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (Code::PermissionDenied, "SELF_APPROVAL".into()),
+        "{e:?}"
+    );
+    // Another identity on the proposer's key: refused.
+    let e = approve_as(
+        &cluster,
+        "admin-twin",
+        approval(&cluster, "admin-twin", &id, &hash),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(reason(&e), (Code::PermissionDenied, "SAME_KEY".into()), "{e:?}");
+    // A non-operator: refused at the door.
+    let e = approve_as(&cluster, FRONTEND, approval(&cluster, FRONTEND, &id, &hash))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (Code::PermissionDenied, "NO_CLUSTER_ROLE".into()),
+        "{e:?}"
+    );
+    // A hash other than the plan's (signed as such): refused.
+    let other = "00".repeat(32);
+    let e = approve_as(&cluster, ADMIN2, approval(&cluster, ADMIN2, &id, &other))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (Code::FailedPrecondition, "PLAN_HASH_MISMATCH".into()),
+        "{e:?}"
+    );
+    // A forged signature: refused.
+    let mut forged = approval(&cluster, ADMIN2, &id, &hash);
+    let last = forged.signature.len() - 1;
+    forged.signature[last] ^= 1;
+    let e = approve_as(&cluster, ADMIN2, forged).await.unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (Code::PermissionDenied, "APPROVAL_SIGNATURE_INVALID".into()),
+        "{e:?}"
+    );
+    // Someone else's approval (admin's certificate and signature) sent by admin2.
+    let e = approve_as(&cluster, ADMIN2, approval(&cluster, ADMIN, &id, &hash))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (Code::PermissionDenied, "APPROVAL_SIGNATURE_INVALID".into()),
+        "{e:?}"
+    );
+    assert!(
+        e.message().contains("not the one this call is made with"),
+        "{e:?}"
+    );
+    // None of it approved anything.
+    let now = get(&cluster, &id).await;
+    assert_eq!((now.status.as_str(), now.approver.as_str()), ("proposed", ""));
+    assert!(!can_read(&cluster, "dave").await);
+
+    // The second operator's approval: approved and run.
+    let valid = approval(&cluster, ADMIN2, &id, &hash);
+    approve_as(&cluster, ADMIN2, valid.clone()).await.unwrap();
+    let done = cluster.wait_operation_ended(0, &id).await;
+    assert_eq!(done.status, "succeeded", "{done:?}");
+    assert!(!done.approval_signature.is_empty());
+    cluster.wait_all_applied().await;
+    assert!(can_read(&cluster, "dave").await);
+
+    // Replayed: for the same operation it is decided; for another, the
+    // signature is not over that operation.
+    let e = approve_as(&cluster, ADMIN2, valid.clone()).await.unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (Code::FailedPrecondition, "OPERATION_DECIDED".into()),
+        "{e:?}"
+    );
+    let op2 = propose(&cluster, grant_kind("dave", T, "agent"), 0).await;
+    let replay = ApproveOperationRequest {
+        id: op2.id.clone(),
+        plan_hash: op2.plan_hash.clone(),
+        ..valid
+    };
+    let e = approve_as(&cluster, ADMIN2, replay).await.unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (Code::PermissionDenied, "APPROVAL_SIGNATURE_INVALID".into()),
+        "{e:?}"
+    );
+
+    // The state the plan depends on changed (dave's policy, by an immediate
+    // removal): refused, naming what changed.
+    let mut access = cluster.admin(0).await.access;
+    access
+        .ungrant(GrantRequest {
+            identity: "dave".into(),
+            role: Some(Role {
+                role: Some(role::Role::Tenant(TenantRole {
+                    tenant: T.into(),
+                    role: "reader".into(),
+                })),
+            }),
+        })
+        .await
+        .unwrap();
+    let e = approve_as(
+        &cluster,
+        ADMIN2,
+        approval(&cluster, ADMIN2, &op2.id, &op2.plan_hash),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(reason(&e), (Code::Aborted, "STATE_CHANGED".into()), "{e:?}");
+    let changed = e
+        .get_details_error_info()
+        .and_then(|i| i.metadata.get("changed").cloned())
+        .unwrap_or_default();
+    assert_eq!(changed, "policy of identity dave");
+    assert_eq!(get(&cluster, &op2.id).await.status, "proposed");
+
+    // Expired before approval: refused as expired, and recorded expired.
+    let op3 = propose(&cluster, grant_kind("erin", T, "reader"), 1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let e = approve_as(
+        &cluster,
+        ADMIN2,
+        approval(&cluster, ADMIN2, &op3.id, &op3.plan_hash),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (Code::FailedPrecondition, "OPERATION_EXPIRED".into()),
+        "{e:?}"
+    );
+    let expired = cluster.wait_operation_ended(0, &op3.id).await;
+    assert_eq!(
+        (expired.status.as_str(), expired.outcome.as_str()),
+        ("expired", "expired unapproved")
+    );
+
+    // Cancel is the proposer's; reject is another operator's.
+    let op4 = propose(&cluster, grant_kind("erin", T, "agent"), 0).await;
+    let mut ops2 = cluster.admin_as(0, ADMIN2).await.operations;
+    let e = ops2
+        .cancel_operation(CancelOperationRequest { id: op4.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (Code::PermissionDenied, "NOT_PROPOSER".into()),
+        "{e:?}"
+    );
+    let mut ops1 = cluster.admin(0).await.operations;
+    let e = ops1
+        .reject_operation(RejectOperationRequest {
+            id: op4.id.clone(),
+            reason: "no".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let rejected = ops2
+        .reject_operation(RejectOperationRequest {
+            id: op4.id.clone(),
+            reason: "T-201: not needed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rejected.status, "rejected");
+    assert_eq!(rejected.outcome, "rejected by admin2: T-201: not needed");
+    let e = approve_as(
+        &cluster,
+        ADMIN2,
+        approval(&cluster, ADMIN2, &op4.id, &op4.plan_hash),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (Code::FailedPrecondition, "OPERATION_DECIDED".into()),
+        "{e:?}"
+    );
+    let cancelled = ops1
+        .cancel_operation(CancelOperationRequest { id: op2.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.status, "cancelled");
+
+    // A revoked operator approves nothing; revoking was one person, at once.
+    let op5 = propose(&cluster, grant_kind("frank", T, "reader"), 0).await;
+    access
+        .revoke_identity(RevokeIdentityRequest {
+            identity: "ops3".into(),
+        })
+        .await
+        .unwrap();
+    cluster.wait_all_applied().await;
+    let e = approve_as(
+        &cluster,
+        "ops3",
+        approval(&cluster, "ops3", &op5.id, &op5.plan_hash),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(reason(&e), (Code::Unauthenticated, "REVOKED".into()), "{e:?}");
+    assert_eq!(get(&cluster, &op5.id).await.status, "proposed");
+
+    // A proposal needs a reason; an auditor proposes nothing.
+    let e = ops1
+        .propose_operation(ProposeOperationRequest {
+            kind: Some(grant_kind("frank", T, "agent")),
+            reason: String::new(),
+            expires_in_secs: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (Code::InvalidArgument, "INVALID_REQUEST".into()),
+        "{e:?}"
+    );
+    let mut aud = cluster.admin_as(0, "auditor").await.operations;
+    let e = aud
+        .propose_operation(ProposeOperationRequest {
+            kind: Some(grant_kind("frank", T, "agent")),
+            reason: "T-202".into(),
+            expires_in_secs: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    // The attempts to approve without a second person are denials on record.
+    let records = cluster.audit_records(0, "auditor").await;
+    for (who, why) in [
+        (ADMIN, "the proposer cannot approve"),
+        ("admin-twin", "the proposer's key"),
+        (ADMIN2, "signature"),
+    ] {
+        assert!(
+            records.iter().any(|r| r.identity == who
+                && r.action == "ApproveOperation"
+                && r.result.starts_with("denied: ")
+                && r.result.contains(why)),
+            "no denial of {who} ({why}) on record"
+        );
+    }
+    // Pending first in the listing.
+    let listed = ops1
+        .list_operations(ListOperationsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .operations;
+    assert_eq!(listed[0].id, op5.id, "the pending one first");
+    assert!(listed[1..].iter().all(|o| o.status != "proposed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_between_approval_and_completion_leaves_the_operation_whole_and_recorded() {
+    let mut cluster = setup(ClusterOptions {
+        test_modes: "pause-operation".into(),
+        ..Default::default()
+    })
+    .await;
+    let pause = |c: &Cluster, i: usize| {
+        c.data_dir(i)
+            .join(mailvault_node::test_modes::PAUSE_OPERATION_FILE)
+    };
+    for i in 0..cluster.len() {
+        std::fs::write(pause(&cluster, i), b"").unwrap();
+    }
+    let op = propose(&cluster, grant_kind("gina", T, "reader"), 0).await;
+    approve_as(
+        &cluster,
+        ADMIN2,
+        approval(&cluster, ADMIN2, &op.id, &op.plan_hash),
+    )
+    .await
+    .unwrap();
+    // Approved, held before its first step.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let held = get(&cluster, &op.id).await;
+    assert_eq!((held.status.as_str(), held.steps.len()), ("approved", 0));
+    assert!(!can_read(&cluster, "gina").await);
+
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    cluster.kill(leader);
+    for i in (0..cluster.len()).filter(|&i| i != leader) {
+        std::fs::remove_file(pause(&cluster, i)).unwrap();
+    }
+    let new_leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    assert_ne!(new_leader, leader);
+    let done = cluster.wait_operation_ended(new_leader, &op.id).await;
+    assert_eq!(done.status, "succeeded", "{done:?}");
+    assert_eq!(done.steps.len(), 1, "the step ran once");
+    assert!(done.steps[0].ok);
+
+    // The killed node comes back with the same record and the grant.
+    std::fs::remove_file(pause(&cluster, leader)).unwrap();
+    cluster.start_node(leader);
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
+    cluster.wait_all_applied().await;
+    let mut back = cluster.admin(leader).await.operations;
+    let there = retry(Duration::from_secs(20), || {
+        let mut b = back.clone();
+        let id = op.id.clone();
+        async move { b.get_operation(GetOperationRequest { id }).await }
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(there.status, "succeeded");
+    assert_eq!(there.steps.len(), 1);
+    let _ = &mut back;
+    let mut c = cluster.mailbox_as(leader, "gina").await;
+    retry(Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move {
+            c.get_mailbox_status(GetMailboxStatusRequest {
+                tenant: T.into(),
+                mailbox: M.into(),
+            })
+            .await
+        }
+    })
+    .await
+    .unwrap();
+    let _ = &mut c;
+    let records = cluster.audit_records(new_leader, "auditor").await;
+    let steps: Vec<_> = records
+        .iter()
+        .filter(|r| r.action == "op-step" && r.target.starts_with(&op.id))
+        .collect();
+    assert_eq!(steps.len(), 1, "one step on record: {steps:?}");
+    assert_eq!(
+        steps[0].identity,
+        format!("node:{}", new_leader + 1),
+        "run by the new leader"
+    );
+}

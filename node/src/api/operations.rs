@@ -1,0 +1,539 @@
+//! `mailvault.v1.Operations`: two-person operations. A proposal is
+//! rehearsed here on the leader (`state::ops::rehearse` over its applied
+//! state) and recorded with `Command::Ops`; the state machine decides every
+//! transition again (`store/apply/ops.rs`), so what a handler checks first is
+//! for a clear answer, and what the state machine checks is what holds.
+//! Execution is the leader's worker's (`crate::operations`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailvault_proto::v1::operation_kind::Kind;
+use mailvault_proto::v1::operations_client::OperationsClient;
+use mailvault_proto::v1::operations_server::Operations;
+use mailvault_proto::v1::{
+    AllowlistOperation, ApproveOperationRequest, CancelOperationRequest, FencePart as ProtoFencePart,
+    GetOperationRequest, GrantOperation, ListOperationsRequest, ListOperationsResponse,
+    Operation as ProtoOperation, OperationKind, Plan as ProtoPlan, PlanOperationRequest, PlanStep,
+    ProposeOperationRequest, RejectOperationRequest, StepResult as ProtoStepResult,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use super::access::{check_identity, networks, role_of, role_to_proto};
+use super::operator::record;
+use crate::access::{Against, Principal};
+use crate::ctx::Ctx;
+use crate::error::{self, ApiError, Reason};
+use crate::forward::{principal_of, route_write, FORWARDED};
+use crate::state::command::{Command, CommandResult, Refusal};
+use crate::state::ops::{
+    hex, plan_hash, rehearse, Actor, Approval, OpChange, OpKind, OpRefusal, OpStatus, Operation, Person, Plan,
+};
+use crate::tls::{identity_of, verify_client_certificate, CertIdentity};
+
+/// Longest reason accepted (proposal, rejection).
+const REASON_MAX_BYTES: usize = 500;
+/// An unapproved proposal expires after this by default.
+const DEFAULT_EXPIRY_SECS: u32 = 3600;
+/// And after a day at most.
+const MAX_EXPIRY_SECS: u32 = 86_400;
+
+/// The operations service.
+#[derive(Clone)]
+pub struct OperationsService {
+    ctx: Arc<Ctx>,
+}
+
+impl OperationsService {
+    /// A service over the node context.
+    pub fn new(ctx: Arc<Ctx>) -> OperationsService {
+        OperationsService { ctx }
+    }
+
+    /// A client of this service on the leader, to forward a write over `ch`.
+    fn client(&self, ch: Channel) -> OperationsClient<Channel> {
+        OperationsClient::new(ch)
+    }
+
+    fn actor(&self, p: &Principal) -> Actor {
+        Actor {
+            identity: p.identity.clone(),
+            source: p.source_text(),
+            node: self.ctx.id,
+            at_ms: crate::clock::now_ms(),
+        }
+    }
+
+    /// The operation `id`, after a linearizable read point.
+    async fn find(&self, id: &str) -> Result<Operation, Status> {
+        check_op_id(id)?;
+        self.ctx.read_barrier().await?;
+        self.ctx
+            .reader
+            .operation(id)
+            .map_err(error::read)?
+            .ok_or_else(|| refusal(OpRefusal::NotFound).into())
+    }
+
+    /// Proposes one change to an operation: the operation after it, or the
+    /// state machine's refusal.
+    async fn decide(&self, change: OpChange) -> Result<Result<Operation, OpRefusal>, Status> {
+        match self
+            .ctx
+            .proposer
+            .propose(Command::Ops(change))
+            .await
+            .map_err(error::propose)?
+        {
+            CommandResult::Operation(op) => Ok(Ok(*op)),
+            CommandResult::Refused(Refusal::Operation(r)) => Ok(Err(r)),
+            CommandResult::Refused(r) => Err(error::refusal(r).into()),
+            _ => Err(error::unexpected("operation change").into()),
+        }
+    }
+
+    /// Proposes one change to an operation and returns the operation after
+    /// it; a refusal is audited (see [`Self::refused`]).
+    async fn change(&self, p: &Principal, method: &str, change: OpChange) -> Result<ProtoOperation, Status> {
+        let target = change.id().to_string();
+        match self.decide(change).await? {
+            Ok(op) => Ok(op_to_proto(&op)),
+            Err(r) => Err(self.refused(p, method, &target, r).await),
+        }
+    }
+
+    /// Audits a refusal and builds its status. An attempt to approve without
+    /// a second person (one's own proposal, one's own key, a signature that
+    /// does not verify) is a denial and counts towards lockout; the other
+    /// refusals (expired, decided, changed) are honest mistakes.
+    async fn refused(&self, p: &Principal, method: &str, target: &str, r: OpRefusal) -> Status {
+        let why = r.to_string();
+        match r {
+            OpRefusal::SelfApproval
+            | OpRefusal::SameKey
+            | OpRefusal::BadSignature(_)
+            | OpRefusal::NotProposer => {
+                self.ctx
+                    .gate
+                    .denials
+                    .deny(&p.identity, p.source, method, target, &why, Against::Identity)
+                    .await
+            }
+            _ => {
+                let event = p.event(method, target.to_string(), &format!("refused: {why}"));
+                if let Err(e) = self.ctx.audit.record(event).await {
+                    return e;
+                }
+            }
+        }
+        refusal(r).into()
+    }
+
+    /// The checks on an approval's certificate that need this node's
+    /// configuration (the CA) or the TLS session: the certificate is the
+    /// caller's own (same key, same identity), issued by the cluster's CA and
+    /// valid now, and not revoked. The signature is the state machine's to
+    /// check. A failure is audited as a denial.
+    async fn check_certificate(&self, p: &Principal, id: &str, der: &[u8]) -> Result<(), Status> {
+        let checked = (|| {
+            let key = mailvault_proto::approval::key_fingerprint(der)?;
+            if p.key.is_empty() || key != p.key {
+                return Err("the certificate sent is not the one this call is made with".to_string());
+            }
+            match identity_of(der) {
+                Some((CertIdentity::User(u), serial)) if u == p.identity => {
+                    if self.ctx.reader.serial_revoked(&serial).unwrap_or(true) {
+                        return Err("the certificate sent is revoked".to_string());
+                    }
+                }
+                _ => return Err("the certificate sent does not name the caller".to_string()),
+            }
+            verify_client_certificate(&self.ctx.config.tls, der)
+        })();
+        match checked {
+            Ok(()) => Ok(()),
+            Err(why) => Err(self
+                .refused(p, "ApproveOperation", id, OpRefusal::BadSignature(why))
+                .await),
+        }
+    }
+}
+
+fn refusal(r: OpRefusal) -> ApiError {
+    error::op_refusal(r)
+}
+
+fn check_op_id(id: &str) -> Result<(), ApiError> {
+    let ok = id.len() == 11 && id.starts_with("op-") && id[3..].bytes().all(|b| b.is_ascii_hexdigit());
+    match ok {
+        true => Ok(()),
+        false => Err(error::invalid("an operation id is op- and 8 hex digits").with("field", "id")),
+    }
+}
+
+fn check_reason(field: &'static str, reason: &str) -> Result<(), ApiError> {
+    crate::names::check(field, reason, REASON_MAX_BYTES).map_err(|_| {
+        error::invalid(format!(
+            "{field} is required (e.g. a ticket number): at most {REASON_MAX_BYTES} bytes, no control characters"
+        ))
+        .with("field", field)
+    })
+}
+
+/// The operation a request names.
+fn kind_of(k: Option<OperationKind>) -> Result<OpKind, ApiError> {
+    match k.and_then(|k| k.kind) {
+        Some(Kind::Grant(g)) => {
+            check_identity(&g.identity)?;
+            Ok(OpKind::Grant {
+                identity: g.identity,
+                role: role_of(g.role)?,
+            })
+        }
+        Some(Kind::Allowlist(a)) => {
+            check_identity(&a.identity)?;
+            Ok(OpKind::Allowlist {
+                identity: a.identity,
+                networks: networks(&a.allow_from.map(|a| a.networks).unwrap_or_default())?,
+            })
+        }
+        None => Err(error::invalid("name the operation (kind)").with("field", "kind")),
+    }
+}
+
+fn kind_to_proto(k: &OpKind) -> OperationKind {
+    let kind = match k {
+        OpKind::Grant { identity, role } => Kind::Grant(GrantOperation {
+            identity: identity.clone(),
+            role: Some(role_to_proto(role)),
+        }),
+        OpKind::Allowlist { identity, networks } => Kind::Allowlist(AllowlistOperation {
+            identity: identity.clone(),
+            allow_from: Some(mailvault_proto::v1::Allowlist {
+                networks: networks.iter().map(|n| n.to_string()).collect(),
+            }),
+        }),
+    };
+    OperationKind { kind: Some(kind) }
+}
+
+fn plan_to_proto(kind: &OpKind, plan: &Plan) -> ProtoPlan {
+    ProtoPlan {
+        kind: Some(kind_to_proto(kind)),
+        steps: plan
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| PlanStep {
+                index: i as u32,
+                action: s.action().to_string(),
+                description: s.describe(),
+            })
+            .collect(),
+        effect: plan.effect.clone(),
+        checks: plan.checks.clone(),
+        backup_first: plan.backup_first,
+        fence: plan
+            .fence
+            .iter()
+            .map(|f| ProtoFencePart {
+                what: f.what.clone(),
+                hash: hex(&f.hash),
+            })
+            .collect(),
+        fence_hash: hex(&plan.fence_hash()),
+    }
+}
+
+fn op_to_proto(op: &Operation) -> ProtoOperation {
+    let approval = op.approval.as_ref();
+    ProtoOperation {
+        id: op.id.clone(),
+        status: op.status.as_str().to_string(),
+        reason: op.reason.clone(),
+        proposer: op.proposer.identity.clone(),
+        proposer_key: op.proposer.key.clone(),
+        created_ms: op.created_ms,
+        expires_ms: op.expires_ms,
+        plan: Some(plan_to_proto(&op.kind, &op.plan)),
+        plan_hash: hex(&op.plan_hash),
+        approver: approval.map(|a| a.by.identity.clone()).unwrap_or_default(),
+        approver_key: approval.map(|a| a.by.key.clone()).unwrap_or_default(),
+        approved_ms: approval.map(|a| a.at_ms).unwrap_or_default(),
+        approval_signature: approval.map(|a| a.signature.clone()).unwrap_or_default(),
+        backup_id: op.backup_id.clone().unwrap_or_default(),
+        steps: op
+            .steps
+            .iter()
+            .map(|s| ProtoStepResult {
+                index: s.index,
+                at_ms: s.at_ms,
+                ok: s.ok,
+                result: s.result.clone(),
+            })
+            .collect(),
+        ended_ms: op.ended_ms.unwrap_or_default(),
+        outcome: op.outcome.clone(),
+    }
+}
+
+/// Pending first (oldest first), then the ended ones, newest first.
+fn list_order(ops: &mut [Operation]) {
+    ops.sort_by(|a, b| {
+        let (ea, eb) = (a.status.ended(), b.status.ended());
+        ea.cmp(&eb).then_with(|| match ea {
+            false => a.created_ms.cmp(&b.created_ms),
+            true => b.created_ms.cmp(&a.created_ms),
+        })
+    });
+}
+
+fn new_op_id() -> Result<String, ApiError> {
+    let mut b = [0u8; 4];
+    getrandom::fill(&mut b).map_err(|_| ApiError::new(Reason::InternalError, "random source unavailable"))?;
+    Ok(format!("op-{}", hex(&b)))
+}
+
+fn principal(p: Option<Principal>) -> Result<Principal, ApiError> {
+    p.ok_or_else(|| ApiError::new(Reason::NoIdentity, "no authenticated identity"))
+}
+
+type WatchStream = ReceiverStream<Result<ProtoOperation, Status>>;
+
+#[tonic::async_trait]
+impl Operations for OperationsService {
+    async fn plan_operation(
+        &self,
+        req: Request<PlanOperationRequest>,
+    ) -> Result<Response<ProtoPlan>, Status> {
+        let p = principal_of(&req);
+        let kind = kind_of(req.into_inner().kind)?;
+        record(&self.ctx, p.as_ref(), "PlanOperation", kind.target()).await?;
+        self.ctx.read_barrier().await?;
+        match rehearse(&self.ctx.reader, &kind).map_err(error::read)? {
+            Ok(plan) => Ok(Response::new(plan_to_proto(&kind, &plan))),
+            Err(r) => Err(refusal(r).into()),
+        }
+    }
+
+    async fn propose_operation(
+        &self,
+        req: Request<ProposeOperationRequest>,
+    ) -> Result<Response<ProtoOperation>, Status> {
+        route_write!(self, req, p, propose_operation);
+        let p = principal(p)?;
+        let r = req.into_inner();
+        let kind = kind_of(r.kind)?;
+        check_reason("reason", &r.reason)?;
+        let expires_in = match r.expires_in_secs {
+            0 => DEFAULT_EXPIRY_SECS,
+            s if s <= MAX_EXPIRY_SECS => s,
+            _ => {
+                return Err(
+                    error::invalid(format!("expires_in_secs is at most {MAX_EXPIRY_SECS}"))
+                        .with("field", "expires_in_secs")
+                        .into(),
+                )
+            }
+        };
+        if p.key.is_empty() {
+            return Err(ApiError::new(Reason::NoIdentity, "the caller's certificate key is unknown").into());
+        }
+        self.ctx.read_barrier().await?;
+        let target = kind.target();
+        let plan = match rehearse(&self.ctx.reader, &kind).map_err(error::read)? {
+            Ok(plan) => plan,
+            Err(r) => return Err(self.refused(&p, "ProposeOperation", &target, r).await),
+        };
+        let proposer = Person {
+            identity: p.identity.clone(),
+            key: p.key.clone(),
+        };
+        // A taken id (one in four billion) is proposed again under another.
+        for _ in 0..3 {
+            let actor = self.actor(&p);
+            let id = new_op_id()?;
+            let expires_ms = actor.at_ms + i64::from(expires_in) * 1000;
+            let hash = plan_hash(&id, &kind, &r.reason, &proposer, expires_ms, &plan);
+            let op = Operation {
+                id,
+                kind: kind.clone(),
+                reason: r.reason.clone(),
+                proposer: proposer.clone(),
+                created_ms: actor.at_ms,
+                expires_ms,
+                plan: plan.clone(),
+                plan_hash: hash,
+                status: OpStatus::Proposed,
+                approval: None,
+                backup_id: None,
+                steps: Vec::new(),
+                ended_ms: None,
+                outcome: String::new(),
+            };
+            let change = OpChange::Propose {
+                op: Box::new(op),
+                actor,
+            };
+            match self.decide(change).await? {
+                Ok(op) => return Ok(Response::new(op_to_proto(&op))),
+                Err(OpRefusal::IdTaken) => continue,
+                Err(r) => return Err(self.refused(&p, "ProposeOperation", &target, r).await),
+            }
+        }
+        Err(ApiError::new(Reason::InternalError, "no free operation id; retry").into())
+    }
+
+    async fn list_operations(
+        &self,
+        req: Request<ListOperationsRequest>,
+    ) -> Result<Response<ListOperationsResponse>, Status> {
+        let p = principal_of(&req);
+        record(&self.ctx, p.as_ref(), "ListOperations", "-".into()).await?;
+        self.ctx.read_barrier().await?;
+        let mut ops = self.ctx.reader.operations().map_err(error::read)?;
+        list_order(&mut ops);
+        Ok(Response::new(ListOperationsResponse {
+            operations: ops.iter().map(op_to_proto).collect(),
+        }))
+    }
+
+    async fn get_operation(
+        &self,
+        req: Request<GetOperationRequest>,
+    ) -> Result<Response<ProtoOperation>, Status> {
+        let p = principal_of(&req);
+        let id = req.into_inner().id;
+        check_op_id(&id)?;
+        record(&self.ctx, p.as_ref(), "GetOperation", id.clone()).await?;
+        Ok(Response::new(op_to_proto(&self.find(&id).await?)))
+    }
+
+    async fn approve_operation(
+        &self,
+        req: Request<ApproveOperationRequest>,
+    ) -> Result<Response<ProtoOperation>, Status> {
+        // The certificate must be the one this call is made with; checked
+        // before the call is passed on, and again on the leader (which sees
+        // the caller's key as this node forwards it).
+        if !req.metadata().contains_key(FORWARDED) {
+            let p = principal(principal_of(&req))?;
+            let r = req.get_ref();
+            self.check_certificate(&p, &r.id, &r.certificate).await?;
+        }
+        route_write!(self, req, p, approve_operation);
+        let p = principal(p)?;
+        let r = req.into_inner();
+        check_op_id(&r.id)?;
+        let hash: [u8; 32] = decode_hex(&r.plan_hash)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| error::invalid("plan_hash is 64 hex digits").with("field", "plan_hash"))?;
+        self.check_certificate(&p, &r.id, &r.certificate).await?;
+        let actor = self.actor(&p);
+        let approval = Approval {
+            by: Person {
+                identity: p.identity.clone(),
+                key: p.key.clone(),
+            },
+            certificate: r.certificate,
+            signature: r.signature,
+            at_ms: actor.at_ms,
+        };
+        let change = OpChange::Approve {
+            id: r.id,
+            plan_hash: hash,
+            approval,
+            actor,
+        };
+        Ok(Response::new(self.change(&p, "ApproveOperation", change).await?))
+    }
+
+    async fn reject_operation(
+        &self,
+        req: Request<RejectOperationRequest>,
+    ) -> Result<Response<ProtoOperation>, Status> {
+        route_write!(self, req, p, reject_operation);
+        let p = principal(p)?;
+        let r = req.into_inner();
+        check_op_id(&r.id)?;
+        check_reason("reason", &r.reason)?;
+        let change = OpChange::Reject {
+            id: r.id,
+            reason: r.reason,
+            actor: self.actor(&p),
+        };
+        Ok(Response::new(self.change(&p, "RejectOperation", change).await?))
+    }
+
+    async fn cancel_operation(
+        &self,
+        req: Request<CancelOperationRequest>,
+    ) -> Result<Response<ProtoOperation>, Status> {
+        route_write!(self, req, p, cancel_operation);
+        let p = principal(p)?;
+        let id = req.into_inner().id;
+        check_op_id(&id)?;
+        let change = OpChange::Cancel {
+            id,
+            actor: self.actor(&p),
+        };
+        Ok(Response::new(self.change(&p, "CancelOperation", change).await?))
+    }
+
+    type WatchOperationStream = WatchStream;
+
+    async fn watch_operation(
+        &self,
+        req: Request<GetOperationRequest>,
+    ) -> Result<Response<Self::WatchOperationStream>, Status> {
+        let p = principal_of(&req);
+        let id = req.into_inner().id;
+        check_op_id(&id)?;
+        record(&self.ctx, p.as_ref(), "WatchOperation", id.clone()).await?;
+        let first = self.find(&id).await?;
+        let (tx, rx) = mpsc::channel(8);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(op_to_proto(&last))).await.is_err() {
+                return;
+            }
+            let mut applied = ctx.applied.clone();
+            // Bounded: an operation ends, or its proposal expires within a
+            // day; a watcher that goes away ends it sooner.
+            let deadline =
+                tokio::time::Instant::now() + Duration::from_secs(u64::from(MAX_EXPIRY_SECS) + 3600);
+            while !last.status.ended() && tokio::time::Instant::now() < deadline {
+                let _ = tokio::time::timeout(Duration::from_secs(1), applied.changed()).await;
+                let now = match ctx.reader.operation(&id) {
+                    Ok(Some(op)) => op,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(error::read(e).into())).await;
+                        return;
+                    }
+                };
+                if now != last {
+                    if tx.send(Ok(op_to_proto(&now))).await.is_err() {
+                        return;
+                    }
+                    last = now;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}

@@ -1,0 +1,771 @@
+//! Two-person operations (data version 6): the replicated record of every
+//! operation that can lose, expose or destroy mail or widen someone's
+//! rights, and the rehearsal that plans one.
+//!
+//! An operation is proposed by one operator, rehearsed against the replicated
+//! state ([`rehearse`]: the exact steps, their effect in plain words, the
+//! preconditions checked and a *fence*, a hash of the state the plan depends
+//! on), approved by a second operator — a different identity with a different
+//! certificate key, signing the plan hash — and then executed step by step by
+//! the leader, each step atomically with its record. [`OpChange`]s move an
+//! [`Operation`] through its lifecycle; the state machine decides each one
+//! (`store/apply/ops.rs`), so every node holds the same record and a leader
+//! change loses nothing.
+//!
+//! Frozen format: `Operation`, `OpKind`, `Step` and `OpChange` are stored and
+//! replicated (postcard, positional). Append variants and fields only with a
+//! data-version step.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::codec::encode;
+use super::command::{AccessChange, RoleGrant};
+use super::policy::{IdentityPolicy, ANY_TENANT};
+use super::records::TenantRecord;
+
+/// What an operation does, with its parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpKind {
+    /// Grants one role (tenant or cluster) to an identity.
+    Grant {
+        /// The identity.
+        identity: String,
+        /// The role.
+        role: RoleGrant,
+    },
+    /// Sets an allowlist that admits a source the current one does not
+    /// (narrowing one is immediate: `Access.SetAllowlist`).
+    Allowlist {
+        /// The identity.
+        identity: String,
+        /// The new allowlist (empty: anywhere).
+        networks: Vec<ipnet::IpNet>,
+    },
+}
+
+impl OpKind {
+    /// The kind's stable name (`grant`, `allowlist`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            OpKind::Grant { .. } => "grant",
+            OpKind::Allowlist { .. } => "allowlist",
+        }
+    }
+
+    /// What it is about, in a few words (ids only).
+    pub fn target(&self) -> String {
+        match self {
+            OpKind::Grant { identity, role } => format!("{identity}: +{role}"),
+            OpKind::Allowlist { identity, networks } => {
+                format!("{identity}: allow from {}", allowlist_text(networks))
+            }
+        }
+    }
+}
+
+/// An allowlist in words.
+pub fn allowlist_text(networks: &[ipnet::IpNet]) -> String {
+    match networks {
+        [] => "anywhere".to_string(),
+        n => n.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "),
+    }
+}
+
+/// Whether `new` admits a source `old` does not (an empty list admits
+/// every source).
+pub fn widens(old: &[ipnet::IpNet], new: &[ipnet::IpNet]) -> bool {
+    match (old.is_empty(), new.is_empty()) {
+        (true, _) => false,
+        (false, true) => true,
+        (false, false) => new.iter().any(|n| !old.iter().any(|o| o.contains(n))),
+    }
+}
+
+/// One step of a plan, executed as one replicated change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Step {
+    /// Changes one part of an identity's policy.
+    Access(AccessChange),
+}
+
+impl Step {
+    /// The step's stable action name.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Step::Access(AccessChange::Grant { .. }) => "grant",
+            Step::Access(AccessChange::Ungrant { .. }) => "ungrant",
+            Step::Access(AccessChange::SetAllowlist { .. }) => "set-allowlist",
+            Step::Access(AccessChange::Revoke { .. }) => "revoke",
+        }
+    }
+
+    /// The step in plain words.
+    pub fn describe(&self) -> String {
+        match self {
+            Step::Access(AccessChange::Grant { identity, role }) => format!("grant {role} to {identity}"),
+            Step::Access(AccessChange::Ungrant { identity, role }) => {
+                format!("remove {role} from {identity}")
+            }
+            Step::Access(AccessChange::SetAllowlist {
+                identity, networks, ..
+            }) => format!("let {identity} call from {}", allowlist_text(networks)),
+            Step::Access(AccessChange::Revoke { identity }) => format!("revoke {identity}"),
+        }
+    }
+}
+
+/// One piece of state a plan depends on: what it is, in words, and the hash
+/// of its value when the plan was made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FencePart {
+    /// E.g. `policy of identity bob`, `tenant acme`.
+    pub what: String,
+    /// SHA-256 of the value's encoding (or of nothing, for an absent record).
+    pub hash: [u8; 32],
+}
+
+/// The rehearsed plan: exact steps, predicted effect, preconditions checked,
+/// and the fence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The ordered steps.
+    pub steps: Vec<Step>,
+    /// The predicted effect, in plain words, one line each.
+    pub effect: Vec<String>,
+    /// The preconditions checked, in plain words.
+    pub checks: Vec<String>,
+    /// Whether a verified backup is taken before the first step.
+    pub backup_first: bool,
+    /// The state the plan depends on.
+    pub fence: Vec<FencePart>,
+}
+
+impl Plan {
+    /// The fence as one hash.
+    pub fn fence_hash(&self) -> [u8; 32] {
+        fence_hash(&self.fence)
+    }
+
+    /// What differs between this plan's fence and `now`'s, in words.
+    pub fn fence_changes(&self, now: &[FencePart]) -> Vec<String> {
+        let mut changed: Vec<String> = self
+            .fence
+            .iter()
+            .filter(|p| !now.iter().any(|n| n == *p))
+            .map(|p| p.what.clone())
+            .collect();
+        for n in now {
+            if !self.fence.iter().any(|p| p.what == n.what) && !changed.contains(&n.what) {
+                changed.push(n.what.clone());
+            }
+        }
+        changed
+    }
+}
+
+/// The fence parts as one hash.
+pub fn fence_hash(parts: &[FencePart]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"mailvault fence v1\0");
+    h.update(encode(&parts));
+    h.finalize().into()
+}
+
+/// An operator as an operation records them: identity and certificate key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Person {
+    /// The identity.
+    pub identity: String,
+    /// SHA-256 of the certificate's SubjectPublicKeyInfo, lower-case hex.
+    pub key: String,
+}
+
+/// A second operator's approval: who, with which certificate, and their
+/// signature over the approval message (`mailvault_proto::approval::message`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// The approver.
+    pub by: Person,
+    /// Their certificate (DER): anyone can check the signature again.
+    #[serde(with = "serde_bytes")]
+    pub certificate: Vec<u8>,
+    /// The signature by the certificate's key over the approval message.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+    /// When, ms since the Unix epoch (the leader's clock).
+    pub at_ms: i64,
+}
+
+/// Where an operation is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpStatus {
+    /// Waiting for a second operator.
+    Proposed,
+    /// Approved; not started (the pre-operation backup comes first).
+    Approved,
+    /// Steps are being executed.
+    Executing,
+    /// Every step done.
+    Succeeded,
+    /// Ended without completing (no step after the failure ran).
+    Failed,
+    /// Rejected by another operator.
+    Rejected,
+    /// Withdrawn by its proposer.
+    Cancelled,
+    /// Not approved in time.
+    Expired,
+}
+
+impl OpStatus {
+    /// The status's stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpStatus::Proposed => "proposed",
+            OpStatus::Approved => "approved",
+            OpStatus::Executing => "executing",
+            OpStatus::Succeeded => "succeeded",
+            OpStatus::Failed => "failed",
+            OpStatus::Rejected => "rejected",
+            OpStatus::Cancelled => "cancelled",
+            OpStatus::Expired => "expired",
+        }
+    }
+
+    /// Whether the operation has ended.
+    pub fn ended(self) -> bool {
+        !matches!(
+            self,
+            OpStatus::Proposed | OpStatus::Approved | OpStatus::Executing
+        )
+    }
+}
+
+/// The result of one executed step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepResult {
+    /// Its index in the plan.
+    pub index: u32,
+    /// When it was applied.
+    pub at_ms: i64,
+    /// Whether it took effect.
+    pub ok: bool,
+    /// What it did, or why it did not, in words.
+    pub result: String,
+}
+
+/// One operation, as the state machine keeps it under `keys::operation`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operation {
+    /// `op-` and 8 hex digits.
+    pub id: String,
+    /// What it does.
+    pub kind: OpKind,
+    /// Why (free text, e.g. a ticket number; required).
+    pub reason: String,
+    /// Who proposed it.
+    pub proposer: Person,
+    /// When it was proposed.
+    pub created_ms: i64,
+    /// When an unapproved proposal expires.
+    pub expires_ms: i64,
+    /// The rehearsed plan.
+    pub plan: Plan,
+    /// [`plan_hash`] of the above.
+    pub plan_hash: [u8; 32],
+    /// Where it is.
+    pub status: OpStatus,
+    /// The approval, once approved.
+    pub approval: Option<Approval>,
+    /// The pre-operation backup, once taken and verified.
+    pub backup_id: Option<String>,
+    /// Each executed step, in order.
+    pub steps: Vec<StepResult>,
+    /// When it ended.
+    pub ended_ms: Option<i64>,
+    /// How it ended, in words (who rejected it and why, which step failed…).
+    pub outcome: String,
+}
+
+/// What the approver's signature and the plan hash cover.
+#[derive(Serialize)]
+struct Hashed<'a> {
+    id: &'a str,
+    kind: &'a OpKind,
+    reason: &'a str,
+    proposer: &'a Person,
+    expires_ms: i64,
+    plan: &'a Plan,
+}
+
+/// The plan hash: SHA-256 over the operation's id, kind, reason, proposer,
+/// expiry and plan. The approver is shown it and signs it.
+pub fn plan_hash(
+    id: &str,
+    kind: &OpKind,
+    reason: &str,
+    proposer: &Person,
+    expires_ms: i64,
+    plan: &Plan,
+) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"mailvault plan v1\0");
+    h.update(encode(&Hashed {
+        id,
+        kind,
+        reason,
+        proposer,
+        expires_ms,
+        plan,
+    }));
+    h.finalize().into()
+}
+
+impl Operation {
+    /// The hash of this operation's plan, recomputed.
+    pub fn computed_plan_hash(&self) -> [u8; 32] {
+        plan_hash(
+            &self.id,
+            &self.kind,
+            &self.reason,
+            &self.proposer,
+            self.expires_ms,
+            &self.plan,
+        )
+    }
+}
+
+/// Who makes a change to an operation, when and where: an operator through
+/// a node, or a node executing (`node:<id>`). Carried in the change, so
+/// every replica decides and audits alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// The identity.
+    pub identity: String,
+    /// The source address (`-` for a node's own change).
+    pub source: String,
+    /// The node that proposed the change.
+    pub node: u64,
+    /// When, ms since the Unix epoch (that node's clock).
+    pub at_ms: i64,
+}
+
+/// A change to the operations, decided by the state machine. Each names one
+/// operation and its [`Actor`]; each transition is audited in the same entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpChange {
+    /// Records a new proposal. Refused if the id is taken, or if the state
+    /// no longer gives the same plan.
+    Propose {
+        /// The operation, as proposed.
+        op: Box<Operation>,
+        /// Its proposer.
+        actor: Actor,
+    },
+    /// Records a second operator's approval. Refused if the operation is
+    /// not pending, expired, the approver is the proposer (by identity or
+    /// key), the plan hash differs, the signature does not verify, or the
+    /// fence no longer matches.
+    Approve {
+        /// The operation.
+        id: String,
+        /// The plan hash the approver was shown.
+        plan_hash: [u8; 32],
+        /// The approval.
+        approval: Approval,
+        /// The approver.
+        actor: Actor,
+    },
+    /// Rejects a pending operation (any operator but its proposer).
+    Reject {
+        /// The operation.
+        id: String,
+        /// Why.
+        reason: String,
+        /// Who.
+        actor: Actor,
+    },
+    /// Withdraws a pending operation (its proposer only).
+    Cancel {
+        /// The operation.
+        id: String,
+        /// Who.
+        actor: Actor,
+    },
+    /// Ends a proposal nobody approved in time.
+    Expire {
+        /// The operation.
+        id: String,
+        /// The node that noticed, after the expiry.
+        actor: Actor,
+    },
+    /// Records the verified pre-operation backup.
+    BackupTaken {
+        /// The operation.
+        id: String,
+        /// The backup.
+        backup: String,
+        /// The executing node.
+        actor: Actor,
+    },
+    /// Executes step `index` of an approved operation, atomically with its
+    /// record. Before the first step the fence is checked again.
+    Step {
+        /// The operation.
+        id: String,
+        /// The step (the number of steps done so far).
+        index: u32,
+        /// The executing node.
+        actor: Actor,
+    },
+    /// Ends an approved operation that cannot go on (its pre-operation
+    /// backup failed), before any further step.
+    Fail {
+        /// The operation.
+        id: String,
+        /// Why.
+        reason: String,
+        /// The executing node.
+        actor: Actor,
+    },
+}
+
+impl OpChange {
+    /// The operation it is about.
+    pub fn id(&self) -> &str {
+        match self {
+            OpChange::Propose { op, .. } => &op.id,
+            OpChange::Approve { id, .. }
+            | OpChange::Reject { id, .. }
+            | OpChange::Cancel { id, .. }
+            | OpChange::Expire { id, .. }
+            | OpChange::BackupTaken { id, .. }
+            | OpChange::Step { id, .. }
+            | OpChange::Fail { id, .. } => id,
+        }
+    }
+}
+
+/// Why a rehearsal, or a change to an operation, was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum OpRefusal {
+    /// No operation with this id.
+    #[error("operation not found")]
+    NotFound,
+    /// The id is taken (propose again).
+    #[error("operation id already used")]
+    IdTaken,
+    /// The proposal expired before it was approved.
+    #[error("the operation expired unapproved")]
+    Expired,
+    /// It is no longer pending (its status is given).
+    #[error("the operation is already {0}")]
+    Decided(String),
+    /// The approver is the proposer.
+    #[error("the proposer cannot approve their own operation")]
+    SelfApproval,
+    /// The approver's certificate has the proposer's key.
+    #[error("the approver's certificate has the proposer's key: a second person needs a key of their own")]
+    SameKey,
+    /// The plan hash presented is not the operation's.
+    #[error("the plan hash presented is not this operation's (the plan shown was a different one)")]
+    PlanChanged,
+    /// The state the plan depends on changed (what changed is given).
+    #[error("the state changed since the rehearsal ({}): propose it again", .0.join("; "))]
+    FenceChanged(Vec<String>),
+    /// The approval's signature does not verify.
+    #[error("the approval signature does not verify: {0}")]
+    BadSignature(String),
+    /// Only the proposer may cancel.
+    #[error("only the proposer may cancel an operation (others reject it)")]
+    NotProposer,
+    /// The proposer cannot reject their own operation.
+    #[error("the proposer cancels, not rejects, their own operation")]
+    ProposerRejects,
+    /// A precondition of the operation does not hold (in words).
+    #[error("{0}")]
+    Precondition(String),
+    /// The operation would change nothing.
+    #[error("nothing to do: {0}")]
+    NothingToDo(String),
+    /// The step is not the next one (already done, or out of order).
+    #[error("step {0} is not the next step")]
+    NotNextStep(u32),
+}
+
+/// What a rehearsal reads: the replicated state, from the state machine's
+/// apply (deterministic, within the entry) or from a node's copy.
+pub trait View {
+    /// A read error.
+    type Error;
+    /// An identity's policy (none: no record).
+    fn policy(&self, identity: &str) -> Result<Option<IdentityPolicy>, Self::Error>;
+    /// A tenant's record.
+    fn tenant(&self, tenant: &str) -> Result<Option<TenantRecord>, Self::Error>;
+}
+
+fn part<T: Serialize>(what: String, value: &Option<T>) -> FencePart {
+    let mut h = Sha256::new();
+    match value {
+        None => h.update([0u8]),
+        Some(v) => {
+            h.update([1u8]);
+            h.update(encode(v));
+        }
+    }
+    FencePart {
+        what,
+        hash: h.finalize().into(),
+    }
+}
+
+/// Rehearses `kind` against the state `view` reads: the plan, or the
+/// precondition it violates. Pure and deterministic: the state machine runs
+/// it again to check a fence, and gets the same answer from the same state.
+pub fn rehearse<V: View>(view: &V, kind: &OpKind) -> Result<Result<Plan, OpRefusal>, V::Error> {
+    match kind {
+        OpKind::Grant { identity, role } => {
+            let policy = view.policy(identity)?;
+            let mut fence = vec![part(format!("policy of identity {identity}"), &policy)];
+            let current = policy.clone().unwrap_or_default();
+            let mut checks = Vec::new();
+            if current.revoked {
+                return Ok(Err(OpRefusal::Precondition(format!(
+                    "identity {identity} is revoked"
+                ))));
+            }
+            checks.push(format!("identity {identity} is not revoked"));
+            let held = match role {
+                RoleGrant::Tenant { tenant, role } => {
+                    if tenant != ANY_TENANT {
+                        let t = view.tenant(tenant)?;
+                        if t.is_none() {
+                            return Ok(Err(OpRefusal::Precondition(format!(
+                                "tenant {tenant} does not exist"
+                            ))));
+                        }
+                        checks.push(format!("tenant {tenant} exists"));
+                        fence.push(part(format!("tenant {tenant}"), &t.map(|t| t.keys.len())));
+                    }
+                    current.tenant_roles.get(tenant).is_some_and(|r| r.contains(role))
+                }
+                RoleGrant::Cluster(r) => current.cluster_roles.contains(r),
+            };
+            if held {
+                return Ok(Err(OpRefusal::NothingToDo(format!(
+                    "{identity} already holds {role}"
+                ))));
+            }
+            checks.push(format!("{identity} does not hold {role} yet"));
+            let change = AccessChange::Grant {
+                identity: identity.clone(),
+                role: role.clone(),
+            };
+            let mut after = current.clone();
+            match role {
+                RoleGrant::Tenant { tenant, role } => {
+                    after
+                        .tenant_roles
+                        .entry(tenant.clone())
+                        .or_default()
+                        .insert(*role);
+                }
+                RoleGrant::Cluster(r) => {
+                    after.cluster_roles.insert(*r);
+                }
+            }
+            let effect = vec![
+                format!("identity {identity} gains {role}"),
+                format!("its roles before: {}", roles_text(&current)),
+                format!("its roles after: {}", roles_text(&after)),
+            ];
+            Ok(Ok(Plan {
+                steps: vec![Step::Access(change)],
+                effect,
+                checks,
+                backup_first: false,
+                fence,
+            }))
+        }
+        OpKind::Allowlist { identity, networks } => {
+            let policy = view.policy(identity)?;
+            let fence = vec![part(format!("policy of identity {identity}"), &policy)];
+            let current = policy.unwrap_or_default();
+            if current.revoked {
+                return Ok(Err(OpRefusal::Precondition(format!(
+                    "identity {identity} is revoked"
+                ))));
+            }
+            if current.allow_from == *networks {
+                return Ok(Err(OpRefusal::NothingToDo(format!(
+                    "{identity} may already call from {}",
+                    allowlist_text(networks)
+                ))));
+            }
+            let checks = vec![
+                format!("identity {identity} is not revoked"),
+                format!(
+                    "the allowlist is {} now (the change applies only if it still is)",
+                    allowlist_text(&current.allow_from)
+                ),
+            ];
+            let effect = vec![
+                format!(
+                    "identity {identity} may call from {} (was: {})",
+                    allowlist_text(networks),
+                    allowlist_text(&current.allow_from)
+                ),
+                match widens(&current.allow_from, networks) {
+                    true => "this admits sources the current allowlist refuses".to_string(),
+                    false => "this admits no source the current allowlist refuses".to_string(),
+                },
+            ];
+            Ok(Ok(Plan {
+                steps: vec![Step::Access(AccessChange::SetAllowlist {
+                    identity: identity.clone(),
+                    networks: networks.clone(),
+                    expected: Some(current.allow_from.clone()),
+                })],
+                effect,
+                checks,
+                backup_first: false,
+                fence,
+            }))
+        }
+    }
+}
+
+/// An identity's roles, in words.
+fn roles_text(p: &IdentityPolicy) -> String {
+    let mut parts: Vec<String> = p.cluster_roles.iter().map(|r| r.as_str().to_string()).collect();
+    for (tenant, roles) in &p.tenant_roles {
+        for r in roles {
+            parts.push(format!("{} on {tenant}", r.as_str()));
+        }
+    }
+    match parts.is_empty() {
+        true => "none".to_string(),
+        false => parts.join(", "),
+    }
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::policy::{ClusterRole, TenantRole};
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    struct Fake {
+        policies: HashMap<String, IdentityPolicy>,
+        tenants: HashMap<String, TenantRecord>,
+    }
+
+    impl View for Fake {
+        type Error = ();
+        fn policy(&self, identity: &str) -> Result<Option<IdentityPolicy>, ()> {
+            Ok(self.policies.get(identity).cloned())
+        }
+        fn tenant(&self, tenant: &str) -> Result<Option<TenantRecord>, ()> {
+            Ok(self.tenants.get(tenant).cloned())
+        }
+    }
+
+    fn grant(identity: &str, tenant: &str, role: TenantRole) -> OpKind {
+        OpKind::Grant {
+            identity: identity.into(),
+            role: RoleGrant::Tenant {
+                tenant: tenant.into(),
+                role,
+            },
+        }
+    }
+
+    #[test]
+    fn a_grant_is_planned_and_its_fence_follows_the_policy() {
+        let mut v = Fake::default();
+        v.tenants.insert("acme".into(), TenantRecord { keys: vec![] });
+        let k = grant("bob", "acme", TenantRole::Reader);
+        let plan = rehearse(&v, &k).unwrap().unwrap();
+        assert_eq!(plan.steps.len(), 1);
+        assert_eq!(plan.steps[0].describe(), "grant reader on tenant acme to bob");
+        assert!(
+            plan.effect[0].contains("bob gains reader on tenant acme"),
+            "{:?}",
+            plan.effect
+        );
+        assert!(!plan.backup_first);
+        // The same state: the same fence. A policy change: another one, and
+        // it is named.
+        assert_eq!(rehearse(&v, &k).unwrap().unwrap().fence_hash(), plan.fence_hash());
+        let mut p = IdentityPolicy::default();
+        p.cluster_roles.insert(ClusterRole::Auditor);
+        v.policies.insert("bob".into(), p);
+        let again = rehearse(&v, &k).unwrap().unwrap();
+        assert_ne!(again.fence_hash(), plan.fence_hash());
+        assert_eq!(
+            plan.fence_changes(&again.fence),
+            vec!["policy of identity bob".to_string()]
+        );
+    }
+
+    #[test]
+    fn a_grant_on_a_missing_tenant_a_revoked_identity_or_a_held_role_is_refused() {
+        let mut v = Fake::default();
+        let e = rehearse(&v, &grant("bob", "acne", TenantRole::Reader))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e, OpRefusal::Precondition("tenant acne does not exist".into()));
+        v.tenants.insert("acme".into(), TenantRecord { keys: vec![] });
+        let mut p = IdentityPolicy::default();
+        p.tenant_roles
+            .entry("acme".into())
+            .or_default()
+            .insert(TenantRole::Reader);
+        v.policies.insert("bob".into(), p.clone());
+        let e = rehearse(&v, &grant("bob", "acme", TenantRole::Reader))
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(e, OpRefusal::NothingToDo(_)), "{e:?}");
+        p.revoked = true;
+        v.policies.insert("bob".into(), p);
+        let e = rehearse(&v, &grant("bob", "acme", TenantRole::Agent))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e, OpRefusal::Precondition("identity bob is revoked".into()));
+    }
+
+    #[test]
+    fn widening_an_allowlist_is_told_from_narrowing_it() {
+        let n = |s: &str| -> Vec<ipnet::IpNet> { s.split(' ').map(|n| n.parse().unwrap()).collect() };
+        assert!(!widens(&[], &n("10.0.0.0/8")), "anywhere → a network narrows");
+        assert!(widens(&n("10.0.0.0/8"), &[]), "a network → anywhere widens");
+        assert!(!widens(&n("10.0.0.0/8"), &n("10.1.0.0/16")));
+        assert!(widens(&n("10.1.0.0/16"), &n("10.0.0.0/8")));
+        assert!(widens(&n("10.0.0.0/8"), &n("10.0.0.0/8 192.168.0.0/16")));
+        assert!(!widens(&n("10.0.0.0/8 192.168.0.0/16"), &n("192.168.1.0/24")));
+    }
+
+    #[test]
+    fn the_plan_hash_covers_the_id_the_plan_and_the_expiry() {
+        let mut v = Fake::default();
+        v.tenants.insert("acme".into(), TenantRecord { keys: vec![] });
+        let kind = grant("bob", "acme", TenantRole::Reader);
+        let plan = rehearse(&v, &kind).unwrap().unwrap();
+        let alice = Person {
+            identity: "alice".into(),
+            key: "00".into(),
+        };
+        let h = plan_hash("op-00000001", &kind, "T-1", &alice, 10, &plan);
+        assert_eq!(h, plan_hash("op-00000001", &kind, "T-1", &alice, 10, &plan));
+        assert_ne!(h, plan_hash("op-00000002", &kind, "T-1", &alice, 10, &plan));
+        assert_ne!(h, plan_hash("op-00000001", &kind, "T-1", &alice, 11, &plan));
+        assert_ne!(h, plan_hash("op-00000001", &kind, "T-2", &alice, 10, &plan));
+    }
+}
