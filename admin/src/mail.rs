@@ -33,6 +33,17 @@ pub enum MailboxCmd {
         /// Tenant name.
         tenant: String,
     },
+    /// Proposes deleting a mailbox and every message in it (operator): a
+    /// two-person operation, after a verified backup (`op approve`).
+    Delete {
+        /// Tenant name.
+        tenant: String,
+        /// Mailbox name.
+        mailbox: String,
+        /// Why (e.g. a ticket number); required.
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -108,6 +119,19 @@ fn mailbox_json(m: &MailboxStatus) -> serde_json::Value {
 }
 
 pub async fn mailbox(endpoint: &str, output: Output, cmd: MailboxCmd) -> anyhow::Result<()> {
+    use mailvault_proto::v1::{operation_kind::Kind, DeleteMailboxOperation, OperationKind};
+    if let MailboxCmd::Delete {
+        tenant,
+        mailbox,
+        reason,
+    } = cmd
+    {
+        let kind = OperationKind {
+            kind: Some(Kind::DeleteMailbox(DeleteMailboxOperation { tenant, mailbox })),
+        };
+        let expiry = std::time::Duration::from_secs(3600);
+        return crate::op::propose(endpoint, output, kind, reason, expiry).await;
+    }
     let mut c = mailbox_client(endpoint).await?;
     let list = match cmd {
         MailboxCmd::Create { tenant, mailbox } => vec![c
@@ -122,6 +146,7 @@ pub async fn mailbox(endpoint: &str, output: Output, cmd: MailboxCmd) -> anyhow:
                 .into_inner()
                 .mailboxes
         }
+        MailboxCmd::Delete { .. } => unreachable!("proposed above"),
     };
     let json = serde_json::Value::from(list.iter().map(mailbox_json).collect::<Vec<_>>());
     output.emit(json, || {

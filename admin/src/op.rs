@@ -11,9 +11,9 @@ use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use mailvault_proto::v1::operation_kind::Kind;
 use mailvault_proto::v1::{
-    Allowlist, AllowlistOperation, ApproveOperationRequest, CancelOperationRequest, GetOperationRequest,
-    GrantOperation, ListOperationsRequest, Operation, OperationKind, Plan, PlanOperationRequest,
-    ProposeOperationRequest, RejectOperationRequest,
+    Allowlist, AllowlistOperation, ApproveOperationRequest, CancelOperationRequest, DeleteMailboxOperation,
+    GetOperationRequest, GrantOperation, ListOperationsRequest, Operation, OperationKind, Plan,
+    PlanOperationRequest, ProposeOperationRequest, RejectOperationRequest,
 };
 use serde_json::json;
 
@@ -99,6 +99,13 @@ pub enum KindCmd {
         /// CIDR networks.
         networks: Vec<String>,
     },
+    /// Delete a mailbox and every message in it, after a verified backup.
+    DeleteMailbox {
+        /// The tenant.
+        tenant: String,
+        /// The mailbox.
+        mailbox: String,
+    },
 }
 
 impl KindCmd {
@@ -112,6 +119,9 @@ impl KindCmd {
                 identity,
                 allow_from: Some(Allowlist { networks }),
             }),
+            KindCmd::DeleteMailbox { tenant, mailbox } => {
+                Kind::DeleteMailbox(DeleteMailboxOperation { tenant, mailbox })
+            }
         };
         Ok(OperationKind { kind: Some(kind) })
     }
@@ -143,6 +153,7 @@ fn kind_text(k: Option<&OperationKind>) -> String {
             };
             format!("let {} call from {n}", a.identity)
         }
+        Some(Kind::DeleteMailbox(d)) => format!("delete mailbox {}/{}", d.tenant, d.mailbox),
         None => "-".into(),
     }
 }

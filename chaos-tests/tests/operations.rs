@@ -600,3 +600,126 @@ async fn the_leader_killed_between_approval_and_completion_leaves_the_operation_
         "run by the new leader"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_deleted_by_two_operators_is_backed_up_first_and_comes_back_from_that_backup() {
+    let cluster = setup(ClusterOptions::default()).await;
+    let mut c = cluster.mailbox(0).await;
+    let mut bodies = Vec::new();
+    for n in 0..20 {
+        let body = test_message(
+            "Delete me",
+            "cust@example.org",
+            &format!("DELETE-MARKER-{n}"),
+            3000 + n,
+        );
+        let r = retry(Duration::from_secs(10), || {
+            let (mut c, body) = (c.clone(), body.clone());
+            async move { append(&mut c, T, M, &format!("d{n}"), &body).await }
+        })
+        .await
+        .unwrap();
+        bodies.push((r.uid, body));
+    }
+
+    // Rehearsed by one person: what goes, and that a backup comes first.
+    let (ok, plan, err) = cluster.admin_json(0, &["op", "plan", "delete-mailbox", T, M]);
+    assert!(ok, "{err}");
+    assert_eq!(plan["backup_first"], true);
+    let effect = plan["effect"][0].as_str().unwrap();
+    assert!(
+        effect.starts_with("mailbox acme/support: 20 messages"),
+        "{effect}"
+    );
+
+    // Proposed; mail arrives before the approval: refused, nothing deleted.
+    let (ok, first, err) = cluster.admin_json(0, &["mailbox", "delete", T, M, "--reason", "T-300"]);
+    assert!(ok, "{err}");
+    let late = test_message("Late", "cust@example.org", "LATE-MARKER", 1000);
+    append(&mut c, T, M, "late", &late).await.unwrap();
+    let e = cluster
+        .approve(
+            0,
+            ADMIN2,
+            first["id"].as_str().unwrap(),
+            first["plan_hash"].as_str().unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), (Code::Aborted, "STATE_CHANGED".into()), "{e:?}");
+    assert!(e.message().contains("mailbox acme/support"), "{e:?}");
+
+    // Proposed again and approved: backed up, then deleted.
+    let (ok, op, err) = cluster.admin_json(0, &["mailbox", "delete", T, M, "--reason", "T-300 again"]);
+    assert!(ok, "{err}");
+    let (id, hash) = (op["id"].as_str().unwrap(), op["plan_hash"].as_str().unwrap());
+    assert!(op["plan"]["effect"][0].as_str().unwrap().contains("21 messages"));
+    cluster.approve(0, ADMIN2, id, hash).await.unwrap();
+    let done = cluster.wait_operation_ended(0, id).await;
+    assert_eq!(done.status, "succeeded", "{done:?}");
+    assert!(!done.backup_id.is_empty(), "a pre-operation backup is recorded");
+    assert_eq!(done.steps.len(), 1);
+    assert!(
+        done.steps[0].result.contains("(21 messages)"),
+        "{:?}",
+        done.steps[0]
+    );
+    cluster.wait_all_applied().await;
+    for i in 0..cluster.len() {
+        let mut c = cluster.mailbox(i).await;
+        let e = c
+            .get_mailbox_status(GetMailboxStatusRequest {
+                tenant: T.into(),
+                mailbox: M.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            reason(&e),
+            (Code::NotFound, "MAILBOX_NOT_FOUND".into()),
+            "node {i}"
+        );
+    }
+
+    // The backup was verified, holds the mailbox, and brings it back.
+    let (ok, v, err) = cluster.admin_json(0, &["backup", "verify", &done.backup_id]);
+    assert!(ok && v["ok"] == true, "{err}");
+    let (ok, restored, err) = cluster.admin_json(
+        0,
+        &[
+            "backup",
+            "restore-mailbox",
+            &done.backup_id,
+            "--tenant",
+            T,
+            "--mailbox",
+            M,
+            "--as",
+            "support-back",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(restored["messages"], 21, "{restored}");
+    let listed = list_all(&mut c, T, "support-back").await.unwrap();
+    assert_eq!(listed.len(), 21);
+    bodies.push((0, late));
+    let mut got = Vec::new();
+    for m in &listed {
+        got.push(fetch(&mut c, T, "support-back", m.uid).await.unwrap().1);
+    }
+    let mut want: Vec<Vec<u8>> = bodies.into_iter().map(|(_, b)| b).collect();
+    want.sort();
+    got.sort();
+    assert!(want == got, "every message back, byte-exact");
+
+    // On record: the backup, taken for the operation, before the step.
+    let records = cluster.audit_records(0, "auditor").await;
+    let seq = |action: &str| {
+        records
+            .iter()
+            .find(|r| r.action == action && r.target.starts_with(id))
+            .map(|r| r.seq)
+            .unwrap_or_else(|| panic!("no {action} for {id}"))
+    };
+    assert!(seq("op-approve") < seq("op-backup") && seq("op-backup") < seq("op-step"));
+}

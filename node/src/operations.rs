@@ -67,14 +67,33 @@ async fn advance(ctx: &Ctx, mut op: Operation) {
                 id,
                 actor: actor(ctx),
             },
-            // Fail closed: no kind of this build plans a pre-operation
-            // backup, so one that asks for it (written by a newer build)
-            // never runs without it.
-            OpStatus::Approved if op.plan.backup_first && op.backup_id.is_none() => OpChange::Fail {
-                id,
-                reason: "this node cannot take the pre-operation backup the plan needs".into(),
-                actor: actor(ctx),
-            },
+            // A verified backup before the first step; nothing runs without it.
+            OpStatus::Approved if op.plan.backup_first && op.backup_id.is_none() => {
+                match pre_backup(ctx, &op).await {
+                    Ok(backup) => OpChange::BackupTaken {
+                        id,
+                        backup,
+                        actor: actor(ctx),
+                    },
+                    Err(Backup::Failed(why)) => OpChange::Fail {
+                        id,
+                        reason: format!("the pre-operation backup failed ({why}); nothing was changed"),
+                        actor: actor(ctx),
+                    },
+                    Err(Backup::NotNow(why)) if approved_for(&op) > BACKUP_PATIENCE => OpChange::Fail {
+                        id,
+                        reason: format!(
+                        "no pre-operation backup could be taken within {} min ({why}); nothing was changed",
+                        BACKUP_PATIENCE.as_secs() / 60
+                    ),
+                        actor: actor(ctx),
+                    },
+                    Err(Backup::NotNow(why)) => {
+                        tracing::warn!(operation = %op.id, why, "pre-operation backup not taken yet; retried");
+                        return;
+                    }
+                }
+            }
             OpStatus::Approved | OpStatus::Executing => OpChange::Step {
                 id,
                 index: op.steps.len() as u32,
@@ -102,6 +121,65 @@ async fn advance(ctx: &Ctx, mut op: Operation) {
                 return;
             }
         }
+    }
+}
+
+/// How long an approved operation waits for a node to take its backup
+/// (the backup node unreachable, no duty holder) before it fails.
+const BACKUP_PATIENCE: Duration = Duration::from_secs(600);
+
+/// Why no pre-operation backup was taken.
+enum Backup {
+    /// Taking it failed: the operation fails.
+    Failed(String),
+    /// No node can take it right now: tried again.
+    NotNow(String),
+}
+
+fn approved_for(op: &Operation) -> Duration {
+    let at = op.approval.as_ref().map_or(op.created_ms, |a| a.at_ms);
+    Duration::from_millis(crate::clock::now_ms().saturating_sub(at).max(0) as u64)
+}
+
+/// Takes the pre-operation backup on the node holding the backup duty (this
+/// one, or over its client port, as a node): the backup id, once it is
+/// verified and in the catalog. Everything committed before is in it.
+async fn pre_backup(ctx: &Ctx, op: &Operation) -> Result<String, Backup> {
+    let holder = ctx
+        .backups
+        .local_status()
+        .duty
+        .and_then(|d| d.holder)
+        .ok_or_else(|| Backup::NotNow("no node holds the backup duty".into()))?;
+    tracing::info!(operation = %op.id, node = holder, "taking the pre-operation backup");
+    if holder == ctx.id {
+        ctx.read_barrier()
+            .await
+            .map_err(|s| Backup::NotNow(s.message().to_string()))?;
+        return ctx
+            .backups
+            .take(&format!("pre-operation backup of {}", op.id))
+            .await
+            .map(|e| e.id)
+            .map_err(|e| Backup::Failed(e.to_string()));
+    }
+    let ch = ctx
+        .router
+        .member_channel(holder)
+        .ok_or_else(|| Backup::NotNow(format!("node {holder} is not reachable")))?;
+    let mut req = tonic::Request::new(mailvault_proto::v1::TakeBackupRequest {});
+    req.set_timeout(Duration::from_secs(300));
+    match mailvault_proto::v1::backups_client::BackupsClient::new(ch)
+        .take_backup(req)
+        .await
+    {
+        Ok(r) => r
+            .into_inner()
+            .backup
+            .map(|b| b.id)
+            .ok_or_else(|| Backup::Failed("the backup node answered without a backup".into())),
+        Err(s) if s.code() == tonic::Code::Internal => Err(Backup::Failed(s.message().to_string())),
+        Err(s) => Err(Backup::NotNow(format!("node {holder}: {}", s.message()))),
     }
 }
 

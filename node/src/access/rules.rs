@@ -72,6 +72,11 @@ const OPERATOR: Rule = Rule {
     nodes: false,
     probe: false,
 };
+const OPERATOR_OR_NODE: Rule = Rule {
+    callers: Callers::ClusterRoles(&[ClusterRole::Operator]),
+    nodes: true,
+    probe: false,
+};
 const OPERATOR_OR_AUDITOR: Rule = Rule {
     callers: Callers::ClusterRoles(&[ClusterRole::Operator, ClusterRole::Auditor]),
     nodes: false,
@@ -105,7 +110,8 @@ const RULES: &[(&str, &str, Rule)] = &[
     (audit_server::SERVICE_NAME, "VerifyAudit", AUDITOR),
     (backups_server::SERVICE_NAME, "ListBackups", OPERATOR_OR_AUDITOR),
     (backups_server::SERVICE_NAME, "ShowBackup", OPERATOR_OR_AUDITOR),
-    (backups_server::SERVICE_NAME, "TakeBackup", OPERATOR),
+    // A leader asks the backup node for an operation's pre-operation backup.
+    (backups_server::SERVICE_NAME, "TakeBackup", OPERATOR_OR_NODE),
     (backups_server::SERVICE_NAME, "VerifyBackup", OPERATOR),
     (backups_server::SERVICE_NAME, "ShipBackup", OPERATOR),
     (backups_server::SERVICE_NAME, "DrillBackup", OPERATOR),
@@ -214,6 +220,7 @@ mod tests {
         assert!(rule("/mailvault.v1.Backups/ListBackups").admits(auditor));
         assert!(!rule("/mailvault.v1.Backups/ListBackups").nodes);
         assert!(!rule("/mailvault.v1.Backups/TakeBackup").admits(auditor));
+        assert!(rule("/mailvault.v1.Backups/TakeBackup").nodes);
         assert!(rule("/mailvault.v1.Backups/VerifyBackup").admits(operator));
         assert!(rule("/mailvault.v1.Mailbox/GetMessage").admits(none));
         assert!(rule("/mailvault.v1.Operations/ListOperations").admits(auditor));

@@ -12,10 +12,11 @@ use mailvault_proto::v1::operation_kind::Kind;
 use mailvault_proto::v1::operations_client::OperationsClient;
 use mailvault_proto::v1::operations_server::Operations;
 use mailvault_proto::v1::{
-    AllowlistOperation, ApproveOperationRequest, CancelOperationRequest, FencePart as ProtoFencePart,
-    GetOperationRequest, GrantOperation, ListOperationsRequest, ListOperationsResponse,
-    Operation as ProtoOperation, OperationKind, Plan as ProtoPlan, PlanOperationRequest, PlanStep,
-    ProposeOperationRequest, RejectOperationRequest, StepResult as ProtoStepResult,
+    AllowlistOperation, ApproveOperationRequest, CancelOperationRequest, DeleteMailboxOperation,
+    FencePart as ProtoFencePart, GetOperationRequest, GrantOperation, ListOperationsRequest,
+    ListOperationsResponse, Operation as ProtoOperation, OperationKind, Plan as ProtoPlan,
+    PlanOperationRequest, PlanStep, ProposeOperationRequest, RejectOperationRequest,
+    StepResult as ProtoStepResult,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -200,6 +201,14 @@ fn kind_of(k: Option<OperationKind>) -> Result<OpKind, ApiError> {
                 networks: networks(&a.allow_from.map(|a| a.networks).unwrap_or_default())?,
             })
         }
+        Some(Kind::DeleteMailbox(d)) => {
+            crate::names::tenant(&d.tenant).map_err(error::name)?;
+            crate::names::mailbox(&d.mailbox).map_err(error::name)?;
+            Ok(OpKind::DeleteMailbox {
+                tenant: d.tenant,
+                mailbox: d.mailbox,
+            })
+        }
         None => Err(error::invalid("name the operation (kind)").with("field", "kind")),
     }
 }
@@ -215,6 +224,10 @@ fn kind_to_proto(k: &OpKind) -> OperationKind {
             allow_from: Some(mailvault_proto::v1::Allowlist {
                 networks: networks.iter().map(|n| n.to_string()).collect(),
             }),
+        }),
+        OpKind::DeleteMailbox { tenant, mailbox } => Kind::DeleteMailbox(DeleteMailboxOperation {
+            tenant: tenant.clone(),
+            mailbox: mailbox.clone(),
         }),
     };
     OperationKind { kind: Some(kind) }

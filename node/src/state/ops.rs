@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use super::codec::encode;
 use super::command::{AccessChange, RoleGrant};
 use super::policy::{IdentityPolicy, ANY_TENANT};
-use super::records::TenantRecord;
+use super::records::{MailboxRecord, TenantRecord};
 
 /// What an operation does, with its parameters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +42,13 @@ pub enum OpKind {
         /// The new allowlist (empty: anywhere).
         networks: Vec<ipnet::IpNet>,
     },
+    /// Deletes a mailbox with every message in it, after a verified backup.
+    DeleteMailbox {
+        /// The tenant.
+        tenant: String,
+        /// The mailbox.
+        mailbox: String,
+    },
 }
 
 impl OpKind {
@@ -50,6 +57,7 @@ impl OpKind {
         match self {
             OpKind::Grant { .. } => "grant",
             OpKind::Allowlist { .. } => "allowlist",
+            OpKind::DeleteMailbox { .. } => "delete-mailbox",
         }
     }
 
@@ -60,6 +68,7 @@ impl OpKind {
             OpKind::Allowlist { identity, networks } => {
                 format!("{identity}: allow from {}", allowlist_text(networks))
             }
+            OpKind::DeleteMailbox { tenant, mailbox } => format!("{tenant}/{mailbox}"),
         }
     }
 }
@@ -87,6 +96,14 @@ pub fn widens(old: &[ipnet::IpNet], new: &[ipnet::IpNet]) -> bool {
 pub enum Step {
     /// Changes one part of an identity's policy.
     Access(AccessChange),
+    /// Deletes a mailbox: its record, every message, their chunks, its
+    /// idempotency and change records.
+    DeleteMailbox {
+        /// The tenant.
+        tenant: String,
+        /// The mailbox.
+        mailbox: String,
+    },
 }
 
 impl Step {
@@ -97,6 +114,7 @@ impl Step {
             Step::Access(AccessChange::Ungrant { .. }) => "ungrant",
             Step::Access(AccessChange::SetAllowlist { .. }) => "set-allowlist",
             Step::Access(AccessChange::Revoke { .. }) => "revoke",
+            Step::DeleteMailbox { .. } => "delete-mailbox",
         }
     }
 
@@ -111,6 +129,9 @@ impl Step {
                 identity, networks, ..
             }) => format!("let {identity} call from {}", allowlist_text(networks)),
             Step::Access(AccessChange::Revoke { identity }) => format!("revoke {identity}"),
+            Step::DeleteMailbox { tenant, mailbox } => {
+                format!("delete mailbox {tenant}/{mailbox} and every message in it")
+            }
         }
     }
 }
@@ -503,6 +524,8 @@ pub trait View {
     fn policy(&self, identity: &str) -> Result<Option<IdentityPolicy>, Self::Error>;
     /// A tenant's record.
     fn tenant(&self, tenant: &str) -> Result<Option<TenantRecord>, Self::Error>;
+    /// A mailbox's record.
+    fn mailbox(&self, tenant: &str, mailbox: &str) -> Result<Option<MailboxRecord>, Self::Error>;
 }
 
 fn part<T: Serialize>(what: String, value: &Option<T>) -> FencePart {
@@ -633,6 +656,91 @@ pub fn rehearse<V: View>(view: &V, kind: &OpKind) -> Result<Result<Plan, OpRefus
                 fence,
             }))
         }
+        OpKind::DeleteMailbox { tenant, mailbox } => plan_delete_mailbox(view, tenant, mailbox),
+    }
+}
+
+/// A mailbox's deletion: after a verified backup, the mailbox as rehearsed
+/// (any change to it since refuses the approval or fails the operation,
+/// with nothing deleted).
+fn plan_delete_mailbox<V: View>(
+    view: &V,
+    tenant: &str,
+    mailbox: &str,
+) -> Result<Result<Plan, OpRefusal>, V::Error> {
+    let t = view.tenant(tenant)?;
+    if t.is_none() {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "tenant {tenant} does not exist"
+        ))));
+    }
+    let m = view.mailbox(tenant, mailbox)?;
+    let Some(rec) = m.clone() else {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "mailbox {tenant}/{mailbox} does not exist"
+        ))));
+    };
+    let fence = vec![
+        part(format!("tenant {tenant}"), &t.map(|t| t.keys.len())),
+        part(format!("mailbox {tenant}/{mailbox}"), &m),
+    ];
+    let effect = vec![
+        format!(
+            "mailbox {tenant}/{mailbox}: {} messages, {}, deleted (UIDVALIDITY {}, highest MODSEQ {})",
+            thousands(rec.messages),
+            size_text(rec.total_bytes),
+            rec.uidvalidity,
+            rec.highest_modseq
+        ),
+        "a verified backup is taken first: the mailbox can be restored from it \
+         (`mailvault-admin backup restore-mailbox`)"
+            .to_string(),
+        "front ends get MAILBOX_NOT_FOUND for it afterwards".to_string(),
+    ];
+    let checks = vec![
+        format!("tenant {tenant} exists"),
+        format!("mailbox {tenant}/{mailbox} exists"),
+        "the mailbox is as rehearsed when the approval is recorded and when it is deleted \
+         (mail arriving meanwhile refuses the approval or fails the operation, nothing deleted)"
+            .to_string(),
+    ];
+    Ok(Ok(Plan {
+        steps: vec![Step::DeleteMailbox {
+            tenant: tenant.to_string(),
+            mailbox: mailbox.to_string(),
+        }],
+        effect,
+        checks,
+        backup_first: true,
+        fence,
+    }))
+}
+
+/// 1,204
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// 88.0 MiB
+fn size_text(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["bytes", "KiB", "MiB", "GiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    match unit {
+        0 => format!("{bytes} bytes"),
+        u => format!("{v:.1} {}", UNITS[u]),
     }
 }
 
@@ -665,6 +773,7 @@ mod tests {
     struct Fake {
         policies: HashMap<String, IdentityPolicy>,
         tenants: HashMap<String, TenantRecord>,
+        mailboxes: HashMap<(String, String), MailboxRecord>,
     }
 
     impl View for Fake {
@@ -675,6 +784,59 @@ mod tests {
         fn tenant(&self, tenant: &str) -> Result<Option<TenantRecord>, ()> {
             Ok(self.tenants.get(tenant).cloned())
         }
+        fn mailbox(&self, tenant: &str, mailbox: &str) -> Result<Option<MailboxRecord>, ()> {
+            Ok(self
+                .mailboxes
+                .get(&(tenant.to_string(), mailbox.to_string()))
+                .cloned())
+        }
+    }
+
+    #[test]
+    fn a_mailbox_deletion_backs_up_first_says_what_goes_and_is_fenced_on_the_mailbox() {
+        let mut v = Fake::default();
+        let kind = OpKind::DeleteMailbox {
+            tenant: "acme".into(),
+            mailbox: "support".into(),
+        };
+        let e = rehearse(&v, &kind).unwrap().unwrap_err();
+        assert_eq!(e, OpRefusal::Precondition("tenant acme does not exist".into()));
+        v.tenants.insert("acme".into(), TenantRecord { keys: vec![] });
+        let e = rehearse(&v, &kind).unwrap().unwrap_err();
+        assert_eq!(
+            e,
+            OpRefusal::Precondition("mailbox acme/support does not exist".into())
+        );
+        let mut rec = MailboxRecord {
+            uidvalidity: 7,
+            uidnext: 1205,
+            highest_modseq: 1300,
+            messages: 1204,
+            total_bytes: 88 * 1024 * 1024,
+        };
+        v.mailboxes.insert(("acme".into(), "support".into()), rec.clone());
+        let plan = rehearse(&v, &kind).unwrap().unwrap();
+        assert!(plan.backup_first);
+        assert_eq!(
+            plan.effect[0],
+            "mailbox acme/support: 1,204 messages, 88.0 MiB, deleted (UIDVALIDITY 7, highest MODSEQ 1300)"
+        );
+        assert_eq!(
+            plan.steps[0].describe(),
+            "delete mailbox acme/support and every message in it"
+        );
+        // Mail arriving moves the fence, naming the mailbox.
+        rec.messages += 1;
+        rec.highest_modseq += 1;
+        v.mailboxes.insert(("acme".into(), "support".into()), rec);
+        let again = rehearse(&v, &kind).unwrap().unwrap();
+        assert_eq!(
+            plan.fence_changes(&again.fence),
+            vec!["mailbox acme/support".to_string()]
+        );
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(1_000_000), "1,000,000");
+        assert_eq!(size_text(512), "512 bytes");
     }
 
     fn grant(identity: &str, tenant: &str, role: TenantRole) -> OpKind {

@@ -364,4 +364,8 @@ impl crate::state::ops::View for MailReader {
     fn tenant(&self, tenant: &str) -> R<Option<TenantRecord>> {
         MailReader::tenant(self, tenant)
     }
+
+    fn mailbox(&self, tenant: &str, mailbox: &str) -> R<Option<MailboxRecord>> {
+        MailReader::mailbox(self, tenant, mailbox)
+    }
 }

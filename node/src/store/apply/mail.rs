@@ -317,4 +317,48 @@ impl Tx<'_> {
             modseq,
         }))
     }
+
+    /// Deletes a mailbox and everything in it — its record, every message
+    /// record and its chunks, its idempotency and change records — in this
+    /// entry (a two-person operation's step, after a verified backup):
+    /// the number of messages deleted. A message record this node finds
+    /// damaged is deleted too; its chunks, which only its record names, stay.
+    pub(super) fn delete_mailbox(&mut self, tenant: &str, mailbox: &str) -> Res<Result<u64, Refusal>> {
+        let mk = keys::mailbox(tenant, mailbox);
+        if self.get_raw(&mk)?.is_none() {
+            return Ok(Err(Refusal::NoMailbox));
+        }
+        let mut deleted = 0;
+        for k in self.keys_under(&keys::message_prefix(tenant, mailbox))? {
+            let stored = self.get_raw(&k)?;
+            let record = stored.as_deref().and_then(|v| {
+                let encoded = self.keys.binding().open(&k, v)?;
+                crate::state::codec::decode::<MessageRecord>(encoded).ok()
+            });
+            match record {
+                Some(msg) => {
+                    for i in 0..msg.chunks {
+                        self.delete(keys::chunk(tenant, &msg.blob, i));
+                    }
+                }
+                None => tracing::warn!(
+                    tenant,
+                    uid = keys::uid_of_message_key(&k),
+                    "a damaged message record of a deleted mailbox: its chunks stay on this node"
+                ),
+            }
+            self.delete(k);
+            deleted += 1;
+        }
+        for prefix in [
+            keys::idempotency(tenant, mailbox, ""),
+            keys::change_prefix(tenant, mailbox),
+        ] {
+            for k in self.keys_under(&prefix)? {
+                self.delete(k);
+            }
+        }
+        self.delete(mk);
+        Ok(Ok(deleted))
+    }
 }

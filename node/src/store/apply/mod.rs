@@ -96,6 +96,32 @@ impl<'a> Tx<'a> {
         }))
     }
 
+    /// Every key under `prefix`, in order, as this transaction sees them:
+    /// the database's, with the pending batch's puts and deletes.
+    fn keys_under(&self, prefix: &[u8]) -> Res<Vec<Vec<u8>>> {
+        let mut ro = ReadOptions::default();
+        if self.memory_only {
+            ro.set_read_tier(ReadTier::BlockCache);
+        }
+        ro.set_iterate_upper_bound(keys::prefix_end(prefix));
+        let mut found = std::collections::BTreeSet::new();
+        let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        for item in self.db.iterator_cf_opt(self.cf(), ro, mode) {
+            let (k, _) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            found.insert(k.to_vec());
+        }
+        for (k, v) in self.overlay.iter().filter(|(k, _)| k.starts_with(prefix)) {
+            match v {
+                Some(_) => found.insert(k.clone()),
+                None => found.remove(k),
+            };
+        }
+        Ok(found.into_iter().collect())
+    }
+
     /// Writes a value, bound to its key if its kind is bound.
     pub(super) fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
         let value = if keys::is_bound(&key) {

@@ -19,7 +19,7 @@ use crate::state::ops::{
     hex, rehearse, Actor, OpChange, OpRefusal, OpStatus, Operation, Step, StepResult, View,
 };
 use crate::state::policy::IdentityPolicy;
-use crate::state::records::TenantRecord;
+use crate::state::records::{MailboxRecord, TenantRecord};
 
 impl View for Tx<'_> {
     type Error = rocksdb::Error;
@@ -30,6 +30,10 @@ impl View for Tx<'_> {
 
     fn tenant(&self, tenant: &str) -> Res<Option<TenantRecord>> {
         self.get(&keys::tenant(tenant))
+    }
+
+    fn mailbox(&self, tenant: &str, mailbox: &str) -> Res<Option<MailboxRecord>> {
+        self.get(&keys::mailbox(tenant, mailbox))
     }
 }
 
@@ -252,6 +256,10 @@ impl Tx<'_> {
         let done = match step.clone() {
             Step::Access(change) => match self.change_access(change)? {
                 Ok(_) => Ok(format!("done: {}", step.describe())),
+                Err(r) => Err(format!("{}: {r}", step.describe())),
+            },
+            Step::DeleteMailbox { tenant, mailbox } => match self.delete_mailbox(&tenant, &mailbox)? {
+                Ok(n) => Ok(format!("done: {} ({n} messages)", step.describe())),
                 Err(r) => Err(format!("{}: {r}", step.describe())),
             },
         };
