@@ -340,17 +340,21 @@ mod tests {
 
     #[test]
     fn every_reason_has_a_code_and_a_stable_name() {
-        for n in 1..=46 {
+        for n in 1..=58 {
             let r = Reason::try_from(n).expect("a reason for every number up to the last");
             assert_eq!(Reason::from_str_name(r.as_str_name()), Some(r));
             assert_ne!(code_of(r), Code::Ok);
         }
         assert!(
-            Reason::try_from(47).is_err(),
+            Reason::try_from(59).is_err(),
             "a new reason: extend this test and errors.proto's docs"
         );
         assert_eq!(code_of(Reason::WriteOutcomeUnknown), Code::Unavailable);
         assert_eq!(code_of(Reason::IncompleteBody), Code::Aborted);
         assert_eq!(code_of(Reason::MessageTooLarge), Code::ResourceExhausted);
+        assert_eq!(code_of(Reason::SelfApproval), Code::PermissionDenied);
+        assert_eq!(code_of(Reason::StateChanged), Code::Aborted);
+        assert_eq!(code_of(Reason::TwoPersonRequired), Code::FailedPrecondition);
+        assert_eq!(code_of(Reason::NothingToDo), Code::AlreadyExists);
     }
 }
