@@ -88,6 +88,7 @@ async fn reflection_lists_only_what_the_client_port_serves_and_exploring_counts_
         "mailvault.v1.Backups",
         "mailvault.v1.Cluster",
         "mailvault.v1.Mailbox",
+        "mailvault.v1.Operations",
         "mailvault.v1.Tenants",
     ]
     .map(String::from)
