@@ -12,8 +12,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mailvault_proto::v1::operation_kind::Kind;
 use mailvault_proto::v1::{
     Allowlist, AllowlistOperation, ApproveOperationRequest, CancelOperationRequest, DeleteMailboxOperation,
-    GetOperationRequest, GrantOperation, ListOperationsRequest, Operation, OperationKind, Plan,
-    PlanOperationRequest, ProposeOperationRequest, RejectOperationRequest,
+    ExportOperation, GetOperationRequest, GrantOperation, ListOperationsRequest, Operation, OperationKind,
+    Plan, PlanOperationRequest, ProposeOperationRequest, RejectOperationRequest,
 };
 use serde_json::json;
 
@@ -106,6 +106,18 @@ pub enum KindCmd {
         /// The mailbox.
         mailbox: String,
     },
+    /// Let one identity export one mailbox (`Mailbox.ExportMailbox`) for a while.
+    Export {
+        /// The exporter identity (it also needs the exporter role).
+        exporter: String,
+        /// The tenant.
+        tenant: String,
+        /// The mailbox.
+        mailbox: String,
+        /// For how long from now (e.g. 4h, 2d; at most 30 days).
+        #[arg(long = "for", default_value = "24h")]
+        valid_for: humantime::Duration,
+    },
 }
 
 impl KindCmd {
@@ -121,6 +133,23 @@ impl KindCmd {
             }),
             KindCmd::DeleteMailbox { tenant, mailbox } => {
                 Kind::DeleteMailbox(DeleteMailboxOperation { tenant, mailbox })
+            }
+            KindCmd::Export {
+                exporter,
+                tenant,
+                mailbox,
+                valid_for,
+            } => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let until = now + std::time::Duration::from(valid_for);
+                Kind::Export(ExportOperation {
+                    exporter,
+                    tenant,
+                    mailbox,
+                    until_ms: i64::try_from(until.as_millis()).unwrap_or(i64::MAX),
+                })
             }
         };
         Ok(OperationKind { kind: Some(kind) })
@@ -154,6 +183,13 @@ fn kind_text(k: Option<&OperationKind>) -> String {
             format!("let {} call from {n}", a.identity)
         }
         Some(Kind::DeleteMailbox(d)) => format!("delete mailbox {}/{}", d.tenant, d.mailbox),
+        Some(Kind::Export(x)) => format!(
+            "let {} export {}/{} until {}",
+            x.exporter,
+            x.tenant,
+            x.mailbox,
+            rfc3339(x.until_ms)
+        ),
         None => "-".into(),
     }
 }

@@ -315,6 +315,28 @@ impl Cluster {
         self.wait_all_applied().await;
     }
 
+    /// Approves, as a two-person operation, `exporter`'s export of one
+    /// mailbox for the next hour; returns once every node applied it.
+    pub async fn approve_export(&self, exporter: &str, tenant: &str, mailbox: &str) {
+        use mailvault_proto::v1::{operation_kind::Kind, ExportOperation, OperationKind};
+        let until_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+            + 3_600_000;
+        let kind = OperationKind {
+            kind: Some(Kind::Export(ExportOperation {
+                exporter: exporter.into(),
+                tenant: tenant.into(),
+                mailbox: mailbox.into(),
+                until_ms,
+            })),
+        };
+        let op = self.two_person(0, kind, "test setup").await;
+        assert_eq!(op.status, "succeeded", "the export approval ran: {op:?}");
+        self.wait_all_applied().await;
+    }
+
     /// Runs one two-person operation through node `i`: proposed by
     /// [`ADMIN`], approved by [`ADMIN2`]; returns it once it ended.
     pub async fn two_person(

@@ -266,6 +266,7 @@ async fn a_listing_with_one_damaged_message_returns_the_rest_and_the_damaged_one
     uids.push(r.uid);
     cluster.grant("reader", T, "reader").await;
     cluster.grant("exporter", T, "exporter").await;
+    cluster.approve_export("exporter", T, M).await;
     cluster.wait_all_applied().await;
     let (headers_uid, body_uid) = (uids[3], r.uid);
     cluster.stop(2);

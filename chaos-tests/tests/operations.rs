@@ -723,3 +723,136 @@ async fn a_mailbox_deleted_by_two_operators_is_backed_up_first_and_comes_back_fr
     };
     assert!(seq("op-approve") < seq("op-backup") && seq("op-backup") < seq("op-step"));
 }
+
+fn export_kind(exporter: &str, mailbox: &str, until_ms: i64) -> OperationKind {
+    OperationKind {
+        kind: Some(operation_kind::Kind::Export(ExportOperation {
+            exporter: exporter.into(),
+            tenant: T.into(),
+            mailbox: mailbox.into(),
+            until_ms,
+        })),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+async fn export(cluster: &Cluster, identity: &str, mailbox: &str) -> Result<usize, tonic::Status> {
+    let mut c = cluster.mailbox_as(1, identity).await;
+    let mut s = c
+        .export_mailbox(ExportMailboxRequest {
+            tenant: T.into(),
+            mailbox: mailbox.into(),
+        })
+        .await?
+        .into_inner();
+    let mut n = 0;
+    while let Some(m) = s.message().await? {
+        assert!(!m.raw.is_empty());
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_export_needs_an_approval_naming_the_exporter_the_mailbox_and_the_time() {
+    let cluster = setup(ClusterOptions::default()).await;
+    create_tenant_and_mailbox(&cluster, 0, T, "billing").await;
+    let mut c = cluster.mailbox(0).await;
+    for n in 0..3 {
+        let body = test_message("Export", "cust@example.org", &format!("EXPORT-{n}"), 2000);
+        append(&mut c, T, M, &format!("e{n}"), &body).await.unwrap();
+    }
+    cluster.grant("xavier", T, "exporter").await;
+    cluster.grant("yvonne", T, "exporter").await;
+
+    // The exporter role alone exports nothing: denied, audited.
+    let e = export(&cluster, "xavier", M).await.unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (Code::PermissionDenied, "EXPORT_NOT_APPROVED".into()),
+        "{e:?}"
+    );
+
+    // An export approval is rehearsed: the exporter needs the role.
+    let mut ops = cluster.admin(0).await.operations;
+    let e = ops
+        .propose_operation(ProposeOperationRequest {
+            kind: Some(export_kind("zack", M, now_ms() + 3_600_000)),
+            reason: "T-400".into(),
+            expires_in_secs: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (Code::FailedPrecondition, "PRECONDITION_VIOLATED".into())
+    );
+    assert!(e.message().contains("zack holds no exporter role"), "{e:?}");
+    let e = ops
+        .propose_operation(ProposeOperationRequest {
+            kind: Some(export_kind("xavier", M, now_ms() - 1)),
+            reason: "T-400".into(),
+            expires_in_secs: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), (Code::InvalidArgument, "INVALID_REQUEST".into()));
+
+    // Approved for xavier, acme/support, a few seconds: only that works.
+    let until = now_ms() + 6_000;
+    let op = cluster
+        .two_person(0, export_kind("xavier", M, until), "T-401 legal hold")
+        .await;
+    assert_eq!(op.status, "succeeded", "{op:?}");
+    cluster.wait_all_applied().await;
+    assert_eq!(export(&cluster, "xavier", M).await.unwrap(), 3);
+    let e = export(&cluster, "xavier", "billing").await.unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (Code::PermissionDenied, "EXPORT_NOT_APPROVED".into()),
+        "another mailbox"
+    );
+    let e = export(&cluster, "yvonne", M).await.unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (Code::PermissionDenied, "EXPORT_NOT_APPROVED".into()),
+        "another identity"
+    );
+    let e = export(&cluster, FRONTEND, M).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "no exporter role at all");
+    // After its window: denied again.
+    let wait = until - now_ms() + 500;
+    tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
+    let e = export(&cluster, "xavier", M).await.unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (Code::PermissionDenied, "EXPORT_NOT_APPROVED".into()),
+        "expired"
+    );
+
+    // Denials are audited as they happen, committed a moment later.
+    let denied = |records: &[AuditRecord]| {
+        records
+            .iter()
+            .filter(|r| r.action == "ExportMailbox" && r.result.starts_with("denied: no approved export"))
+            .count()
+    };
+    let mut records = cluster.audit_records(0, "auditor").await;
+    for _ in 0..50 {
+        if denied(&records) >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        records = cluster.audit_records(0, "auditor").await;
+    }
+    assert_eq!(denied(&records), 4, "each refused export is a denial on record");
+    assert!(records
+        .iter()
+        .any(|r| r.action == "ExportMailbox" && r.identity == "xavier" && r.result == "allowed"));
+}

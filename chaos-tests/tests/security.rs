@@ -544,6 +544,7 @@ async fn a_reader_never_sees_a_full_customer_address() {
     assert_eq!(meta.from, ADDR);
     assert_eq!(raw, body.as_bytes());
     cluster.grant("exporter", "acme", "exporter").await;
+    cluster.approve_export("exporter", "acme", "inbox").await;
     let mut ex = cluster.mailbox_as(2, "exporter").await;
     let mut s = ex
         .export_mailbox(ExportMailboxRequest {

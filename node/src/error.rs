@@ -118,7 +118,8 @@ pub fn code_of(reason: Reason) -> Code {
         | SelfApproval
         | SameKey
         | ApprovalSignatureInvalid
-        | NotProposer => Code::PermissionDenied,
+        | NotProposer
+        | ExportNotApproved => Code::PermissionDenied,
     }
 }
 
@@ -340,13 +341,13 @@ mod tests {
 
     #[test]
     fn every_reason_has_a_code_and_a_stable_name() {
-        for n in 1..=58 {
+        for n in 1..=59 {
             let r = Reason::try_from(n).expect("a reason for every number up to the last");
             assert_eq!(Reason::from_str_name(r.as_str_name()), Some(r));
             assert_ne!(code_of(r), Code::Ok);
         }
         assert!(
-            Reason::try_from(59).is_err(),
+            Reason::try_from(60).is_err(),
             "a new reason: extend this test and errors.proto's docs"
         );
         assert_eq!(code_of(Reason::WriteOutcomeUnknown), Code::Unavailable);

@@ -18,7 +18,7 @@ use super::{append, messages, watch};
 use crate::access::{authorize, Principal};
 use crate::crypto::{NameKind, TenantNames, HEADERS_CHUNK};
 use crate::ctx::Ctx;
-use crate::error;
+use crate::error::{self, ApiError, Reason};
 use crate::forward::{forwarded, leader_answer, principal_of, route_write, Route, FORWARDED};
 use crate::names;
 use crate::state::command::{Command, CommandResult, NewMessage, Refusal};
@@ -502,6 +502,40 @@ impl Mailbox for MailboxService {
         let passed_on = req.metadata().contains_key(FORWARDED);
         let r = req.into_inner();
         let t = target(&r.tenant, &r.mailbox, None);
+        // A bulk export is two-person: an approved export operation must name
+        // this identity and mailbox, now. Checked for a caller whose roles
+        // would allow it (the others are denied by `authorize`, once).
+        if let Some(caller) = p.as_ref().filter(|c| c.policy.permits(&r.tenant, Action::Export)) {
+            // An approval just recorded through another node is seen here.
+            self.ctx.read_barrier().await?;
+            let approval = self
+                .ctx
+                .reader
+                .export_approval(&caller.identity, &r.tenant, &r.mailbox)
+                .map_err(error::read)?;
+            let now = crate::clock::now_ms();
+            if !approval.is_some_and(|a| a.from_ms <= now && now < a.until_ms) {
+                let why = "no approved export of this mailbox for this identity now";
+                self.ctx
+                    .gate
+                    .denials
+                    .deny(
+                        &caller.identity,
+                        caller.source,
+                        "ExportMailbox",
+                        &t,
+                        why,
+                        crate::access::Against::Identity,
+                    )
+                    .await;
+                return Err(ApiError::new(
+                    Reason::ExportNotApproved,
+                    "a bulk export needs an approved export operation naming this identity and mailbox \
+                     (mailvault-admin op propose export), valid now",
+                )
+                .into());
+            }
+        }
         let p = authorize(
             &self.ctx.gate,
             p.as_ref(),

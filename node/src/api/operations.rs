@@ -13,7 +13,7 @@ use mailvault_proto::v1::operations_client::OperationsClient;
 use mailvault_proto::v1::operations_server::Operations;
 use mailvault_proto::v1::{
     AllowlistOperation, ApproveOperationRequest, CancelOperationRequest, DeleteMailboxOperation,
-    FencePart as ProtoFencePart, GetOperationRequest, GrantOperation, ListOperationsRequest,
+    ExportOperation, FencePart as ProtoFencePart, GetOperationRequest, GrantOperation, ListOperationsRequest,
     ListOperationsResponse, Operation as ProtoOperation, OperationKind, Plan as ProtoPlan,
     PlanOperationRequest, PlanStep, ProposeOperationRequest, RejectOperationRequest,
     StepResult as ProtoStepResult,
@@ -41,6 +41,8 @@ const REASON_MAX_BYTES: usize = 500;
 const DEFAULT_EXPIRY_SECS: u32 = 3600;
 /// And after a day at most.
 const MAX_EXPIRY_SECS: u32 = 86_400;
+/// An approved export lasts 30 days at most.
+const MAX_EXPORT_WINDOW_MS: i64 = 30 * 86_400_000;
 
 /// The operations service.
 #[derive(Clone)]
@@ -209,6 +211,24 @@ fn kind_of(k: Option<OperationKind>) -> Result<OpKind, ApiError> {
                 mailbox: d.mailbox,
             })
         }
+        Some(Kind::Export(x)) => {
+            check_identity(&x.exporter)?;
+            crate::names::tenant(&x.tenant).map_err(error::name)?;
+            crate::names::mailbox(&x.mailbox).map_err(error::name)?;
+            let now = crate::clock::now_ms();
+            if x.until_ms <= now || x.until_ms > now + MAX_EXPORT_WINDOW_MS {
+                return Err(
+                    error::invalid("until_ms must be in the future, at most 30 days ahead")
+                        .with("field", "until_ms"),
+                );
+            }
+            Ok(OpKind::ApproveExport {
+                exporter: x.exporter,
+                tenant: x.tenant,
+                mailbox: x.mailbox,
+                until_ms: x.until_ms,
+            })
+        }
         None => Err(error::invalid("name the operation (kind)").with("field", "kind")),
     }
 }
@@ -228,6 +248,17 @@ fn kind_to_proto(k: &OpKind) -> OperationKind {
         OpKind::DeleteMailbox { tenant, mailbox } => Kind::DeleteMailbox(DeleteMailboxOperation {
             tenant: tenant.clone(),
             mailbox: mailbox.clone(),
+        }),
+        OpKind::ApproveExport {
+            exporter,
+            tenant,
+            mailbox,
+            until_ms,
+        } => Kind::Export(ExportOperation {
+            exporter: exporter.clone(),
+            tenant: tenant.clone(),
+            mailbox: mailbox.clone(),
+            until_ms: *until_ms,
         }),
     };
     OperationKind { kind: Some(kind) }

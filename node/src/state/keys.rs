@@ -35,6 +35,8 @@ pub const AUDIT: u8 = 0x81;
 pub const BACKUP: u8 = 0x90;
 /// Two-person operations: `0xA0 operation id` (data version 6).
 pub const OPERATION: u8 = 0xA0;
+/// Approved exports: `0xA1 exporter 0 tenant 0 mailbox` (data version 6).
+pub const EXPORT_APPROVAL: u8 = 0xA1;
 /// The audit chain head.
 pub const AUDIT_HEAD: &[u8] = b"\x80head";
 
@@ -98,6 +100,14 @@ pub fn backup(id: &str) -> Vec<u8> {
 /// `0xA0 operation id`.
 pub fn operation(id: &str) -> Vec<u8> {
     with(OPERATION, &[id.as_bytes()])
+}
+
+/// `0xA1 exporter 0 tenant 0 mailbox`.
+pub fn export_approval(exporter: &str, tenant: &str, mailbox: &str) -> Vec<u8> {
+    with(
+        EXPORT_APPROVAL,
+        &[exporter.as_bytes(), tenant.as_bytes(), mailbox.as_bytes()],
+    )
 }
 
 /// `0x81 seq`.

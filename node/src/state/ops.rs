@@ -49,6 +49,17 @@ pub enum OpKind {
         /// The mailbox.
         mailbox: String,
     },
+    /// Lets one identity export one mailbox (`ExportMailbox`) until a time.
+    ApproveExport {
+        /// The exporter identity (it also needs the exporter role).
+        exporter: String,
+        /// The tenant.
+        tenant: String,
+        /// The mailbox.
+        mailbox: String,
+        /// Until when, ms since the Unix epoch.
+        until_ms: i64,
+    },
 }
 
 impl OpKind {
@@ -58,6 +69,7 @@ impl OpKind {
             OpKind::Grant { .. } => "grant",
             OpKind::Allowlist { .. } => "allowlist",
             OpKind::DeleteMailbox { .. } => "delete-mailbox",
+            OpKind::ApproveExport { .. } => "export",
         }
     }
 
@@ -69,6 +81,12 @@ impl OpKind {
                 format!("{identity}: allow from {}", allowlist_text(networks))
             }
             OpKind::DeleteMailbox { tenant, mailbox } => format!("{tenant}/{mailbox}"),
+            OpKind::ApproveExport {
+                exporter,
+                tenant,
+                mailbox,
+                ..
+            } => format!("{exporter}: export {tenant}/{mailbox}"),
         }
     }
 }
@@ -104,6 +122,30 @@ pub enum Step {
         /// The mailbox.
         mailbox: String,
     },
+    /// Records an approved export ([`ExportApproval`]).
+    ApproveExport {
+        /// The exporter identity.
+        exporter: String,
+        /// The tenant.
+        tenant: String,
+        /// The mailbox.
+        mailbox: String,
+        /// Until when.
+        until_ms: i64,
+    },
+}
+
+/// An approved bulk export, stored under `keys::export_approval`: the
+/// exporter may call `ExportMailbox` on that one mailbox from the approval
+/// until `until_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportApproval {
+    /// The operation that approved it.
+    pub operation: String,
+    /// From when (the step's time).
+    pub from_ms: i64,
+    /// Until when.
+    pub until_ms: i64,
 }
 
 impl Step {
@@ -115,6 +157,7 @@ impl Step {
             Step::Access(AccessChange::SetAllowlist { .. }) => "set-allowlist",
             Step::Access(AccessChange::Revoke { .. }) => "revoke",
             Step::DeleteMailbox { .. } => "delete-mailbox",
+            Step::ApproveExport { .. } => "approve-export",
         }
     }
 
@@ -132,6 +175,15 @@ impl Step {
             Step::DeleteMailbox { tenant, mailbox } => {
                 format!("delete mailbox {tenant}/{mailbox} and every message in it")
             }
+            Step::ApproveExport {
+                exporter,
+                tenant,
+                mailbox,
+                until_ms,
+            } => format!(
+                "let {exporter} export mailbox {tenant}/{mailbox} until {}",
+                time_text(*until_ms)
+            ),
         }
     }
 }
@@ -657,7 +709,76 @@ pub fn rehearse<V: View>(view: &V, kind: &OpKind) -> Result<Result<Plan, OpRefus
             }))
         }
         OpKind::DeleteMailbox { tenant, mailbox } => plan_delete_mailbox(view, tenant, mailbox),
+        OpKind::ApproveExport {
+            exporter,
+            tenant,
+            mailbox,
+            until_ms,
+        } => plan_export(view, exporter, tenant, mailbox, *until_ms),
     }
+}
+
+/// An export approval: the exporter must hold the exporter role on the
+/// tenant already (the approval adds to the role, it does not replace it),
+/// and the mailbox must exist. The plan depends on the exporter's policy and
+/// on the mailbox being the same one (its UIDVALIDITY), not on its mail.
+fn plan_export<V: View>(
+    view: &V,
+    exporter: &str,
+    tenant: &str,
+    mailbox: &str,
+    until_ms: i64,
+) -> Result<Result<Plan, OpRefusal>, V::Error> {
+    let policy = view.policy(exporter)?;
+    let current = policy.clone().unwrap_or_default();
+    if current.revoked {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "identity {exporter} is revoked"
+        ))));
+    }
+    if !current.permits(tenant, super::policy::Action::Export) {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "{exporter} holds no exporter role on tenant {tenant}: grant it first"
+        ))));
+    }
+    let m = view.mailbox(tenant, mailbox)?;
+    let Some(rec) = m else {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "mailbox {tenant}/{mailbox} does not exist"
+        ))));
+    };
+    let fence = vec![
+        part(format!("policy of identity {exporter}"), &policy),
+        part(
+            format!("mailbox {tenant}/{mailbox} (UIDVALIDITY)"),
+            &Some(rec.uidvalidity),
+        ),
+    ];
+    Ok(Ok(Plan {
+        steps: vec![Step::ApproveExport {
+            exporter: exporter.to_string(),
+            tenant: tenant.to_string(),
+            mailbox: mailbox.to_string(),
+            until_ms,
+        }],
+        effect: vec![
+            format!(
+                "{exporter} may export mailbox {tenant}/{mailbox} ({} messages, {} now, addresses unmasked) \
+                 from the approval until {}",
+                thousands(rec.messages),
+                size_text(rec.total_bytes),
+                time_text(until_ms)
+            ),
+            "no other identity, mailbox or time: ExportMailbox is refused (EXPORT_NOT_APPROVED) outside it"
+                .to_string(),
+        ],
+        checks: vec![
+            format!("identity {exporter} is not revoked and holds the exporter role on {tenant}"),
+            format!("mailbox {tenant}/{mailbox} exists"),
+        ],
+        backup_first: false,
+        fence,
+    }))
 }
 
 /// A mailbox's deletion: after a verified backup, the mailbox as rehearsed
@@ -714,6 +835,17 @@ fn plan_delete_mailbox<V: View>(
         backup_first: true,
         fence,
     }))
+}
+
+/// An RFC 3339 UTC time (to the second).
+fn time_text(ms: i64) -> String {
+    match u64::try_from(ms) {
+        Ok(ms) => {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+                .to_string()
+        }
+        Err(_) => format!("{ms} ms"),
+    }
 }
 
 /// 1,204

@@ -251,6 +251,16 @@ impl MailReader {
         self.get(&keys::operation(id))
     }
 
+    /// The approved export of `mailbox` by `exporter`, if any.
+    pub fn export_approval(
+        &self,
+        exporter: &str,
+        tenant: &str,
+        mailbox: &str,
+    ) -> R<Option<crate::state::ops::ExportApproval>> {
+        self.get(&keys::export_approval(exporter, tenant, mailbox))
+    }
+
     /// Every two-person operation, by id.
     pub fn operations(&self) -> R<Vec<crate::state::ops::Operation>> {
         let prefix = [keys::OPERATION];

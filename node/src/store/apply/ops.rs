@@ -16,7 +16,7 @@ use crate::state::audit::AuditEvent;
 use crate::state::command::{CommandResult, Refusal};
 use crate::state::keys;
 use crate::state::ops::{
-    hex, rehearse, Actor, OpChange, OpRefusal, OpStatus, Operation, Step, StepResult, View,
+    hex, rehearse, Actor, ExportApproval, OpChange, OpRefusal, OpStatus, Operation, Step, StepResult, View,
 };
 use crate::state::policy::IdentityPolicy;
 use crate::state::records::{MailboxRecord, TenantRecord};
@@ -262,6 +262,20 @@ impl Tx<'_> {
                 Ok(n) => Ok(format!("done: {} ({n} messages)", step.describe())),
                 Err(r) => Err(format!("{}: {r}", step.describe())),
             },
+            Step::ApproveExport {
+                exporter,
+                tenant,
+                mailbox,
+                until_ms,
+            } => {
+                let approval = ExportApproval {
+                    operation: op.id.clone(),
+                    from_ms: actor.at_ms,
+                    until_ms,
+                };
+                self.put(keys::export_approval(&exporter, &tenant, &mailbox), &approval);
+                Ok(format!("done: {}", step.describe()))
+            }
         };
         let at_ms = actor.at_ms;
         match done {
