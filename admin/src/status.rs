@@ -182,7 +182,7 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `14 running`, or the workers that are not running and why.
+/// `13 running`, or the workers that are not running and why.
 fn workers_text(workers: &[Worker]) -> String {
     let down: Vec<String> = workers
         .iter()

@@ -31,7 +31,8 @@ use crate::error::{self, ApiError, Reason};
 use crate::forward::{principal_of, route_write, FORWARDED};
 use crate::state::command::{Command, CommandResult, Refusal};
 use crate::state::ops::{
-    hex, plan_hash, rehearse, Actor, Approval, OpChange, OpKind, OpRefusal, OpStatus, Operation, Person, Plan,
+    hex, plan_hash, rehearse, Actor, Approval, Export, MailboxName, OpChange, OpKind, OpRefusal, OpStatus,
+    Operation, Person, Plan,
 };
 use crate::tls::{identity_of, verify_client_certificate, CertIdentity};
 
@@ -206,10 +207,10 @@ fn kind_of(k: Option<OperationKind>) -> Result<OpKind, ApiError> {
         Some(Kind::DeleteMailbox(d)) => {
             crate::names::tenant(&d.tenant).map_err(error::name)?;
             crate::names::mailbox(&d.mailbox).map_err(error::name)?;
-            Ok(OpKind::DeleteMailbox {
+            Ok(OpKind::DeleteMailbox(MailboxName {
                 tenant: d.tenant,
                 mailbox: d.mailbox,
-            })
+            }))
         }
         Some(Kind::Export(x)) => {
             check_identity(&x.exporter)?;
@@ -222,12 +223,14 @@ fn kind_of(k: Option<OperationKind>) -> Result<OpKind, ApiError> {
                         .with("field", "until_ms"),
                 );
             }
-            Ok(OpKind::ApproveExport {
+            Ok(OpKind::ApproveExport(Export {
                 exporter: x.exporter,
-                tenant: x.tenant,
-                mailbox: x.mailbox,
+                mailbox: MailboxName {
+                    tenant: x.tenant,
+                    mailbox: x.mailbox,
+                },
                 until_ms: x.until_ms,
-            })
+            }))
         }
         None => Err(error::invalid("name the operation (kind)").with("field", "kind")),
     }
@@ -245,20 +248,15 @@ fn kind_to_proto(k: &OpKind) -> OperationKind {
                 networks: networks.iter().map(|n| n.to_string()).collect(),
             }),
         }),
-        OpKind::DeleteMailbox { tenant, mailbox } => Kind::DeleteMailbox(DeleteMailboxOperation {
-            tenant: tenant.clone(),
-            mailbox: mailbox.clone(),
+        OpKind::DeleteMailbox(m) => Kind::DeleteMailbox(DeleteMailboxOperation {
+            tenant: m.tenant.clone(),
+            mailbox: m.mailbox.clone(),
         }),
-        OpKind::ApproveExport {
-            exporter,
-            tenant,
-            mailbox,
-            until_ms,
-        } => Kind::Export(ExportOperation {
-            exporter: exporter.clone(),
-            tenant: tenant.clone(),
-            mailbox: mailbox.clone(),
-            until_ms: *until_ms,
+        OpKind::ApproveExport(x) => Kind::Export(ExportOperation {
+            exporter: x.exporter.clone(),
+            tenant: x.mailbox.tenant.clone(),
+            mailbox: x.mailbox.mailbox.clone(),
+            until_ms: x.until_ms,
         }),
     };
     OperationKind { kind: Some(kind) }

@@ -43,23 +43,35 @@ pub enum OpKind {
         networks: Vec<ipnet::IpNet>,
     },
     /// Deletes a mailbox with every message in it, after a verified backup.
-    DeleteMailbox {
-        /// The tenant.
-        tenant: String,
-        /// The mailbox.
-        mailbox: String,
-    },
+    DeleteMailbox(MailboxName),
     /// Lets one identity export one mailbox (`ExportMailbox`) until a time.
-    ApproveExport {
-        /// The exporter identity (it also needs the exporter role).
-        exporter: String,
-        /// The tenant.
-        tenant: String,
-        /// The mailbox.
-        mailbox: String,
-        /// Until when, ms since the Unix epoch.
-        until_ms: i64,
-    },
+    ApproveExport(Export),
+}
+
+/// A mailbox, by tenant and name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxName {
+    /// The tenant.
+    pub tenant: String,
+    /// The mailbox.
+    pub mailbox: String,
+}
+
+impl std::fmt::Display for MailboxName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.tenant, self.mailbox)
+    }
+}
+
+/// One identity's bulk export of one mailbox, until a time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Export {
+    /// The exporter identity (it also needs the exporter role).
+    pub exporter: String,
+    /// The mailbox.
+    pub mailbox: MailboxName,
+    /// Until when, ms since the Unix epoch.
+    pub until_ms: i64,
 }
 
 impl OpKind {
@@ -80,13 +92,8 @@ impl OpKind {
             OpKind::Allowlist { identity, networks } => {
                 format!("{identity}: allow from {}", allowlist_text(networks))
             }
-            OpKind::DeleteMailbox { tenant, mailbox } => format!("{tenant}/{mailbox}"),
-            OpKind::ApproveExport {
-                exporter,
-                tenant,
-                mailbox,
-                ..
-            } => format!("{exporter}: export {tenant}/{mailbox}"),
+            OpKind::DeleteMailbox(m) => m.to_string(),
+            OpKind::ApproveExport(x) => format!("{}: export {}", x.exporter, x.mailbox),
         }
     }
 }
@@ -116,23 +123,9 @@ pub enum Step {
     Access(AccessChange),
     /// Deletes a mailbox: its record, every message, their chunks, its
     /// idempotency and change records.
-    DeleteMailbox {
-        /// The tenant.
-        tenant: String,
-        /// The mailbox.
-        mailbox: String,
-    },
+    DeleteMailbox(MailboxName),
     /// Records an approved export ([`ExportApproval`]).
-    ApproveExport {
-        /// The exporter identity.
-        exporter: String,
-        /// The tenant.
-        tenant: String,
-        /// The mailbox.
-        mailbox: String,
-        /// Until when.
-        until_ms: i64,
-    },
+    ApproveExport(Export),
 }
 
 /// An approved bulk export, stored under `keys::export_approval`: the
@@ -172,17 +165,12 @@ impl Step {
                 identity, networks, ..
             }) => format!("let {identity} call from {}", allowlist_text(networks)),
             Step::Access(AccessChange::Revoke { identity }) => format!("revoke {identity}"),
-            Step::DeleteMailbox { tenant, mailbox } => {
-                format!("delete mailbox {tenant}/{mailbox} and every message in it")
-            }
-            Step::ApproveExport {
-                exporter,
-                tenant,
-                mailbox,
-                until_ms,
-            } => format!(
-                "let {exporter} export mailbox {tenant}/{mailbox} until {}",
-                time_text(*until_ms)
+            Step::DeleteMailbox(m) => format!("delete mailbox {m} and every message in it"),
+            Step::ApproveExport(x) => format!(
+                "let {} export mailbox {} until {}",
+                x.exporter,
+                x.mailbox,
+                time_text(x.until_ms)
             ),
         }
     }
@@ -708,13 +696,8 @@ pub fn rehearse<V: View>(view: &V, kind: &OpKind) -> Result<Result<Plan, OpRefus
                 fence,
             }))
         }
-        OpKind::DeleteMailbox { tenant, mailbox } => plan_delete_mailbox(view, tenant, mailbox),
-        OpKind::ApproveExport {
-            exporter,
-            tenant,
-            mailbox,
-            until_ms,
-        } => plan_export(view, exporter, tenant, mailbox, *until_ms),
+        OpKind::DeleteMailbox(m) => plan_delete_mailbox(view, m),
+        OpKind::ApproveExport(x) => plan_export(view, x),
     }
 }
 
@@ -722,13 +705,9 @@ pub fn rehearse<V: View>(view: &V, kind: &OpKind) -> Result<Result<Plan, OpRefus
 /// tenant already (the approval adds to the role, it does not replace it),
 /// and the mailbox must exist. The plan depends on the exporter's policy and
 /// on the mailbox being the same one (its UIDVALIDITY), not on its mail.
-fn plan_export<V: View>(
-    view: &V,
-    exporter: &str,
-    tenant: &str,
-    mailbox: &str,
-    until_ms: i64,
-) -> Result<Result<Plan, OpRefusal>, V::Error> {
+fn plan_export<V: View>(view: &V, x: &Export) -> Result<Result<Plan, OpRefusal>, V::Error> {
+    let (exporter, tenant, mailbox, until_ms) =
+        (&x.exporter, &x.mailbox.tenant, &x.mailbox.mailbox, x.until_ms);
     let policy = view.policy(exporter)?;
     let current = policy.clone().unwrap_or_default();
     if current.revoked {
@@ -755,12 +734,7 @@ fn plan_export<V: View>(
         ),
     ];
     Ok(Ok(Plan {
-        steps: vec![Step::ApproveExport {
-            exporter: exporter.to_string(),
-            tenant: tenant.to_string(),
-            mailbox: mailbox.to_string(),
-            until_ms,
-        }],
+        steps: vec![Step::ApproveExport(x.clone())],
         effect: vec![
             format!(
                 "{exporter} may export mailbox {tenant}/{mailbox} ({} messages, {} now, addresses unmasked) \
@@ -784,11 +758,8 @@ fn plan_export<V: View>(
 /// A mailbox's deletion: after a verified backup, the mailbox as rehearsed
 /// (any change to it since refuses the approval or fails the operation,
 /// with nothing deleted).
-fn plan_delete_mailbox<V: View>(
-    view: &V,
-    tenant: &str,
-    mailbox: &str,
-) -> Result<Result<Plan, OpRefusal>, V::Error> {
+fn plan_delete_mailbox<V: View>(view: &V, name: &MailboxName) -> Result<Result<Plan, OpRefusal>, V::Error> {
+    let (tenant, mailbox) = (name.tenant.as_str(), name.mailbox.as_str());
     let t = view.tenant(tenant)?;
     if t.is_none() {
         return Ok(Err(OpRefusal::Precondition(format!(
@@ -826,10 +797,7 @@ fn plan_delete_mailbox<V: View>(
             .to_string(),
     ];
     Ok(Ok(Plan {
-        steps: vec![Step::DeleteMailbox {
-            tenant: tenant.to_string(),
-            mailbox: mailbox.to_string(),
-        }],
+        steps: vec![Step::DeleteMailbox(name.clone())],
         effect,
         checks,
         backup_first: true,
@@ -927,10 +895,10 @@ mod tests {
     #[test]
     fn a_mailbox_deletion_backs_up_first_says_what_goes_and_is_fenced_on_the_mailbox() {
         let mut v = Fake::default();
-        let kind = OpKind::DeleteMailbox {
+        let kind = OpKind::DeleteMailbox(MailboxName {
             tenant: "acme".into(),
             mailbox: "support".into(),
-        };
+        });
         let e = rehearse(&v, &kind).unwrap().unwrap_err();
         assert_eq!(e, OpRefusal::Precondition("tenant acme does not exist".into()));
         v.tenants.insert("acme".into(), TenantRecord { keys: vec![] });

@@ -258,22 +258,18 @@ impl Tx<'_> {
                 Ok(_) => Ok(format!("done: {}", step.describe())),
                 Err(r) => Err(format!("{}: {r}", step.describe())),
             },
-            Step::DeleteMailbox { tenant, mailbox } => match self.delete_mailbox(&tenant, &mailbox)? {
+            Step::DeleteMailbox(m) => match self.delete_mailbox(&m.tenant, &m.mailbox)? {
                 Ok(n) => Ok(format!("done: {} ({n} messages)", step.describe())),
                 Err(r) => Err(format!("{}: {r}", step.describe())),
             },
-            Step::ApproveExport {
-                exporter,
-                tenant,
-                mailbox,
-                until_ms,
-            } => {
+            Step::ApproveExport(x) => {
                 let approval = ExportApproval {
                     operation: op.id.clone(),
                     from_ms: actor.at_ms,
-                    until_ms,
+                    until_ms: x.until_ms,
                 };
-                self.put(keys::export_approval(&exporter, &tenant, &mailbox), &approval);
+                let key = keys::export_approval(&x.exporter, &x.mailbox.tenant, &x.mailbox.mailbox);
+                self.put(key, &approval);
                 Ok(format!("done: {}", step.describe()))
             }
         };
