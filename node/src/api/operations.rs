@@ -464,6 +464,7 @@ impl Operations for OperationsService {
         if !req.metadata().contains_key(FORWARDED) {
             let p = principal(principal_of(&req))?;
             let r = req.get_ref();
+            check_op_id(&r.id)?;
             self.check_certificate(&p, &r.id, &r.certificate).await?;
         }
         route_write!(self, req, p, approve_operation);
