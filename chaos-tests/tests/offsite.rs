@@ -65,18 +65,12 @@ async fn gauge_becomes(ops: &str, name: &str, want: f64) -> f64 {
 }
 
 async fn audited(cluster: &Cluster, action: &str, target: &str) -> Vec<AuditRecord> {
-    let mut a = cluster.admin_as(0, "auditor").await.audit;
-    a.list_audit(ListAuditRequest {
-        from_seq: 1,
-        limit: 10_000,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .records
-    .into_iter()
-    .filter(|r| r.action == action && r.target == target)
-    .collect()
+    cluster
+        .audit_records(0, "auditor")
+        .await
+        .into_iter()
+        .filter(|r| r.action == action && r.target == target)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

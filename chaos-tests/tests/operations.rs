@@ -562,7 +562,7 @@ async fn the_leader_killed_between_approval_and_completion_leaves_the_operation_
     cluster.start_node(leader);
     cluster.wait_for_leader(Duration::from_secs(30)).await;
     cluster.wait_all_applied().await;
-    let mut back = cluster.admin(leader).await.operations;
+    let back = cluster.admin(leader).await.operations;
     let there = retry(Duration::from_secs(20), || {
         let mut b = back.clone();
         let id = op.id.clone();
@@ -573,8 +573,7 @@ async fn the_leader_killed_between_approval_and_completion_leaves_the_operation_
     .into_inner();
     assert_eq!(there.status, "succeeded");
     assert_eq!(there.steps.len(), 1);
-    let _ = &mut back;
-    let mut c = cluster.mailbox_as(leader, "gina").await;
+    let c = cluster.mailbox_as(leader, "gina").await;
     retry(Duration::from_secs(20), || {
         let mut c = c.clone();
         async move {
@@ -587,7 +586,6 @@ async fn the_leader_killed_between_approval_and_completion_leaves_the_operation_
     })
     .await
     .unwrap();
-    let _ = &mut c;
     let records = cluster.audit_records(new_leader, "auditor").await;
     let steps: Vec<_> = records
         .iter()

@@ -79,7 +79,7 @@ impl OperationsService {
             .reader
             .operation(id)
             .map_err(error::read)?
-            .ok_or_else(|| refusal(OpRefusal::NotFound).into())
+            .ok_or_else(|| error::op_refusal(OpRefusal::NotFound).into())
     }
 
     /// Proposes one change to an operation: the operation after it, or the
@@ -133,7 +133,7 @@ impl OperationsService {
                 }
             }
         }
-        refusal(r).into()
+        error::op_refusal(r).into()
     }
 
     /// The checks on an approval's certificate that need this node's
@@ -164,10 +164,6 @@ impl OperationsService {
                 .await),
         }
     }
-}
-
-fn refusal(r: OpRefusal) -> ApiError {
-    error::op_refusal(r)
 }
 
 fn check_op_id(id: &str) -> Result<(), ApiError> {
@@ -357,7 +353,7 @@ impl Operations for OperationsService {
         self.ctx.read_barrier().await?;
         match rehearse(&self.ctx.reader, &kind).map_err(error::read)? {
             Ok(plan) => Ok(Response::new(plan_to_proto(&kind, &plan))),
-            Err(r) => Err(refusal(r).into()),
+            Err(r) => Err(error::op_refusal(r).into()),
         }
     }
 
