@@ -6,13 +6,14 @@
 use clap::Subcommand;
 use mailvault_proto::v1::operation_kind::Kind;
 use mailvault_proto::v1::{
-    role, unlock_request, Allowlist, AllowlistOperation, GetIdentityRequest, GrantOperation, GrantRequest,
+    unlock_request, Allowlist, AllowlistOperation, GetIdentityRequest, GrantOperation, GrantRequest,
     IdentityPolicy, ListLockoutsRequest, OperationKind, PolicyChange, RevokeCertificateRequest,
-    RevokeIdentityRequest, Role, SetAllowlistRequest, TenantRole, UnlockRequest,
+    RevokeIdentityRequest, SetAllowlistRequest, UnlockRequest,
 };
 use serde_json::json;
 
 use crate::client::{access, reason_of, status_err};
+use crate::op::RoleArgs;
 
 /// How long a proposal made by `access grant` or `access allow` waits for approval.
 const DEFAULT_EXPIRY: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -81,33 +82,6 @@ pub enum AccessCmd {
         #[arg(long)]
         address: bool,
     },
-}
-
-/// One role: `--tenant T --role R`, or `--cluster-role R`.
-#[derive(clap::Args, Debug)]
-#[group(required = true, multiple = true)]
-pub struct RoleArgs {
-    /// Tenant (`*` for every tenant).
-    #[arg(long, requires = "role", conflicts_with = "cluster_role")]
-    tenant: Option<String>,
-    /// reader, agent, exporter or tenant-admin.
-    #[arg(long, requires = "tenant")]
-    role: Option<String>,
-    /// operator or auditor.
-    #[arg(long)]
-    cluster_role: Option<String>,
-}
-
-impl RoleArgs {
-    /// The role as the API names it.
-    pub fn into_role(self) -> anyhow::Result<Option<Role>> {
-        let role = match (self.tenant, self.role, self.cluster_role) {
-            (Some(tenant), Some(role), None) => role::Role::Tenant(TenantRole { tenant, role }),
-            (None, None, Some(c)) => role::Role::Cluster(c),
-            _ => anyhow::bail!("give --tenant with --role, or --cluster-role"),
-        };
-        Ok(Some(Role { role: Some(role) }))
-    }
 }
 
 fn policy_json(p: &IdentityPolicy) -> serde_json::Value {

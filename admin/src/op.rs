@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use mailvault_proto::v1::operation_kind::Kind;
+use mailvault_proto::v1::{role, Role, TenantRole};
 use mailvault_proto::v1::{
     Allowlist, AllowlistOperation, ApproveOperationRequest, CancelOperationRequest, DeleteMailboxOperation,
     ExportOperation, GetOperationRequest, GrantOperation, ListOperationsRequest, Operation, OperationKind,
@@ -17,9 +18,35 @@ use mailvault_proto::v1::{
 };
 use serde_json::json;
 
-use crate::access::RoleArgs;
 use crate::client::{operations, signing_identity, status_err};
 use crate::output::{rfc3339, table, Output};
+
+/// One role: `--tenant T --role R`, or `--cluster-role R`.
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = true)]
+pub struct RoleArgs {
+    /// Tenant (`*` for every tenant).
+    #[arg(long, requires = "role", conflicts_with = "cluster_role")]
+    tenant: Option<String>,
+    /// reader, agent, exporter or tenant-admin.
+    #[arg(long, requires = "tenant")]
+    role: Option<String>,
+    /// operator or auditor.
+    #[arg(long)]
+    cluster_role: Option<String>,
+}
+
+impl RoleArgs {
+    /// The role as the API names it.
+    pub fn into_role(self) -> anyhow::Result<Option<Role>> {
+        let role = match (self.tenant, self.role, self.cluster_role) {
+            (Some(tenant), Some(role), None) => role::Role::Tenant(TenantRole { tenant, role }),
+            (None, None, Some(c)) => role::Role::Cluster(c),
+            _ => anyhow::bail!("give --tenant with --role, or --cluster-role"),
+        };
+        Ok(Some(Role { role: Some(role) }))
+    }
+}
 
 #[derive(Subcommand, Debug)]
 pub enum OpCmd {

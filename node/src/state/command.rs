@@ -11,6 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use super::policy::{AccessChange, RoleGrant};
 pub use super::records::{BlobId, WrappedKey};
 
 /// A new message, or the destination half of a move.
@@ -165,76 +166,6 @@ pub enum Command {
     Backups(super::backup::BackupChange),
     /// Moves a two-person operation through its lifecycle (data version 6).
     Ops(super::ops::OpChange),
-}
-
-/// A change to one identity's access policy, decided against the policy as
-/// it is when the command applies (so concurrent changes compose instead of
-/// overwriting each other). Appended as a nested family: do not reorder.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum AccessChange {
-    /// Grants one role. Refused for a revoked identity or a missing tenant.
-    Grant {
-        /// The identity.
-        identity: String,
-        /// The role.
-        role: RoleGrant,
-    },
-    /// Removes one role.
-    Ungrant {
-        /// The identity.
-        identity: String,
-        /// The role.
-        role: RoleGrant,
-    },
-    /// Sets the networks the identity may call from.
-    SetAllowlist {
-        /// The identity.
-        identity: String,
-        /// The new allowlist (empty: anywhere).
-        networks: Vec<ipnet::IpNet>,
-        /// Made only if the current allowlist equals this one.
-        expected: Option<Vec<ipnet::IpNet>>,
-    },
-    /// Revokes the identity.
-    Revoke {
-        /// The identity.
-        identity: String,
-    },
-}
-
-impl AccessChange {
-    /// The identity the change is about.
-    pub fn identity(&self) -> &str {
-        match self {
-            AccessChange::Grant { identity, .. }
-            | AccessChange::Ungrant { identity, .. }
-            | AccessChange::SetAllowlist { identity, .. }
-            | AccessChange::Revoke { identity } => identity,
-        }
-    }
-}
-
-/// One role of an identity.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RoleGrant {
-    /// A role on one tenant ([`super::policy::ANY_TENANT`] for every tenant).
-    Tenant {
-        /// The tenant.
-        tenant: String,
-        /// The role.
-        role: super::policy::TenantRole,
-    },
-    /// A cluster role.
-    Cluster(super::policy::ClusterRole),
-}
-
-impl std::fmt::Display for RoleGrant {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RoleGrant::Tenant { tenant, role } => write!(f, "{} on tenant {tenant}", role.as_str()),
-            RoleGrant::Cluster(role) => write!(f, "cluster role {}", role.as_str()),
-        }
-    }
 }
 
 impl Command {

@@ -20,8 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::codec::encode;
-use super::command::{AccessChange, RoleGrant};
-use super::policy::{IdentityPolicy, ANY_TENANT};
+use super::policy::{AccessChange, IdentityPolicy, RoleGrant, ANY_TENANT};
 use super::records::{MailboxRecord, TenantRecord};
 
 /// What an operation does, with its parameters.
