@@ -75,8 +75,14 @@ pub struct LocalStatus {
 
 struct Inner {
     p: BackupsParts,
-    /// One backup at a time on this node.
+    /// One backup at a time on this node; held by whatever removes local
+    /// backups too, and by a mailbox restore reading one.
     taking: tokio::sync::Mutex<()>,
+    /// One ship or drill at a time (the drill scratch is one directory);
+    /// apart from `taking`, so that backups go on while a ship retries.
+    shipping: tokio::sync::Mutex<()>,
+    /// The backup being shipped, which retention leaves alone.
+    shipping_now: Mutex<Option<String>>,
     status: Mutex<LocalStatus>,
 }
 
@@ -123,6 +129,8 @@ impl Backups {
             inner: Arc::new(Inner {
                 p: parts,
                 taking: tokio::sync::Mutex::new(()),
+                shipping: tokio::sync::Mutex::new(()),
+                shipping_now: Mutex::default(),
                 status: Mutex::default(),
             }),
         }
@@ -336,10 +344,12 @@ impl Backups {
         }
         ids.sort();
         let excess = ids.len().saturating_sub(self.inner.p.config.keep_local);
+        let in_flight = self.shipping_now();
         let expired = ids
             .into_iter()
             .take(excess)
-            .filter(|id| shipped.as_ref().is_some_and(|s| id <= s));
+            .filter(|id| shipped.as_ref().is_some_and(|s| id <= s))
+            .filter(|id| in_flight.as_ref() != Some(id));
         for id in expired {
             self.remove_local(&id, "keep_local").await;
         }

@@ -2,20 +2,30 @@
 //! known, then decides the duty every second and takes a backup when one is
 //! due, and — on the node holding the duty — ships the newest one when a
 //! ship is due (retrying a failed one after a quarter interval, between 1 s
-//! and 5 min).
+//! and 5 min). A ship runs in a task of its own, so that backups go on while
+//! it retries against a store that is down.
 
 use std::time::Duration;
 
 use super::duty::next_ship_ms;
-use super::ship::publish;
+use super::ship::{publish, ShipError};
 use super::{decide, summarize, Backups};
 use crate::clock::now_ms;
 use crate::config::parse_time_of_day;
 use crate::raft::ReadBarrier;
-use crate::state::backup::BackupChange;
+use crate::state::backup::{BackupChange, DrillResult, ShippedCopy};
 use crate::store::backup as disk;
 
 const TICK: Duration = Duration::from_secs(1);
+
+/// A ship in flight, stopped with the schedule.
+struct Ship(tokio::task::JoinHandle<Result<(ShippedCopy, DrillResult), ShipError>>);
+
+impl Drop for Ship {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// Runs the schedule until the node stops (the supervisor cancels it).
 pub async fn run_schedule(backups: Backups, reads: ReadBarrier) {
@@ -31,6 +41,7 @@ pub async fn run_schedule(backups: Backups, reads: ReadBarrier) {
     let me = backups.node();
     let mut not_before = 0i64;
     let mut ship_not_before = 0i64;
+    let mut shipping: Option<Ship> = None;
     let ship_at = parse_time_of_day(&backups.config().ship_at).unwrap_or(120);
     let ship_interval_ms = (backups.config().ship_interval_secs as i64).saturating_mul(1000);
     let max_age_ms = (backups.config().max_offsite_age_secs as i64).saturating_mul(1000);
@@ -74,14 +85,22 @@ pub async fn run_schedule(backups: Backups, reads: ReadBarrier) {
             };
             continue;
         }
-        if let Some((id, due)) = ship.filter(|(_, due)| now >= *due) {
-            if reads.wait().await.is_ok() {
-                ship_not_before = match backups.ship(&id, "schedule").await {
-                    Ok(_) => 0,
-                    Err(_) => now_ms() + retry_ms,
-                };
-                let _ = due;
-                continue;
+        // A ship runs beside the schedule (an unreachable store may retry
+        // it for a while): backups go on meanwhile, one ship at a time.
+        if let Some(mut done) = shipping.take_if(|s| s.0.is_finished()) {
+            ship_not_before = match (&mut done.0).await {
+                Ok(Ok(_)) => 0,
+                _ => now_ms() + retry_ms,
+            };
+            continue;
+        }
+        if shipping.is_none() {
+            if let Some((id, _)) = ship.filter(|(_, due)| now >= *due) {
+                if reads.wait().await.is_ok() {
+                    let b = backups.clone();
+                    shipping = Some(Ship(tokio::spawn(async move { b.ship(&id, "schedule").await })));
+                    continue;
+                }
             }
         }
         tokio::time::sleep(TICK).await;

@@ -106,11 +106,34 @@ pub fn publish(s: &OffsiteSummary) {
     metrics::gauge!("mailvault_backup_offsite_stale").set(if s.stale { 1.0 } else { 0.0 });
 }
 
+/// Marks the backup being shipped for as long as it lives, so that
+/// retention leaves it alone.
+struct ShippingNow<'a>(&'a Backups);
+
+impl<'a> ShippingNow<'a> {
+    fn mark(b: &'a Backups, id: &str) -> ShippingNow<'a> {
+        *b.inner.shipping_now.lock().expect("shipping now") = Some(id.to_string());
+        ShippingNow(b)
+    }
+}
+
+impl Drop for ShippingNow<'_> {
+    fn drop(&mut self) {
+        *self.0.inner.shipping_now.lock().expect("shipping now") = None;
+    }
+}
+
 impl Backups {
+    /// The backup being shipped, if any.
+    pub(crate) fn shipping_now(&self) -> Option<String> {
+        self.inner.shipping_now.lock().expect("shipping now").clone()
+    }
+
     /// Ships backup `id` (held here), then drills the copy; `why` names the
     /// trigger for the audit log.
     pub async fn ship(&self, id: &str, why: &str) -> Result<(ShippedCopy, DrillResult), ShipError> {
-        let _one = self.inner.taking.lock().await;
+        let _one = self.inner.shipping.lock().await;
+        let _marked = ShippingNow::mark(self, id);
         let started = Instant::now();
         let shipped = self.ship_locked(id, started).await;
         let copy = match shipped {
@@ -147,6 +170,7 @@ impl Backups {
         if drill.passed {
             self.expire_offsite(id).await;
         }
+        let _removing = self.inner.taking.lock().await;
         self.expire_local().await;
         self.publish_local_count();
         Ok((copy, drill))
@@ -188,7 +212,7 @@ impl Backups {
     /// Restores the off-site copy of `id` into scratch and checks it (see
     /// the module's documentation); records the result.
     pub async fn drill(&self, id: &str, why: &str) -> Result<DrillResult, ShipError> {
-        let _one = self.inner.taking.lock().await;
+        let _one = self.inner.shipping.lock().await;
         self.drill_locked(id, why).await
     }
 
