@@ -5,8 +5,8 @@
 use clap::Subcommand;
 use mailvault_proto::v1::backups_client::BackupsClient;
 use mailvault_proto::v1::{
-    Backup, BackupManifest, Drill, DrillBackupRequest, ListBackupsRequest, RestoreMailboxRequest,
-    ShipBackupRequest, ShowBackupRequest, TakeBackupRequest, VerifyBackupRequest,
+    Backup, BackupManifest, Drill, DrillBackupRequest, ListBackupsRequest, ShipBackupRequest,
+    ShowBackupRequest, TakeBackupRequest, VerifyBackupRequest,
 };
 use serde_json::json;
 use tonic::transport::Channel;
@@ -52,10 +52,12 @@ pub enum BackupCmd {
     /// writes each new node's data directory with the new cluster's membership. Refuses, writing
     /// nothing, if any check fails or a data directory is not empty. Needs no running node.
     Restore(RestoreArgs),
-    /// Restores one mailbox of a backup into the live cluster under a new name (a mailbox expunged
-    /// or deleted by mistake), on the node holding the backup: every message it held, byte-exact,
-    /// with its flags, keywords and internal date, in UID order (new UIDs). The new mailbox must
-    /// not exist, unless `--resume` goes on with a restore cut short.
+    /// Proposes restoring one mailbox of a backup into the live cluster under a new name (a mailbox
+    /// expunged or deleted by mistake): a two-person operation (`op propose restore-mailbox`). The
+    /// node holding the backup verifies it and counts the mailbox's messages for the plan; once a
+    /// second operator approved it, the leader has every message restored there, byte-exact, with
+    /// its flags, keywords and internal date, in UID order (new UIDs). The new mailbox must not
+    /// exist.
     RestoreMailbox {
         /// The backup's id, or `latest`: the newest one still held.
         id: String,
@@ -68,9 +70,9 @@ pub enum BackupCmd {
         /// The new mailbox to create and fill.
         #[arg(long = "as")]
         new_mailbox: String,
-        /// Go on into the new mailbox if it exists (adds only what is missing).
+        /// Why (e.g. a ticket number); required.
         #[arg(long)]
-        resume: bool,
+        reason: String,
     },
 }
 
@@ -190,14 +192,21 @@ async fn online(endpoint: &str, output: Output, cmd: BackupCmd) -> anyhow::Resul
             tenant,
             mailbox,
             new_mailbox,
-            resume,
-        } => BackupCmd::RestoreMailbox {
-            id: resolve(&mut c, id).await?,
-            tenant,
-            mailbox,
-            new_mailbox,
-            resume,
-        },
+            reason,
+        } => {
+            use mailvault_proto::v1::{operation_kind::Kind, OperationKind, RestoreMailboxOperation};
+            let kind = OperationKind {
+                kind: Some(Kind::RestoreMailbox(RestoreMailboxOperation {
+                    backup_id: resolve(&mut c, id).await?,
+                    tenant,
+                    mailbox,
+                    new_mailbox,
+                    ..Default::default()
+                })),
+            };
+            let expiry = std::time::Duration::from_secs(3600);
+            return crate::op::propose(endpoint, output, kind, reason, expiry).await;
+        }
         BackupCmd::Drill { id: Some(id) } => BackupCmd::Drill {
             id: Some(resolve(&mut c, id).await?),
         },
@@ -340,48 +349,7 @@ async fn online(endpoint: &str, output: Output, cmd: BackupCmd) -> anyhow::Resul
             output.emit(backup_json(&b), || backup_text(&b));
             drill_outcome(&b.id, r.drill.as_ref())
         }
-        BackupCmd::RestoreMailbox {
-            id,
-            tenant,
-            mailbox,
-            new_mailbox,
-            resume,
-        } => {
-            let r = with_spinner(
-                output,
-                &format!("restoring {tenant}/{mailbox} from {id}"),
-                c.restore_mailbox(RestoreMailboxRequest {
-                    backup_id: id.clone(),
-                    tenant: tenant.clone(),
-                    mailbox: mailbox.clone(),
-                    new_mailbox: new_mailbox.clone(),
-                    resume,
-                }),
-            )
-            .await
-            .map_err(status_err)?
-            .into_inner();
-            let doc = json!({
-                "backup": id, "tenant": tenant, "mailbox": mailbox, "new_mailbox": new_mailbox,
-                "messages": r.messages, "skipped": r.skipped, "bytes": r.bytes,
-                "uidvalidity": r.uidvalidity, "took_ms": r.took_ms,
-            });
-            output.emit(doc, || {
-                format!(
-                    "{tenant}/{mailbox} of backup {id} restored as {tenant}/{new_mailbox} (UIDVALIDITY {}): \
-                     {} messages ({}){} in {} ms",
-                    r.uidvalidity,
-                    r.messages,
-                    size(r.bytes),
-                    match r.skipped {
-                        0 => String::new(),
-                        n => format!(", {n} already there"),
-                    },
-                    r.took_ms
-                )
-            });
-            Ok(())
-        }
+        BackupCmd::RestoreMailbox { .. } => unreachable!("proposed above"),
         BackupCmd::Restore(_) => anyhow::bail!("backup restore runs offline, on the new nodes' machines"),
         BackupCmd::Verify { id } => {
             let r = c

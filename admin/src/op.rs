@@ -14,7 +14,7 @@ use mailvault_proto::v1::{role, Role, TenantRole};
 use mailvault_proto::v1::{
     Allowlist, AllowlistOperation, ApproveOperationRequest, CancelOperationRequest, DeleteMailboxOperation,
     ExportOperation, GetOperationRequest, GrantOperation, ListOperationsRequest, Operation, OperationKind,
-    Plan, PlanOperationRequest, ProposeOperationRequest, RejectOperationRequest,
+    Plan, PlanOperationRequest, ProposeOperationRequest, RejectOperationRequest, RestoreMailboxOperation,
 };
 use serde_json::json;
 
@@ -145,6 +145,20 @@ pub enum KindCmd {
         #[arg(long = "for", default_value = "24h")]
         valid_for: humantime::Duration,
     },
+    /// Restore one mailbox of a backup into a new live mailbox (`backup restore-mailbox`).
+    RestoreMailbox {
+        /// The backup's id (`backup list`).
+        backup: String,
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The mailbox, as named in the backup.
+        #[arg(long)]
+        mailbox: String,
+        /// The new mailbox to create and fill.
+        #[arg(long = "as")]
+        new_mailbox: String,
+    },
 }
 
 impl KindCmd {
@@ -178,6 +192,18 @@ impl KindCmd {
                     until_ms: i64::try_from(until.as_millis()).unwrap_or(i64::MAX),
                 })
             }
+            KindCmd::RestoreMailbox {
+                backup,
+                tenant,
+                mailbox,
+                new_mailbox,
+            } => Kind::RestoreMailbox(RestoreMailboxOperation {
+                backup_id: backup,
+                tenant,
+                mailbox,
+                new_mailbox,
+                ..Default::default()
+            }),
         };
         Ok(OperationKind { kind: Some(kind) })
     }
@@ -216,6 +242,10 @@ fn kind_text(k: Option<&OperationKind>) -> String {
             x.tenant,
             x.mailbox,
             rfc3339(x.until_ms)
+        ),
+        Some(Kind::RestoreMailbox(r)) => format!(
+            "restore {}/{} of backup {} as {}/{}",
+            r.tenant, r.mailbox, r.backup_id, r.tenant, r.new_mailbox
         ),
         None => "-".into(),
     }

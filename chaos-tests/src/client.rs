@@ -261,3 +261,10 @@ pub async fn wait_drilled(
     })
     .await
 }
+
+/// A mailvault error's gRPC code and stable reason (empty without one).
+pub fn code_and_reason(s: &tonic::Status) -> (tonic::Code, String) {
+    use tonic_types::StatusExt;
+    let r = s.get_details_error_info().map(|i| i.reason).unwrap_or_default();
+    (s.code(), r)
+}

@@ -337,6 +337,47 @@ impl Cluster {
         self.wait_all_applied().await;
     }
 
+    /// Restores mailbox `from` of `tenant` in backup `backup` (an id, or
+    /// `latest`) as `into`, the way operators do: proposed with
+    /// `mailvault-admin backup restore-mailbox … --reason` as [`ADMIN`],
+    /// approved by [`ADMIN2`] through node `i`. The operation once it ended,
+    /// or the CLI's refusal of the proposal.
+    pub async fn restore_mailbox(
+        &self,
+        i: usize,
+        backup: &str,
+        tenant: &str,
+        from: &str,
+        into: &str,
+    ) -> Result<mailvault_proto::v1::Operation, String> {
+        let args = [
+            "backup",
+            "restore-mailbox",
+            backup,
+            "--tenant",
+            tenant,
+            "--mailbox",
+            from,
+            "--as",
+            into,
+            "--reason",
+            "test: restore a mailbox",
+        ];
+        let (ok, proposed, err) = tokio::task::block_in_place(|| self.admin_json(i, &args));
+        if !ok {
+            return Err(err);
+        }
+        let (id, hash) = (
+            proposed["id"].as_str().expect("an operation id"),
+            proposed["plan_hash"].as_str().expect("a plan hash"),
+        );
+        assert_eq!(proposed["status"], "proposed", "{proposed}");
+        self.approve(i, ADMIN2, id, hash)
+            .await
+            .expect("approve the restore");
+        Ok(self.wait_operation_ended(i, id).await)
+    }
+
     /// Runs one two-person operation through node `i`: proposed by
     /// [`ADMIN`], approved by [`ADMIN2`]; returns it once it ended.
     pub async fn two_person(

@@ -9,17 +9,11 @@ use std::time::Duration;
 use mailvault_chaos::*;
 use mailvault_proto::v1::*;
 use tonic::Code;
-use tonic_types::StatusExt;
 
 const T: &str = "acme";
 const M: &str = "inbox";
 
-fn reason(s: &tonic::Status) -> (Code, String) {
-    let info = s
-        .get_details_error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {s:?}"));
-    (s.code(), info.reason)
-}
+use mailvault_chaos::code_and_reason as reason;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backup_node_takes_verified_backups_on_schedule_and_keeps_only_keep_local() {

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mailvault_chaos::code_and_reason as reason;
 use mailvault_chaos::*;
 use mailvault_proto::v1::*;
 
@@ -438,31 +439,6 @@ async fn a_damaged_edited_incomplete_or_foreign_copy_is_refused_with_nothing_wri
     assert!(ok, "{err}");
 }
 
-/// `mailvault-admin backup restore-mailbox ID --tenant T --mailbox FROM --as TO [--resume]`.
-fn restore_mailbox(
-    cluster: &Cluster,
-    id: &str,
-    from: &str,
-    to: &str,
-    resume: bool,
-) -> (bool, serde_json::Value, String) {
-    let mut args = vec![
-        "backup",
-        "restore-mailbox",
-        id,
-        "--tenant",
-        T,
-        "--mailbox",
-        from,
-        "--as",
-        to,
-    ];
-    if resume {
-        args.push("--resume");
-    }
-    cluster.admin_json(0, &args)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mailbox_expunged_by_mistake_comes_back_under_a_new_name() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
@@ -507,10 +483,32 @@ async fn a_mailbox_expunged_by_mistake_comes_back_under_a_new_name() {
     .unwrap();
     assert!(summaries(&mut c, M).await.is_empty());
 
-    let (ok, doc, err) = restore_mailbox(&cluster, "latest", M, "support-restored", false);
-    assert!(ok, "{err}");
-    assert_eq!(doc["backup"], backup.id.as_str());
-    assert_eq!(doc["messages"], 12);
+    // Two operators: proposed (rehearsed on the node holding the backup),
+    // approved, run as planned.
+    let op = cluster
+        .restore_mailbox(0, "latest", T, M, "support-restored")
+        .await
+        .expect("the restore is proposed");
+    assert_eq!(op.status, "succeeded", "{op:?}");
+    let plan = op.plan.clone().unwrap();
+    let kind = match plan.kind.and_then(|k| k.kind) {
+        Some(operation_kind::Kind::RestoreMailbox(r)) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        (kind.backup_id.as_str(), kind.messages, kind.node),
+        (backup.id.as_str(), 12, backup.node)
+    );
+    assert!(!plan.backup_first, "nothing live is changed");
+    let planned: Vec<_> = plan.steps.iter().map(|s| s.action.as_str()).collect();
+    assert_eq!(planned, ["create-mailbox", "restore-mailbox"]);
+    assert_eq!(op.steps.len(), plan.steps.len(), "{op:?}");
+    assert!(op.steps.iter().all(|s| s.ok), "{op:?}");
+    assert!(
+        op.steps[1].result.contains("holds 12 messages"),
+        "{:?}",
+        op.steps[1]
+    );
     let restored = summaries(&mut c, "support-restored").await;
     assert_eq!(restored.len(), before.len());
     // In UID order, byte-exact, with flags, keywords, internal dates and
@@ -526,35 +524,58 @@ async fn a_mailbox_expunged_by_mistake_comes_back_under_a_new_name() {
         let (_, bytes) = fetch(&mut c, T, "support-restored", *new_uid).await.unwrap();
         assert!(bytes == bodies[old_uid], "uid {old_uid}: the body differs");
     }
-    // Run again: the mailbox exists (refused), or with --resume nothing is added.
-    let (ok, _, err) = restore_mailbox(&cluster, &backup.id, M, "support-restored", false);
-    assert!(!ok && err.contains("MAILBOX_EXISTS"), "{err}");
-    let (ok, doc, err) = restore_mailbox(&cluster, &backup.id, M, "support-restored", true);
-    assert!(ok, "{err}");
-    assert_eq!(
-        (doc["messages"].as_u64(), doc["skipped"].as_u64()),
-        (Some(0), Some(12))
-    );
-    assert_eq!(summaries(&mut c, "support-restored").await.len(), 12);
-    // A mailbox the backup does not hold; a name that is not one; a front end.
-    let (ok, _, err) = restore_mailbox(&cluster, &backup.id, "nope", "x", false);
+    // Into a mailbox that exists, from a mailbox the backup does not hold, a
+    // name that is not one: refused when proposed, nothing changed.
+    let err = cluster
+        .restore_mailbox(0, &backup.id, T, M, "support-restored")
+        .await
+        .unwrap_err();
     assert!(
-        !ok && err.contains("MAILBOX_NOT_FOUND") && err.contains("holds no mailbox"),
+        err.contains("PRECONDITION_VIOLATED") && err.contains("mailbox acme/support-restored exists"),
         "{err}"
     );
-    let (ok, _, err) = restore_mailbox(&cluster, &backup.id, M, "bad\u{1}name", false);
-    assert!(!ok && err.contains("INVALID_NAME"), "{err}");
-    let mut as_frontend = cluster.admin_as(0, FRONTEND).await.backups;
-    let e = as_frontend
-        .restore_mailbox(RestoreMailboxRequest {
-            backup_id: backup.id.clone(),
+    let err = cluster
+        .restore_mailbox(0, &backup.id, T, "nope", "x")
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("PRECONDITION_VIOLATED") && err.contains("holds no mailbox"),
+        "{err}"
+    );
+    let err = cluster
+        .restore_mailbox(0, &backup.id, T, M, "bad\u{1}name")
+        .await
+        .unwrap_err();
+    assert!(err.contains("INVALID_NAME"), "{err}");
+    assert_eq!(summaries(&mut c, "support-restored").await.len(), 12);
+    // One operator cannot restore directly; rehearsing writes nothing.
+    let direct = |rehearse: bool| RestoreMailboxRequest {
+        backup_id: backup.id.clone(),
+        tenant: T.into(),
+        mailbox: M.into(),
+        new_mailbox: "y".into(),
+        resume: false,
+        operation: String::new(),
+        rehearse,
+    };
+    let mut as_admin = cluster.admin(0).await.backups;
+    let e = as_admin.restore_mailbox(direct(false)).await.unwrap_err();
+    assert_eq!(
+        reason(&e),
+        (tonic::Code::FailedPrecondition, "TWO_PERSON_REQUIRED".into())
+    );
+    let checked = as_admin.restore_mailbox(direct(true)).await.unwrap().into_inner();
+    assert_eq!((checked.messages, checked.skipped), (12, 0));
+    let e = c
+        .get_mailbox_status(GetMailboxStatusRequest {
             tenant: T.into(),
-            mailbox: M.into(),
-            new_mailbox: "y".into(),
-            resume: false,
+            mailbox: "y".into(),
         })
         .await
         .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "a rehearsal creates nothing");
+    let mut as_frontend = cluster.admin_as(0, FRONTEND).await.backups;
+    let e = as_frontend.restore_mailbox(direct(true)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     // On record.
     let mut audit = cluster.admin_as(0, "auditor").await.audit;
@@ -570,7 +591,10 @@ async fn a_mailbox_expunged_by_mistake_comes_back_under_a_new_name() {
     assert!(records
         .iter()
         .any(|r| r.action == "backup-restore-mailbox" && r.target.contains("support-restored")));
+    assert!(records.iter().any(|r| r.action == "ProposeOperation"
+        && r.result.contains("refused")
+        && r.result.contains("holds no mailbox")));
     assert!(records
         .iter()
-        .any(|r| r.action == "backup-restore-mailbox-failed"));
+        .any(|r| r.action == "RestoreMailbox" && r.result == "refused: two-person operation"));
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::ctx::Ctx;
 use crate::state::command::{Command, CommandResult};
-use crate::state::ops::{Actor, OpChange, OpStatus, Operation};
+use crate::state::ops::{Actor, MailboxFromBackup, OpChange, OpStatus, Operation, Step};
 
 /// How often the leader looks for work.
 const TICK: Duration = Duration::from_millis(250);
@@ -94,34 +94,139 @@ async fn advance(ctx: &Ctx, mut op: Operation) {
                     }
                 }
             }
-            OpStatus::Approved | OpStatus::Executing => OpChange::Step {
-                id,
-                index: op.steps.len() as u32,
-                actor: actor(ctx),
-            },
+            OpStatus::Approved | OpStatus::Executing => {
+                let index = op.steps.len();
+                // A step whose effect runs outside one entry (a mailbox
+                // restore) runs first, then is recorded.
+                if let Some(Step::RestoreMailbox(x)) = op.plan.steps.get(index) {
+                    match restore(ctx, &op, x).await {
+                        Ok(()) => {}
+                        Err(Outside::Failed(why)) => {
+                            let change = OpChange::Fail {
+                                id,
+                                reason: format!("step {index} failed: {why}"),
+                                actor: actor(ctx),
+                            };
+                            propose(ctx, &op, change).await;
+                            return;
+                        }
+                        Err(Outside::NotNow(why)) if idle_for(&op) > BACKUP_PATIENCE => {
+                            let change = OpChange::Fail {
+                                id,
+                                reason: format!(
+                                    "step {index} could not run within {} min ({why}); what it restored stays",
+                                    BACKUP_PATIENCE.as_secs() / 60
+                                ),
+                                actor: actor(ctx),
+                            };
+                            propose(ctx, &op, change).await;
+                            return;
+                        }
+                        Err(Outside::NotNow(why)) => {
+                            tracing::warn!(operation = %op.id, why, "a step could not run now; retried");
+                            return;
+                        }
+                    }
+                }
+                OpChange::Step {
+                    id,
+                    index: index as u32,
+                    actor: actor(ctx),
+                }
+            }
             _ => return,
         };
-        match ctx.proposer.propose(Command::Ops(change)).await {
-            Ok(CommandResult::Operation(next)) => {
-                log_transition(&next);
-                if next.status.ended() || next.status == OpStatus::Proposed {
-                    return;
-                }
-                op = *next;
-            }
-            Ok(CommandResult::Refused(r)) => {
-                // Someone else moved it meanwhile (an old leader, an
-                // approval): the next tick reads it again.
-                tracing::debug!(operation = %op.id, refusal = %r, "operation change refused");
-                return;
-            }
-            Ok(_) => return,
-            Err(e) => {
-                tracing::warn!(operation = %op.id, error = %e, "operation change not committed; retried");
-                return;
+        match propose(ctx, &op, change).await {
+            Some(next) if !next.status.ended() && next.status != OpStatus::Proposed => op = next,
+            _ => return,
+        }
+    }
+}
+
+/// Proposes one change to `op`: the operation after it, or `None` when it
+/// was refused (someone else moved it meanwhile — an old leader, an
+/// approval — and the next tick reads it again) or did not commit.
+async fn propose(ctx: &Ctx, op: &Operation, change: OpChange) -> Option<Operation> {
+    match ctx.proposer.propose(Command::Ops(change)).await {
+        Ok(CommandResult::Operation(next)) => {
+            log_transition(&next);
+            Some(*next)
+        }
+        Ok(CommandResult::Refused(r)) => {
+            tracing::debug!(operation = %op.id, refusal = %r, "operation change refused");
+            None
+        }
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(operation = %op.id, error = %e, "operation change not committed; retried");
+            None
+        }
+    }
+}
+
+/// Why a step that runs outside one entry did not run.
+enum Outside {
+    /// It cannot succeed: the operation fails.
+    Failed(String),
+    /// Not now (a node unreachable, a leader change): tried again.
+    NotNow(String),
+}
+
+/// How long since the operation last moved (its last step, or its approval).
+fn idle_for(op: &Operation) -> Duration {
+    let at = op
+        .steps
+        .last()
+        .map(|s| s.at_ms)
+        .unwrap_or_else(|| op.approval.as_ref().map_or(op.created_ms, |a| a.at_ms));
+    Duration::from_millis(crate::clock::now_ms().saturating_sub(at).max(0) as u64)
+}
+
+/// Runs a mailbox restore step on the node holding the backup (this one
+/// too goes through its client port, as a node, so the holder checks the
+/// operation and audits it alike). Always resuming: a run cut short by a
+/// leader change adds only what is missing.
+async fn restore(ctx: &Ctx, op: &Operation, x: &MailboxFromBackup) -> Result<(), Outside> {
+    let node = x.found.node;
+    let ch = ctx
+        .router
+        .member_channel(node)
+        .ok_or_else(|| Outside::NotNow(format!("node {node} is not reachable")))?;
+    tracing::info!(operation = %op.id, node, "restoring a mailbox for an operation");
+    let mut req = tonic::Request::new(mailvault_proto::v1::RestoreMailboxRequest {
+        backup_id: x.backup.clone(),
+        tenant: x.from.tenant.clone(),
+        mailbox: x.from.mailbox.clone(),
+        new_mailbox: x.into.clone(),
+        resume: true,
+        operation: op.id.clone(),
+        rehearse: false,
+    });
+    req.set_timeout(Duration::from_secs(3600));
+    match mailvault_proto::v1::backups_client::BackupsClient::new(ch)
+        .restore_mailbox(req)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(s) => {
+            let why = format!("node {node}: {}", s.message());
+            match s.code() {
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Aborted
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown => Err(Outside::NotNow(why)),
+                _ if reason_of(&s).as_deref() == Some("WRITE_OUTCOME_UNKNOWN") => Err(Outside::NotNow(why)),
+                _ => Err(Outside::Failed(why)),
             }
         }
     }
+}
+
+/// The stable reason of a mailvault error status, if it has one.
+fn reason_of(s: &tonic::Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    s.get_details_error_info().map(|i| i.reason)
 }
 
 /// How long an approved operation waits for a node to take its backup

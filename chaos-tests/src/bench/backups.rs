@@ -131,23 +131,21 @@ async fn measure(
 
     let t = Instant::now();
     let new_name = format!("{SMALL}-restored");
-    let args = [
-        "backup",
-        "restore-mailbox",
-        &backup.id,
-        "--tenant",
-        TENANT,
-        "--mailbox",
-        SMALL,
-        "--as",
-        &new_name,
-    ];
-    let (ok, restored, err) = tokio::task::block_in_place(|| cluster.admin_json(leader, &args));
+    let op = cluster
+        .restore_mailbox(leader, &backup.id, TENANT, SMALL, &new_name)
+        .await
+        .map_err(|e| anyhow::anyhow!("restore-mailbox refused: {e}"))?;
     let mailbox_s = t.elapsed().as_secs_f64();
-    anyhow::ensure!(ok, "restore-mailbox failed: {err}");
     anyhow::ensure!(
-        restored["messages"].as_u64() == Some(plan.mailbox_messages),
-        "{restored}"
+        op.status == "succeeded",
+        "the restore did not succeed: {}",
+        op.outcome
+    );
+    let holds = format!("holds {} messages", plan.mailbox_messages);
+    anyhow::ensure!(
+        op.steps.last().is_some_and(|s| s.result.contains(&holds)),
+        "{:?}",
+        op.steps
     );
 
     // A whole new cluster from the copy, offline.

@@ -115,7 +115,9 @@ const RULES: &[(&str, &str, Rule)] = &[
     (backups_server::SERVICE_NAME, "VerifyBackup", OPERATOR),
     (backups_server::SERVICE_NAME, "ShipBackup", OPERATOR),
     (backups_server::SERVICE_NAME, "DrillBackup", OPERATOR),
-    (backups_server::SERVICE_NAME, "RestoreMailbox", OPERATOR),
+    // An operator rehearses; the leader's executor restores, as a node,
+    // for an executing operation (the handler checks which).
+    (backups_server::SERVICE_NAME, "RestoreMailbox", OPERATOR_OR_NODE),
     (operations_server::SERVICE_NAME, "PlanOperation", OPERATOR),
     (operations_server::SERVICE_NAME, "ProposeOperation", OPERATOR),
     (

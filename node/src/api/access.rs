@@ -130,7 +130,13 @@ pub(super) fn role_to_proto(r: &RoleGrant) -> Role {
 
 /// A change that needs a second operator, refused (and audited) here: it is
 /// proposed through the Operations service instead.
-async fn two_person(ctx: &Ctx, p: Option<&Principal>, method: &str, target: String, what: &str) -> Status {
+pub(super) async fn two_person(
+    ctx: &Ctx,
+    p: Option<&Principal>,
+    method: &str,
+    target: String,
+    what: &str,
+) -> Status {
     let message = format!(
         "{what} needs a second operator: propose it (Operations.ProposeOperation, \
          `mailvault-admin op propose`) and have another operator approve it"

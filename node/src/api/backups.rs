@@ -17,6 +17,7 @@ use crate::ctx::Ctx;
 use crate::error::{self, ApiError, Reason};
 use crate::forward::{forwarded, principal_of, FORWARDED};
 use crate::state::backup::{BackupManifest as Manifest, BackupRecord};
+use crate::state::ops::{OpStatus, Step};
 use crate::state::types::NodeId;
 use crate::store::backup::{is_backup_id, BackupError};
 
@@ -104,6 +105,51 @@ impl BackupsService {
                 .max_decoding_message_size(16 << 20)
                 .max_encoding_message_size(16 << 20),
         ))
+    }
+}
+
+impl BackupsService {
+    /// A restore that writes is a step of an executing two-person
+    /// operation, made by a node (the leader's executor) naming it; an
+    /// operator's is refused (`TWO_PERSON_REQUIRED`, audited).
+    async fn executing_restore(&self, req: &Request<RestoreMailboxRequest>) -> Result<(), Status> {
+        let r = req.get_ref();
+        let p = principal_of(req);
+        let target = format!(
+            "{}/{} from {} as {}",
+            r.tenant, r.mailbox, r.backup_id, r.new_mailbox
+        );
+        if !p.as_ref().is_some_and(|p| p.is_node) {
+            return Err(super::access::two_person(
+                &self.ctx,
+                p.as_ref(),
+                "RestoreMailbox",
+                target,
+                "restoring a mailbox",
+            )
+            .await);
+        }
+        self.ctx.read_barrier().await?;
+        let op = match r.operation.is_empty() {
+            true => None,
+            false => self.ctx.reader.operation(&r.operation).map_err(error::read)?,
+        };
+        let names_it = op.as_ref().is_some_and(|op| {
+            op.status == OpStatus::Executing
+                && matches!(op.plan.steps.get(op.steps.len()), Some(Step::RestoreMailbox(x))
+                    if x.backup == r.backup_id
+                        && x.from.tenant == r.tenant
+                        && x.from.mailbox == r.mailbox
+                        && x.into == r.new_mailbox)
+        });
+        match names_it {
+            true => Ok(()),
+            false => Err(ApiError::new(
+                Reason::TwoPersonRequired,
+                "no executing operation's next step is this restore",
+            )
+            .into()),
+        }
     }
 }
 
@@ -418,6 +464,9 @@ impl Backups for BackupsService {
             crate::names::tenant(&r.tenant).map_err(error::name)?;
             crate::names::mailbox(&r.mailbox).map_err(error::name)?;
             crate::names::mailbox(&r.new_mailbox).map_err(error::name)?;
+            if !r.rehearse {
+                self.executing_restore(&req).await?;
+            }
         }
         let rec = match self
             .held(&req, &req.get_ref().backup_id, "RestoreMailbox")
@@ -436,6 +485,26 @@ impl Backups for BackupsService {
             .map(|p| p.identity)
             .unwrap_or_else(|| "-".into());
         let r = req.into_inner();
+        if r.rehearse {
+            let (messages, bytes) = self
+                .ctx
+                .backups
+                .check_mailbox(&rec.entry.id, &r.tenant, &r.mailbox)
+                .await
+                .map_err(restore_error)?;
+            return Ok(Response::new(RestoreMailboxResponse {
+                backup: Some(backup_message(&rec)),
+                messages: u32::try_from(messages).unwrap_or(u32::MAX),
+                skipped: 0,
+                bytes,
+                uidvalidity: 0,
+                took_ms: 0,
+            }));
+        }
+        let who = match r.operation.is_empty() {
+            true => who,
+            false => format!("{who} for {}", r.operation),
+        };
         let job = MailboxRestore {
             backup: rec.entry.id.clone(),
             tenant: r.tenant,

@@ -15,8 +15,8 @@ use mailvault_proto::v1::{
     AllowlistOperation, ApproveOperationRequest, CancelOperationRequest, DeleteMailboxOperation,
     ExportOperation, FencePart as ProtoFencePart, GetOperationRequest, GrantOperation, ListOperationsRequest,
     ListOperationsResponse, Operation as ProtoOperation, OperationKind, Plan as ProtoPlan,
-    PlanOperationRequest, PlanStep, ProposeOperationRequest, RejectOperationRequest,
-    StepResult as ProtoStepResult,
+    PlanOperationRequest, PlanStep, ProposeOperationRequest, RejectOperationRequest, RestoreMailboxOperation,
+    RestoreMailboxRequest, StepResult as ProtoStepResult,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,8 +31,8 @@ use crate::error::{self, ApiError, Reason};
 use crate::forward::{principal_of, route_write, FORWARDED};
 use crate::state::command::{Command, CommandResult, Refusal};
 use crate::state::ops::{
-    hex, plan_hash, rehearse, Actor, Approval, Export, MailboxName, OpChange, OpKind, OpRefusal, OpStatus,
-    Operation, Person, Plan,
+    hex, plan_hash, rehearse, Actor, Approval, BackupFinding, Export, MailboxFromBackup, MailboxName,
+    OpChange, OpKind, OpRefusal, OpStatus, Operation, Person, Plan,
 };
 use crate::tls::{identity_of, verify_client_certificate, CertIdentity};
 
@@ -166,6 +166,75 @@ impl OperationsService {
     }
 }
 
+impl OperationsService {
+    /// What a rehearsal needs beyond the replicated state: for a mailbox
+    /// restore, the node holding the backup verifies it and counts the
+    /// mailbox's messages (after a read point). A backup that does not
+    /// verify, or holds no such mailbox, is a violated precondition.
+    async fn found(&self, kind: OpKind) -> Result<Result<OpKind, OpRefusal>, Status> {
+        let OpKind::RestoreMailbox(mut r) = kind else {
+            return Ok(Ok(kind));
+        };
+        let Some(rec) = self.ctx.reader.backup(&r.backup).map_err(error::read)? else {
+            return Ok(Err(OpRefusal::Precondition(format!(
+                "backup {} is not in the catalog",
+                r.backup
+            ))));
+        };
+        let node = rec.entry.node;
+        if !rec.is_local() {
+            // The rehearsal says so, in its words.
+            r.found.node = node;
+            return Ok(Ok(OpKind::RestoreMailbox(r)));
+        }
+        let checked = if node == self.ctx.id {
+            self.ctx
+                .backups
+                .check_mailbox(&r.backup, &r.from.tenant, &r.from.mailbox)
+                .await
+                .map_err(|e| e.to_string())
+        } else {
+            match self.ctx.router.member_channel(node) {
+                None => Err(format!("node {node}, which holds it, is not a member any more")),
+                Some(ch) => {
+                    let mut req = Request::new(RestoreMailboxRequest {
+                        backup_id: r.backup.clone(),
+                        tenant: r.from.tenant.clone(),
+                        mailbox: r.from.mailbox.clone(),
+                        new_mailbox: r.into.clone(),
+                        resume: false,
+                        operation: String::new(),
+                        rehearse: true,
+                    });
+                    req.set_timeout(Duration::from_secs(300));
+                    mailvault_proto::v1::backups_client::BackupsClient::new(ch)
+                        .restore_mailbox(req)
+                        .await
+                        .map(|a| {
+                            let a = a.into_inner();
+                            (u64::from(a.messages), a.bytes)
+                        })
+                        .map_err(|s| format!("node {node}: {}", s.message()))
+                }
+            }
+        };
+        match checked {
+            Ok((messages, bytes)) => {
+                r.found = BackupFinding {
+                    node,
+                    messages,
+                    bytes,
+                };
+                Ok(Ok(OpKind::RestoreMailbox(r)))
+            }
+            Err(why) => Ok(Err(OpRefusal::Precondition(format!(
+                "backup {} cannot be restored from: {why}",
+                r.backup
+            )))),
+        }
+    }
+}
+
 fn check_op_id(id: &str) -> Result<(), ApiError> {
     let ok = id.len() == 11 && id.starts_with("op-") && id[3..].bytes().all(|b| b.is_ascii_hexdigit());
     match ok {
@@ -228,6 +297,26 @@ fn kind_of(k: Option<OperationKind>) -> Result<OpKind, ApiError> {
                 until_ms: x.until_ms,
             }))
         }
+        Some(Kind::RestoreMailbox(r)) => {
+            if !crate::store::backup::is_backup_id(&r.backup_id) {
+                return Err(
+                    error::invalid("backup_id is not a backup id (YYYYMMDDTHHMMSSZ-NNNNNNNNNNNN)")
+                        .with("field", "backup_id"),
+                );
+            }
+            crate::names::tenant(&r.tenant).map_err(error::name)?;
+            crate::names::mailbox(&r.mailbox).map_err(error::name)?;
+            crate::names::mailbox(&r.new_mailbox).map_err(error::name)?;
+            Ok(OpKind::RestoreMailbox(MailboxFromBackup {
+                backup: r.backup_id,
+                from: MailboxName {
+                    tenant: r.tenant,
+                    mailbox: r.mailbox,
+                },
+                into: r.new_mailbox,
+                found: BackupFinding::default(),
+            }))
+        }
         None => Err(error::invalid("name the operation (kind)").with("field", "kind")),
     }
 }
@@ -253,6 +342,15 @@ fn kind_to_proto(k: &OpKind) -> OperationKind {
             tenant: x.mailbox.tenant.clone(),
             mailbox: x.mailbox.mailbox.clone(),
             until_ms: x.until_ms,
+        }),
+        OpKind::RestoreMailbox(r) => Kind::RestoreMailbox(RestoreMailboxOperation {
+            backup_id: r.backup.clone(),
+            tenant: r.from.tenant.clone(),
+            mailbox: r.from.mailbox.clone(),
+            new_mailbox: r.into.clone(),
+            node: r.found.node,
+            messages: r.found.messages,
+            bytes: r.found.bytes,
         }),
     };
     OperationKind { kind: Some(kind) }
@@ -351,6 +449,10 @@ impl Operations for OperationsService {
         let kind = kind_of(req.into_inner().kind)?;
         record(&self.ctx, p.as_ref(), "PlanOperation", kind.target()).await?;
         self.ctx.read_barrier().await?;
+        let kind = match self.found(kind).await? {
+            Ok(kind) => kind,
+            Err(r) => return Err(error::op_refusal(r).into()),
+        };
         match rehearse(&self.ctx.reader, &kind).map_err(error::read)? {
             Ok(plan) => Ok(Response::new(plan_to_proto(&kind, &plan))),
             Err(r) => Err(error::op_refusal(r).into()),
@@ -382,6 +484,10 @@ impl Operations for OperationsService {
         }
         self.ctx.read_barrier().await?;
         let target = kind.target();
+        let kind = match self.found(kind).await? {
+            Ok(kind) => kind,
+            Err(r) => return Err(self.refused(&p, "ProposeOperation", &target, r).await),
+        };
         let plan = match rehearse(&self.ctx.reader, &kind).map_err(error::read)? {
             Ok(plan) => plan,
             Err(r) => return Err(self.refused(&p, "ProposeOperation", &target, r).await),

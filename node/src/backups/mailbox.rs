@@ -14,17 +14,18 @@
 //! is derived from the backup, the mailbox and its UID there, so a restore
 //! cut short and run again with `resume` adds only what is missing.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_bytes::ByteBuf;
 
 use super::Backups;
-use crate::crypto::{MessageCipher, HEADERS_CHUNK};
+use crate::crypto::{MessageCipher, TenantNames, HEADERS_CHUNK};
 use crate::raft::{leader_peer, LeaderPeer};
 use crate::state::backup::BackupKeyring;
 use crate::state::codec::{decode, encode};
 use crate::state::command::{BlobId, Command, CommandResult, NewMessage, Refusal};
-use crate::state::records::MessageRecord;
+use crate::state::records::{MessageRecord, WrappedKey};
 use crate::store::backup::{self as disk, BackupError, DATA, KEYRING};
 use crate::store::{MailReader, StateDb};
 
@@ -104,14 +105,28 @@ fn restore_key(backup: &str, mailbox: &str, uidvalidity: u32, uid: u32) -> Strin
     format!("restore:{backup}:{mailbox}:{uidvalidity}:{uid}")
 }
 
+/// A backup's mailbox, opened and read: every message record, and the keys
+/// to open them.
+struct Opened {
+    backup: String,
+    keys: Vec<WrappedKey>,
+    names: Arc<TenantNames>,
+    reader: MailReader,
+    uidvalidity: u32,
+    records: Vec<MessageRecord>,
+}
+
 impl Backups {
-    /// Restores one mailbox; see the module's documentation.
-    pub async fn restore_mailbox(&self, r: &MailboxRestore) -> Result<MailboxRestored, MailboxRestoreError> {
-        let started = Instant::now();
-        // Not removed by retention meanwhile.
-        let _one = self.inner.taking.lock().await;
+    /// Verifies backup `backup` (manifest and every file), opens it and
+    /// reads every message record of `tenant`/`mailbox` in it.
+    async fn open_mailbox(
+        &self,
+        backup: &str,
+        tenant: &str,
+        mailbox: &str,
+    ) -> Result<Opened, MailboxRestoreError> {
         let p = &self.inner.p;
-        let dir = self.root().join(&r.backup);
+        let dir = self.root().join(backup);
         let keyring = p.keyring.clone();
         let d = dir.clone();
         let manifest = tokio::task::spawn_blocking(move || disk::verify(&d, &keyring))
@@ -121,31 +136,31 @@ impl Backups {
             &std::fs::read(dir.join(KEYRING)).map_err(BackupError::Io)?,
         )
         .map_err(|_| BackupError::NotRestorable {
-            backup: r.backup.clone(),
+            backup: backup.to_string(),
             what: "the keyring object does not parse".into(),
         })?;
         let not_in_backup = || MailboxRestoreError::NotInBackup {
             backup: manifest.backup_id.clone(),
-            tenant: r.tenant.clone(),
-            mailbox: r.mailbox.clone(),
+            tenant: tenant.to_string(),
+            mailbox: mailbox.to_string(),
         };
-        let old_keys = ring.tenants.get(&r.tenant).ok_or_else(not_in_backup)?;
+        let keys = ring.tenants.get(tenant).ok_or_else(not_in_backup)?.clone();
         let db = crate::store::open_state_read_only_at(&dir.join(DATA)).map_err(BackupError::Db)?;
         let old = MailReader::new(StateDb::fixed(db), p.keyring.binding().clone());
         let live_err = |e: crate::store::ReadError| MailboxRestoreError::Live(e.to_string());
         let old_box = old
-            .mailbox(&r.tenant, &r.mailbox)
+            .mailbox(tenant, mailbox)
             .map_err(live_err)?
             .ok_or_else(not_in_backup)?;
         let damaged = |uid| MailboxRestoreError::Damaged {
             backup: manifest.backup_id.clone(),
-            tenant: r.tenant.clone(),
-            mailbox: r.mailbox.clone(),
+            tenant: tenant.to_string(),
+            mailbox: mailbox.to_string(),
             uid,
         };
         let mut records: Vec<MessageRecord> = Vec::new();
         let mut bad = None;
-        old.messages(&r.tenant, &r.mailbox, 1, |m| match m {
+        old.messages(tenant, mailbox, 1, |m| match m {
             Ok(m) => {
                 records.push(m);
                 true
@@ -159,8 +174,68 @@ impl Backups {
         if let Some(uid) = bad {
             return Err(damaged(uid));
         }
-        let first_old = old_keys.first().ok_or_else(not_in_backup)?;
-        let old_names = p.keyring.names(&r.tenant, first_old).map_err(|_| damaged(0))?;
+        let first = keys.first().ok_or_else(not_in_backup)?;
+        let names = p.keyring.names(tenant, first).map_err(|_| damaged(0))?;
+        for m in &records {
+            let version = keys
+                .iter()
+                .find(|k| k.version == m.key_version)
+                .ok_or_else(|| damaged(m.uid))?;
+            p.keyring.cipher(tenant, version).map_err(|_| damaged(m.uid))?;
+        }
+        Ok(Opened {
+            backup: manifest.backup_id,
+            keys,
+            names,
+            reader: old,
+            uidvalidity: old_box.uidvalidity,
+            records,
+        })
+    }
+
+    /// Checks a mailbox restore without writing (the rehearsal of the
+    /// operation): the backup verifies, its keys unwrap, every message
+    /// record of the mailbox reads; and the live tenant exists. The
+    /// mailbox's messages and their bytes.
+    pub async fn check_mailbox(
+        &self,
+        backup: &str,
+        tenant: &str,
+        mailbox: &str,
+    ) -> Result<(u64, u64), MailboxRestoreError> {
+        let _one = self.inner.taking.lock().await;
+        let opened = self.open_mailbox(backup, tenant, mailbox).await?;
+        self.inner
+            .p
+            .reader
+            .tenant(tenant)
+            .map_err(|e| MailboxRestoreError::Live(e.to_string()))?
+            .ok_or(MailboxRestoreError::Refused(Refusal::NoTenant))?;
+        let bytes = opened.records.iter().map(|m| m.size).sum();
+        Ok((opened.records.len() as u64, bytes))
+    }
+
+    /// Restores one mailbox; see the module's documentation.
+    pub async fn restore_mailbox(&self, r: &MailboxRestore) -> Result<MailboxRestored, MailboxRestoreError> {
+        let started = Instant::now();
+        // Not removed by retention meanwhile.
+        let _one = self.inner.taking.lock().await;
+        let p = &self.inner.p;
+        let Opened {
+            backup,
+            keys: old_keys,
+            names: old_names,
+            reader: old,
+            uidvalidity: old_uidvalidity,
+            records,
+        } = self.open_mailbox(&r.backup, &r.tenant, &r.mailbox).await?;
+        let live_err = |e: crate::store::ReadError| MailboxRestoreError::Live(e.to_string());
+        let damaged = |uid| MailboxRestoreError::Damaged {
+            backup: backup.clone(),
+            tenant: r.tenant.clone(),
+            mailbox: r.mailbox.clone(),
+            uid,
+        };
         // The live side: the tenant's current key and its names.
         let live = p
             .reader
@@ -196,12 +271,7 @@ impl Backups {
             Err(Proposed::Failed(e)) => return Err(MailboxRestoreError::Write(e, 0)),
         }
         for m in &records {
-            let key = names.idempotency_key(&restore_key(
-                &manifest.backup_id,
-                &r.mailbox,
-                old_box.uidvalidity,
-                m.uid,
-            ));
+            let key = names.idempotency_key(&restore_key(&backup, &r.mailbox, old_uidvalidity, m.uid));
             if p.reader
                 .idempotency(&r.tenant, &r.new_mailbox, &key)
                 .map_err(live_err)?

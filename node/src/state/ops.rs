@@ -19,6 +19,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::backup::BackupRecord;
 use super::codec::encode;
 use super::policy::{AccessChange, IdentityPolicy, RoleGrant, ANY_TENANT};
 use super::records::{MailboxRecord, TenantRecord};
@@ -45,6 +46,48 @@ pub enum OpKind {
     DeleteMailbox(MailboxName),
     /// Lets one identity export one mailbox (`ExportMailbox`) until a time.
     ApproveExport(Export),
+    /// Restores one mailbox of a backup into a new live mailbox (data
+    /// version 7).
+    RestoreMailbox(MailboxFromBackup),
+}
+
+/// One mailbox of a backup, restored into a live mailbox that does not
+/// exist yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxFromBackup {
+    /// The backup (its catalog id).
+    pub backup: String,
+    /// The mailbox as the backup holds it.
+    pub from: MailboxName,
+    /// The live mailbox to create and fill (same tenant).
+    pub into: String,
+    /// What the node holding the backup found when it verified the backup
+    /// for the rehearsal (filled in by the node that rehearses, never by the
+    /// caller).
+    pub found: BackupFinding,
+}
+
+impl MailboxFromBackup {
+    /// The live mailbox it fills.
+    pub fn into_name(&self) -> MailboxName {
+        MailboxName {
+            tenant: self.from.tenant.clone(),
+            mailbox: self.into.clone(),
+        }
+    }
+}
+
+/// What the node holding a backup found in it for a rehearsal: the backup
+/// verified (manifest and every file) and its keys unwrap, and the mailbox
+/// holds this many readable messages.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupFinding {
+    /// The node that holds the backup and checked it.
+    pub node: u64,
+    /// The mailbox's messages in the backup.
+    pub messages: u64,
+    /// Their bytes.
+    pub bytes: u64,
 }
 
 /// A mailbox, by tenant and name.
@@ -81,6 +124,7 @@ impl OpKind {
             OpKind::Allowlist { .. } => "allowlist",
             OpKind::DeleteMailbox { .. } => "delete-mailbox",
             OpKind::ApproveExport { .. } => "export",
+            OpKind::RestoreMailbox { .. } => "restore-mailbox",
         }
     }
 
@@ -93,6 +137,7 @@ impl OpKind {
             }
             OpKind::DeleteMailbox(m) => m.to_string(),
             OpKind::ApproveExport(x) => format!("{}: export {}", x.exporter, x.mailbox),
+            OpKind::RestoreMailbox(r) => format!("{} from {} as {}", r.from, r.backup, r.into_name()),
         }
     }
 }
@@ -125,6 +170,15 @@ pub enum Step {
     DeleteMailbox(MailboxName),
     /// Records an approved export ([`ExportApproval`]).
     ApproveExport(Export),
+    /// Creates an empty mailbox (data version 7), the first step of a
+    /// mailbox restore: fenced like every first step, so the restore never
+    /// writes into a mailbox that existed.
+    CreateMailbox(MailboxName),
+    /// Records a mailbox restore the executor ran on the node holding the
+    /// backup (data version 7): unlike the other steps, its effect (many
+    /// appends, each its own entry, idempotent, resumed by the next leader)
+    /// comes before its record.
+    RestoreMailbox(MailboxFromBackup),
 }
 
 /// An approved bulk export, stored under `keys::export_approval`: the
@@ -150,6 +204,8 @@ impl Step {
             Step::Access(AccessChange::Revoke { .. }) => "revoke",
             Step::DeleteMailbox { .. } => "delete-mailbox",
             Step::ApproveExport { .. } => "approve-export",
+            Step::CreateMailbox { .. } => "create-mailbox",
+            Step::RestoreMailbox { .. } => "restore-mailbox",
         }
     }
 
@@ -171,7 +227,22 @@ impl Step {
                 x.mailbox,
                 time_text(x.until_ms)
             ),
+            Step::CreateMailbox(m) => format!("create mailbox {m}, empty"),
+            Step::RestoreMailbox(r) => format!(
+                "restore the {} messages of {} in backup {} into {}, on node {}",
+                thousands(r.found.messages),
+                r.from,
+                r.backup,
+                r.into_name(),
+                r.found.node
+            ),
         }
+    }
+
+    /// Whether the executor runs the step's effect before it records it
+    /// (see [`Step::RestoreMailbox`]).
+    pub fn runs_outside(&self) -> bool {
+        matches!(self, Step::RestoreMailbox(_))
     }
 }
 
@@ -565,6 +636,8 @@ pub trait View {
     fn tenant(&self, tenant: &str) -> Result<Option<TenantRecord>, Self::Error>;
     /// A mailbox's record.
     fn mailbox(&self, tenant: &str, mailbox: &str) -> Result<Option<MailboxRecord>, Self::Error>;
+    /// A backup's catalog record.
+    fn backup(&self, id: &str) -> Result<Option<BackupRecord>, Self::Error>;
 }
 
 fn part<T: Serialize>(what: String, value: &Option<T>) -> FencePart {
@@ -697,7 +770,96 @@ pub fn rehearse<V: View>(view: &V, kind: &OpKind) -> Result<Result<Plan, OpRefus
         }
         OpKind::DeleteMailbox(m) => plan_delete_mailbox(view, m),
         OpKind::ApproveExport(x) => plan_export(view, x),
+        OpKind::RestoreMailbox(r) => plan_restore_mailbox(view, r),
     }
+}
+
+/// A mailbox restore: the backup still held by the node that verified it
+/// for the rehearsal, the tenant there, the new mailbox not. Two steps: the
+/// empty mailbox (fenced: it must still be absent), then the messages. No
+/// backup first: nothing live is overwritten or removed.
+fn plan_restore_mailbox<V: View>(
+    view: &V,
+    r: &MailboxFromBackup,
+) -> Result<Result<Plan, OpRefusal>, V::Error> {
+    let tenant = r.from.tenant.as_str();
+    let into = r.into_name();
+    let t = view.tenant(tenant)?;
+    if t.is_none() {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "tenant {tenant} does not exist"
+        ))));
+    }
+    let b = view.backup(&r.backup)?;
+    let Some(rec) = b.as_ref() else {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "backup {} is not in the catalog",
+            r.backup
+        ))));
+    };
+    if !rec.is_local() {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "backup {}'s local copy was removed (retention): no node holds it to restore from",
+            r.backup
+        ))));
+    }
+    if rec.entry.node != r.found.node {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "backup {} is held by node {}, not by node {} which checked it",
+            r.backup, rec.entry.node, r.found.node
+        ))));
+    }
+    let m = view.mailbox(tenant, &r.into)?;
+    if m.is_some() {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "mailbox {into} exists: restore into a new name"
+        ))));
+    }
+    let fence = vec![
+        part(format!("tenant {tenant}"), &t.map(|t| t.keys.len())),
+        part(
+            format!("backup {} (held)", r.backup),
+            &Some((rec.entry.node, rec.is_local())),
+        ),
+        part(format!("mailbox {into}"), &m.map(|m| m.uidvalidity)),
+    ];
+    Ok(Ok(Plan {
+        steps: vec![Step::CreateMailbox(into.clone()), Step::RestoreMailbox(r.clone())],
+        effect: vec![
+            format!(
+                "mailbox {into} is created and filled with the {} messages ({}) that {} held in backup {} \
+                 (taken {}): flags, keywords and internal dates as there, new UIDs",
+                thousands(r.found.messages),
+                size_text(r.found.bytes),
+                r.from,
+                r.backup,
+                time_text(rec.entry.taken_at_ms)
+            ),
+            "no live mailbox is changed or removed: no backup is needed first".to_string(),
+            format!(
+                "node {} decrypts and seals the messages again for {into}; no plaintext leaves it",
+                r.found.node
+            ),
+        ],
+        checks: vec![
+            format!(
+                "backup {} verified on node {} (manifest, every file's checksum, its keys) and holds {} \
+                 readable messages of {}",
+                r.backup,
+                r.found.node,
+                thousands(r.found.messages),
+                r.from
+            ),
+            format!("tenant {tenant} exists"),
+            format!("mailbox {into} does not exist (when approved and when created)"),
+            format!(
+                "backup {} is still held by node {} (verified again before the first message)",
+                r.backup, r.found.node
+            ),
+        ],
+        backup_first: false,
+        fence,
+    }))
 }
 
 /// An export approval: the exporter must hold the exporter role on the
@@ -873,6 +1035,7 @@ mod tests {
         policies: HashMap<String, IdentityPolicy>,
         tenants: HashMap<String, TenantRecord>,
         mailboxes: HashMap<(String, String), MailboxRecord>,
+        backups: HashMap<String, BackupRecord>,
     }
 
     impl View for Fake {
@@ -889,6 +1052,97 @@ mod tests {
                 .get(&(tenant.to_string(), mailbox.to_string()))
                 .cloned())
         }
+        fn backup(&self, id: &str) -> Result<Option<BackupRecord>, ()> {
+            Ok(self.backups.get(id).cloned())
+        }
+    }
+
+    const BACKUP: &str = "20261207T020000Z-000000000042";
+
+    fn restore(into: &str) -> OpKind {
+        OpKind::RestoreMailbox(MailboxFromBackup {
+            backup: BACKUP.into(),
+            from: MailboxName {
+                tenant: "acme".into(),
+                mailbox: "support".into(),
+            },
+            into: into.into(),
+            found: BackupFinding {
+                node: 3,
+                messages: 21,
+                bytes: 4096,
+            },
+        })
+    }
+
+    #[test]
+    fn a_mailbox_restore_creates_a_new_mailbox_then_fills_it_and_needs_the_backup_held() {
+        use crate::state::backup::BackupEntry;
+        let mut v = Fake::default();
+        v.tenants.insert("acme".into(), TenantRecord { keys: vec![] });
+        let kind = restore("support-restored");
+        let e = rehearse(&v, &kind).unwrap().unwrap_err();
+        assert_eq!(
+            e,
+            OpRefusal::Precondition(format!("backup {BACKUP} is not in the catalog"))
+        );
+        let mut rec = BackupRecord {
+            entry: BackupEntry {
+                id: BACKUP.into(),
+                node: 3,
+                taken_at_ms: 0,
+                applied_index: 42,
+                applied_term: 2,
+                files: 9,
+                bytes: 1 << 20,
+                took_ms: 80,
+            },
+            local_removed_at_ms: None,
+            shipped: None,
+            offsite_removed_at_ms: None,
+            drill: None,
+        };
+        v.backups.insert(BACKUP.into(), rec.clone());
+        let plan = rehearse(&v, &kind).unwrap().unwrap();
+        assert!(!plan.backup_first, "nothing live is changed");
+        let actions: Vec<_> = plan.steps.iter().map(Step::action).collect();
+        assert_eq!(actions, ["create-mailbox", "restore-mailbox"]);
+        assert!(plan.steps[1].runs_outside() && !plan.steps[0].runs_outside());
+        assert_eq!(
+            plan.steps[1].describe(),
+            format!("restore the 21 messages of acme/support in backup {BACKUP} into acme/support-restored, on node 3")
+        );
+        assert!(
+            plan.effect[0].contains("21 messages (4.0 KiB)"),
+            "{:?}",
+            plan.effect
+        );
+        // The new mailbox exists: refused; the same name as a live mailbox too.
+        let empty = MailboxRecord {
+            uidvalidity: 9,
+            uidnext: 1,
+            highest_modseq: 0,
+            messages: 0,
+            total_bytes: 0,
+        };
+        v.mailboxes.insert(("acme".into(), "support".into()), empty);
+        let e = rehearse(&v, &restore("support")).unwrap().unwrap_err();
+        assert_eq!(
+            e,
+            OpRefusal::Precondition("mailbox acme/support exists: restore into a new name".into())
+        );
+        // Checked by another node than the one holding it, or removed: refused.
+        rec.entry.node = 2;
+        v.backups.insert(BACKUP.into(), rec.clone());
+        assert!(matches!(
+            rehearse(&v, &kind).unwrap(),
+            Err(OpRefusal::Precondition(_))
+        ));
+        rec.entry.node = 3;
+        rec.local_removed_at_ms = Some(5);
+        v.backups.insert(BACKUP.into(), rec);
+        let e = rehearse(&v, &kind).unwrap().unwrap_err();
+        assert!(e.to_string().contains("local copy was removed"), "{e}");
     }
 
     #[test]

@@ -31,7 +31,9 @@
 /// 6. The log may hold `Command::Ops` entries (two-person operations, their
 ///    records under [`super::keys::OPERATION`]), which a version-5 build
 ///    cannot decode; no stored record changed.
-pub const DATA_VERSION: u32 = 6;
+/// 7. An operation may restore a mailbox from a backup (`OpKind` and `Step`
+///    variants a version-6 build cannot decode); no stored record changed.
+pub const DATA_VERSION: u32 = 7;
 
 /// The version of data directories written before the version was stored
 /// (their formats are version 1's).

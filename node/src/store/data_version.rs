@@ -76,6 +76,10 @@ const STEPS: &[Step] = &[
         to: 6,
         run: stamp_only,
     },
+    Step {
+        to: 7,
+        run: stamp_only,
+    },
 ];
 
 /// Data written before the version was stored has version 1's formats:
@@ -89,7 +93,8 @@ fn unversioned_to_1(_db: &Db, _keys: &Keyring, _batch: &mut WriteBatch) -> Resul
 /// Version 4 moves the state machine into its own database and makes
 /// snapshots checkpoints: the move is `super::layout`'s, before any step
 /// runs, and no record changes. Version 5 adds the backup catalog's command
-/// family, like version 2, and version 6 the two-person operations'.
+/// family, like version 2, version 6 the two-person operations', and version
+/// 7 the mailbox restore among them (new operation and step variants).
 fn stamp_only(_db: &Db, _keys: &Keyring, _batch: &mut WriteBatch) -> Result<(), DataVersionError> {
     Ok(())
 }
@@ -411,23 +416,32 @@ mod tests {
     }
 
     #[test]
-    fn a_version_5_store_becomes_version_6_with_its_records_untouched() {
-        let (_d, db) = db();
-        put(&db, CF_SM, META_DATA_VERSION, &version::encode(5));
-        let catalog = keys::backup("20261201T020000Z-000000000042");
-        put(&db, CF_SM, &catalog, b"a bound catalog record");
-        put(&db, CF_LOG, &9u64.to_be_bytes(), b"entry");
-        assert_eq!(upgrade(&db, test_keyring()).unwrap(), Some(5));
-        assert_eq!(read(&db).unwrap(), Some(6));
-        let (sm, log) = (db.cf_handle(CF_SM).unwrap(), db.cf_handle(CF_LOG).unwrap());
-        assert_eq!(
-            db.get_cf(sm, &catalog).unwrap().as_deref(),
-            Some(&b"a bound catalog record"[..])
-        );
-        assert_eq!(
-            db.get_cf(log, 9u64.to_be_bytes()).unwrap().as_deref(),
-            Some(&b"entry"[..])
-        );
+    fn a_version_5_or_6_store_becomes_current_with_its_records_untouched() {
+        for from in [5, 6] {
+            let (_d, db) = db();
+            put(&db, CF_SM, META_DATA_VERSION, &version::encode(from));
+            let catalog = keys::backup("20261201T020000Z-000000000042");
+            put(&db, CF_SM, &catalog, b"a bound catalog record");
+            let op = keys::operation("op-0000002a");
+            put(&db, CF_SM, &op, b"a bound operation record");
+            put(&db, CF_LOG, &9u64.to_be_bytes(), b"entry");
+            assert_eq!(upgrade(&db, test_keyring()).unwrap(), Some(from));
+            assert_eq!(read(&db).unwrap(), Some(DATA_VERSION), "from {from}");
+            assert_eq!(DATA_VERSION, 7);
+            let (sm, log) = (db.cf_handle(CF_SM).unwrap(), db.cf_handle(CF_LOG).unwrap());
+            assert_eq!(
+                db.get_cf(sm, &catalog).unwrap().as_deref(),
+                Some(&b"a bound catalog record"[..])
+            );
+            assert_eq!(
+                db.get_cf(sm, &op).unwrap().as_deref(),
+                Some(&b"a bound operation record"[..])
+            );
+            assert_eq!(
+                db.get_cf(log, 9u64.to_be_bytes()).unwrap().as_deref(),
+                Some(&b"entry"[..])
+            );
+        }
     }
 
     #[test]

@@ -378,4 +378,8 @@ impl crate::state::ops::View for MailReader {
     fn mailbox(&self, tenant: &str, mailbox: &str) -> R<Option<MailboxRecord>> {
         MailReader::mailbox(self, tenant, mailbox)
     }
+
+    fn backup(&self, id: &str) -> R<Option<crate::state::backup::BackupRecord>> {
+        MailReader::backup(self, id)
+    }
 }

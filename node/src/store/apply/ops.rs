@@ -13,6 +13,7 @@
 
 use super::{Decided, Res, Tx};
 use crate::state::audit::AuditEvent;
+use crate::state::backup::BackupRecord;
 use crate::state::command::{CommandResult, Refusal};
 use crate::state::keys;
 use crate::state::ops::{
@@ -34,6 +35,10 @@ impl View for Tx<'_> {
 
     fn mailbox(&self, tenant: &str, mailbox: &str) -> Res<Option<MailboxRecord>> {
         self.get(&keys::mailbox(tenant, mailbox))
+    }
+
+    fn backup(&self, id: &str) -> Res<Option<BackupRecord>> {
+        self.get(&keys::backup(id))
     }
 }
 
@@ -271,6 +276,27 @@ impl Tx<'_> {
                 let key = keys::export_approval(&x.exporter, &x.mailbox.tenant, &x.mailbox.mailbox);
                 self.put(key, &approval);
                 Ok(format!("done: {}", step.describe()))
+            }
+            Step::CreateMailbox(m) => {
+                let uidvalidity = (actor.at_ms / 1000).clamp(1, i64::from(u32::MAX)) as u32;
+                match self.create_mailbox(&m.tenant, &m.mailbox, uidvalidity)? {
+                    Ok(_) => Ok(format!("done: {} (UIDVALIDITY {uidvalidity})", step.describe())),
+                    Err(r) => Err(format!("{}: {r}", step.describe())),
+                }
+            }
+            // Its effect came first (the executor ran it); the record says
+            // what the mailbox holds now.
+            Step::RestoreMailbox(r) => {
+                let into = r.into_name();
+                match self.get::<MailboxRecord>(&keys::mailbox(&into.tenant, &into.mailbox))? {
+                    Some(m) => Ok(format!(
+                        "done: {} ({into} holds {} messages, {} bytes)",
+                        step.describe(),
+                        m.messages,
+                        m.total_bytes
+                    )),
+                    None => Err(format!("{}: mailbox {into} is gone", step.describe())),
+                }
             }
         };
         let at_ms = actor.at_ms;
