@@ -146,6 +146,23 @@ async fn the_backup_node_takes_verified_backups_on_schedule_and_keeps_only_keep_
         problem.contains("keyring.json") && problem.contains("checksum"),
         "{problem}"
     );
+    // A restore from it is refused when it is proposed, nothing recorded.
+    let err = cluster
+        .restore_mailbox(0, &id, "acme", "support", "support-restored")
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("PRECONDITION_VIOLATED")
+            && err.contains(&format!("backup {id} cannot be restored from"))
+            && err.contains("keyring.json"),
+        "{err}"
+    );
+    let (ok, ops, err) = cluster.admin_json(0, &["op", "list"]);
+    assert!(ok, "{err}");
+    assert!(
+        !ops.to_string().contains("restore"),
+        "no restore was proposed: {ops}"
+    );
 
     // Status names the duty holder and the newest backup; /metrics counts them.
     let s = cluster.node_status(0).await.backup.unwrap();

@@ -845,3 +845,105 @@ async fn a_bulk_export_needs_an_approval_naming_the_exporter_the_mailbox_and_the
         .iter()
         .any(|r| r.action == "ExportMailbox" && r.identity == "xavier" && r.result == "allowed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_restore_cut_short_by_a_leader_kill_is_resumed_with_every_message_once() {
+    let mut cluster = setup(ClusterOptions {
+        test_modes: "pause-restore".into(),
+        ..Default::default()
+    })
+    .await;
+    let mut c = cluster.mailbox(0).await;
+    let mut bodies = Vec::new();
+    for n in 0..8 {
+        let body = test_message(
+            "Restore me",
+            "cust@example.org",
+            &format!("RESTORE-{n}"),
+            2000 + n,
+        );
+        append(&mut c, T, M, &format!("r{n}"), &body).await.unwrap();
+        bodies.push(body);
+    }
+    let (ok, taken, err) = cluster.admin_json(0, &["backup", "now"]);
+    assert!(ok, "{err}");
+    let backup = taken["id"].as_str().unwrap().to_string();
+    let holder = taken["node"].as_u64().unwrap() as usize - 1;
+    // The holder holds the restore after each message.
+    let pause = cluster
+        .data_dir(holder)
+        .join(mailvault_node::test_modes::PAUSE_RESTORE_FILE);
+    std::fs::write(&pause, b"").unwrap();
+    let args = [
+        "backup",
+        "restore-mailbox",
+        &backup,
+        "--tenant",
+        T,
+        "--mailbox",
+        M,
+        "--as",
+        "support-back",
+        "--reason",
+        "T-9",
+    ];
+    let (ok, proposed, err) = cluster.admin_json(0, &args);
+    assert!(ok, "{err}");
+    let id = proposed["id"].as_str().unwrap().to_string();
+    cluster
+        .approve(0, ADMIN2, &id, proposed["plan_hash"].as_str().unwrap())
+        .await
+        .unwrap();
+    // Created, and one message in: the restore is under way.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = c
+            .get_mailbox_status(GetMailboxStatusRequest {
+                tenant: T.into(),
+                mailbox: "support-back".into(),
+            })
+            .await;
+        if status.is_ok_and(|s| s.into_inner().messages == 1) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the restore never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let under_way = get(&cluster, &id).await;
+    assert_eq!(
+        (under_way.status.as_str(), under_way.steps.len()),
+        ("executing", 1),
+        "{under_way:?}"
+    );
+
+    // The leader that asked for it dies; the holder goes on; the new leader
+    // asks again, which adds only what is missing, and records the step.
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    assert_ne!(leader, holder, "the backup node never leads");
+    cluster.kill(leader);
+    std::fs::remove_file(&pause).unwrap();
+    let new_leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let done = cluster.wait_operation_ended(new_leader, &id).await;
+    assert_eq!(done.status, "succeeded", "{done:?}");
+    assert_eq!(done.steps.len(), 2);
+    assert!(
+        done.steps[1].result.contains("holds 8 messages"),
+        "{:?}",
+        done.steps
+    );
+    let mut c = cluster.mailbox(new_leader).await;
+    let listed = list_all(&mut c, T, "support-back").await.unwrap();
+    let mut got = Vec::new();
+    for m in &listed {
+        got.push(fetch(&mut c, T, "support-back", m.uid).await.unwrap().1);
+    }
+    got.sort();
+    bodies.sort();
+    assert!(got == bodies, "every message exactly once, byte-exact");
+    let records = cluster.audit_records(new_leader, "auditor").await;
+    let last_step = records
+        .iter()
+        .rfind(|r| r.action == "op-step" && r.target.starts_with(&id))
+        .unwrap();
+    assert_eq!(last_step.identity, format!("node:{}", new_leader + 1));
+}

@@ -228,6 +228,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         pause_backup: test_modes
             .pause_backup
             .then(|| config.data_dir.join(crate::test_modes::PAUSE_BACKUP_FILE)),
+        pause_restore: test_modes
+            .pause_restore
+            .then(|| config.data_dir.join(crate::test_modes::PAUSE_RESTORE_FILE)),
     });
     let (b, r) = (backups.clone(), reads.clone());
     workers.spawn("backup-schedule", Kind::Background, async move {

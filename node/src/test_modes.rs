@@ -41,6 +41,11 @@ pub struct TestModes {
     /// approved operation, so a test can kill the leader between an approval
     /// and the operation's end. Slow, not unsafe.
     pub pause_operation: bool,
+    /// While the file [`PAUSE_RESTORE_FILE`] exists in the node's data
+    /// directory, a mailbox restore it runs waits after each message it
+    /// appended, so a test can kill the leader in the middle of one. Slow,
+    /// not unsafe.
+    pub pause_restore: bool,
 }
 
 /// How long `slow-leader-sync` holds back each sync of a leader's appends.
@@ -55,6 +60,9 @@ pub const PAUSE_BACKUP_FILE: &str = "pause-backup";
 /// The file in a node's data directory that holds `pause-operation` steps.
 pub const PAUSE_OPERATION_FILE: &str = "pause-operation";
 
+/// The file in a node's data directory that holds `pause-restore` restores.
+pub const PAUSE_RESTORE_FILE: &str = "pause-restore";
+
 /// The names of the modes this build can enable.
 #[cfg(feature = "test-modes")]
 const KNOWN: &[&str] = &[
@@ -65,6 +73,7 @@ const KNOWN: &[&str] = &[
     "slow-leader-sync",
     "pause-backup",
     "pause-operation",
+    "pause-restore",
 ];
 #[cfg(not(feature = "test-modes"))]
 const KNOWN: &[&str] = &[];
@@ -110,6 +119,7 @@ impl TestModes {
             "slow-leader-sync" => self.slow_leader_sync = true,
             "pause-backup" => self.pause_backup = true,
             "pause-operation" => self.pause_operation = true,
+            "pause-restore" => self.pause_restore = true,
             other => return Err(TestModeError::Unknown(other.to_string())),
         }
         Ok(())

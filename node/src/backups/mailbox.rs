@@ -360,6 +360,11 @@ impl Backups {
             }
             out.messages += 1;
             out.bytes += m.size;
+            if let Some(pause) = &p.pause_restore {
+                while pause.exists() {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
         }
         out.uidvalidity = p
             .reader

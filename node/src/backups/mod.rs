@@ -120,6 +120,8 @@ pub struct BackupsParts {
     pub offsite: Offsite,
     /// The `pause-backup` test mode's file (`None` in production).
     pub pause_backup: Option<PathBuf>,
+    /// The `pause-restore` test mode's file (`None` in production).
+    pub pause_restore: Option<PathBuf>,
 }
 
 impl Backups {
