@@ -12,9 +12,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mailvault_proto::v1::operation_kind::Kind;
 use mailvault_proto::v1::{role, Role, TenantRole};
 use mailvault_proto::v1::{
-    Allowlist, AllowlistOperation, ApproveOperationRequest, CancelOperationRequest, DeleteMailboxOperation,
-    ExportOperation, GetOperationRequest, GrantOperation, ListOperationsRequest, Operation, OperationKind,
-    Plan, PlanOperationRequest, ProposeOperationRequest, RejectOperationRequest, RestoreMailboxOperation,
+    Allowlist, AllowlistOperation, ApproveOperationRequest, AuditSettingsOperation, CancelOperationRequest,
+    DeleteMailboxOperation, ExportOperation, GetOperationRequest, GrantOperation, ListOperationsRequest,
+    Operation, OperationKind, Plan, PlanOperationRequest, ProposeOperationRequest, RejectOperationRequest,
+    RestoreMailboxOperation,
 };
 use serde_json::json;
 
@@ -145,6 +146,13 @@ pub enum KindCmd {
         #[arg(long = "for", default_value = "24h")]
         valid_for: humantime::Duration,
     },
+    /// Set the cluster's audit settings on every node, replacing each node's `[audit]` config.
+    AuditSettings {
+        /// Whether every access waits for its audit record and fails when it cannot be
+        /// committed.
+        #[arg(long, action = clap::ArgAction::Set)]
+        fail_closed: bool,
+    },
     /// Restore one mailbox of a backup into a new live mailbox (`backup restore-mailbox`).
     RestoreMailbox {
         /// The backup's id (`backup list`).
@@ -191,6 +199,9 @@ impl KindCmd {
                     mailbox,
                     until_ms: i64::try_from(until.as_millis()).unwrap_or(i64::MAX),
                 })
+            }
+            KindCmd::AuditSettings { fail_closed } => {
+                Kind::AuditSettings(AuditSettingsOperation { fail_closed })
             }
             KindCmd::RestoreMailbox {
                 backup,
@@ -243,6 +254,7 @@ fn kind_text(k: Option<&OperationKind>) -> String {
             x.mailbox,
             rfc3339(x.until_ms)
         ),
+        Some(Kind::AuditSettings(a)) => format!("set the cluster's audit fail_closed to {}", a.fail_closed),
         Some(Kind::RestoreMailbox(r)) => format!(
             "restore {}/{} of backup {} as {}/{}",
             r.tenant, r.mailbox, r.backup_id, r.tenant, r.new_mailbox

@@ -68,6 +68,7 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
                         })
                         .collect();
                     v["backup"] = s.backup.as_ref().map(backup_json).unwrap_or_default();
+                    v["audit_fail_closed"] = json!(s.audit_fail_closed);
                     v["operations"] = s
                         .operations
                         .as_ref()
@@ -235,6 +236,21 @@ operations: {} waiting for approval, {} approved and running (`op list`)",
         ),
         _ => String::new(),
     };
+    let closed: Vec<bool> = answered.iter().map(|s| s.audit_fail_closed).collect();
+    match closed.as_slice() {
+        [] => {}
+        [first, rest @ ..] if rest.iter().all(|c| c == first) => {
+            out.push_str(&format!("\naudit: fail_closed {first} on every node"))
+        }
+        _ => {
+            for s in &answered {
+                out.push_str(&format!(
+                    "\nnode {}: audit fail_closed {}",
+                    s.id, s.audit_fail_closed
+                ));
+            }
+        }
+    }
     for s in &answered {
         if let Some(o) = s.operations.as_ref().filter(|o| !o.warning.is_empty()) {
             out.push_str(&format!(

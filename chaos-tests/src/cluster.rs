@@ -337,6 +337,22 @@ impl Cluster {
         self.wait_all_applied().await;
     }
 
+    /// Takes a backup through node 0 (`Backups.TakeBackup`, retried while
+    /// no node holds the duty yet, as right after a start): the backup once
+    /// verified and recorded.
+    pub async fn take_backup(&self) -> mailvault_proto::v1::Backup {
+        let b = self.admin(0).await.backups;
+        crate::client::retry(Duration::from_secs(60), || {
+            let mut b = b.clone();
+            async move { b.take_backup(mailvault_proto::v1::TakeBackupRequest {}).await }
+        })
+        .await
+        .expect("take a backup")
+        .into_inner()
+        .backup
+        .expect("a backup")
+    }
+
     /// Restores mailbox `from` of `tenant` in backup `backup` (an id, or
     /// `latest`) as `into`, the way operators do: proposed with
     /// `mailvault-admin backup restore-mailbox … --reason` as [`ADMIN`],

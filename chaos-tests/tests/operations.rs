@@ -865,10 +865,9 @@ async fn a_mailbox_restore_cut_short_by_a_leader_kill_is_resumed_with_every_mess
         append(&mut c, T, M, &format!("r{n}"), &body).await.unwrap();
         bodies.push(body);
     }
-    let (ok, taken, err) = cluster.admin_json(0, &["backup", "now"]);
-    assert!(ok, "{err}");
-    let backup = taken["id"].as_str().unwrap().to_string();
-    let holder = taken["node"].as_u64().unwrap() as usize - 1;
+    let taken = cluster.take_backup().await;
+    let backup = taken.id.clone();
+    let holder = taken.node as usize - 1;
     // The holder holds the restore after each message.
     let pause = cluster
         .data_dir(holder)
@@ -946,4 +945,85 @@ async fn a_mailbox_restore_cut_short_by_a_leader_kill_is_resumed_with_every_mess
         .rfind(|r| r.action == "op-step" && r.target.starts_with(&id))
         .unwrap();
     assert_eq!(last_step.identity, format!("node:{}", new_leader + 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_settings_change_on_every_node_only_by_two_operators() {
+    let cluster = setup(ClusterOptions::default()).await;
+    for i in 0..cluster.len() {
+        assert!(
+            !cluster.node_status(i).await.audit_fail_closed,
+            "node {i}: the config's"
+        );
+    }
+    let (ok, plan, err) = cluster.admin_json(0, &["op", "plan", "audit-settings", "--fail-closed", "true"]);
+    assert!(ok, "{err}");
+    let effect = plan["effect"][0].as_str().unwrap();
+    assert!(
+        effect.contains("fail_closed becomes true on every node")
+            && effect.contains("each node's [audit] fail_closed config"),
+        "{effect}"
+    );
+    let (ok, proposed, err) = cluster.admin_json(
+        0,
+        &[
+            "op",
+            "propose",
+            "--reason",
+            "T-7",
+            "audit-settings",
+            "--fail-closed",
+            "true",
+        ],
+    );
+    assert!(ok, "{err}");
+    let id = proposed["id"].as_str().unwrap();
+    // Proposed only: nothing changed.
+    assert!(!cluster.node_status(1).await.audit_fail_closed);
+    let e = cluster
+        .approve(0, ADMIN, id, proposed["plan_hash"].as_str().unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), (Code::PermissionDenied, "SELF_APPROVAL".into()));
+    cluster
+        .approve(0, ADMIN2, id, proposed["plan_hash"].as_str().unwrap())
+        .await
+        .unwrap();
+    let done = cluster.wait_operation_ended(0, id).await;
+    assert_eq!(done.status, "succeeded", "{done:?}");
+    for i in 0..cluster.len() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !cluster.node_status(i).await.audit_fail_closed {
+            assert!(std::time::Instant::now() < deadline, "node {i} never followed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Accesses go on, each waiting for its record.
+    let mut c = cluster.mailbox(1).await;
+    let body = test_message("Closed", "cust@example.org", "FAIL-CLOSED", 900);
+    append(&mut c, T, M, "fc", &body).await.unwrap();
+    // The same again is nothing to do; the status says what applies.
+    let (ok, _, err) = cluster.admin_json(
+        0,
+        &[
+            "op",
+            "propose",
+            "--reason",
+            "T-8",
+            "audit-settings",
+            "--fail-closed",
+            "true",
+        ],
+    );
+    assert!(!ok && err.contains("NOTHING_TO_DO"), "{err}");
+    let (ok, status, err) = cluster.admin_json(0, &["status"]);
+    assert!(ok, "{err}");
+    assert!(
+        status.to_string().contains("\"audit_fail_closed\":true"),
+        "{status}"
+    );
+    let records = cluster.audit_records(0, "auditor").await;
+    assert!(records.iter().any(|r| r.action == "op-step"
+        && r.target.starts_with(id)
+        && r.result.contains("audit fail_closed")));
 }

@@ -44,19 +44,6 @@ fn body(n: usize) -> Vec<u8> {
     )
 }
 
-async fn take(cluster: &Cluster) -> Backup {
-    let b = cluster.admin(0).await.backups;
-    retry(Duration::from_secs(60), || {
-        let mut b = b.clone();
-        async move { b.take_backup(TakeBackupRequest {}).await }
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .backup
-    .unwrap()
-}
-
 async fn manifest(cluster: &Cluster, id: &str) -> mailvault_proto::v1::BackupManifest {
     let mut b = cluster.admin(0).await.backups;
     b.show_backup(ShowBackupRequest { id: id.into() })
@@ -207,7 +194,7 @@ async fn a_backup_taken_under_load_restores_into_a_new_cluster_byte_exact() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     asked.store(true, Ordering::SeqCst);
-    let backup = take(&old).await;
+    let backup = old.take_backup().await;
     // The load goes on a while after the backup.
     let after = acked.lock().unwrap().len() + 20;
     while acked.lock().unwrap().len() < after {
@@ -344,7 +331,7 @@ async fn a_damaged_edited_incomplete_or_foreign_copy_is_refused_with_nothing_wri
             .await
             .unwrap();
     }
-    let backup = take(&old).await;
+    let backup = old.take_backup().await;
     wait_backups(&old, 0, Duration::from_secs(180), "the backup shipped", |l| {
         l.backups.iter().any(|b| b.id == backup.id && b.shipped.is_some())
     })
@@ -471,7 +458,7 @@ async fn a_mailbox_expunged_by_mistake_comes_back_under_a_new_name() {
         bodies.insert(r.uid, b);
     }
     let before = summaries(&mut c, M).await;
-    let backup = take(&cluster).await;
+    let backup = cluster.take_backup().await;
     // Expunged by mistake.
     let uids: Vec<u32> = before.keys().copied().collect();
     c.expunge_messages(ExpungeMessagesRequest {

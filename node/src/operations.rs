@@ -4,7 +4,9 @@
 //! the step's effect in one entry). It keeps no state of its own: every tick
 //! it reads the operations as applied here, so a new leader simply goes on
 //! where the record says the old one stopped; a step proposed twice (by an
-//! old and a new leader) is refused the second time (`NotNextStep`).
+//! old and a new leader) is refused the second time (`NotNextStep`). On every
+//! node it also makes the audit recorder follow the replicated audit
+//! settings.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +26,13 @@ pub async fn run_executor(ctx: Arc<Ctx>) -> anyhow::Result<()> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // Every node follows the replicated audit settings.
+        match ctx.reader.audit_settings() {
+            Ok(s) => ctx
+                .audit
+                .set_fail_closed(s.map_or(ctx.config.audit.fail_closed, |s| s.fail_closed)),
+            Err(e) => tracing::warn!(error = %e, "cannot read the audit settings; retried"),
+        }
         if !ctx.router.is_leader() {
             continue;
         }

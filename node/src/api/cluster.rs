@@ -161,6 +161,7 @@ impl Cluster for ClusterService {
                 .collect(),
             backup: Some(self.backup_status()),
             operations: Some(self.operations_status()),
+            audit_fail_closed: self.ctx.audit.fail_closed(),
         }))
     }
 

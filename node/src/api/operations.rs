@@ -12,11 +12,11 @@ use mailvault_proto::v1::operation_kind::Kind;
 use mailvault_proto::v1::operations_client::OperationsClient;
 use mailvault_proto::v1::operations_server::Operations;
 use mailvault_proto::v1::{
-    AllowlistOperation, ApproveOperationRequest, CancelOperationRequest, DeleteMailboxOperation,
-    ExportOperation, FencePart as ProtoFencePart, GetOperationRequest, GrantOperation, ListOperationsRequest,
-    ListOperationsResponse, Operation as ProtoOperation, OperationKind, Plan as ProtoPlan,
-    PlanOperationRequest, PlanStep, ProposeOperationRequest, RejectOperationRequest, RestoreMailboxOperation,
-    RestoreMailboxRequest, StepResult as ProtoStepResult,
+    AllowlistOperation, ApproveOperationRequest, AuditSettingsOperation, CancelOperationRequest,
+    DeleteMailboxOperation, ExportOperation, FencePart as ProtoFencePart, GetOperationRequest,
+    GrantOperation, ListOperationsRequest, ListOperationsResponse, Operation as ProtoOperation,
+    OperationKind, Plan as ProtoPlan, PlanOperationRequest, PlanStep, ProposeOperationRequest,
+    RejectOperationRequest, RestoreMailboxOperation, RestoreMailboxRequest, StepResult as ProtoStepResult,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -317,6 +317,9 @@ fn kind_of(k: Option<OperationKind>) -> Result<OpKind, ApiError> {
                 found: BackupFinding::default(),
             }))
         }
+        Some(Kind::AuditSettings(a)) => Ok(OpKind::AuditSettings {
+            fail_closed: a.fail_closed,
+        }),
         None => Err(error::invalid("name the operation (kind)").with("field", "kind")),
     }
 }
@@ -351,6 +354,9 @@ fn kind_to_proto(k: &OpKind) -> OperationKind {
             node: r.found.node,
             messages: r.found.messages,
             bytes: r.found.bytes,
+        }),
+        OpKind::AuditSettings { fail_closed } => Kind::AuditSettings(AuditSettingsOperation {
+            fail_closed: *fail_closed,
         }),
     };
     OperationKind { kind: Some(kind) }

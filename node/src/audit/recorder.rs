@@ -4,6 +4,8 @@
 //! Raft round trip — unless `audit.fail_closed` is set, in which case the
 //! access waits until its record is committed and fails if it cannot be.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mailvault_proto::raft::RaftPayload;
@@ -32,7 +34,9 @@ struct Item {
 #[derive(Clone)]
 pub struct AuditRecorder {
     tx: mpsc::Sender<Item>,
-    fail_closed: bool,
+    /// The config's, until the replicated settings say otherwise
+    /// ([`AuditRecorder::set_fail_closed`]).
+    fail_closed: Arc<AtomicBool>,
     node: u64,
 }
 
@@ -53,7 +57,7 @@ impl AuditRecorder {
         });
         AuditRecorder {
             tx,
-            fail_closed,
+            fail_closed: Arc::new(AtomicBool::new(fail_closed)),
             node,
         }
     }
@@ -61,7 +65,7 @@ impl AuditRecorder {
     /// Records an event. With `fail_closed`, waits until it is committed and
     /// fails `UNAVAILABLE` if it cannot be; otherwise only queues it.
     pub async fn record(&self, event: AuditEvent) -> Result<(), Status> {
-        self.submit(event, self.fail_closed).await
+        self.submit(event, self.fail_closed()).await
     }
 
     /// Records an event and waits until it is committed, whatever
@@ -99,7 +103,15 @@ impl AuditRecorder {
 
     /// Whether accesses wait for their audit record.
     pub fn fail_closed(&self) -> bool {
-        self.fail_closed
+        self.fail_closed.load(Ordering::Relaxed)
+    }
+
+    /// Follows the replicated audit settings (or the config, while none
+    /// are stored).
+    pub fn set_fail_closed(&self, on: bool) {
+        if self.fail_closed.swap(on, Ordering::Relaxed) != on {
+            tracing::info!(fail_closed = on, "audit fail_closed changed");
+        }
     }
 }
 

@@ -11,6 +11,18 @@ use sha2::{Digest, Sha256};
 
 use super::codec::encode;
 
+/// The replicated audit settings (data version 7, under
+/// [`super::keys::audit_settings`]), changed only by a two-person
+/// operation. While none is stored, each node's `[audit]` config decides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditSettings {
+    /// Whether an access waits for its audit record and fails when it cannot
+    /// be committed.
+    pub fail_closed: bool,
+    /// The operation that set them.
+    pub operation: String,
+}
+
 /// What happened, as recorded by a node. Target ids only, never content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEvent {

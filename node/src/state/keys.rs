@@ -37,6 +37,8 @@ pub const BACKUP: u8 = 0x90;
 pub const OPERATION: u8 = 0xA0;
 /// Approved exports: `0xA1 exporter 0 tenant 0 mailbox` (data version 6).
 pub const EXPORT_APPROVAL: u8 = 0xA1;
+/// The replicated audit settings: the one key `0xA2` (data version 7).
+pub const AUDIT_SETTINGS: u8 = 0xA2;
 /// The audit chain head.
 pub const AUDIT_HEAD: &[u8] = b"\x80head";
 
@@ -65,7 +67,8 @@ pub fn is_bound(key: &[u8]) -> bool {
                 | IDENTITY
                 | REVOKED_SERIAL
                 | BACKUP
-                | OPERATION)
+                | OPERATION
+                | AUDIT_SETTINGS)
         )
     )
 }
@@ -100,6 +103,11 @@ pub fn backup(id: &str) -> Vec<u8> {
 /// `0xA0 operation id`.
 pub fn operation(id: &str) -> Vec<u8> {
     with(OPERATION, &[id.as_bytes()])
+}
+
+/// `0xA2`: the audit settings.
+pub fn audit_settings() -> Vec<u8> {
+    vec![AUDIT_SETTINGS]
 }
 
 /// `0xA1 exporter 0 tenant 0 mailbox`.

@@ -19,6 +19,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::audit::AuditSettings;
 use super::backup::BackupRecord;
 use super::codec::encode;
 use super::policy::{AccessChange, IdentityPolicy, RoleGrant, ANY_TENANT};
@@ -49,6 +50,12 @@ pub enum OpKind {
     /// Restores one mailbox of a backup into a new live mailbox (data
     /// version 7).
     RestoreMailbox(MailboxFromBackup),
+    /// Sets the cluster's audit settings (data version 7), replacing each
+    /// node's `[audit]` config.
+    AuditSettings {
+        /// Whether accesses wait for their audit record (fail closed).
+        fail_closed: bool,
+    },
 }
 
 /// One mailbox of a backup, restored into a live mailbox that does not
@@ -125,6 +132,7 @@ impl OpKind {
             OpKind::DeleteMailbox { .. } => "delete-mailbox",
             OpKind::ApproveExport { .. } => "export",
             OpKind::RestoreMailbox { .. } => "restore-mailbox",
+            OpKind::AuditSettings { .. } => "audit-settings",
         }
     }
 
@@ -138,6 +146,7 @@ impl OpKind {
             OpKind::DeleteMailbox(m) => m.to_string(),
             OpKind::ApproveExport(x) => format!("{}: export {}", x.exporter, x.mailbox),
             OpKind::RestoreMailbox(r) => format!("{} from {} as {}", r.from, r.backup, r.into_name()),
+            OpKind::AuditSettings { fail_closed } => format!("audit fail_closed = {fail_closed}"),
         }
     }
 }
@@ -179,6 +188,11 @@ pub enum Step {
     /// appends, each its own entry, idempotent, resumed by the next leader)
     /// comes before its record.
     RestoreMailbox(MailboxFromBackup),
+    /// Stores the audit settings (data version 7).
+    AuditSettings {
+        /// Whether accesses wait for their audit record.
+        fail_closed: bool,
+    },
 }
 
 /// An approved bulk export, stored under `keys::export_approval`: the
@@ -206,6 +220,7 @@ impl Step {
             Step::ApproveExport { .. } => "approve-export",
             Step::CreateMailbox { .. } => "create-mailbox",
             Step::RestoreMailbox { .. } => "restore-mailbox",
+            Step::AuditSettings { .. } => "audit-settings",
         }
     }
 
@@ -236,6 +251,9 @@ impl Step {
                 r.into_name(),
                 r.found.node
             ),
+            Step::AuditSettings { fail_closed } => {
+                format!("set the cluster's audit fail_closed to {fail_closed} on every node")
+            }
         }
     }
 
@@ -638,6 +656,8 @@ pub trait View {
     fn mailbox(&self, tenant: &str, mailbox: &str) -> Result<Option<MailboxRecord>, Self::Error>;
     /// A backup's catalog record.
     fn backup(&self, id: &str) -> Result<Option<BackupRecord>, Self::Error>;
+    /// The replicated audit settings.
+    fn audit_settings(&self) -> Result<Option<AuditSettings>, Self::Error>;
 }
 
 fn part<T: Serialize>(what: String, value: &Option<T>) -> FencePart {
@@ -771,7 +791,44 @@ pub fn rehearse<V: View>(view: &V, kind: &OpKind) -> Result<Result<Plan, OpRefus
         OpKind::DeleteMailbox(m) => plan_delete_mailbox(view, m),
         OpKind::ApproveExport(x) => plan_export(view, x),
         OpKind::RestoreMailbox(r) => plan_restore_mailbox(view, r),
+        OpKind::AuditSettings { fail_closed } => plan_audit_settings(view, *fail_closed),
     }
+}
+
+/// The audit settings: stored for every node, replacing their configs.
+/// Turning fail_closed off is the change that can lose records; on or off,
+/// it is a change of what the audit log guarantees, so two people make it.
+fn plan_audit_settings<V: View>(view: &V, fail_closed: bool) -> Result<Result<Plan, OpRefusal>, V::Error> {
+    let current = view.audit_settings()?;
+    if current.as_ref().is_some_and(|c| c.fail_closed == fail_closed) {
+        return Ok(Err(OpRefusal::NothingToDo(format!(
+            "the cluster's audit fail_closed is {fail_closed} already"
+        ))));
+    }
+    let was = match &current {
+        Some(c) => format!(
+            "the cluster's setting, {} (set by {})",
+            c.fail_closed, c.operation
+        ),
+        None => "each node's [audit] fail_closed config".to_string(),
+    };
+    let effect = match fail_closed {
+        true => "every access waits until its audit record is committed, and fails (AUDIT_UNAVAILABLE)                  when it cannot be: no access without its record"
+            .to_string(),
+        false => "accesses no longer wait for their audit record: a record still queued on a node that                   crashes is lost (and counted in mailvault_audit_dropped_total when the queue is full)"
+            .to_string(),
+    };
+    Ok(Ok(Plan {
+        steps: vec![Step::AuditSettings { fail_closed }],
+        effect: vec![
+            format!("audit fail_closed becomes {fail_closed} on every node (was: {was})"),
+            effect,
+            "each node applies it within a second of the step; its config no longer decides".to_string(),
+        ],
+        checks: vec![format!("the cluster's setting is not {fail_closed} already")],
+        backup_first: false,
+        fence: vec![part("the audit settings".to_string(), &current)],
+    }))
 }
 
 /// A mailbox restore: the backup still held by the node that verified it
@@ -1036,6 +1093,7 @@ mod tests {
         tenants: HashMap<String, TenantRecord>,
         mailboxes: HashMap<(String, String), MailboxRecord>,
         backups: HashMap<String, BackupRecord>,
+        audit: Option<AuditSettings>,
     }
 
     impl View for Fake {
@@ -1055,6 +1113,33 @@ mod tests {
         fn backup(&self, id: &str) -> Result<Option<BackupRecord>, ()> {
             Ok(self.backups.get(id).cloned())
         }
+        fn audit_settings(&self) -> Result<Option<AuditSettings>, ()> {
+            Ok(self.audit.clone())
+        }
+    }
+
+    #[test]
+    fn the_audit_settings_replace_the_configs_and_a_change_to_the_same_is_nothing_to_do() {
+        let mut v = Fake::default();
+        let on = OpKind::AuditSettings { fail_closed: true };
+        let plan = rehearse(&v, &on).unwrap().unwrap();
+        assert_eq!(plan.steps, vec![Step::AuditSettings { fail_closed: true }]);
+        assert!(
+            plan.effect[0].contains("was: each node's [audit] fail_closed config"),
+            "{:?}",
+            plan.effect
+        );
+        v.audit = Some(AuditSettings {
+            fail_closed: true,
+            operation: "op-00000001".into(),
+        });
+        let e = rehearse(&v, &on).unwrap().unwrap_err();
+        assert!(matches!(e, OpRefusal::NothingToDo(_)), "{e:?}");
+        let off = rehearse(&v, &OpKind::AuditSettings { fail_closed: false })
+            .unwrap()
+            .unwrap();
+        assert!(off.effect[1].contains("lost"), "{:?}", off.effect);
+        assert_ne!(off.fence_hash(), plan.fence_hash(), "fenced on the settings");
     }
 
     const BACKUP: &str = "20261207T020000Z-000000000042";

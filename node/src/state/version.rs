@@ -31,8 +31,10 @@
 /// 6. The log may hold `Command::Ops` entries (two-person operations, their
 ///    records under [`super::keys::OPERATION`]), which a version-5 build
 ///    cannot decode; no stored record changed.
-/// 7. An operation may restore a mailbox from a backup (`OpKind` and `Step`
-///    variants a version-6 build cannot decode); no stored record changed.
+/// 7. An operation may restore a mailbox from a backup or set the audit
+///    settings (`OpKind` and `Step` variants a version-6 build cannot
+///    decode; the settings' record under [`super::keys::AUDIT_SETTINGS`]);
+///    no stored record changed.
 pub const DATA_VERSION: u32 = 7;
 
 /// The version of data directories written before the version was stored

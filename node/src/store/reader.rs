@@ -251,6 +251,11 @@ impl MailReader {
         self.get(&keys::operation(id))
     }
 
+    /// The replicated audit settings, if an operation set them.
+    pub fn audit_settings(&self) -> R<Option<crate::state::audit::AuditSettings>> {
+        self.get(&keys::audit_settings())
+    }
+
     /// The approved export of `mailbox` by `exporter`, if any.
     pub fn export_approval(
         &self,
@@ -381,5 +386,9 @@ impl crate::state::ops::View for MailReader {
 
     fn backup(&self, id: &str) -> R<Option<crate::state::backup::BackupRecord>> {
         MailReader::backup(self, id)
+    }
+
+    fn audit_settings(&self) -> R<Option<crate::state::audit::AuditSettings>> {
+        MailReader::audit_settings(self)
     }
 }

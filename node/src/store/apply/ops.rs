@@ -12,7 +12,7 @@
 //! absent, and the next leader goes on from the record.
 
 use super::{Decided, Res, Tx};
-use crate::state::audit::AuditEvent;
+use crate::state::audit::{AuditEvent, AuditSettings};
 use crate::state::backup::BackupRecord;
 use crate::state::command::{CommandResult, Refusal};
 use crate::state::keys;
@@ -39,6 +39,10 @@ impl View for Tx<'_> {
 
     fn backup(&self, id: &str) -> Res<Option<BackupRecord>> {
         self.get(&keys::backup(id))
+    }
+
+    fn audit_settings(&self) -> Res<Option<AuditSettings>> {
+        self.get(&keys::audit_settings())
     }
 }
 
@@ -297,6 +301,14 @@ impl Tx<'_> {
                     )),
                     None => Err(format!("{}: mailbox {into} is gone", step.describe())),
                 }
+            }
+            Step::AuditSettings { fail_closed } => {
+                let settings = AuditSettings {
+                    fail_closed,
+                    operation: op.id.clone(),
+                };
+                self.put(keys::audit_settings(), &settings);
+                Ok(format!("done: {}", step.describe()))
             }
         };
         let at_ms = actor.at_ms;
