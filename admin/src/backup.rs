@@ -12,6 +12,7 @@ use serde_json::json;
 use tonic::transport::Channel;
 
 use crate::client::{backups, status_err};
+use crate::op::RestoreMailboxArgs;
 use crate::output::{rfc3339, size, table, Output};
 use crate::progress::with_spinner;
 use crate::restore::RestoreArgs;
@@ -46,12 +47,18 @@ pub enum BackupCmd {
         /// The backup's id, or `latest`: the newest one still held.
         id: String,
     },
-    /// Builds a new cluster from a backup, offline, on the new nodes' machines: downloads the copy
-    /// into scratch, checks it whole (manifest, every file, state digest, audit chain, every data
-    /// key unwrapped by the configs' master key, a sample of every tenant's mail decrypted), then
+    /// Builds a new cluster from a backup, offline, on the new nodes' machines, as a two-person
+    /// operation: `--plan-out PLAN --reason R` rehearses it (downloads the copy into scratch and
+    /// checks it whole: manifest, every file, state digest, audit chain, every data key unwrapped
+    /// by the configs' master key, a sample of every tenant's mail decrypted) and writes the plan,
+    /// signed with this CLI's certificate; once a second operator signed it (`approve-restore`),
+    /// `--plan PLAN` checks it all again and the signatures against the backup's policy, then
     /// writes each new node's data directory with the new cluster's membership. Refuses, writing
     /// nothing, if any check fails or a data directory is not empty. Needs no running node.
     Restore(RestoreArgs),
+    /// Signs a cluster restore's plan as its second operator (offline): shows the plan, asks for
+    /// its id to be typed, adds a signature made with this CLI's certificate key to the file.
+    ApproveRestore(crate::restore::ApproveRestoreArgs),
     /// Proposes restoring one mailbox of a backup into the live cluster under a new name (a mailbox
     /// expunged or deleted by mistake): a two-person operation (`op propose restore-mailbox`). The
     /// node holding the backup verifies it and counts the mailbox's messages for the plan; once a
@@ -59,17 +66,8 @@ pub enum BackupCmd {
     /// its flags, keywords and internal date, in UID order (new UIDs). The new mailbox must not
     /// exist.
     RestoreMailbox {
-        /// The backup's id, or `latest`: the newest one still held.
-        id: String,
-        /// The tenant.
-        #[arg(long)]
-        tenant: String,
-        /// The mailbox, as named in the backup.
-        #[arg(long)]
-        mailbox: String,
-        /// The new mailbox to create and fill.
-        #[arg(long = "as")]
-        new_mailbox: String,
+        #[command(flatten)]
+        target: RestoreMailboxArgs,
         /// Why (e.g. a ticket number); required.
         #[arg(long)]
         reason: String,
@@ -174,6 +172,7 @@ fn drill_outcome(id: &str, drill: Option<&Drill>) -> anyhow::Result<()> {
 pub async fn run(endpoint: &str, output: Output, cmd: BackupCmd) -> anyhow::Result<()> {
     match cmd {
         BackupCmd::Restore(args) => crate::restore::run(output, args).await,
+        BackupCmd::ApproveRestore(args) => crate::restore::approve(output, args),
         cmd => online(endpoint, output, cmd).await,
     }
 }
@@ -187,22 +186,10 @@ async fn online(endpoint: &str, output: Output, cmd: BackupCmd) -> anyhow::Resul
         BackupCmd::Verify { id } => BackupCmd::Verify {
             id: resolve(&mut c, id).await?,
         },
-        BackupCmd::RestoreMailbox {
-            id,
-            tenant,
-            mailbox,
-            new_mailbox,
-            reason,
-        } => {
-            use mailvault_proto::v1::{operation_kind::Kind, OperationKind, RestoreMailboxOperation};
-            let kind = OperationKind {
-                kind: Some(Kind::RestoreMailbox(RestoreMailboxOperation {
-                    backup_id: resolve(&mut c, id).await?,
-                    tenant,
-                    mailbox,
-                    new_mailbox,
-                    ..Default::default()
-                })),
+        BackupCmd::RestoreMailbox { mut target, reason } => {
+            target.backup = resolve(&mut c, target.backup).await?;
+            let kind = mailvault_proto::v1::OperationKind {
+                kind: Some(target.into_kind()),
             };
             let expiry = std::time::Duration::from_secs(3600);
             return crate::op::propose(endpoint, output, kind, reason, expiry).await;
@@ -350,7 +337,9 @@ async fn online(endpoint: &str, output: Output, cmd: BackupCmd) -> anyhow::Resul
             drill_outcome(&b.id, r.drill.as_ref())
         }
         BackupCmd::RestoreMailbox { .. } => unreachable!("proposed above"),
-        BackupCmd::Restore(_) => anyhow::bail!("backup restore runs offline, on the new nodes' machines"),
+        BackupCmd::Restore(_) | BackupCmd::ApproveRestore(_) => {
+            anyhow::bail!("backup restore runs offline, on the new nodes' machines")
+        }
         BackupCmd::Verify { id } => {
             let r = c
                 .verify_backup(VerifyBackupRequest { id: id.clone() })

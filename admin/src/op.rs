@@ -13,9 +13,9 @@ use mailvault_proto::v1::operation_kind::Kind;
 use mailvault_proto::v1::{role, Role, TenantRole};
 use mailvault_proto::v1::{
     Allowlist, AllowlistOperation, ApproveOperationRequest, AuditSettingsOperation, CancelOperationRequest,
-    DeleteMailboxOperation, ExportOperation, GetOperationRequest, GrantOperation, ListOperationsRequest,
-    Operation, OperationKind, Plan, PlanOperationRequest, ProposeOperationRequest, RejectOperationRequest,
-    RestoreMailboxOperation,
+    DeleteMailboxOperation, ExportOperation, ExpungeOperation, GetOperationRequest, GrantOperation,
+    ListOperationsRequest, Operation, OperationKind, Plan, PlanOperationRequest, ProposeOperationRequest,
+    RejectOperationRequest, RestoreMailboxOperation,
 };
 use serde_json::json;
 
@@ -108,6 +108,36 @@ pub enum OpCmd {
     },
 }
 
+/// A mailbox restore's arguments (`op propose restore-mailbox`, `backup restore-mailbox`).
+#[derive(clap::Args, Debug)]
+pub struct RestoreMailboxArgs {
+    /// The backup's id (`backup list`); `backup restore-mailbox` also takes `latest`: the newest
+    /// one still held.
+    pub backup: String,
+    /// The tenant.
+    #[arg(long)]
+    pub tenant: String,
+    /// The mailbox, as named in the backup.
+    #[arg(long)]
+    pub mailbox: String,
+    /// The new mailbox to create and fill; it must not exist.
+    #[arg(long = "as")]
+    pub new_mailbox: String,
+}
+
+impl RestoreMailboxArgs {
+    /// The operation's kind.
+    pub fn into_kind(self) -> Kind {
+        Kind::RestoreMailbox(RestoreMailboxOperation {
+            backup_id: self.backup,
+            tenant: self.tenant,
+            mailbox: self.mailbox,
+            new_mailbox: self.new_mailbox,
+            ..Default::default()
+        })
+    }
+}
+
 /// The operations that can be planned and proposed.
 #[derive(Subcommand, Debug)]
 pub enum KindCmd {
@@ -154,18 +184,21 @@ pub enum KindCmd {
         fail_closed: bool,
     },
     /// Restore one mailbox of a backup into a new live mailbox (`backup restore-mailbox`).
-    RestoreMailbox {
-        /// The backup's id (`backup list`).
-        backup: String,
+    RestoreMailbox(RestoreMailboxArgs),
+    /// Expunge the messages of a mailbox that the rules select (all of them must match), after a
+    /// verified backup; the plan lists every UID.
+    Expunge {
         /// The tenant.
-        #[arg(long)]
         tenant: String,
-        /// The mailbox, as named in the backup.
-        #[arg(long)]
+        /// The mailbox.
         mailbox: String,
-        /// The new mailbox to create and fill.
-        #[arg(long = "as")]
-        new_mailbox: String,
+        /// Only messages received (internal date) before this UTC time: `2026-01-01` or
+        /// `2026-01-01T12:00:00Z`.
+        #[arg(long, value_parser = parse_time_ms)]
+        before: Option<i64>,
+        /// Only messages flagged `\Deleted`.
+        #[arg(long)]
+        deleted: bool,
     },
 }
 
@@ -203,21 +236,43 @@ impl KindCmd {
             KindCmd::AuditSettings { fail_closed } => {
                 Kind::AuditSettings(AuditSettingsOperation { fail_closed })
             }
-            KindCmd::RestoreMailbox {
-                backup,
+            KindCmd::RestoreMailbox(r) => r.into_kind(),
+            KindCmd::Expunge {
                 tenant,
                 mailbox,
-                new_mailbox,
-            } => Kind::RestoreMailbox(RestoreMailboxOperation {
-                backup_id: backup,
-                tenant,
-                mailbox,
-                new_mailbox,
-                ..Default::default()
-            }),
+                before,
+                deleted,
+            } => {
+                if before.is_none() && !deleted {
+                    anyhow::bail!(
+                        "say which messages: --before DATE, --deleted or both (op propose delete-mailbox removes a whole mailbox)"
+                    );
+                }
+                Kind::Expunge(ExpungeOperation {
+                    tenant,
+                    mailbox,
+                    before_ms: before.unwrap_or(0),
+                    deleted_only: deleted,
+                })
+            }
         };
         Ok(OperationKind { kind: Some(kind) })
     }
+}
+
+/// A UTC date (`2026-01-01`, midnight) or time (RFC 3339), as ms since the Unix epoch.
+fn parse_time_ms(s: &str) -> Result<i64, String> {
+    let full = match s.len() == 10 {
+        true => format!("{s}T00:00:00Z"),
+        false => s.to_string(),
+    };
+    let t = humantime::parse_rfc3339_weak(&full)
+        .map_err(|e| format!("{s:?} is not a date (2026-01-01) or an RFC 3339 time: {e}"))?;
+    let ms = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("{s:?} is before 1970"))?
+        .as_millis();
+    i64::try_from(ms).map_err(|_| format!("{s:?} is too far ahead"))
 }
 
 /// What the operation does, in a few words.
@@ -255,6 +310,21 @@ fn kind_text(k: Option<&OperationKind>) -> String {
             rfc3339(x.until_ms)
         ),
         Some(Kind::AuditSettings(a)) => format!("set the cluster's audit fail_closed to {}", a.fail_closed),
+        Some(Kind::Expunge(x)) => {
+            let mut rules = Vec::new();
+            if x.before_ms > 0 {
+                rules.push(format!("received before {}", rfc3339(x.before_ms)));
+            }
+            if x.deleted_only {
+                rules.push("flagged \\Deleted".to_string());
+            }
+            format!(
+                "expunge the messages of {}/{} {}",
+                x.tenant,
+                x.mailbox,
+                rules.join(" and ")
+            )
+        }
         Some(Kind::RestoreMailbox(r)) => format!(
             "restore {}/{} of backup {} as {}/{}",
             r.tenant, r.mailbox, r.backup_id, r.tenant, r.new_mailbox
@@ -362,10 +432,11 @@ fn op_text(o: &Operation) -> String {
     out.join("\n")
 }
 
-/// Asks the approver to type the operation's id, on a terminal.
-fn confirm(id: &str) -> anyhow::Result<()> {
+/// Asks the approver to type the operation's id, on a terminal (`scripted`:
+/// how to approve without one).
+pub(crate) fn confirm(id: &str, scripted: &str) -> anyhow::Result<()> {
     if !std::io::stdin().is_terminal() {
-        anyhow::bail!("stdin is not a terminal: approve with --yes --plan-hash HASH (from `op show {id}`)");
+        anyhow::bail!("stdin is not a terminal: approve with {scripted}");
     }
     eprint!("Type the operation id ({id}) to approve this plan: ");
     std::io::stderr().flush()?;
@@ -451,7 +522,7 @@ pub async fn run(endpoint: &str, output: Output, cmd: OpCmd) -> anyhow::Result<(
                 (true, Some(h)) => h,
                 (_, given) => {
                     eprintln!("{}", op_text(&o));
-                    confirm(&id)?;
+                    confirm(&id, &format!("--yes --plan-hash HASH (from `op show {id}`)"))?;
                     given.unwrap_or_else(|| o.plan_hash.clone())
                 }
             };

@@ -394,6 +394,71 @@ impl Cluster {
         Ok(self.wait_operation_ended(i, id).await)
     }
 
+    /// Where [`Cluster::restore_offline`] keeps its plan.
+    pub fn restore_plan_file(&self) -> PathBuf {
+        self.dir.path().join("restore-plan.json")
+    }
+
+    /// Every node's config file.
+    pub fn config_files(&self) -> Vec<PathBuf> {
+        (0..self.len()).map(|i| self.config_file(i)).collect()
+    }
+
+    /// Builds the data directories of the (stopped) nodes whose `configs`
+    /// are given from `backup` (an id or `latest`) in the store `from`,
+    /// offline, the way two operators
+    /// do: rehearsed and signed by `proposer` (`backup restore --plan-out`),
+    /// signed by `approver` (`backup approve-restore --yes --plan-hash`),
+    /// then run (`backup restore --plan`), each with this cluster's
+    /// certificates. Whether every stage succeeded, the last stage's JSON,
+    /// and the first failing stage's stderr.
+    pub fn restore_offline(
+        &self,
+        from: &str,
+        backup: &str,
+        configs: &[PathBuf],
+        proposer: &str,
+        approver: &str,
+    ) -> (bool, serde_json::Value, String) {
+        let plan = self.restore_plan_file();
+        let plan = plan.to_str().expect("a UTF-8 path");
+        let _ = std::fs::remove_file(plan);
+        let configs: Vec<String> = configs.iter().map(|c| c.display().to_string()).collect();
+        let mut rehearse = vec![
+            "backup",
+            "restore",
+            "--from",
+            from,
+            "--backup",
+            backup,
+            "--reason",
+            "test: restore",
+            "--plan-out",
+            plan,
+        ];
+        for c in &configs {
+            rehearse.extend(["--config", c.as_str()]);
+        }
+        let (ok, planned, err) = self.admin_json_as(0, proposer, &rehearse);
+        if !ok {
+            return (false, planned, err);
+        }
+        let hash = planned["plan_hash"].as_str().expect("a plan hash").to_string();
+        let (ok, signed, err) = self.admin_json_as(
+            0,
+            approver,
+            &["backup", "approve-restore", plan, "--yes", "--plan-hash", &hash],
+        );
+        if !ok {
+            return (false, signed, err);
+        }
+        let mut run = vec!["backup", "restore", "--plan", plan];
+        for c in &configs {
+            run.extend(["--config", c.as_str()]);
+        }
+        self.admin_json_as(0, proposer, &run)
+    }
+
     /// Runs one two-person operation through node `i`: proposed by
     /// [`ADMIN`], approved by [`ADMIN2`]; returns it once it ended.
     pub async fn two_person(
@@ -573,8 +638,18 @@ impl Cluster {
     /// bootstrap operator: whether it succeeded, its JSON (null if none),
     /// its stderr.
     pub fn admin_json(&self, i: usize, args: &[&str]) -> (bool, serde_json::Value, String) {
+        self.admin_json_as(i, ADMIN, args)
+    }
+
+    /// Like [`Cluster::admin_json`], as `identity`.
+    pub fn admin_json_as(
+        &self,
+        i: usize,
+        identity: &str,
+        args: &[&str],
+    ) -> (bool, serde_json::Value, String) {
         let out = self
-            .admin_command(&self.client_addr(i), ADMIN)
+            .admin_command(&self.client_addr(i), identity)
             .args(["--output", "json"])
             .args(args)
             .output()

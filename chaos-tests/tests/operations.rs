@@ -1027,3 +1027,187 @@ async fn the_audit_settings_change_on_every_node_only_by_two_operators() {
         && r.target.starts_with(id)
         && r.result.contains("audit fail_closed")));
 }
+
+/// Appends with an internal date and flags of the test's choosing.
+async fn append_dated(
+    c: &mut mailvault_proto::v1::mailbox_client::MailboxClient<tonic::transport::Channel>,
+    key: &str,
+    internal_date_ms: i64,
+    flags: &[&str],
+    body: &[u8],
+) -> u32 {
+    let header = AppendHeader {
+        tenant: T.into(),
+        mailbox: M.into(),
+        idempotency_key: key.into(),
+        flags: flags.iter().map(|f| f.to_string()).collect(),
+        internal_date_ms,
+        size: 0,
+    };
+    let frames = mailvault_proto::client::append_frames(header, body);
+    retry(Duration::from_secs(10), || {
+        let (mut c, frames) = (c.clone(), frames.clone());
+        async move { c.append_message(tokio_stream::iter(frames)).await }
+    })
+    .await
+    .expect("append")
+    .into_inner()
+    .uid
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_expunge_by_two_operators_removes_exactly_the_messages_rehearsed_after_a_backup() {
+    const DAY: i64 = 86_400_000;
+    const CUT: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+    let cluster = setup(ClusterOptions::default()).await;
+    let mut c = cluster.mailbox(0).await;
+    // 12 messages of 2025 (every fourth flagged \Deleted), 8 of 2026.
+    let mut old = Vec::new();
+    for n in 0..20i64 {
+        let date = match n < 12 {
+            true => CUT - (n + 1) * DAY,
+            false => CUT + n * DAY,
+        };
+        let flags: &[&str] = if n % 4 == 0 { &["\\Deleted"] } else { &["\\Seen"] };
+        let body = test_message("Old or new", "cust@example.org", &format!("BULK-{n}"), 1500);
+        let uid = append_dated(&mut c, &format!("b{n}"), date, flags, &body).await;
+        if n < 12 {
+            old.push(uid);
+        }
+    }
+
+    // No rule: refused by the CLI, and by the server as INVALID_ARGUMENT.
+    let (ok, _, err) = cluster.admin_json(0, &["op", "plan", "expunge", T, M]);
+    assert!(!ok && err.contains("say which messages"), "{err}");
+    let mut ops = cluster.admin(0).await.operations;
+    let e = ops
+        .plan_operation(PlanOperationRequest {
+            kind: Some(OperationKind {
+                kind: Some(operation_kind::Kind::Expunge(ExpungeOperation {
+                    tenant: T.into(),
+                    mailbox: M.into(),
+                    before_ms: 0,
+                    deleted_only: false,
+                })),
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // Rehearsed: both rules select the three old \Deleted ones.
+    let (ok, plan, err) = cluster.admin_json(
+        0,
+        &[
+            "op",
+            "plan",
+            "expunge",
+            T,
+            M,
+            "--before",
+            "2026-01-01",
+            "--deleted",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(plan["backup_first"], true);
+    let effect = plan["effect"][0].as_str().unwrap();
+    assert!(
+        effect.starts_with("mailbox acme/support: 3 of its 20 messages")
+            && effect.contains("received before 2026-01-01T00:00:00Z and flagged \\Deleted"),
+        "{effect}"
+    );
+
+    // Proposed for every 2025 message; one more of 2025 arrives before the
+    // approval: refused, nothing expunged.
+    let propose = |r: &str| {
+        cluster.admin_json(
+            0,
+            &[
+                "op",
+                "propose",
+                "--reason",
+                r,
+                "expunge",
+                T,
+                M,
+                "--before",
+                "2026-01-01",
+            ],
+        )
+    };
+    let (ok, first, err) = propose("T-400");
+    assert!(ok, "{err}");
+    assert!(first["plan"]["effect"][0]
+        .as_str()
+        .unwrap()
+        .contains("12 of its 20 messages"));
+    let late = test_message("Late", "cust@example.org", "BULK-LATE", 1500);
+    old.push(append_dated(&mut c, "late", CUT - 400 * DAY, &[], &late).await);
+    let e = cluster
+        .approve(
+            0,
+            ADMIN2,
+            first["id"].as_str().unwrap(),
+            first["plan_hash"].as_str().unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), (Code::Aborted, "STATE_CHANGED".into()), "{e:?}");
+    assert!(
+        e.message().contains("the messages of acme/support it selects"),
+        "{e:?}"
+    );
+    assert_eq!(list_all(&mut c, T, M).await.unwrap().len(), 21);
+
+    // Proposed again, approved by the second operator: backed up, then the
+    // 13 go and the 8 of 2026 stay.
+    let (ok, op, err) = propose("T-400 again");
+    assert!(ok, "{err}");
+    let (id, hash) = (op["id"].as_str().unwrap(), op["plan_hash"].as_str().unwrap());
+    let e = cluster.approve(0, ADMIN, id, hash).await.unwrap_err();
+    assert_eq!(reason(&e), (Code::PermissionDenied, "SELF_APPROVAL".into()));
+    cluster.approve(0, ADMIN2, id, hash).await.unwrap();
+    let done = cluster.wait_operation_ended(0, id).await;
+    assert_eq!(done.status, "succeeded", "{done:?}");
+    assert!(!done.backup_id.is_empty(), "a pre-operation backup is recorded");
+    assert_eq!(done.steps.len(), 1);
+    assert!(
+        done.steps[0]
+            .result
+            .contains("expunge 13 messages of acme/support")
+            && done.steps[0].result.contains("(13 expunged, 0 gone already)"),
+        "{:?}",
+        done.steps[0]
+    );
+    cluster.wait_all_applied().await;
+    for i in 0..cluster.len() {
+        let mut c = cluster.mailbox(i).await;
+        let left = list_all(&mut c, T, M).await.unwrap();
+        assert_eq!(left.len(), 8, "node {i}");
+        assert!(left
+            .iter()
+            .all(|m| m.internal_date_ms >= CUT && !old.contains(&m.uid)));
+    }
+    // Nothing matches now.
+    let (ok, _, err) = propose("T-401");
+    assert!(!ok && err.contains("NOTHING_TO_DO"), "{err}");
+
+    // The backup holds the mailbox as it was: all 21 come back.
+    let back = cluster
+        .restore_mailbox(0, &done.backup_id, T, M, "support-before")
+        .await
+        .expect("the restore is proposed");
+    assert_eq!(back.status, "succeeded", "{back:?}");
+    assert_eq!(list_all(&mut c, T, "support-before").await.unwrap().len(), 21);
+
+    let records = cluster.audit_records(0, "auditor").await;
+    let seq = |action: &str| {
+        records
+            .iter()
+            .find(|r| r.action == action && r.target.starts_with(id))
+            .map(|r| r.seq)
+            .unwrap_or_else(|| panic!("no {action} for {id}"))
+    };
+    assert!(seq("op-approve") < seq("op-backup") && seq("op-backup") < seq("op-step"));
+}

@@ -54,27 +54,15 @@ async fn manifest(cluster: &Cluster, id: &str) -> mailvault_proto::v1::BackupMan
         .unwrap()
 }
 
-/// `mailvault-admin backup restore … --output json` (offline: no node).
-fn restore(from: &str, backup: &str, configs: &[PathBuf]) -> (bool, serde_json::Value, String) {
-    let mut cmd = std::process::Command::new(admin_binary());
-    cmd.args([
-        "--output", "json", "backup", "restore", "--from", from, "--backup", backup,
-    ]);
-    for c in configs {
-        cmd.arg("--config").arg(c);
-    }
-    let out = cmd.output().expect("run mailvault-admin");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    (
-        out.status.success(),
-        serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null),
-        stderr,
-    )
+/// `mailvault-admin backup restore` as two operators run it, offline, for
+/// the nodes of `c` whose `configs` are given: rehearsed and signed by
+/// `admin`, signed by `admin2`, run (`Cluster::restore_offline`).
+fn restore(c: &Cluster, from: &str, backup: &str, configs: &[PathBuf]) -> (bool, serde_json::Value, String) {
+    c.restore_offline(from, backup, configs, ADMIN, ADMIN2)
 }
 
 fn configs(c: &Cluster) -> Vec<PathBuf> {
-    (0..c.len()).map(|i| c.config_file(i)).collect()
+    c.config_files()
 }
 
 /// Nothing of a refused restore is left: no data directory, no half-written
@@ -231,7 +219,7 @@ async fn a_backup_taken_under_load_restores_into_a_new_cluster_byte_exact() {
     })
     .await;
     let from = format!("file://{}", offsite.path().display());
-    let (ok, doc, err) = restore(&from, &backup.id, &configs(&new));
+    let (ok, doc, err) = restore(&new, &from, &backup.id, &configs(&new));
     assert!(ok, "restore failed: {err}");
     assert_eq!(doc["backup"], backup.id.as_str());
     assert_eq!(doc["applied_index"], backup.applied_index);
@@ -246,7 +234,7 @@ async fn a_backup_taken_under_load_restores_into_a_new_cluster_byte_exact() {
         );
     }
     // A second restore into the written directories is refused.
-    let (ok, _, err) = restore(&from, &backup.id, &configs(&new));
+    let (ok, _, err) = restore(&new, &from, &backup.id, &configs(&new));
     assert!(!ok && err.contains("is not empty"), "{err}");
 
     new.start_all().await;
@@ -311,11 +299,19 @@ async fn a_backup_taken_under_load_restores_into_a_new_cluster_byte_exact() {
         .unwrap()
         .into_inner()
         .records;
+    // It names the two-person plan and both people.
+    let plan = doc["plan"].as_str().expect("the plan's id");
     assert!(
-        records
-            .iter()
-            .any(|r| r.action == "backup-restore" && r.target == backup.id),
-        "no audit record of the restore"
+        plan.starts_with("restore-") && doc["signed_by"] == serde_json::json!([ADMIN, ADMIN2]),
+        "{doc}"
+    );
+    assert!(
+        records.iter().any(|r| r.action == "backup-restore"
+            && r.target == backup.id
+            && r.identity == ADMIN
+            && r.result.contains(&format!("two-person plan {plan}"))
+            && r.result.contains("proposed by admin, approved by admin2")),
+        "no audit record of the restore naming its plan and signers"
     );
     let l = list_backups(&new, 0).await;
     assert!(l.backups.iter().all(|b| b.id != backup.id), "{:?}", l.backups);
@@ -345,7 +341,12 @@ async fn a_damaged_edited_incomplete_or_foreign_copy_is_refused_with_nothing_wri
     .await;
     let copy = offsite.path().join(&backup.id);
     let refused = |store: &Path, want: &str| {
-        let (ok, _, err) = restore(&format!("file://{}", store.display()), &backup.id, &configs(&new));
+        let (ok, _, err) = restore(
+            &new,
+            &format!("file://{}", store.display()),
+            &backup.id,
+            &configs(&new),
+        );
         assert!(!ok, "restored from a bad copy ({want})");
         assert!(err.contains(want), "wanted {want:?} in: {err}");
         nothing_written(&new);
@@ -391,6 +392,7 @@ async fn a_damaged_edited_incomplete_or_foreign_copy_is_refused_with_nothing_wri
     })
     .await;
     let (ok, _, err) = restore(
+        &foreign,
         &format!("file://{}", offsite.path().display()),
         &backup.id,
         &configs(&foreign),
@@ -399,6 +401,7 @@ async fn a_damaged_edited_incomplete_or_foreign_copy_is_refused_with_nothing_wri
     nothing_written(&foreign);
     // A config for only two of the three voters.
     let (ok, _, err) = restore(
+        &new,
         &format!("file://{}", offsite.path().display()),
         &backup.id,
         &configs(&new)[..2],
@@ -409,6 +412,7 @@ async fn a_damaged_edited_incomplete_or_foreign_copy_is_refused_with_nothing_wri
     std::fs::create_dir_all(new.data_dir(1)).unwrap();
     std::fs::write(new.data_dir(1).join("keep"), b"x").unwrap();
     let (ok, _, err) = restore(
+        &new,
         &format!("file://{}", offsite.path().display()),
         &backup.id,
         &configs(&new),
@@ -419,6 +423,7 @@ async fn a_damaged_edited_incomplete_or_foreign_copy_is_refused_with_nothing_wri
     // The good copy restores (the refusals above were the copies' fault).
     std::fs::remove_dir_all(new.data_dir(1)).unwrap();
     let (ok, _, err) = restore(
+        &new,
         &format!("file://{}", offsite.path().display()),
         "latest",
         &configs(&new),
@@ -584,4 +589,274 @@ async fn a_mailbox_expunged_by_mistake_comes_back_under_a_new_name() {
     assert!(records
         .iter()
         .any(|r| r.action == "RestoreMailbox" && r.result == "refused: two-person operation"));
+}
+
+/// Reads the plan file as JSON.
+fn plan_doc(c: &Cluster) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(c.restore_plan_file()).unwrap()).unwrap()
+}
+
+fn write_plan(c: &Cluster, doc: &serde_json::Value) {
+    std::fs::write(c.restore_plan_file(), serde_json::to_vec_pretty(doc).unwrap()).unwrap();
+}
+
+/// A signature entry as `identity` of cluster `c` would make it for the
+/// plan `doc` (or for `id`/`hash` given instead).
+fn signature_of(c: &Cluster, identity: &str, id: &str, hash: &str) -> serde_json::Value {
+    use base64::Engine;
+    let (cert, key) = c.identity_files(identity);
+    let message = mailvault_proto::approval::message(id, hash);
+    let sig = mailvault_proto::approval::sign(&key, &cert, &message).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    serde_json::json!({
+        "identity": identity,
+        "key": mailvault_proto::approval::key_fingerprint(&cert).unwrap(),
+        "certificate": b64.encode(&cert),
+        "signature": b64.encode(sig),
+        "signed_ms": 1,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_restore_runs_only_on_an_unchanged_plan_two_operators_signed() {
+    let old = Cluster::start(ClusterOptions::default()).await;
+    create_tenant_and_mailbox(&old, 0, T, M).await;
+    let mut c = old.mailbox(0).await;
+    for n in 0..4 {
+        append(&mut c, T, M, &format!("k{n}"), &body(n + 1))
+            .await
+            .unwrap();
+    }
+    let backup = old.take_backup().await;
+    // A node's own backup root has the layout of an off-site store.
+    let from = format!(
+        "file://{}",
+        old.data_dir(backup.node as usize - 1).join("backups").display()
+    );
+    let key = std::fs::read_to_string(old.master_key_file()).unwrap();
+    let new = Cluster::start(ClusterOptions {
+        master_key: key.trim().to_string(),
+        start_nodes: false,
+        ..Default::default()
+    })
+    .await;
+    let cfg: Vec<String> = configs(&new).iter().map(|p| p.display().to_string()).collect();
+    let with_configs = |args: &[&str]| {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        for c in &cfg {
+            v.extend(["--config".to_string(), c.clone()]);
+        }
+        v
+    };
+    let run_as = |identity: &str, args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        new.admin_json_as(0, identity, &args)
+    };
+    let plan_path = new.restore_plan_file().display().to_string();
+    let run_plan = || run_as(ADMIN, with_configs(&["backup", "restore", "--plan", &plan_path]));
+    let refused = |(ok, _, err): (bool, serde_json::Value, String), want: &str| {
+        assert!(!ok, "ran, wanted a refusal naming {want:?}");
+        assert!(err.contains(want), "wanted {want:?} in: {err}");
+        nothing_written(&new);
+    };
+
+    // No solo path: without a plan, refused.
+    refused(
+        run_as(
+            ADMIN,
+            with_configs(&["backup", "restore", "--from", &from, "--backup", &backup.id]),
+        ),
+        "a cluster restore is a two-person operation",
+    );
+    // Rehearsed by one operator: the plan, signed by them, nothing written.
+    let (ok, planned, err) = run_as(
+        ADMIN,
+        with_configs(&[
+            "backup",
+            "restore",
+            "--from",
+            &from,
+            "--backup",
+            "latest",
+            "--reason",
+            "T-900",
+            "--plan-out",
+            &plan_path,
+        ]),
+    );
+    assert!(ok, "{err}");
+    nothing_written(&new);
+    let p = &planned["plan"];
+    assert_eq!(p["backup"], backup.id.as_str());
+    assert_eq!(p["proposer"], ADMIN);
+    assert_eq!(planned["signatures"].as_array().unwrap().len(), 1);
+    let effect = p["effect"][0].as_str().unwrap();
+    assert!(
+        effect.contains("1 tenants, 1 mailboxes, 4 messages") && effect.contains("voters 1, 2, 3"),
+        "{effect}"
+    );
+    assert!(p["approvers"] == serde_json::json!([ADMIN, ADMIN2]), "{p}");
+    assert!(p["steps"].as_array().unwrap().len() == 6, "{p}");
+    for s in ["RESTORE-BODY", "cust@example.org"] {
+        assert!(!planned.to_string().contains(s), "content in the plan");
+    }
+    let (id, hash) = (
+        p["id"].as_str().unwrap().to_string(),
+        planned["plan_hash"].as_str().unwrap().to_string(),
+    );
+    let proposed_only = plan_doc(&new);
+
+    // Run with the proposer's signature only: refused.
+    refused(run_plan(), "a second operator must sign it");
+    // The proposer signs again: refused; nothing added.
+    let sign = |identity: &str| {
+        run_as(
+            identity,
+            vec![
+                "backup".into(),
+                "approve-restore".into(),
+                plan_path.clone(),
+                "--yes".into(),
+                "--plan-hash".into(),
+                hash.clone(),
+            ],
+        )
+    };
+    refused(sign(ADMIN), "admin signed plan");
+    // Another identity on the proposer's key: refused by the CLI, and by
+    // the restore when the file is made by hand.
+    new.issue_on_key_of("admin3", ADMIN);
+    refused(sign("admin3"), "this certificate's key signed plan");
+    let mut doc = proposed_only.clone();
+    doc["signatures"]
+        .as_array_mut()
+        .unwrap()
+        .push(signature_of(&new, "admin3", &id, &hash));
+    write_plan(&new, &doc);
+    refused(run_plan(), "signed with one key");
+    // A wrong plan hash given to approve-restore: not signed.
+    write_plan(&new, &proposed_only);
+    let (ok, _, err) = run_as(
+        ADMIN2,
+        vec![
+            "backup".into(),
+            "approve-restore".into(),
+            plan_path.clone(),
+            "--yes".into(),
+            "--plan-hash".into(),
+            "0".repeat(64),
+        ],
+    );
+    assert!(!ok && err.contains("not signed: the plan's hash is"), "{err}");
+    // Not an operator: it may sign the file, the restore refuses it.
+    let (ok, _, err) = sign("frontend");
+    assert!(ok, "{err}");
+    refused(run_plan(), "frontend is no operator in the backup's policy");
+    // A forged signature (one byte flipped): refused.
+    write_plan(&new, &proposed_only);
+    let mut doc = proposed_only.clone();
+    let mut forged = signature_of(&new, ADMIN2, &id, &hash);
+    let s = forged["signature"].as_str().unwrap().to_string();
+    let flipped = if s.starts_with('A') {
+        s.replacen('A', "B", 1)
+    } else {
+        format!("A{}", &s[1..])
+    };
+    forged["signature"] = flipped.into();
+    doc["signatures"].as_array_mut().unwrap().push(forged);
+    write_plan(&new, &doc);
+    refused(run_plan(), "admin2's signature is refused");
+    // A signature of another plan, replayed onto this one: refused.
+    let mut doc = proposed_only.clone();
+    doc["signatures"]
+        .as_array_mut()
+        .unwrap()
+        .push(signature_of(&new, ADMIN2, "restore-00000000", &hash));
+    write_plan(&new, &doc);
+    refused(run_plan(), "the signature does not match");
+    // The plan edited after it was signed (another reason): refused.
+    let mut doc = proposed_only.clone();
+    doc["signatures"]
+        .as_array_mut()
+        .unwrap()
+        .push(signature_of(&new, ADMIN2, &id, &hash));
+    let signed_by_both = doc.clone();
+    doc["plan"]["reason"] = "T-901".into();
+    write_plan(&new, &doc);
+    refused(run_plan(), "was changed after it was rehearsed");
+    // Signed by both, but run with another cluster's configs: refused.
+    write_plan(&new, &signed_by_both);
+    let other = Cluster::start(ClusterOptions {
+        master_key: key.trim().to_string(),
+        start_nodes: false,
+        ..Default::default()
+    })
+    .await;
+    let mut args = vec!["backup", "restore", "--plan", &plan_path];
+    let other_cfg: Vec<String> = configs(&other).iter().map(|p| p.display().to_string()).collect();
+    for c in &other_cfg {
+        args.extend(["--config", c.as_str()]);
+    }
+    let (ok, _, err) = new.admin_json_as(0, ADMIN, &args);
+    assert!(
+        !ok && err.contains("rehearse this restore and have it signed"),
+        "{err}"
+    );
+    nothing_written(&other);
+    // Expired: neither signed nor run.
+    let (ok, _, err) = run_as(
+        ADMIN,
+        with_configs(&[
+            "backup",
+            "restore",
+            "--from",
+            &from,
+            "--backup",
+            &backup.id,
+            "--reason",
+            "T-902",
+            "--expires",
+            "2s",
+            "--plan-out",
+            &plan_path,
+        ]),
+    );
+    assert!(ok, "{err}");
+    let short_hash = plan_doc(&new)["plan_hash"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (ok, _, err) = run_as(
+        ADMIN2,
+        vec![
+            "backup".into(),
+            "approve-restore".into(),
+            plan_path.clone(),
+            "--yes".into(),
+            "--plan-hash".into(),
+            short_hash,
+        ],
+    );
+    assert!(!ok && err.contains("expired"), "{err}");
+    refused(run_plan(), "expired");
+
+    // An approver revoked in the backup's policy: refused.
+    let mut a = old.admin(0).await.access;
+    a.revoke_identity(RevokeIdentityRequest {
+        identity: ADMIN2.into(),
+    })
+    .await
+    .unwrap();
+    old.wait_all_applied().await;
+    let revoked = old.take_backup().await;
+    let (ok, _, err) = new.restore_offline(&from, &revoked.id, &configs(&new), ADMIN, ADMIN2);
+    assert!(
+        !ok && err.contains("admin2 is revoked in the backup's policy"),
+        "{err}"
+    );
+    nothing_written(&new);
+
+    // The plan signed by both, unchanged, in time: it runs.
+    let (ok, done, err) = new.restore_offline(&from, &backup.id, &configs(&new), ADMIN, ADMIN2);
+    assert!(ok, "{err}");
+    assert!(done["signed_by"] == serde_json::json!([ADMIN, ADMIN2]), "{done}");
+    assert_eq!(done["nodes"].as_array().unwrap().len(), 3);
 }

@@ -159,21 +159,18 @@ async fn measure(
     })
     .await;
     let from = copy.target.clone();
-    let mut cmd = std::process::Command::new(crate::admin_binary());
-    cmd.args([
-        "--output", "json", "backup", "restore", "--from", &from, "--backup", &backup.id,
-    ]);
-    for i in 0..new.len() {
-        cmd.arg("--config").arg(new.config_file(i));
-    }
     let t = Instant::now();
-    let out = tokio::task::block_in_place(|| cmd.output())?;
+    let (ok, _, err) = tokio::task::block_in_place(|| {
+        new.restore_offline(
+            &from,
+            &backup.id,
+            &new.config_files(),
+            crate::ADMIN,
+            crate::ADMIN2,
+        )
+    });
     let restore_s = t.elapsed().as_secs_f64();
-    anyhow::ensure!(
-        out.status.success(),
-        "restore failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    anyhow::ensure!(ok, "restore failed: {err}");
     new.start_all().await;
     let mut m = new.mailbox(0).await;
     let status = crate::retry(Duration::from_secs(30), || {

@@ -13,10 +13,11 @@ use mailvault_proto::v1::operations_client::OperationsClient;
 use mailvault_proto::v1::operations_server::Operations;
 use mailvault_proto::v1::{
     AllowlistOperation, ApproveOperationRequest, AuditSettingsOperation, CancelOperationRequest,
-    DeleteMailboxOperation, ExportOperation, FencePart as ProtoFencePart, GetOperationRequest,
-    GrantOperation, ListOperationsRequest, ListOperationsResponse, Operation as ProtoOperation,
-    OperationKind, Plan as ProtoPlan, PlanOperationRequest, PlanStep, ProposeOperationRequest,
-    RejectOperationRequest, RestoreMailboxOperation, RestoreMailboxRequest, StepResult as ProtoStepResult,
+    DeleteMailboxOperation, ExportOperation, ExpungeOperation, FencePart as ProtoFencePart,
+    GetOperationRequest, GrantOperation, ListOperationsRequest, ListOperationsResponse,
+    Operation as ProtoOperation, OperationKind, Plan as ProtoPlan, PlanOperationRequest, PlanStep,
+    ProposeOperationRequest, RejectOperationRequest, RestoreMailboxOperation, RestoreMailboxRequest,
+    StepResult as ProtoStepResult,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,8 +32,8 @@ use crate::error::{self, ApiError, Reason};
 use crate::forward::{principal_of, route_write, FORWARDED};
 use crate::state::command::{Command, CommandResult, Refusal};
 use crate::state::ops::{
-    hex, plan_hash, rehearse, Actor, Approval, BackupFinding, Export, MailboxFromBackup, MailboxName,
-    OpChange, OpKind, OpRefusal, OpStatus, Operation, Person, Plan,
+    hex, plan_hash, rehearse, Actor, Approval, BackupFinding, BulkExpunge, Export, MailboxFromBackup,
+    MailboxName, OpChange, OpKind, OpRefusal, OpStatus, Operation, Person, Plan,
 };
 use crate::tls::{identity_of, verify_client_certificate, CertIdentity};
 
@@ -320,6 +321,27 @@ fn kind_of(k: Option<OperationKind>) -> Result<OpKind, ApiError> {
         Some(Kind::AuditSettings(a)) => Ok(OpKind::AuditSettings {
             fail_closed: a.fail_closed,
         }),
+        Some(Kind::Expunge(x)) => {
+            crate::names::tenant(&x.tenant).map_err(error::name)?;
+            crate::names::mailbox(&x.mailbox).map_err(error::name)?;
+            if x.before_ms < 0 {
+                return Err(error::invalid("before_ms must not be negative").with("field", "before_ms"));
+            }
+            if x.before_ms == 0 && !x.deleted_only {
+                return Err(error::invalid(
+                    "say which messages: before_ms, deleted_only or both (DeleteMailbox removes a whole mailbox)",
+                )
+                .with("field", "before_ms"));
+            }
+            Ok(OpKind::Expunge(BulkExpunge {
+                mailbox: MailboxName {
+                    tenant: x.tenant,
+                    mailbox: x.mailbox,
+                },
+                before_ms: (x.before_ms > 0).then_some(x.before_ms),
+                deleted_only: x.deleted_only,
+            }))
+        }
         None => Err(error::invalid("name the operation (kind)").with("field", "kind")),
     }
 }
@@ -357,6 +379,12 @@ fn kind_to_proto(k: &OpKind) -> OperationKind {
         }),
         OpKind::AuditSettings { fail_closed } => Kind::AuditSettings(AuditSettingsOperation {
             fail_closed: *fail_closed,
+        }),
+        OpKind::Expunge(x) => Kind::Expunge(ExpungeOperation {
+            tenant: x.mailbox.tenant.clone(),
+            mailbox: x.mailbox.mailbox.clone(),
+            before_ms: x.before_ms.unwrap_or(0),
+            deleted_only: x.deleted_only,
         }),
     };
     OperationKind { kind: Some(kind) }

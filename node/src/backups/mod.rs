@@ -14,6 +14,7 @@ pub mod duty;
 mod mailbox;
 pub mod offsite;
 pub mod restore;
+pub mod restore_plan;
 mod schedule;
 mod ship;
 

@@ -68,6 +68,7 @@ pub fn is_bound(key: &[u8]) -> bool {
                 | REVOKED_SERIAL
                 | BACKUP
                 | OPERATION
+                | EXPORT_APPROVAL
                 | AUDIT_SETTINGS)
         )
     )

@@ -23,7 +23,7 @@ use super::audit::AuditSettings;
 use super::backup::BackupRecord;
 use super::codec::encode;
 use super::policy::{AccessChange, IdentityPolicy, RoleGrant, ANY_TENANT};
-use super::records::{MailboxRecord, TenantRecord};
+use super::records::{MailboxRecord, MessageRecord, TenantRecord};
 
 /// What an operation does, with its parameters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +56,75 @@ pub enum OpKind {
         /// Whether accesses wait for their audit record (fail closed).
         fail_closed: bool,
     },
+    /// Expunges the messages of one mailbox that a rule selects, after a
+    /// verified backup (data version 8).
+    Expunge(BulkExpunge),
+}
+
+/// Which messages of a mailbox a bulk expunge removes: those matching every
+/// rule given (at least one is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkExpunge {
+    /// The mailbox.
+    pub mailbox: MailboxName,
+    /// Only messages with an internal date before this, ms since the Unix
+    /// epoch.
+    pub before_ms: Option<i64>,
+    /// Only messages flagged `\Deleted`.
+    pub deleted_only: bool,
+}
+
+impl BulkExpunge {
+    /// Whether the rules select this message.
+    pub fn selects(&self, m: &MessageFacts) -> bool {
+        self.before_ms.is_none_or(|t| m.internal_date_ms < t) && (!self.deleted_only || m.deleted)
+    }
+
+    /// The rules in words.
+    pub fn rules_text(&self) -> String {
+        let mut rules = Vec::new();
+        if let Some(t) = self.before_ms {
+            rules.push(format!("received before {}", time_text(t)));
+        }
+        if self.deleted_only {
+            rules.push("flagged \\Deleted".to_string());
+        }
+        match rules.is_empty() {
+            true => "every message".to_string(),
+            false => rules.join(" and "),
+        }
+    }
+}
+
+/// The most messages one bulk expunge removes (its plan lists every UID).
+pub const MAX_BULK_EXPUNGE: usize = 50_000;
+
+/// UIDs per expunge step (one replicated entry each).
+pub const EXPUNGE_BATCH: usize = 1_000;
+
+/// What a rehearsal reads of one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageFacts {
+    /// Its UID.
+    pub uid: u32,
+    /// Its internal date, ms since the Unix epoch.
+    pub internal_date_ms: i64,
+    /// Its plaintext size.
+    pub size: u64,
+    /// Whether it is flagged `\Deleted`.
+    pub deleted: bool,
+}
+
+impl MessageFacts {
+    /// The facts of a message record.
+    pub fn of(m: &MessageRecord) -> MessageFacts {
+        MessageFacts {
+            uid: m.uid,
+            internal_date_ms: m.internal_date_ms,
+            size: m.size,
+            deleted: m.flags.iter().any(|f| f.eq_ignore_ascii_case("\\Deleted")),
+        }
+    }
 }
 
 /// One mailbox of a backup, restored into a live mailbox that does not
@@ -133,6 +202,7 @@ impl OpKind {
             OpKind::ApproveExport { .. } => "export",
             OpKind::RestoreMailbox { .. } => "restore-mailbox",
             OpKind::AuditSettings { .. } => "audit-settings",
+            OpKind::Expunge { .. } => "expunge",
         }
     }
 
@@ -147,6 +217,7 @@ impl OpKind {
             OpKind::ApproveExport(x) => format!("{}: export {}", x.exporter, x.mailbox),
             OpKind::RestoreMailbox(r) => format!("{} from {} as {}", r.from, r.backup, r.into_name()),
             OpKind::AuditSettings { fail_closed } => format!("audit fail_closed = {fail_closed}"),
+            OpKind::Expunge(x) => format!("{}: {}", x.mailbox, x.rules_text()),
         }
     }
 }
@@ -193,6 +264,14 @@ pub enum Step {
         /// Whether accesses wait for their audit record.
         fail_closed: bool,
     },
+    /// Expunges these messages of a mailbox, those still there (data
+    /// version 8): one batch of a bulk expunge.
+    Expunge {
+        /// The mailbox.
+        mailbox: MailboxName,
+        /// The UIDs, ascending.
+        uids: Vec<u32>,
+    },
 }
 
 /// An approved bulk export, stored under `keys::export_approval`: the
@@ -221,6 +300,7 @@ impl Step {
             Step::CreateMailbox { .. } => "create-mailbox",
             Step::RestoreMailbox { .. } => "restore-mailbox",
             Step::AuditSettings { .. } => "audit-settings",
+            Step::Expunge { .. } => "expunge",
         }
     }
 
@@ -254,6 +334,11 @@ impl Step {
             Step::AuditSettings { fail_closed } => {
                 format!("set the cluster's audit fail_closed to {fail_closed} on every node")
             }
+            Step::Expunge { mailbox, uids } => format!(
+                "expunge {} messages of {mailbox} (UIDs {})",
+                thousands(uids.len() as u64),
+                uids_text(uids)
+            ),
         }
     }
 
@@ -658,6 +743,13 @@ pub trait View {
     fn backup(&self, id: &str) -> Result<Option<BackupRecord>, Self::Error>;
     /// The replicated audit settings.
     fn audit_settings(&self) -> Result<Option<AuditSettings>, Self::Error>;
+    /// What a bulk expunge reads of each message of a mailbox, in UID
+    /// order; a message record that cannot be read is its UID.
+    fn message_facts(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+    ) -> Result<Vec<Result<MessageFacts, u32>>, Self::Error>;
 }
 
 fn part<T: Serialize>(what: String, value: &Option<T>) -> FencePart {
@@ -792,7 +884,139 @@ pub fn rehearse<V: View>(view: &V, kind: &OpKind) -> Result<Result<Plan, OpRefus
         OpKind::ApproveExport(x) => plan_export(view, x),
         OpKind::RestoreMailbox(r) => plan_restore_mailbox(view, r),
         OpKind::AuditSettings { fail_closed } => plan_audit_settings(view, *fail_closed),
+        OpKind::Expunge(x) => plan_expunge(view, x),
     }
+}
+
+/// A bulk expunge: the messages the rules select now, listed by UID in the
+/// plan (in batches, one step each), after a verified backup. The fence is
+/// that set: a message selected or unselected since (mail arriving that
+/// matches, a flag changed) refuses the approval or fails the operation
+/// before its first batch. Messages that arrive afterwards are not in the
+/// plan and stay.
+fn plan_expunge<V: View>(view: &V, x: &BulkExpunge) -> Result<Result<Plan, OpRefusal>, V::Error> {
+    let (tenant, mailbox) = (x.mailbox.tenant.as_str(), x.mailbox.mailbox.as_str());
+    if x.before_ms.is_none() && !x.deleted_only {
+        return Ok(Err(OpRefusal::Precondition(
+            "a bulk expunge needs a rule (before a date, flagged \\Deleted, or both); \
+             delete-mailbox removes a whole mailbox"
+                .into(),
+        )));
+    }
+    let t = view.tenant(tenant)?;
+    if t.is_none() {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "tenant {tenant} does not exist"
+        ))));
+    }
+    let Some(rec) = view.mailbox(tenant, mailbox)? else {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "mailbox {tenant}/{mailbox} does not exist"
+        ))));
+    };
+    let facts = view.message_facts(tenant, mailbox)?;
+    let unreadable: Vec<u32> = facts.iter().filter_map(|f| f.as_ref().err().copied()).collect();
+    let selected: Vec<&MessageFacts> = facts
+        .iter()
+        .filter_map(|f| f.as_ref().ok())
+        .filter(|f| x.selects(f))
+        .collect();
+    if selected.is_empty() {
+        return Ok(Err(OpRefusal::NothingToDo(format!(
+            "no message of {} matches ({})",
+            x.mailbox,
+            x.rules_text()
+        ))));
+    }
+    if selected.len() > MAX_BULK_EXPUNGE {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "{} messages match, more than the {} one operation expunges: narrow it (an earlier date)",
+            thousands(selected.len() as u64),
+            thousands(MAX_BULK_EXPUNGE as u64)
+        ))));
+    }
+    let uids: Vec<u32> = selected.iter().map(|f| f.uid).collect();
+    let bytes: u64 = selected.iter().map(|f| f.size).sum();
+    let steps = uids
+        .chunks(EXPUNGE_BATCH)
+        .map(|c| Step::Expunge {
+            mailbox: x.mailbox.clone(),
+            uids: c.to_vec(),
+        })
+        .collect();
+    let set: Vec<(u32, u64)> = selected.iter().map(|f| (f.uid, f.size)).collect();
+    let fence = vec![
+        part(format!("tenant {tenant}"), &t.map(|t| t.keys.len())),
+        part(format!("mailbox {}", x.mailbox), &Some(rec.uidvalidity)),
+        part(format!("the messages of {} it selects", x.mailbox), &Some(set)),
+    ];
+    let mut effect = vec![
+        format!(
+            "mailbox {}: {} of its {} messages ({}), {}, expunged (UIDs {})",
+            x.mailbox,
+            thousands(uids.len() as u64),
+            thousands(rec.messages),
+            size_text(bytes),
+            x.rules_text(),
+            uids_text(&uids)
+        ),
+        format!(
+            "the other {} messages stay, and so does mail arriving after the rehearsal",
+            thousands(rec.messages.saturating_sub(uids.len() as u64))
+        ),
+        "a verified backup is taken first: the messages can be restored from it \
+         (`mailvault-admin backup restore-mailbox`, into a new mailbox)"
+            .to_string(),
+        "front ends watching the mailbox see each one EXPUNGED".to_string(),
+    ];
+    if !unreadable.is_empty() {
+        effect.push(format!(
+            "{} message records cannot be read on this node (UIDs {}) and are left alone",
+            unreadable.len(),
+            uids_text(&unreadable)
+        ));
+    }
+    let checks = vec![
+        format!("tenant {tenant} exists"),
+        format!("mailbox {} exists", x.mailbox),
+        format!(
+            "the same {} messages match when the approval is recorded and before the first batch \
+             (a message matching or no longer matching refuses the approval or fails the operation, \
+             nothing expunged)",
+            thousands(uids.len() as u64)
+        ),
+    ];
+    Ok(Ok(Plan {
+        steps,
+        effect,
+        checks,
+        backup_first: true,
+        fence,
+    }))
+}
+
+/// Ascending UIDs in words: `1–4, 7, 9–12`, the first few runs.
+fn uids_text(uids: &[u32]) -> String {
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for &u in uids {
+        match runs.last_mut() {
+            Some((_, end)) if u == end.saturating_add(1) => *end = u,
+            _ => runs.push((u, u)),
+        }
+    }
+    const SHOWN: usize = 8;
+    let mut text: Vec<String> = runs
+        .iter()
+        .take(SHOWN)
+        .map(|&(a, b)| match a == b {
+            true => a.to_string(),
+            false => format!("{a}\u{2013}{b}"),
+        })
+        .collect();
+    if runs.len() > SHOWN {
+        text.push(format!("and {} more runs", runs.len() - SHOWN));
+    }
+    text.join(", ")
 }
 
 /// The audit settings: stored for every node, replacing their configs.
@@ -1094,6 +1318,7 @@ mod tests {
         mailboxes: HashMap<(String, String), MailboxRecord>,
         backups: HashMap<String, BackupRecord>,
         audit: Option<AuditSettings>,
+        messages: HashMap<(String, String), Vec<Result<MessageFacts, u32>>>,
     }
 
     impl View for Fake {
@@ -1115,6 +1340,13 @@ mod tests {
         }
         fn audit_settings(&self) -> Result<Option<AuditSettings>, ()> {
             Ok(self.audit.clone())
+        }
+        fn message_facts(&self, tenant: &str, mailbox: &str) -> Result<Vec<Result<MessageFacts, u32>>, ()> {
+            Ok(self
+                .messages
+                .get(&(tenant.to_string(), mailbox.to_string()))
+                .cloned()
+                .unwrap_or_default())
         }
     }
 
@@ -1275,6 +1507,140 @@ mod tests {
         assert_eq!(thousands(0), "0");
         assert_eq!(thousands(1_000_000), "1,000,000");
         assert_eq!(size_text(512), "512 bytes");
+    }
+
+    #[test]
+    fn a_bulk_expunge_lists_the_uids_it_selects_in_batches_and_is_fenced_on_that_set() {
+        const CUT: i64 = 1_767_225_600_000; // 2026-01-01
+        let name = MailboxName {
+            tenant: "acme".into(),
+            mailbox: "support".into(),
+        };
+        let kind = |before_ms, deleted_only| {
+            OpKind::Expunge(BulkExpunge {
+                mailbox: name.clone(),
+                before_ms,
+                deleted_only,
+            })
+        };
+        let mut v = Fake::default();
+        v.tenants.insert("acme".into(), TenantRecord { keys: vec![] });
+        v.mailboxes.insert(
+            ("acme".into(), "support".into()),
+            MailboxRecord {
+                uidvalidity: 7,
+                uidnext: 2602,
+                highest_modseq: 3000,
+                messages: 2601,
+                total_bytes: 2601 * 1000,
+            },
+        );
+        // UIDs 1–2500 of 2025 (every tenth \Deleted), 2501–2600 of 2026,
+        // and UID 2601 unreadable here.
+        let mut facts: Vec<Result<MessageFacts, u32>> = (1..=2600u32)
+            .map(|uid| {
+                Ok(MessageFacts {
+                    uid,
+                    internal_date_ms: if uid <= 2500 { CUT - 1 } else { CUT },
+                    size: 1000,
+                    deleted: uid % 10 == 0,
+                })
+            })
+            .collect();
+        facts.push(Err(2601));
+        v.messages
+            .insert(("acme".into(), "support".into()), facts.clone());
+
+        let e = rehearse(&v, &kind(None, false)).unwrap().unwrap_err();
+        assert!(
+            matches!(e, OpRefusal::Precondition(ref w) if w.contains("needs a rule")),
+            "{e:?}"
+        );
+
+        let plan = rehearse(&v, &kind(Some(CUT), false)).unwrap().unwrap();
+        assert!(plan.backup_first);
+        assert_eq!(plan.steps.len(), 3, "1,000 UIDs a step");
+        let listed: Vec<u32> = plan
+            .steps
+            .iter()
+            .flat_map(|s| match s {
+                Step::Expunge { uids, .. } => uids.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(listed, (1..=2500).collect::<Vec<_>>());
+        assert_eq!(
+            plan.effect[0],
+            "mailbox acme/support: 2,500 of its 2,601 messages (2.4 MiB), received before \
+             2026-01-01T00:00:00Z, expunged (UIDs 1\u{2013}2500)"
+        );
+        assert!(
+            plan.effect
+                .iter()
+                .any(|e| e.contains("(UIDs 2601) and are left alone")),
+            "{:?}",
+            plan.effect
+        );
+        assert_eq!(
+            plan.steps[2].describe(),
+            "expunge 500 messages of acme/support (UIDs 2001\u{2013}2500)"
+        );
+
+        // Both rules: only the old \Deleted ones.
+        let both = rehearse(&v, &kind(Some(CUT), true)).unwrap().unwrap();
+        assert_eq!(
+            both.steps,
+            vec![Step::Expunge {
+                mailbox: name.clone(),
+                uids: (1..=250).map(|i| i * 10).collect()
+            }]
+        );
+        assert!(both.effect[0].contains("(UIDs 10, 20, 30, 40, 50, 60, 70, 80, and 242 more runs)"));
+
+        // A message unselected since (its date is what it is, but a flag
+        // changed) moves the fence; mail arriving that does not match does not.
+        let mut changed = facts.clone();
+        if let Ok(m) = &mut changed[9] {
+            m.deleted = false;
+        }
+        v.messages.insert(("acme".into(), "support".into()), changed);
+        let again = rehearse(&v, &kind(Some(CUT), true)).unwrap().unwrap();
+        assert_eq!(
+            both.fence_changes(&again.fence),
+            vec!["the messages of acme/support it selects".to_string()]
+        );
+        let mut arrived = facts.clone();
+        arrived.push(Ok(MessageFacts {
+            uid: 2602,
+            internal_date_ms: CUT + 5,
+            size: 10,
+            deleted: true,
+        }));
+        v.messages.insert(("acme".into(), "support".into()), arrived);
+        let same = rehearse(&v, &kind(Some(CUT), true)).unwrap().unwrap();
+        assert_eq!(same.fence_hash(), both.fence_hash());
+
+        // Nothing selected; too many selected.
+        let e = rehearse(&v, &kind(Some(CUT - 10 * 86_400_000), false))
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(e, OpRefusal::NothingToDo(_)), "{e:?}");
+        let many: Vec<_> = (1..=(MAX_BULK_EXPUNGE as u32 + 1))
+            .map(|uid| {
+                Ok(MessageFacts {
+                    uid,
+                    internal_date_ms: 0,
+                    size: 1,
+                    deleted: true,
+                })
+            })
+            .collect();
+        v.messages.insert(("acme".into(), "support".into()), many);
+        let e = rehearse(&v, &kind(None, true)).unwrap().unwrap_err();
+        assert!(
+            matches!(e, OpRefusal::Precondition(ref w) if w.contains("more than the 50,000")),
+            "{e:?}"
+        );
     }
 
     fn grant(identity: &str, tenant: &str, role: TenantRole) -> OpKind {

@@ -35,7 +35,10 @@
 ///    settings (`OpKind` and `Step` variants a version-6 build cannot
 ///    decode; the settings' record under [`super::keys::AUDIT_SETTINGS`]);
 ///    no stored record changed.
-pub const DATA_VERSION: u32 = 7;
+/// 8. An operation may expunge in bulk (`OpKind::Expunge`, `Step::Expunge`);
+///    export approvals (under [`super::keys::EXPORT_APPROVAL`]) are bound
+///    to their keys like the other records.
+pub const DATA_VERSION: u32 = 8;
 
 /// The version of data directories written before the version was stored
 /// (their formats are version 1's).

@@ -80,6 +80,10 @@ const STEPS: &[Step] = &[
         to: 7,
         run: stamp_only,
     },
+    Step {
+        to: 8,
+        run: bind_export_approvals,
+    },
 ];
 
 /// Data written before the version was stored has version 1's formats:
@@ -154,6 +158,23 @@ fn bind_and_protect(db: &Db, keys: &Keyring, batch: &mut WriteBatch) -> Result<(
         };
         let bound = keys.binding().bind(&key, encoded);
         batch.put_cf(sm, &key, bound);
+    }
+    Ok(())
+}
+
+/// Version 8 binds the export approvals to their keys, as every record of
+/// the state but the metadata, chunks and audit chain is (version 6 stored
+/// them unbound); it also adds the bulk expunge's operation and step
+/// variants.
+fn bind_export_approvals(db: &Db, keys: &Keyring, batch: &mut WriteBatch) -> Result<(), DataVersionError> {
+    let sm = db.cf_handle(CF_SM).expect("sm column family");
+    let start = [keys::EXPORT_APPROVAL];
+    for item in db.iterator_cf(sm, IteratorMode::From(&start, rocksdb::Direction::Forward)) {
+        let (key, value) = item?;
+        if key.first() != Some(&keys::EXPORT_APPROVAL) {
+            break;
+        }
+        batch.put_cf(sm, &key, keys.binding().bind(&key, value.to_vec()));
     }
     Ok(())
 }
@@ -416,8 +437,8 @@ mod tests {
     }
 
     #[test]
-    fn a_version_5_or_6_store_becomes_current_with_its_records_untouched() {
-        for from in [5, 6] {
+    fn a_version_5_6_or_7_store_becomes_current_with_its_records_untouched() {
+        for from in [5, 6, 7] {
             let (_d, db) = db();
             put(&db, CF_SM, META_DATA_VERSION, &version::encode(from));
             let catalog = keys::backup("20261201T020000Z-000000000042");
@@ -427,7 +448,7 @@ mod tests {
             put(&db, CF_LOG, &9u64.to_be_bytes(), b"entry");
             assert_eq!(upgrade(&db, test_keyring()).unwrap(), Some(from));
             assert_eq!(read(&db).unwrap(), Some(DATA_VERSION), "from {from}");
-            assert_eq!(DATA_VERSION, 7);
+            assert_eq!(DATA_VERSION, 8);
             let (sm, log) = (db.cf_handle(CF_SM).unwrap(), db.cf_handle(CF_LOG).unwrap());
             assert_eq!(
                 db.get_cf(sm, &catalog).unwrap().as_deref(),
@@ -441,6 +462,57 @@ mod tests {
                 db.get_cf(log, 9u64.to_be_bytes()).unwrap().as_deref(),
                 Some(&b"entry"[..])
             );
+        }
+    }
+
+    #[test]
+    fn a_version_7_stores_export_approvals_become_bound_and_read_as_before() {
+        use crate::state::ops::ExportApproval;
+        let (_d, db) = db();
+        put(&db, CF_SM, META_DATA_VERSION, &version::encode(7));
+        let approval = ExportApproval {
+            operation: "op-0000002a".into(),
+            from_ms: 1_764_000_000_000,
+            until_ms: 1_764_086_400_000,
+        };
+        let key = keys::export_approval("exporter-1", "acme", "support");
+        let other = keys::export_approval("exporter-2", "acme", "orders");
+        put(&db, CF_SM, &key, &encode(&approval));
+        put(&db, CF_SM, &other, &encode(&approval));
+        // The record after them (audit settings, bound since version 7) is left as it is.
+        put(&db, CF_SM, &keys::audit_settings(), b"a bound settings record");
+        assert_eq!(upgrade(&db, test_keyring()).unwrap(), Some(7));
+        let sm = db.cf_handle(CF_SM).unwrap();
+        for k in [&key, &other] {
+            let stored = db.get_cf(sm, k).unwrap().unwrap();
+            let opened = test_keyring()
+                .binding()
+                .open(k, &stored)
+                .expect("bound to its key");
+            let back: ExportApproval = decode(opened).unwrap();
+            assert_eq!(back, approval);
+            // Bound to its own key, not to another's.
+            assert!(test_keyring()
+                .binding()
+                .open(&other_of(k, &key, &other), &stored)
+                .is_none());
+        }
+        assert_eq!(
+            db.get_cf(sm, keys::audit_settings()).unwrap().as_deref(),
+            Some(&b"a bound settings record"[..])
+        );
+        // Started again: the store is current, nothing is bound twice.
+        assert_eq!(upgrade(&db, test_keyring()).unwrap(), Some(DATA_VERSION));
+        let stored = db.get_cf(sm, &key).unwrap().unwrap();
+        let opened = test_keyring().binding().open(&key, &stored).unwrap();
+        assert_eq!(decode::<ExportApproval>(opened).unwrap(), approval);
+    }
+
+    fn other_of(k: &[u8], a: &[u8], b: &[u8]) -> Vec<u8> {
+        if k == a {
+            b.to_vec()
+        } else {
+            a.to_vec()
         }
     }
 

@@ -125,6 +125,21 @@ impl MailReader {
         self.get(&keys::identity(identity))
     }
 
+    /// Every identity with a policy record, by name.
+    pub fn identity_policies(&self) -> R<Vec<(String, crate::state::policy::IdentityPolicy)>> {
+        let prefix = [keys::IDENTITY];
+        let mut out = Vec::new();
+        self.scan(
+            &prefix,
+            &prefix,
+            |k, rec: crate::state::policy::IdentityPolicy| {
+                out.push((String::from_utf8_lossy(&k[1..]).into_owned(), rec));
+                true
+            },
+        )?;
+        Ok(out)
+    }
+
     /// Whether a certificate serial is revoked (a revocation record that
     /// fails its binding is an error, which callers take as revoked).
     pub fn serial_revoked(&self, serial: &str) -> R<bool> {
@@ -386,6 +401,19 @@ impl crate::state::ops::View for MailReader {
 
     fn backup(&self, id: &str) -> R<Option<crate::state::backup::BackupRecord>> {
         MailReader::backup(self, id)
+    }
+
+    fn message_facts(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+    ) -> R<Vec<Result<crate::state::ops::MessageFacts, u32>>> {
+        let mut out = Vec::new();
+        self.messages(tenant, mailbox, 1, |m| {
+            out.push(m.map(|m| crate::state::ops::MessageFacts::of(&m)));
+            true
+        })?;
+        Ok(out)
     }
 
     fn audit_settings(&self) -> R<Option<crate::state::audit::AuditSettings>> {

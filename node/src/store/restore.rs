@@ -121,6 +121,15 @@ pub fn check_unwraps(
     Ok(())
 }
 
+/// The checked copy's state in `data` (its keys put back), to read.
+pub fn open_copy(data: &Path, keyring: &Keyring) -> Result<super::MailReader, RestoreError> {
+    let db = open_state_at(data)?;
+    Ok(super::MailReader::new(
+        super::StateDb::fixed(db),
+        keyring.binding().clone(),
+    ))
+}
+
 /// Makes the checked state database in `data` (a scratch copy, keys put
 /// back) the new cluster's state; see the module's documentation.
 pub fn prepare(

@@ -329,12 +329,7 @@ impl Tx<'_> {
             return Ok(Err(Refusal::NoMailbox));
         }
         let mut deleted = 0;
-        for k in self.keys_under(&keys::message_prefix(tenant, mailbox))? {
-            let stored = self.get_raw(&k)?;
-            let record = stored.as_deref().and_then(|v| {
-                let encoded = self.keys.binding().open(&k, v)?;
-                crate::state::codec::decode::<MessageRecord>(encoded).ok()
-            });
+        for (k, record) in self.message_records(tenant, mailbox)? {
             match record {
                 Some(msg) => {
                     for i in 0..msg.chunks {
@@ -360,5 +355,24 @@ impl Tx<'_> {
         }
         self.delete(mk);
         Ok(Ok(deleted))
+    }
+
+    /// Every message record of a mailbox with its key, in UID order; one
+    /// this node cannot open or decode is `None`.
+    pub(super) fn message_records(
+        &self,
+        tenant: &str,
+        mailbox: &str,
+    ) -> Res<Vec<(Vec<u8>, Option<MessageRecord>)>> {
+        let mut out = Vec::new();
+        for k in self.keys_under(&keys::message_prefix(tenant, mailbox))? {
+            let stored = self.get_raw(&k)?;
+            let record = stored.as_deref().and_then(|v| {
+                let encoded = self.keys.binding().open(&k, v)?;
+                crate::state::codec::decode::<MessageRecord>(encoded).ok()
+            });
+            out.push((k, record));
+        }
+        Ok(out)
     }
 }

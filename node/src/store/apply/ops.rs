@@ -17,7 +17,8 @@ use crate::state::backup::BackupRecord;
 use crate::state::command::{CommandResult, Refusal};
 use crate::state::keys;
 use crate::state::ops::{
-    hex, rehearse, Actor, ExportApproval, OpChange, OpRefusal, OpStatus, Operation, Step, StepResult, View,
+    hex, rehearse, Actor, ExportApproval, MessageFacts, OpChange, OpRefusal, OpStatus, Operation, Step,
+    StepResult, View,
 };
 use crate::state::policy::IdentityPolicy;
 use crate::state::records::{MailboxRecord, TenantRecord};
@@ -43,6 +44,18 @@ impl View for Tx<'_> {
 
     fn audit_settings(&self) -> Res<Option<AuditSettings>> {
         self.get(&keys::audit_settings())
+    }
+
+    fn message_facts(&self, tenant: &str, mailbox: &str) -> Res<Vec<Result<MessageFacts, u32>>> {
+        let mut out = Vec::new();
+        for (k, record) in self.message_records(tenant, mailbox)? {
+            let uid = keys::uid_of_message_key(&k).unwrap_or_default();
+            out.push(match record {
+                Some(m) if m.uid == uid => Ok(MessageFacts::of(&m)),
+                _ => Err(uid),
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -309,6 +322,20 @@ impl Tx<'_> {
                 };
                 self.put(keys::audit_settings(), &settings);
                 Ok(format!("done: {}", step.describe()))
+            }
+            // Those still there; one an agent expunged meanwhile is gone
+            // already.
+            Step::Expunge { mailbox, uids } => {
+                match self.expunge(&mailbox.tenant, &mailbox.mailbox, &uids)? {
+                    Ok(CommandResult::Expunged { uids: removed, .. }) => Ok(format!(
+                        "done: {} ({} expunged, {} gone already)",
+                        step.describe(),
+                        removed.len(),
+                        uids.len() - removed.len()
+                    )),
+                    Ok(_) => Err(format!("{}: unexpected result", step.describe())),
+                    Err(r) => Err(format!("{}: {r}", step.describe())),
+                }
             }
         };
         let at_ms = actor.at_ms;
