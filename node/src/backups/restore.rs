@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::crypto::{Keyring, MasterKey};
 use crate::state::audit::AuditEvent;
 use crate::state::backup::{BackupKeyring, BackupManifest};
+use crate::state::ops::size_text;
 use crate::state::policy::ClusterRole;
 use crate::state::types::NodeId;
 use crate::store::backup::KEYRING;
@@ -588,15 +589,6 @@ fn may_sign(reader: &MailReader, bootstrap: &[String], identity: &str, serial: &
         ));
     }
     Ok(())
-}
-
-/// Bytes in words.
-fn size_text(bytes: u64) -> String {
-    const MIB: f64 = 1024.0 * 1024.0;
-    match bytes {
-        b if b < 1024 * 1024 => format!("{b} bytes"),
-        b => format!("{:.1} MiB", b as f64 / MIB),
-    }
 }
 
 async fn blocking<T: Send + 'static>(

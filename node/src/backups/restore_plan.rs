@@ -21,6 +21,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::state::ops::hex;
 use crate::tls::{identity_of, verify_client_certificate, CertIdentity, TlsFiles};
 
 /// The plan file's format.
@@ -117,10 +118,6 @@ pub struct SignedPlan {
     pub plan_hash: String,
     /// The signatures, the proposer's first.
     pub signatures: Vec<PlanSignature>,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn b64() -> base64::engine::GeneralPurpose {

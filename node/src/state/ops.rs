@@ -1271,8 +1271,8 @@ fn thousands(n: u64) -> String {
     out
 }
 
-/// 88.0 MiB
-fn size_text(bytes: u64) -> String {
+/// Bytes in words (`512 bytes`, `88.0 MiB`).
+pub fn size_text(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["bytes", "KiB", "MiB", "GiB"];
     let mut v = bytes as f64;
     let mut unit = 0;
