@@ -15,7 +15,7 @@ use mailvault_proto::v1::{
     Allowlist, AllowlistOperation, ApproveOperationRequest, AuditSettingsOperation, CancelOperationRequest,
     DeleteMailboxOperation, ExportOperation, ExpungeOperation, GetOperationRequest, GrantOperation,
     ListOperationsRequest, Operation, OperationKind, Plan, PlanOperationRequest, ProposeOperationRequest,
-    RejectOperationRequest, RestoreMailboxOperation,
+    RejectOperationRequest, RestoreMailboxOperation, TransferLeadershipOperation,
 };
 use serde_json::json;
 
@@ -200,6 +200,15 @@ pub enum KindCmd {
         #[arg(long)]
         deleted: bool,
     },
+    /// Move leadership to a voter (active or standby) and keep it there for a while, e.g. before
+    /// the leader's machine is serviced; one election.
+    TransferLeadership {
+        /// The node id of the voter to lead (`status` lists the members).
+        node: u64,
+        /// How long it keeps leadership once it has it (e.g. 30m, 4h; at most 24h).
+        #[arg(long, default_value = "1h")]
+        hold: humantime::Duration,
+    },
 }
 
 impl KindCmd {
@@ -253,6 +262,16 @@ impl KindCmd {
                     mailbox,
                     before_ms: before.unwrap_or(0),
                     deleted_only: deleted,
+                })
+            }
+            KindCmd::TransferLeadership { node, hold } => {
+                let secs = std::time::Duration::from(hold).as_secs();
+                if secs == 0 || secs > 86_400 {
+                    anyhow::bail!("--hold is at least a second and at most 24h");
+                }
+                Kind::TransferLeadership(TransferLeadershipOperation {
+                    node_id: node,
+                    hold_secs: secs as u32,
                 })
             }
         };
@@ -328,6 +347,11 @@ fn kind_text(k: Option<&OperationKind>) -> String {
         Some(Kind::RestoreMailbox(r)) => format!(
             "restore {}/{} of backup {} as {}/{}",
             r.tenant, r.mailbox, r.backup_id, r.tenant, r.new_mailbox
+        ),
+        Some(Kind::TransferLeadership(t)) => format!(
+            "transfer leadership to node {} for {}",
+            t.node_id,
+            humantime::format_duration(std::time::Duration::from_secs(u64::from(t.hold_secs)))
         ),
         None => "-".into(),
     }

@@ -69,6 +69,11 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
                         .collect();
                     v["backup"] = s.backup.as_ref().map(backup_json).unwrap_or_default();
                     v["audit_fail_closed"] = json!(s.audit_fail_closed);
+                    v["leadership_held"] = s
+                        .leadership_held
+                        .as_ref()
+                        .map(|h| json!({"node_id": h.node_id, "until_ms": h.until_ms, "operation": h.operation}))
+                        .unwrap_or_default();
                     v["operations"] = s
                         .operations
                         .as_ref()
@@ -250,6 +255,14 @@ operations: {} waiting for approval, {} approved and running (`op list`)",
                 ));
             }
         }
+    }
+    if let Some(h) = answered.iter().find_map(|s| s.leadership_held.as_ref()) {
+        out.push_str(&format!(
+            "\nleadership: held on node {} until {} ({}); placement does not move it back before then",
+            h.node_id,
+            rfc3339(h.until_ms),
+            h.operation
+        ));
     }
     for s in &answered {
         if let Some(o) = s.operations.as_ref().filter(|o| !o.warning.is_empty()) {

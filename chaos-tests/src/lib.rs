@@ -13,6 +13,7 @@ pub mod disk;
 pub mod history;
 pub mod linearizable;
 pub mod net;
+pub mod operation_faults;
 pub mod s3;
 pub mod scenario;
 

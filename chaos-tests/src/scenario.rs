@@ -19,6 +19,7 @@ use tonic::{Code, Status};
 use crate::checker::{check, Report};
 use crate::history::{digest, Change, Event, Outcome, Recorder, Seen, SharedOp, SharedOutcome};
 use crate::net::Net;
+use crate::operation_faults::{operations_whole, Launched};
 use crate::{
     append, create_mailbox, create_tenant_and_mailbox, fetch, list_all, retry, snapshot_every_node,
     test_message, Cluster, ClusterOptions,
@@ -62,11 +63,18 @@ pub enum Fault {
     /// copy must verify, nothing half-taken may remain, and the next backup,
     /// ship and drill must succeed.
     KillBackup,
+    /// A two-person operation (delete a mailbox or expunge one in bulk,
+    /// both backup first, or grant a role) proposed and approved, then
+    /// `kill -9` of the leader 0–3 s after the approval, restarted after
+    /// 0–5 s; afterwards every such operation must have ended in a recorded
+    /// state, its effect whole or absent on every node as its record says
+    /// (see `operation_faults`).
+    KillOperation,
 }
 
 impl Fault {
     /// Every fault class.
-    pub const ALL: [Fault; 14] = [
+    pub const ALL: [Fault; 15] = [
         Fault::KillRandom,
         Fault::KillLeader,
         Fault::PauseLeader,
@@ -81,6 +89,7 @@ impl Fault {
         Fault::ClockSkew,
         Fault::DiskFull,
         Fault::KillBackup,
+        Fault::KillOperation,
     ];
 
     /// A short name, for tables and file names.
@@ -100,6 +109,7 @@ impl Fault {
             Fault::ClockSkew => "clock-skew",
             Fault::DiskFull => "disk-full",
             Fault::KillBackup => "kill-backup",
+            Fault::KillOperation => "kill-operation",
         }
     }
 
@@ -189,6 +199,9 @@ pub struct Verdict {
     pub history: PathBuf,
     /// Wall time of the whole scenario.
     pub elapsed: Duration,
+    /// What the fault class checked besides the workload (e.g. the
+    /// operations a `kill-operation` scenario launched and how they ended).
+    pub notes: String,
 }
 
 impl Verdict {
@@ -196,7 +209,7 @@ impl Verdict {
     pub fn row(&self, fault: Fault) -> String {
         let r = &self.report;
         format!(
-            "| {} | {} | {} | {} | {} ({}) | {} | {} | {} | {:.2}s | {:.2}s | {:.2}s | {:.0}s | {} | {} |",
+            "| {} | {} | {} | {} | {} ({}) | {} | {} | {} | {:.2}s | {:.2}s | {:.2}s | {:.0}s | {} | {} | {} |",
             fault.name(),
             self.seed,
             self.faults,
@@ -215,12 +228,13 @@ impl Verdict {
             } else {
                 format!("{} violations", r.violations.len())
             },
+            self.notes,
             self.history.display()
         )
     }
 
     /// The header of the table [`Verdict::row`] fills.
-    pub const TABLE_HEAD: &'static str = "| fault | seed | faults | acked | indeterminate (present) | reads | claims | watched changes | leader | write+read | converged | wall | result | history |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+    pub const TABLE_HEAD: &'static str = "| fault | seed | faults | acked | indeterminate (present) | reads | claims | watched changes | leader | write+read | converged | wall | result | also checked | history |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 }
 
 /// Recovery bounds after the last heal.
@@ -234,6 +248,11 @@ const MAX_APPENDS_PER_WRITER: u64 = 2_000;
 
 fn mailbox_name(i: usize) -> String {
     format!("mb{i}")
+}
+
+/// The first of the workload's mailboxes (which holds the shared messages).
+pub fn first_mailbox() -> String {
+    mailbox_name(0)
 }
 
 /// Whether an error says for certain that the request was refused and not applied.
@@ -541,8 +560,16 @@ async fn leader_guess(cluster: &mut Cluster) -> Option<usize> {
     (*n > 0).then_some(best)
 }
 
-/// Injects one fault, waits while it lasts, and heals it.
-async fn inject(cluster: &mut Cluster, net: Option<&Net>, fault: Fault, rng: &mut SmallRng, rec: &Recorder) {
+/// Injects fault number `k`, waits while it lasts, and heals it. A
+/// `kill-operation` fault adds the operation it launched to `launched`.
+async fn inject(
+    cluster: &mut Cluster,
+    net: Option<&Net>,
+    (fault, k): (Fault, usize),
+    rng: &mut SmallRng,
+    rec: &Recorder,
+    launched: &mut Vec<Launched>,
+) {
     let n = cluster.len();
     let leader = leader_guess(cluster).await.unwrap_or(0);
     let lasting = Duration::from_millis(rng.random_range(1500..4000));
@@ -581,6 +608,34 @@ async fn inject(cluster: &mut Cluster, net: Option<&Net>, fault: Fault, rng: &mu
                 _ => "no answer".to_string(),
             };
             rec.fault(format!("the backup: {outcome}"));
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..5000))).await;
+            rec.fault(format!("restart node {}", victim + 1));
+            cluster.start_node(victim);
+        }
+        Fault::KillOperation => {
+            let id = match crate::operation_faults::launch(cluster, k, rng, rec).await {
+                Ok(l) => {
+                    let id = l.id().to_string();
+                    launched.push(l);
+                    Some(id)
+                }
+                Err(e) => {
+                    rec.fault(format!("no operation launched: {e}"));
+                    None
+                }
+            };
+            // Before the pre-operation backup, during it, during the step, or after.
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..3000))).await;
+            let stage = match &id {
+                Some(id) => crate::operation_faults::stage_of(cluster, id).await,
+                None => "none launched".into(),
+            };
+            let victim = leader_guess(cluster).await.unwrap_or(leader);
+            rec.fault(format!(
+                "kill -9 node {} (leader; the operation: {stage})",
+                victim + 1
+            ));
+            cluster.kill(victim);
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..5000))).await;
             rec.fault(format!("restart node {}", victim + 1));
             cluster.start_node(victim);
@@ -1042,10 +1097,19 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
     }
     let mut rng = SmallRng::seed_from_u64(s.seed);
     let mut faults = 0;
+    let mut launched = Vec::new();
     // Faults while at least 5 s of workload remain, so the last one heals inside it.
     while Instant::now() + Duration::from_secs(5) < until {
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..2000))).await;
-        inject(&mut cluster, net.as_ref(), s.fault, &mut rng, &rec).await;
+        inject(
+            &mut cluster,
+            net.as_ref(),
+            (s.fault, faults),
+            &mut rng,
+            &rec,
+            &mut launched,
+        )
+        .await;
         faults += 1;
     }
     // Every fault is healed here; the recovery bounds run from now.
@@ -1068,6 +1132,15 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
     if s.fault == Fault::KillBackup {
         missed.extend(backups_whole(&cluster, &rec).await);
     }
+    let mut notes = String::new();
+    if s.fault == Fault::KillOperation {
+        let (problems, summary) = operations_whole(&cluster, &launched, &rec).await;
+        if launched.is_empty() {
+            missed.push("no operation was launched".into());
+        }
+        missed.extend(problems);
+        notes = summary;
+    }
     std::fs::create_dir_all(out_dir)?;
     let history = out_dir.join(format!("{}-{}.jsonl", s.fault.name(), s.seed));
     rec.save(&history)?;
@@ -1085,6 +1158,7 @@ pub async fn run(s: &Scenario, out_dir: &Path) -> anyhow::Result<Verdict> {
         faults,
         history,
         elapsed: started.elapsed(),
+        notes,
     })
 }
 

@@ -112,3 +112,8 @@ async fn a_full_disk_on_one_node_loses_nothing_acknowledged() {
 async fn the_backup_node_killed_mid_backup_or_ship_loses_nothing_and_leaves_nothing_half_done() {
     scenario(Fault::KillBackup).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_mid_operation_leaves_every_operation_whole_or_absent_and_recorded() {
+    scenario(Fault::KillOperation).await;
+}

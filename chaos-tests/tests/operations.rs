@@ -1211,3 +1211,112 @@ async fn a_bulk_expunge_by_two_operators_removes_exactly_the_messages_rehearsed_
     };
     assert!(seq("op-approve") < seq("op-backup") && seq("op-backup") < seq("op-step"));
 }
+
+/// The leader as every running node names it (waits up to 30 s for agreement).
+async fn leader(cluster: &mut Cluster) -> usize {
+    cluster.wait_for_leader(Duration::from_secs(30)).await
+}
+
+/// Waits up to `within` until node `want` (0-based) leads.
+async fn wait_leads(cluster: &mut Cluster, want: usize, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let l = leader(cluster).await;
+        if l == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {} does not lead within {within:?} (node {} does)",
+            want + 1,
+            l + 1
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_moves_only_by_two_operators_and_stays_on_the_voter_chosen_for_the_hold() {
+    let mut cluster = setup(ClusterOptions::default()).await;
+    // Leadership placement puts the active node (node 1) in the lead.
+    wait_leads(&mut cluster, 0, Duration::from_secs(40)).await;
+
+    // Rehearsal, one person, read-only: refused where it cannot be done.
+    for (node, why) in [
+        ("7", "node 7 is not a voter (the voters: 1, 2, 3)"),
+        ("3", "node 3 is a backup voter, which never leads by choice"),
+        ("1", "nothing to do: node 1 leads already"),
+    ] {
+        let (ok, _, err) = cluster.admin_json(0, &["op", "plan", "transfer-leadership", node]);
+        assert!(!ok && err.contains(why), "{node}: {err}");
+    }
+    let (ok, plan, err) = cluster.admin_json(0, &["op", "plan", "transfer-leadership", "2"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        plan["effect"][0],
+        "leadership moves from node 1 (active) to node 2 (standby)"
+    );
+    assert_eq!(plan["backup_first"], false);
+    // Through a follower the rehearsal cannot see how far node 2 is behind,
+    // and says so; the proposal is rehearsed on the leader.
+    let (ok, there, err) = cluster.admin_json(1, &["op", "plan", "transfer-leadership", "2"]);
+    assert!(ok, "{err}");
+    assert!(
+        there["checks"].to_string().contains("measured on the leader"),
+        "{there}"
+    );
+
+    // Proposed by one operator: nothing moves.
+    let (ok, op, err) = cluster.admin_json(
+        1,
+        &[
+            "op",
+            "propose",
+            "--reason",
+            "T-400 service node 1",
+            "transfer-leadership",
+            "2",
+            "--hold",
+            "25s",
+        ],
+    );
+    assert!(ok, "{err}");
+    let checks = op["plan"]["checks"].to_string();
+    assert!(
+        checks.contains("log entries behind the leader") && !checks.contains("measured on the leader"),
+        "rehearsed on the leader: {op}"
+    );
+    let (id, hash) = (op["id"].as_str().unwrap(), op["plan_hash"].as_str().unwrap());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(leader(&mut cluster).await, 0, "nothing moved unapproved");
+
+    // Approved by the second: node 2 leads, and recorded the step itself.
+    cluster.approve(0, ADMIN2, id, hash).await.unwrap();
+    let done = cluster.wait_operation_ended(0, id).await;
+    assert_eq!(done.status, "succeeded", "{done:?}");
+    assert!(
+        done.steps[0]
+            .result
+            .starts_with("done: node 2 leads, and keeps leadership until"),
+        "{:?}",
+        done.steps
+    );
+    assert_eq!(leader(&mut cluster).await, 1, "node 2 leads");
+    let records = cluster.audit_records(1, "auditor").await;
+    let step = records
+        .iter()
+        .find(|r| r.action == "op-step" && r.target.starts_with(id))
+        .expect("the step is on record");
+    assert_eq!(step.identity, "node:2", "recorded by the node that took over");
+    let (ok, status, err) = cluster.admin_json(0, &["status"]);
+    assert!(ok, "{err}");
+    assert!(status.to_string().contains(id), "status names the hold: {status}");
+
+    // Held there: placement, which hands leadership to the active node 10 s
+    // after it moved, leaves it for the hold.
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    assert_eq!(leader(&mut cluster).await, 1, "still node 2 while held");
+
+    // Once the hold ends, the roles decide again: the active node leads.
+    wait_leads(&mut cluster, 0, Duration::from_secs(45)).await;
+}

@@ -42,6 +42,8 @@ pub struct Ctx {
     pub damage: crate::damage::DamageReport,
     /// The node's background workers.
     pub workers: crate::workers::Supervisor,
+    /// Raft peer channels (e.g. to ask a voter to campaign).
+    pub peers: crate::raft::PeerClients,
     /// Unsafe test modes (none in production).
     pub test_modes: crate::test_modes::TestModes,
 }

@@ -22,6 +22,7 @@ const STEPS_PER_TICK: usize = 64;
 
 /// Runs until the node stops.
 pub async fn run_executor(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    let mut asked = Asked::default();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -53,7 +54,7 @@ pub async fn run_executor(ctx: Arc<Ctx>) -> anyhow::Result<()> {
             if paused && op.status != OpStatus::Proposed {
                 continue;
             }
-            advance(&ctx, op).await;
+            advance(&ctx, op, &mut asked).await;
         }
     }
 }
@@ -68,7 +69,7 @@ fn actor(ctx: &Ctx) -> Actor {
 }
 
 /// Takes `op` as far as it can go now.
-async fn advance(ctx: &Ctx, mut op: Operation) {
+async fn advance(ctx: &Ctx, mut op: Operation, asked: &mut Asked) {
     for _ in 0..STEPS_PER_TICK {
         let id = op.id.clone();
         let change = match op.status {
@@ -107,8 +108,13 @@ async fn advance(ctx: &Ctx, mut op: Operation) {
                 let index = op.steps.len();
                 // A step whose effect runs outside one entry (a mailbox
                 // restore) runs first, then is recorded.
-                if let Some(Step::RestoreMailbox(x)) = op.plan.steps.get(index) {
-                    match restore(ctx, &op, x).await {
+                let outside = match op.plan.steps.get(index) {
+                    Some(Step::RestoreMailbox(x)) => Some(restore(ctx, &op, x).await),
+                    Some(Step::Leadership { to, .. }) => Some(lead(ctx, &op, *to, asked).await),
+                    _ => None,
+                };
+                if let Some(outcome) = outside {
+                    match outcome {
                         Ok(()) => {}
                         Err(Outside::Failed(why)) => {
                             let change = OpChange::Fail {
@@ -119,12 +125,16 @@ async fn advance(ctx: &Ctx, mut op: Operation) {
                             propose(ctx, &op, change).await;
                             return;
                         }
-                        Err(Outside::NotNow(why)) if idle_for(&op) > BACKUP_PATIENCE => {
+                        Err(Outside::NotNow(why)) if idle_for(&op) > patience(&op.plan.steps[index]) => {
                             let change = OpChange::Fail {
                                 id,
                                 reason: format!(
-                                    "step {index} could not run within {} min ({why}); what it restored stays",
-                                    BACKUP_PATIENCE.as_secs() / 60
+                                    "step {index} could not run within {} ({why}){}",
+                                    humantime::format_duration(patience(&op.plan.steps[index])),
+                                    match op.plan.steps[index] {
+                                        Step::RestoreMailbox(_) => "; what it restored stays",
+                                        _ => "; nothing was changed",
+                                    }
                                 ),
                                 actor: actor(ctx),
                             };
@@ -179,6 +189,64 @@ enum Outside {
     Failed(String),
     /// Not now (a node unreachable, a leader change): tried again.
     NotNow(String),
+}
+
+/// How long a step that runs outside one entry may keep not running
+/// before the operation fails.
+fn patience(step: &Step) -> Duration {
+    match step {
+        Step::Leadership { .. } => TRANSFER_PATIENCE,
+        _ => BACKUP_PATIENCE,
+    }
+}
+
+/// How long a leadership transfer waits for its target to take over.
+const TRANSFER_PATIENCE: Duration = Duration::from_secs(60);
+/// A target is asked to campaign at most this often.
+const ASK_EVERY: Duration = Duration::from_secs(5);
+
+/// When this node last asked a voter to campaign for an operation.
+#[derive(Default)]
+struct Asked(std::collections::HashMap<String, std::time::Instant>);
+
+/// Runs a leadership transfer's effect: done once `to` leads (it is this
+/// node, which then records the step); until then, the leader asks `to`
+/// to campaign once it has caught up, every few seconds at most.
+async fn lead(ctx: &Ctx, op: &Operation, to: u64, asked: &mut Asked) -> Result<(), Outside> {
+    if to == ctx.id {
+        asked.0.remove(&op.id);
+        return Ok(());
+    }
+    let m = ctx.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    if !membership.voter_ids().any(|v| v == to) {
+        return Err(Outside::Failed(format!("node {to} is no longer a voter")));
+    }
+    let addr = membership
+        .get_node(&to)
+        .map(|n| n.raft_addr.clone())
+        .ok_or_else(|| Outside::Failed(format!("node {to} is no longer a member")))?;
+    let matched = m
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&to).cloned().flatten())
+        .map(|l| l.index);
+    if matched != m.last_log_index {
+        return Err(Outside::NotNow(format!(
+            "node {to} has not caught up with the leader"
+        )));
+    }
+    if asked.0.get(&op.id).is_some_and(|t| t.elapsed() < ASK_EVERY) {
+        return Err(Outside::NotNow(format!("node {to} was asked to campaign")));
+    }
+    asked.0.insert(op.id.clone(), std::time::Instant::now());
+    tracing::info!(operation = %op.id, target = to, "asking a voter to take leadership for an operation");
+    match ctx.peers.campaign(&addr, Duration::from_secs(2)).await {
+        Ok(()) => Err(Outside::NotNow(format!(
+            "node {to} was asked to campaign and has not won yet"
+        ))),
+        Err(s) => Err(Outside::NotNow(format!("node {to}: {}", s.message()))),
+    }
 }
 
 /// How long since the operation last moved (its last step, or its approval).

@@ -258,6 +258,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         backups,
         damage: crate::damage::DamageReport::new(id, audit.clone()),
         workers: workers.clone(),
+        peers: peers.clone(),
         test_modes,
     });
     workers.spawn("raft-watch", Kind::Essential, watch_leader(raft.clone()));
@@ -276,8 +277,18 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     // Leadership returns to the active node; a backup campaigns only as a last resort.
     let (role, r) = (config.me().role, raft.clone());
     let election_timeout = Duration::from_millis(config.raft.election_timeout_max_ms);
+    let held_by = reader.clone();
+    let hold: crate::raft::Hold = Arc::new(move || {
+        held_by
+            .leadership_pin()
+            .ok()
+            .flatten()
+            .filter(|p| p.until_ms > crate::clock::now_ms())
+            .map(|p| p.node)
+    });
+    let placement_peers = peers.clone();
     workers.spawn("leadership-placement", Kind::Background, async move {
-        place_leadership(id, role, r, peers, election_timeout).await;
+        place_leadership(id, role, r, placement_peers, election_timeout, hold).await;
         Ok(())
     });
     // Lockouts and failures recorded by other nodes reach this one through

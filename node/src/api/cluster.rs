@@ -162,6 +162,18 @@ impl Cluster for ClusterService {
             backup: Some(self.backup_status()),
             operations: Some(self.operations_status()),
             audit_fail_closed: self.ctx.audit.fail_closed(),
+            leadership_held: self
+                .ctx
+                .reader
+                .leadership_pin()
+                .ok()
+                .flatten()
+                .filter(|p| p.until_ms > crate::clock::now_ms())
+                .map(|p| mailvault_proto::v1::LeadershipHold {
+                    node_id: p.node,
+                    until_ms: p.until_ms,
+                    operation: p.operation,
+                }),
         }))
     }
 

@@ -17,7 +17,7 @@ use mailvault_proto::v1::{
     GetOperationRequest, GrantOperation, ListOperationsRequest, ListOperationsResponse,
     Operation as ProtoOperation, OperationKind, Plan as ProtoPlan, PlanOperationRequest, PlanStep,
     ProposeOperationRequest, RejectOperationRequest, RestoreMailboxOperation, RestoreMailboxRequest,
-    StepResult as ProtoStepResult,
+    StepResult as ProtoStepResult, TransferLeadershipOperation,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -32,8 +32,9 @@ use crate::error::{self, ApiError, Reason};
 use crate::forward::{principal_of, route_write, FORWARDED};
 use crate::state::command::{Command, CommandResult, Refusal};
 use crate::state::ops::{
-    hex, plan_hash, rehearse, Actor, Approval, BackupFinding, BulkExpunge, Export, MailboxFromBackup,
-    MailboxName, OpChange, OpKind, OpRefusal, OpStatus, Operation, Person, Plan,
+    hex, plan_hash, rehearse, Actor, Approval, BackupFinding, BulkExpunge, Export, LeadershipFacts,
+    LeadershipTransfer, MailboxFromBackup, MailboxName, OpChange, OpKind, OpRefusal, OpStatus, Operation,
+    Person, Plan, VoterFacts,
 };
 use crate::tls::{identity_of, verify_client_certificate, CertIdentity};
 
@@ -43,6 +44,10 @@ const REASON_MAX_BYTES: usize = 500;
 const DEFAULT_EXPIRY_SECS: u32 = 3600;
 /// And after a day at most.
 const MAX_EXPIRY_SECS: u32 = 86_400;
+/// A leadership transfer holds leadership this long by default.
+const DEFAULT_HOLD_SECS: u32 = 3600;
+/// And a day at most.
+const MAX_HOLD_SECS: u32 = 86_400;
 /// An approved export lasts 30 days at most.
 const MAX_EXPORT_WINDOW_MS: i64 = 30 * 86_400_000;
 
@@ -173,8 +178,13 @@ impl OperationsService {
     /// mailbox's messages (after a read point). A backup that does not
     /// verify, or holds no such mailbox, is a violated precondition.
     async fn found(&self, kind: OpKind) -> Result<Result<OpKind, OpRefusal>, Status> {
-        let OpKind::RestoreMailbox(mut r) = kind else {
-            return Ok(Ok(kind));
+        let mut r = match kind {
+            OpKind::RestoreMailbox(r) => r,
+            OpKind::TransferLeadership(mut x) => {
+                x.seen = self.leadership_facts();
+                return Ok(Ok(OpKind::TransferLeadership(x)));
+            }
+            kind => return Ok(Ok(kind)),
         };
         let Some(rec) = self.ctx.reader.backup(&r.backup).map_err(error::read)? else {
             return Ok(Err(OpRefusal::Precondition(format!(
@@ -232,6 +242,37 @@ impl OperationsService {
                 "backup {} cannot be restored from: {why}",
                 r.backup
             )))),
+        }
+    }
+}
+
+impl OperationsService {
+    /// The voters as this node sees them: the leader, each voter's role,
+    /// and (on the leader only) how far each is behind.
+    fn leadership_facts(&self) -> LeadershipFacts {
+        let m = self.ctx.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let last = m.last_log_index.unwrap_or(0);
+        let replication = m.replication.as_ref();
+        let voters = membership
+            .voter_ids()
+            .filter_map(|id| {
+                let node = membership.get_node(&id)?;
+                let behind = match replication {
+                    Some(_) if id == self.ctx.id => Some(0),
+                    Some(r) => Some(last.saturating_sub(r.get(&id)?.as_ref().map_or(0, |l| l.index))),
+                    None => None,
+                };
+                Some(VoterFacts {
+                    id,
+                    role: node.role,
+                    behind,
+                })
+            })
+            .collect();
+        LeadershipFacts {
+            leader: m.current_leader,
+            voters,
         }
     }
 }
@@ -342,6 +383,24 @@ fn kind_of(k: Option<OperationKind>) -> Result<OpKind, ApiError> {
                 deleted_only: x.deleted_only,
             }))
         }
+        Some(Kind::TransferLeadership(x)) => {
+            if x.node_id == 0 {
+                return Err(error::invalid("name the voter to lead (node_id)").with("field", "node_id"));
+            }
+            let hold_secs = match x.hold_secs {
+                0 => DEFAULT_HOLD_SECS,
+                s if s <= MAX_HOLD_SECS => s,
+                _ => {
+                    return Err(error::invalid(format!("hold_secs is at most {MAX_HOLD_SECS}"))
+                        .with("field", "hold_secs"))
+                }
+            };
+            Ok(OpKind::TransferLeadership(LeadershipTransfer {
+                to: x.node_id,
+                hold_ms: i64::from(hold_secs) * 1000,
+                seen: LeadershipFacts::default(),
+            }))
+        }
         None => Err(error::invalid("name the operation (kind)").with("field", "kind")),
     }
 }
@@ -385,6 +444,10 @@ fn kind_to_proto(k: &OpKind) -> OperationKind {
             mailbox: x.mailbox.mailbox.clone(),
             before_ms: x.before_ms.unwrap_or(0),
             deleted_only: x.deleted_only,
+        }),
+        OpKind::TransferLeadership(x) => Kind::TransferLeadership(TransferLeadershipOperation {
+            node_id: x.to,
+            hold_secs: (x.hold_ms / 1000).clamp(0, i64::from(u32::MAX)) as u32,
         }),
     };
     OperationKind { kind: Some(kind) }

@@ -12,6 +12,11 @@
 //!   (seen in the chaos soak). A leader that leads again after handing over
 //!   counts the handover as failed and waits twice as long before the next
 //!   (5 s doubling to about 10 min); a proper transfer is a known gap.
+//! * **Held by a transfer.** While a two-person leadership transfer holds
+//!   leadership on a voter (`Hold`, read from the replicated state), that
+//!   voter is the best placed, whatever the roles: the leader keeps it if it
+//!   is that voter, and hands it to that voter otherwise (one that failed
+//!   and returned). When the hold ends, the roles decide again.
 //! * **Last resort.** A backup voter never campaigns on its own. But when it
 //!   cannot reach a leader that confirms its leadership for several election
 //!   timeouts, it campaigns: its log may be the only complete one (a write
@@ -20,6 +25,7 @@
 //!   stay leaderless until the old leader came back. Once the standby has
 //!   caught up, the backup hands leadership over again.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::raft::PeerClients;
@@ -43,8 +49,19 @@ fn rank(role: Role) -> u8 {
     }
 }
 
+/// Where a leadership transfer holds leadership now, if it does: the voter
+/// (read from the replicated state, the hold's end already checked).
+pub type Hold = Arc<dyn Fn() -> Option<NodeId> + Send + Sync>;
+
 /// Runs the placement loop of node `id` (role `role`) until Raft stops.
-pub async fn run(id: NodeId, role: Role, raft: Raft, peers: PeerClients, election_timeout_max: Duration) {
+pub async fn run(
+    id: NodeId,
+    role: Role,
+    raft: Raft,
+    peers: PeerClients,
+    election_timeout_max: Duration,
+    hold: Hold,
+) {
     let tick = Duration::from_millis(500);
     let last_resort_after = election_timeout_max * 3;
     let mut last_handover: Option<Instant> = None;
@@ -71,8 +88,12 @@ pub async fn run(id: NodeId, role: Role, raft: Raft, peers: PeerClients, electio
             // Each failure costs an election; back off exponentially.
             let backoff = HANDOVER_EVERY * 2u32.pow(failed_handovers.min(7));
             let due = last_handover.is_none_or(|t| t.elapsed() >= backoff);
+            let held = hold();
+            if held == Some(id) {
+                continue;
+            }
             if settled && due {
-                if let Some(target) = hand_over(id, role, &m, &peers).await {
+                if let Some(target) = hand_over(id, role, held, &m, &peers).await {
                     if handed_to.replace(target).is_some() {
                         failed_handovers += 1;
                     }
@@ -114,11 +135,13 @@ pub async fn run(id: NodeId, role: Role, raft: Raft, peers: PeerClients, electio
     }
 }
 
-/// As leader, asks the best-placed caught-up voter to take over. Returns
-/// the voter it asked, if any.
+/// As leader, asks the best-placed caught-up voter to take over (the one
+/// leadership is `held` on, if it is a voter). Returns the voter it asked,
+/// if any.
 async fn hand_over(
     id: NodeId,
     role: Role,
+    held: Option<NodeId>,
     m: &crate::state::types::RaftMetrics,
     peers: &PeerClients,
 ) -> Option<NodeId> {
@@ -131,16 +154,16 @@ async fn hand_over(
         .filter_map(|v| {
             let node = membership.get_node(&v)?;
             let matched = replication.get(&v)?.as_ref()?.index;
-            (rank(node.role) < rank(role) && matched == last)
-                .then(|| (rank(node.role), v, node.raft_addr.clone()))
+            let better = match held {
+                Some(h) => v == h,
+                None => rank(node.role) < rank(role),
+            };
+            (better && matched == last).then(|| (rank(node.role), v, node.raft_addr.clone()))
         })
         .min();
     let (_, target, addr) = best?;
     tracing::info!(target, "handing leadership to a better-placed voter");
-    let mut c = peers.client(&addr).ok()?;
-    let mut req = tonic::Request::new(mailvault_proto::raft::CampaignRequest {});
-    req.set_timeout(Duration::from_secs(2));
-    if let Err(e) = c.campaign(req).await {
+    if let Err(e) = peers.campaign(&addr, Duration::from_secs(2)).await {
         tracing::warn!(target, error = %e.message(), "handover request failed");
     }
     metrics::counter!("mailvault_leader_handovers_total").increment(1);

@@ -7,7 +7,7 @@ mod read_fence;
 mod setup;
 mod snapshots;
 
-pub use leadership::run as place_leadership;
+pub use leadership::{run as place_leadership, Hold};
 pub use network::{resend_held_back_commits, PeerClients, PeerNetwork};
 pub use peer_service::PeerService;
 pub use read_fence::{ReadBarrier, ReadFence};

@@ -86,6 +86,18 @@ impl PeerClients {
         req.set_timeout(timeout);
         Ok(c.read_index(req).await?.into_inner().index)
     }
+
+    /// Asks the voter at `addr` to start an election now (leadership
+    /// placement, a leadership transfer); openraft 0.9 has no transfer.
+    pub async fn campaign(&self, addr: &str, timeout: Duration) -> Result<(), tonic::Status> {
+        let mut c = self
+            .client(addr)
+            .map_err(|_| ApiError::new(Reason::LeaderUnreachable, "peer unreachable"))?;
+        let mut req = tonic::Request::new(mailvault_proto::raft::CampaignRequest {});
+        req.set_timeout(timeout);
+        c.campaign(req).await?;
+        Ok(())
+    }
 }
 
 /// Creates per-peer network handles for openraft.

@@ -39,6 +39,9 @@ pub const OPERATION: u8 = 0xA0;
 pub const EXPORT_APPROVAL: u8 = 0xA1;
 /// The replicated audit settings: the one key `0xA2` (data version 7).
 pub const AUDIT_SETTINGS: u8 = 0xA2;
+/// Where a leadership transfer holds leadership: the one key `0xA3` (data
+/// version 9).
+pub const LEADERSHIP_PIN: u8 = 0xA3;
 /// The audit chain head.
 pub const AUDIT_HEAD: &[u8] = b"\x80head";
 
@@ -69,7 +72,8 @@ pub fn is_bound(key: &[u8]) -> bool {
                 | BACKUP
                 | OPERATION
                 | EXPORT_APPROVAL
-                | AUDIT_SETTINGS)
+                | AUDIT_SETTINGS
+                | LEADERSHIP_PIN)
         )
     )
 }
@@ -109,6 +113,11 @@ pub fn operation(id: &str) -> Vec<u8> {
 /// `0xA2`: the audit settings.
 pub fn audit_settings() -> Vec<u8> {
     vec![AUDIT_SETTINGS]
+}
+
+/// `0xA3`.
+pub fn leadership_pin() -> Vec<u8> {
+    vec![LEADERSHIP_PIN]
 }
 
 /// `0xA1 exporter 0 tenant 0 mailbox`.

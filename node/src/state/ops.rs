@@ -59,7 +59,60 @@ pub enum OpKind {
     /// Expunges the messages of one mailbox that a rule selects, after a
     /// verified backup (data version 8).
     Expunge(BulkExpunge),
+    /// Moves leadership to one voter and keeps it there for a while (data
+    /// version 9).
+    TransferLeadership(LeadershipTransfer),
 }
+
+/// A leadership transfer: to which voter, for how long, and what the
+/// leader saw of the voters when it rehearsed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeadershipTransfer {
+    /// The voter to lead.
+    pub to: u64,
+    /// How long it keeps leadership once it has it, ms.
+    pub hold_ms: i64,
+    /// The voters as the node that rehearsed it saw them (filled in by
+    /// that node, never by the caller).
+    pub seen: LeadershipFacts,
+}
+
+/// The leader's view of the voters, for a leadership transfer's rehearsal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeadershipFacts {
+    /// The leader, if one is known.
+    pub leader: Option<u64>,
+    /// Every voter, by id.
+    pub voters: Vec<VoterFacts>,
+}
+
+/// One voter as the leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoterFacts {
+    /// Its id.
+    pub id: u64,
+    /// Its role.
+    pub role: super::member::Role,
+    /// How many log entries it is behind the leader (none: not measured
+    /// here, e.g. rehearsed on a follower).
+    pub behind: Option<u64>,
+}
+
+/// Where leadership is held by a transfer, under `keys::leadership_pin`
+/// (data version 9): until `until_ms`, leadership placement prefers `node`
+/// to every other voter, whatever the roles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeadershipPin {
+    /// The voter that keeps leadership.
+    pub node: u64,
+    /// Until when, ms since the Unix epoch.
+    pub until_ms: i64,
+    /// The operation that set it.
+    pub operation: String,
+}
+
+/// A voter this many entries behind the leader is not handed leadership.
+pub const MAX_BEHIND_FOR_TRANSFER: u64 = 1_000;
 
 /// Which messages of a mailbox a bulk expunge removes: those matching every
 /// rule given (at least one is).
@@ -203,6 +256,7 @@ impl OpKind {
             OpKind::RestoreMailbox { .. } => "restore-mailbox",
             OpKind::AuditSettings { .. } => "audit-settings",
             OpKind::Expunge { .. } => "expunge",
+            OpKind::TransferLeadership { .. } => "transfer-leadership",
         }
     }
 
@@ -218,6 +272,7 @@ impl OpKind {
             OpKind::RestoreMailbox(r) => format!("{} from {} as {}", r.from, r.backup, r.into_name()),
             OpKind::AuditSettings { fail_closed } => format!("audit fail_closed = {fail_closed}"),
             OpKind::Expunge(x) => format!("{}: {}", x.mailbox, x.rules_text()),
+            OpKind::TransferLeadership(x) => format!("leadership to node {}", x.to),
         }
     }
 }
@@ -272,6 +327,16 @@ pub enum Step {
         /// The UIDs, ascending.
         uids: Vec<u32>,
     },
+    /// Node `to` takes leadership and keeps it for `hold_ms` (data version
+    /// 9). The executor runs its effect first (the leader asks `to` to
+    /// campaign); `to`, leading, records it, which stores the
+    /// [`LeadershipPin`].
+    Leadership {
+        /// The voter to lead.
+        to: u64,
+        /// How long it keeps leadership, ms from the step.
+        hold_ms: i64,
+    },
 }
 
 /// An approved bulk export, stored under `keys::export_approval`: the
@@ -301,6 +366,7 @@ impl Step {
             Step::RestoreMailbox { .. } => "restore-mailbox",
             Step::AuditSettings { .. } => "audit-settings",
             Step::Expunge { .. } => "expunge",
+            Step::Leadership { .. } => "transfer-leadership",
         }
     }
 
@@ -339,13 +405,18 @@ impl Step {
                 thousands(uids.len() as u64),
                 uids_text(uids)
             ),
+            Step::Leadership { to, hold_ms } => format!(
+                "node {to} takes leadership (the leader asks it to campaign: one election) \
+                 and keeps it for {}",
+                duration_text(*hold_ms)
+            ),
         }
     }
 
     /// Whether the executor runs the step's effect before it records it
     /// (see [`Step::RestoreMailbox`]).
     pub fn runs_outside(&self) -> bool {
-        matches!(self, Step::RestoreMailbox(_))
+        matches!(self, Step::RestoreMailbox(_) | Step::Leadership { .. })
     }
 }
 
@@ -750,6 +821,8 @@ pub trait View {
         tenant: &str,
         mailbox: &str,
     ) -> Result<Vec<Result<MessageFacts, u32>>, Self::Error>;
+    /// Where a leadership transfer holds leadership, if one does.
+    fn leadership_pin(&self) -> Result<Option<LeadershipPin>, Self::Error>;
 }
 
 fn part<T: Serialize>(what: String, value: &Option<T>) -> FencePart {
@@ -885,7 +958,118 @@ pub fn rehearse<V: View>(view: &V, kind: &OpKind) -> Result<Result<Plan, OpRefus
         OpKind::RestoreMailbox(r) => plan_restore_mailbox(view, r),
         OpKind::AuditSettings { fail_closed } => plan_audit_settings(view, *fail_closed),
         OpKind::Expunge(x) => plan_expunge(view, x),
+        OpKind::TransferLeadership(x) => plan_transfer_leadership(view, x),
     }
+}
+
+/// A leadership transfer: the target a voter that may lead (not a backup
+/// voter, which never campaigns by choice), not the leader already, caught
+/// up as the leader saw it. One step, run by the executor (the leader asks
+/// the target to campaign) and recorded by the target once it leads, which
+/// stores where leadership is held and until when. Fenced on that record
+/// (another transfer meanwhile). Nothing stored changes but that record.
+fn plan_transfer_leadership<V: View>(
+    view: &V,
+    x: &LeadershipTransfer,
+) -> Result<Result<Plan, OpRefusal>, V::Error> {
+    let pin = view.leadership_pin()?;
+    let to = x.to;
+    let voters = x
+        .seen
+        .voters
+        .iter()
+        .map(|v| v.id.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let Some(target) = x.seen.voters.iter().find(|v| v.id == to) else {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "node {to} is not a voter (the voters: {voters})"
+        ))));
+    };
+    if !target.role.may_campaign() {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "node {to} is a {} voter, which never leads by choice",
+            target.role.as_str()
+        ))));
+    }
+    if x.seen.leader == Some(to) {
+        return Ok(Err(OpRefusal::NothingToDo(format!("node {to} leads already"))));
+    }
+    let mut checks = vec![
+        format!("node {to} is a voter (the voters: {voters})"),
+        format!("node {to} is a {} node, which may lead", target.role.as_str()),
+    ];
+    match target.behind {
+        Some(b) if b > MAX_BEHIND_FOR_TRANSFER => {
+            return Ok(Err(OpRefusal::Precondition(format!(
+                "node {to} is {} log entries behind the leader (at most {} for a transfer)",
+                thousands(b),
+                thousands(MAX_BEHIND_FOR_TRANSFER)
+            ))));
+        }
+        Some(b) => checks.push(format!(
+            "node {to} is {} log entries behind the leader",
+            thousands(b)
+        )),
+        None => checks.push(format!(
+            "how far node {to} is behind is measured on the leader (this node is not): \
+             the proposal rehearses it there"
+        )),
+    }
+    let from = match x
+        .seen
+        .leader
+        .and_then(|l| x.seen.voters.iter().find(|v| v.id == l))
+    {
+        Some(l) => format!("node {} ({})", l.id, l.role.as_str()),
+        None => "no leader known".to_string(),
+    };
+    let active = x
+        .seen
+        .voters
+        .iter()
+        .find(|v| v.role == super::member::Role::Active)
+        .map_or("the active node".to_string(), |v| {
+            format!("node {} (active)", v.id)
+        });
+    let effect = vec![
+        format!(
+            "leadership moves from {from} to node {to} ({})",
+            target.role.as_str()
+        ),
+        "one election: writes wait for it (about an election timeout) and are not lost".to_string(),
+        format!(
+            "node {to} keeps leadership for {} from the transfer: until then leadership placement \
+             does not hand it back to {active}; if node {to} fails meanwhile another voter leads \
+             and hands leadership back to node {to} once it has caught up",
+            duration_text(x.hold_ms)
+        ),
+        match &pin {
+            Some(p) => format!(
+                "this replaces the hold of {} on node {} (until {})",
+                p.operation,
+                p.node,
+                time_text(p.until_ms)
+            ),
+            None => "no mail, policy or membership changes".to_string(),
+        },
+    ];
+    Ok(Ok(Plan {
+        steps: vec![Step::Leadership {
+            to,
+            hold_ms: x.hold_ms,
+        }],
+        effect,
+        checks,
+        backup_first: false,
+        fence: vec![part("where leadership is held".to_string(), &pin)],
+    }))
+}
+
+/// "1 h 30 min", "45 s".
+pub fn duration_text(ms: i64) -> String {
+    let secs = (ms.max(0) / 1000) as u64;
+    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
 }
 
 /// A bulk expunge: the messages the rules select now, listed by UID in the
@@ -1037,9 +1221,11 @@ fn plan_audit_settings<V: View>(view: &V, fail_closed: bool) -> Result<Result<Pl
         None => "each node's [audit] fail_closed config".to_string(),
     };
     let effect = match fail_closed {
-        true => "every access waits until its audit record is committed, and fails (AUDIT_UNAVAILABLE)                  when it cannot be: no access without its record"
+        true => "every access waits until its audit record is committed, and fails (AUDIT_UNAVAILABLE) \
+                 when it cannot be: no access without its record"
             .to_string(),
-        false => "accesses no longer wait for their audit record: a record still queued on a node that                   crashes is lost (and counted in mailvault_audit_dropped_total when the queue is full)"
+        false => "accesses no longer wait for their audit record: a record still queued on a node that \
+                  crashes is lost (and counted in mailvault_audit_dropped_total when the queue is full)"
             .to_string(),
     };
     Ok(Ok(Plan {
@@ -1248,7 +1434,7 @@ fn plan_delete_mailbox<V: View>(view: &V, name: &MailboxName) -> Result<Result<P
 }
 
 /// An RFC 3339 UTC time (to the second).
-fn time_text(ms: i64) -> String {
+pub fn time_text(ms: i64) -> String {
     match u64::try_from(ms) {
         Ok(ms) => {
             humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
@@ -1319,6 +1505,7 @@ mod tests {
         backups: HashMap<String, BackupRecord>,
         audit: Option<AuditSettings>,
         messages: HashMap<(String, String), Vec<Result<MessageFacts, u32>>>,
+        pin: Option<LeadershipPin>,
     }
 
     impl View for Fake {
@@ -1348,6 +1535,91 @@ mod tests {
                 .cloned()
                 .unwrap_or_default())
         }
+        fn leadership_pin(&self) -> Result<Option<LeadershipPin>, ()> {
+            Ok(self.pin.clone())
+        }
+    }
+
+    fn transfer(to: u64, leader: u64, behind: Option<u64>) -> OpKind {
+        use crate::state::member::Role;
+        let voters = [(1, Role::Active), (2, Role::Standby), (3, Role::Backup)]
+            .into_iter()
+            .map(|(id, role)| VoterFacts {
+                id,
+                role,
+                behind: (id != leader).then_some(behind).flatten(),
+            })
+            .collect();
+        OpKind::TransferLeadership(LeadershipTransfer {
+            to,
+            hold_ms: 3_600_000,
+            seen: LeadershipFacts {
+                leader: Some(leader),
+                voters,
+            },
+        })
+    }
+
+    #[test]
+    fn a_leadership_transfer_goes_only_to_a_caught_up_voter_that_may_lead_and_is_fenced_on_the_hold() {
+        let mut v = Fake::default();
+        let plan = rehearse(&v, &transfer(2, 1, Some(3))).unwrap().unwrap();
+        assert_eq!(
+            plan.steps,
+            vec![Step::Leadership {
+                to: 2,
+                hold_ms: 3_600_000
+            }]
+        );
+        assert!(!plan.backup_first);
+        assert_eq!(
+            plan.effect[0],
+            "leadership moves from node 1 (active) to node 2 (standby)"
+        );
+        assert!(plan.effect[2].contains("for 1h"), "{:?}", plan.effect);
+        assert!(plan
+            .checks
+            .iter()
+            .any(|c| c == "node 2 is 3 log entries behind the leader"));
+        assert!(plan.steps[0].runs_outside());
+
+        let refused = |k: OpKind| rehearse(&v, &k).unwrap().unwrap_err().to_string();
+        assert_eq!(
+            refused(transfer(7, 1, Some(0))),
+            "node 7 is not a voter (the voters: 1, 2, 3)"
+        );
+        assert_eq!(
+            refused(transfer(3, 1, Some(0))),
+            "node 3 is a backup voter, which never leads by choice"
+        );
+        assert_eq!(
+            refused(transfer(1, 1, Some(0))),
+            "nothing to do: node 1 leads already"
+        );
+        assert_eq!(
+            refused(transfer(2, 1, Some(5_000))),
+            "node 2 is 5,000 log entries behind the leader (at most 1,000 for a transfer)"
+        );
+        // Rehearsed on a follower: said so, and rehearsed again on the leader.
+        let there = rehearse(&v, &transfer(2, 1, None)).unwrap().unwrap();
+        assert!(
+            there.checks[2].contains("measured on the leader"),
+            "{:?}",
+            there.checks
+        );
+
+        v.pin = Some(LeadershipPin {
+            node: 1,
+            until_ms: 1,
+            operation: "op-00000009".into(),
+        });
+        let again = rehearse(&v, &transfer(2, 1, Some(3))).unwrap().unwrap();
+        assert_ne!(again.fence_hash(), plan.fence_hash(), "fenced on the hold");
+        assert!(
+            again.effect[3].contains("replaces the hold of op-00000009"),
+            "{:?}",
+            again.effect
+        );
     }
 
     #[test]

@@ -38,7 +38,10 @@
 /// 8. An operation may expunge in bulk (`OpKind::Expunge`, `Step::Expunge`);
 ///    export approvals (under [`super::keys::EXPORT_APPROVAL`]) are bound
 ///    to their keys like the other records.
-pub const DATA_VERSION: u32 = 8;
+/// 9. An operation may transfer leadership (`OpKind::TransferLeadership`,
+///    `Step::Leadership`), which stores where leadership is held under
+///    [`super::keys::LEADERSHIP_PIN`]; no stored record changed.
+pub const DATA_VERSION: u32 = 9;
 
 /// The version of data directories written before the version was stored
 /// (their formats are version 1's).

@@ -84,6 +84,10 @@ const STEPS: &[Step] = &[
         to: 8,
         run: bind_export_approvals,
     },
+    Step {
+        to: 9,
+        run: stamp_only,
+    },
 ];
 
 /// Data written before the version was stored has version 1's formats:
@@ -98,7 +102,9 @@ fn unversioned_to_1(_db: &Db, _keys: &Keyring, _batch: &mut WriteBatch) -> Resul
 /// snapshots checkpoints: the move is `super::layout`'s, before any step
 /// runs, and no record changes. Version 5 adds the backup catalog's command
 /// family, like version 2, version 6 the two-person operations', and version
-/// 7 the mailbox restore among them (new operation and step variants).
+/// 7 the mailbox restore among them (new operation and step variants),
+/// version 9 the leadership transfer (new variants, and a new record that
+/// no older store holds).
 fn stamp_only(_db: &Db, _keys: &Keyring, _batch: &mut WriteBatch) -> Result<(), DataVersionError> {
     Ok(())
 }
@@ -437,8 +443,8 @@ mod tests {
     }
 
     #[test]
-    fn a_version_5_6_or_7_store_becomes_current_with_its_records_untouched() {
-        for from in [5, 6, 7] {
+    fn a_version_5_to_8_store_becomes_current_with_its_records_untouched() {
+        for from in [5, 6, 7, 8] {
             let (_d, db) = db();
             put(&db, CF_SM, META_DATA_VERSION, &version::encode(from));
             let catalog = keys::backup("20261201T020000Z-000000000042");
@@ -448,7 +454,7 @@ mod tests {
             put(&db, CF_LOG, &9u64.to_be_bytes(), b"entry");
             assert_eq!(upgrade(&db, test_keyring()).unwrap(), Some(from));
             assert_eq!(read(&db).unwrap(), Some(DATA_VERSION), "from {from}");
-            assert_eq!(DATA_VERSION, 8);
+            assert_eq!(DATA_VERSION, 9);
             let (sm, log) = (db.cf_handle(CF_SM).unwrap(), db.cf_handle(CF_LOG).unwrap());
             assert_eq!(
                 db.get_cf(sm, &catalog).unwrap().as_deref(),

@@ -271,6 +271,11 @@ impl MailReader {
         self.get(&keys::audit_settings())
     }
 
+    /// Where a leadership transfer holds leadership, if one does.
+    pub fn leadership_pin(&self) -> R<Option<crate::state::ops::LeadershipPin>> {
+        self.get(&keys::leadership_pin())
+    }
+
     /// The approved export of `mailbox` by `exporter`, if any.
     pub fn export_approval(
         &self,
@@ -418,5 +423,9 @@ impl crate::state::ops::View for MailReader {
 
     fn audit_settings(&self) -> R<Option<crate::state::audit::AuditSettings>> {
         MailReader::audit_settings(self)
+    }
+
+    fn leadership_pin(&self) -> R<Option<crate::state::ops::LeadershipPin>> {
+        MailReader::leadership_pin(self)
     }
 }

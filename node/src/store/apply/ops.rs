@@ -17,8 +17,8 @@ use crate::state::backup::BackupRecord;
 use crate::state::command::{CommandResult, Refusal};
 use crate::state::keys;
 use crate::state::ops::{
-    hex, rehearse, Actor, ExportApproval, MessageFacts, OpChange, OpRefusal, OpStatus, Operation, Step,
-    StepResult, View,
+    hex, rehearse, Actor, ExportApproval, LeadershipPin, MessageFacts, OpChange, OpRefusal, OpStatus,
+    Operation, Step, StepResult, View,
 };
 use crate::state::policy::IdentityPolicy;
 use crate::state::records::{MailboxRecord, TenantRecord};
@@ -44,6 +44,10 @@ impl View for Tx<'_> {
 
     fn audit_settings(&self) -> Res<Option<AuditSettings>> {
         self.get(&keys::audit_settings())
+    }
+
+    fn leadership_pin(&self) -> Res<Option<LeadershipPin>> {
+        self.get(&keys::leadership_pin())
     }
 
     fn message_facts(&self, tenant: &str, mailbox: &str) -> Res<Vec<Result<MessageFacts, u32>>> {
@@ -336,6 +340,23 @@ impl Tx<'_> {
                     Ok(_) => Err(format!("{}: unexpected result", step.describe())),
                     Err(r) => Err(format!("{}: {r}", step.describe())),
                 }
+            }
+            // Its effect came first (the election); only the node that
+            // leads now records it, so the record says it took leadership.
+            Step::Leadership { to, hold_ms } => {
+                if actor.node != to {
+                    return refused(OpRefusal::NotNextStep(index));
+                }
+                let pin = LeadershipPin {
+                    node: to,
+                    until_ms: actor.at_ms.saturating_add(hold_ms),
+                    operation: op.id.clone(),
+                };
+                self.put(keys::leadership_pin(), &pin);
+                Ok(format!(
+                    "done: node {to} leads, and keeps leadership until {}",
+                    crate::state::ops::time_text(pin.until_ms)
+                ))
             }
         };
         let at_ms = actor.at_ms;
