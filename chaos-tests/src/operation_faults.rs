@@ -1,6 +1,6 @@
 //! The `kill-operation` fault class: a two-person operation proposed by one
 //! operator and approved by another, the leader killed with `kill -9` at a
-//! random moment between the approval and some seconds later (before the
+//! random moment 0–1.5 s after the approval (before the
 //! pre-operation backup, during it, during the step, or after), and
 //! afterwards every such operation must have ended in a recorded state with
 //! its effect whole (it succeeded, every planned step ran once) or absent (it

@@ -65,7 +65,7 @@ pub enum Fault {
     KillBackup,
     /// A two-person operation (delete a mailbox or expunge one in bulk,
     /// both backup first, or grant a role) proposed and approved, then
-    /// `kill -9` of the leader 0–3 s after the approval, restarted after
+    /// `kill -9` of the leader 0–1.5 s after the approval, restarted after
     /// 0–5 s; afterwards every such operation must have ended in a recorded
     /// state, its effect whole or absent on every node as its record says
     /// (see `operation_faults`).
@@ -625,7 +625,7 @@ async fn inject(
                 }
             };
             // Before the pre-operation backup, during it, during the step, or after.
-            tokio::time::sleep(Duration::from_millis(rng.random_range(0..3000))).await;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..1500))).await;
             let stage = match &id {
                 Some(id) => crate::operation_faults::stage_of(cluster, id).await,
                 None => "none launched".into(),
