@@ -702,6 +702,12 @@ async fn a_mailbox_deleted_by_two_operators_is_backed_up_first_and_comes_back_fr
     assert!(want == got, "every message back, byte-exact");
 
     // On record: the backup, taken for the operation, before the step.
+    assert_backed_up_between_approval_and_step(&cluster, id).await;
+}
+
+/// On record for operation `id`: the approval, then the pre-operation
+/// backup, then the step.
+async fn assert_backed_up_between_approval_and_step(cluster: &Cluster, id: &str) {
     let records = cluster.audit_records(0, "auditor").await;
     let seq = |action: &str| {
         records
@@ -1201,15 +1207,7 @@ async fn a_bulk_expunge_by_two_operators_removes_exactly_the_messages_rehearsed_
     assert_eq!(back.status, "succeeded", "{back:?}");
     assert_eq!(list_all(&mut c, T, "support-before").await.unwrap().len(), 21);
 
-    let records = cluster.audit_records(0, "auditor").await;
-    let seq = |action: &str| {
-        records
-            .iter()
-            .find(|r| r.action == action && r.target.starts_with(id))
-            .map(|r| r.seq)
-            .unwrap_or_else(|| panic!("no {action} for {id}"))
-    };
-    assert!(seq("op-approve") < seq("op-backup") && seq("op-backup") < seq("op-step"));
+    assert_backed_up_between_approval_and_step(&cluster, id).await;
 }
 
 /// The leader as every running node names it (waits up to 30 s for agreement).

@@ -600,6 +600,23 @@ fn write_plan(c: &Cluster, doc: &serde_json::Value) {
     std::fs::write(c.restore_plan_file(), serde_json::to_vec_pretty(doc).unwrap()).unwrap();
 }
 
+/// `doc` with one more signature entry.
+fn signed(doc: &serde_json::Value, signature: serde_json::Value) -> serde_json::Value {
+    let mut d = doc.clone();
+    d["signatures"]
+        .as_array_mut()
+        .expect("a plan file's signatures")
+        .push(signature);
+    d
+}
+
+/// `backup approve-restore PLAN --yes --plan-hash HASH`.
+fn approve_restore(plan: &str, hash: &str) -> Vec<String> {
+    ["backup", "approve-restore", plan, "--yes", "--plan-hash", hash]
+        .map(String::from)
+        .to_vec()
+}
+
 /// A signature entry as `identity` of cluster `c` would make it for the
 /// plan `doc` (or for `id`/`hash` given instead).
 fn signature_of(c: &Cluster, identity: &str, id: &str, hash: &str) -> serde_json::Value {
@@ -709,44 +726,18 @@ async fn a_cluster_restore_runs_only_on_an_unchanged_plan_two_operators_signed()
     // Run with the proposer's signature only: refused.
     refused(run_plan(), "a second operator must sign it");
     // The proposer signs again: refused; nothing added.
-    let sign = |identity: &str| {
-        run_as(
-            identity,
-            vec![
-                "backup".into(),
-                "approve-restore".into(),
-                plan_path.clone(),
-                "--yes".into(),
-                "--plan-hash".into(),
-                hash.clone(),
-            ],
-        )
-    };
+    let sign = |identity: &str| run_as(identity, approve_restore(&plan_path, &hash));
     refused(sign(ADMIN), "admin signed plan");
     // Another identity on the proposer's key: refused by the CLI, and by
     // the restore when the file is made by hand.
     new.issue_on_key_of("admin3", ADMIN);
     refused(sign("admin3"), "this certificate's key signed plan");
-    let mut doc = proposed_only.clone();
-    doc["signatures"]
-        .as_array_mut()
-        .unwrap()
-        .push(signature_of(&new, "admin3", &id, &hash));
+    let doc = signed(&proposed_only, signature_of(&new, "admin3", &id, &hash));
     write_plan(&new, &doc);
     refused(run_plan(), "signed with one key");
     // A wrong plan hash given to approve-restore: not signed.
     write_plan(&new, &proposed_only);
-    let (ok, _, err) = run_as(
-        ADMIN2,
-        vec![
-            "backup".into(),
-            "approve-restore".into(),
-            plan_path.clone(),
-            "--yes".into(),
-            "--plan-hash".into(),
-            "0".repeat(64),
-        ],
-    );
+    let (ok, _, err) = run_as(ADMIN2, approve_restore(&plan_path, &"0".repeat(64)));
     assert!(!ok && err.contains("not signed: the plan's hash is"), "{err}");
     // Not an operator: it may sign the file, the restore refuses it.
     let (ok, _, err) = sign("frontend");
@@ -754,7 +745,6 @@ async fn a_cluster_restore_runs_only_on_an_unchanged_plan_two_operators_signed()
     refused(run_plan(), "frontend is no operator in the backup's policy");
     // A forged signature (one byte flipped): refused.
     write_plan(&new, &proposed_only);
-    let mut doc = proposed_only.clone();
     let mut forged = signature_of(&new, ADMIN2, &id, &hash);
     let s = forged["signature"].as_str().unwrap().to_string();
     let flipped = if s.starts_with('A') {
@@ -763,23 +753,17 @@ async fn a_cluster_restore_runs_only_on_an_unchanged_plan_two_operators_signed()
         format!("A{}", &s[1..])
     };
     forged["signature"] = flipped.into();
-    doc["signatures"].as_array_mut().unwrap().push(forged);
-    write_plan(&new, &doc);
+    write_plan(&new, &signed(&proposed_only, forged));
     refused(run_plan(), "admin2's signature is refused");
     // A signature of another plan, replayed onto this one: refused.
-    let mut doc = proposed_only.clone();
-    doc["signatures"]
-        .as_array_mut()
-        .unwrap()
-        .push(signature_of(&new, ADMIN2, "restore-00000000", &hash));
+    let doc = signed(
+        &proposed_only,
+        signature_of(&new, ADMIN2, "restore-00000000", &hash),
+    );
     write_plan(&new, &doc);
     refused(run_plan(), "the signature does not match");
     // The plan edited after it was signed (another reason): refused.
-    let mut doc = proposed_only.clone();
-    doc["signatures"]
-        .as_array_mut()
-        .unwrap()
-        .push(signature_of(&new, ADMIN2, &id, &hash));
+    let mut doc = signed(&proposed_only, signature_of(&new, ADMIN2, &id, &hash));
     let signed_by_both = doc.clone();
     doc["plan"]["reason"] = "T-901".into();
     write_plan(&new, &doc);
@@ -824,17 +808,7 @@ async fn a_cluster_restore_runs_only_on_an_unchanged_plan_two_operators_signed()
     assert!(ok, "{err}");
     let short_hash = plan_doc(&new)["plan_hash"].as_str().unwrap().to_string();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (ok, _, err) = run_as(
-        ADMIN2,
-        vec![
-            "backup".into(),
-            "approve-restore".into(),
-            plan_path.clone(),
-            "--yes".into(),
-            "--plan-hash".into(),
-            short_hash,
-        ],
-    );
+    let (ok, _, err) = run_as(ADMIN2, approve_restore(&plan_path, &short_hash));
     assert!(!ok && err.contains("expired"), "{err}");
     refused(run_plan(), "expired");
 
