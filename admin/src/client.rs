@@ -30,35 +30,42 @@ pub struct TlsArgs {
     pub key: Option<PathBuf>,
 }
 
-static TLS: OnceLock<Option<ClientTlsConfig>> = OnceLock::new();
+/// The TLS files (CA, certificate, key), read when a connection is made —
+/// so offline commands (`audit verify --data-dir`, `dev-certs`) never need
+/// them to exist.
+static TLS: OnceLock<Option<(PathBuf, PathBuf, PathBuf)>> = OnceLock::new();
 /// The certificate and key files, for signing approvals.
 static IDENTITY: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
 
 /// Sets the TLS files for every connection this process makes.
 pub fn init_tls(args: &TlsArgs) -> anyhow::Result<()> {
-    let cfg = match (&args.ca, &args.cert, &args.key) {
+    let files = match (&args.ca, &args.cert, &args.key) {
         (Some(ca), Some(cert), Some(key)) => {
             let _ = IDENTITY.set((cert.clone(), key.clone()));
-            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-            Some(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(read(ca)?))
-                    .identity(Identity::from_pem(read(cert)?, read(key)?)),
-            )
+            Some((ca.clone(), cert.clone(), key.clone()))
         }
         (None, None, None) => None,
         _ => anyhow::bail!("--ca, --cert and --key go together"),
     };
-    let _ = TLS.set(cfg);
+    let _ = TLS.set(files);
     Ok(())
+}
+
+/// The client TLS configuration of the files given.
+fn tls_config() -> anyhow::Result<ClientTlsConfig> {
+    let (ca, cert, key) = TLS.get().cloned().flatten().context(
+        "every listener requires mTLS: give --ca, --cert and --key (or MAILVAULT_CA, MAILVAULT_CERT, MAILVAULT_KEY)",
+    )?;
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&ca)?))
+        .identity(Identity::from_pem(read(&cert)?, read(&key)?)))
 }
 
 /// A channel to `endpoint` (`host:port`, or a URL whose scheme is ignored).
 pub async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
     let hostport = endpoint.split("://").last().unwrap_or(endpoint);
-    let tls = TLS.get().cloned().flatten().context(
-        "every listener requires mTLS: give --ca, --cert and --key (or MAILVAULT_CA, MAILVAULT_CERT, MAILVAULT_KEY)",
-    )?;
+    let tls = tls_config()?;
     let url = format!("https://{hostport}");
     Endpoint::from_shared(url.clone())
         .with_context(|| format!("invalid endpoint {url}"))?

@@ -13,13 +13,15 @@
 
 use std::time::{Duration, Instant};
 
+use mailvault_proto::v1::mailbox_client::MailboxClient;
 use mailvault_proto::v1::{
     operation_kind, role, DeleteMailboxOperation, ExpungeOperation, GetMailboxStatusRequest,
-    GetOperationRequest, GrantOperation, ListBackupsRequest, Operation, OperationKind,
+    GetOperationRequest, GrantOperation, ListBackupsRequest, MailboxStatus, Operation, OperationKind,
     ProposeOperationRequest, Role, TenantRole, VerifyBackupRequest,
 };
 use rand::rngs::SmallRng;
 use rand::Rng;
+use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::history::Recorder;
@@ -231,28 +233,39 @@ async fn ended(cluster: &Cluster, id: &str) -> Result<Operation, String> {
     }
 }
 
+/// `GetMailboxStatus` of `mailbox` through `c`, retried while the answer is
+/// transient; a definite refusal (not found, permission denied) is its code.
+async fn mailbox_status(
+    c: &MailboxClient<Channel>,
+    mailbox: &str,
+) -> Result<Result<MailboxStatus, Code>, tonic::Status> {
+    retry(Duration::from_secs(20), || {
+        let mut c = c.clone();
+        let req = GetMailboxStatusRequest {
+            tenant: TENANT.into(),
+            mailbox: mailbox.into(),
+        };
+        async move {
+            match c.get_mailbox_status(req).await {
+                Ok(s) => Ok(Ok(s.into_inner())),
+                Err(s) if matches!(s.code(), Code::NotFound | Code::PermissionDenied) => Ok(Err(s.code())),
+                Err(s) => Err(s),
+            }
+        }
+    })
+    .await
+}
+
 /// Whether the effect is there, as node `i` sees it; an error when it is
 /// neither whole nor absent.
 async fn effect_on(cluster: &Cluster, i: usize, e: &Effect) -> Result<bool, String> {
     match e {
         Effect::DeleteMailbox { mailbox, messages } => {
-            let c = cluster.mailbox(i).await;
-            let got = retry(Duration::from_secs(20), || {
-                let mut c = c.clone();
-                let req = GetMailboxStatusRequest {
-                    tenant: TENANT.into(),
-                    mailbox: mailbox.clone(),
-                };
-                async move {
-                    match c.get_mailbox_status(req).await {
-                        Ok(s) => Ok(Some(s.into_inner().messages)),
-                        Err(s) if s.code() == Code::NotFound => Ok(None),
-                        Err(s) => Err(s),
-                    }
-                }
-            })
-            .await
-            .map_err(|s| format!("node {}: {mailbox} cannot be read: {:?}", i + 1, s.code()))?;
+            let got = match mailbox_status(&cluster.mailbox(i).await, mailbox).await {
+                Ok(Ok(s)) => Some(s.messages),
+                Ok(Err(Code::NotFound)) => None,
+                other => return Err(format!("node {}: {mailbox} cannot be read: {other:?}", i + 1)),
+            };
             match got {
                 None => Ok(true),
                 Some(m) if m == *messages => Ok(false),
@@ -280,24 +293,11 @@ async fn effect_on(cluster: &Cluster, i: usize, e: &Effect) -> Result<bool, Stri
             }
         }
         Effect::Grant { identity, mailbox } => {
-            let c = cluster.mailbox_as(i, identity).await;
-            let got = retry(Duration::from_secs(20), || {
-                let mut c = c.clone();
-                let req = GetMailboxStatusRequest {
-                    tenant: TENANT.into(),
-                    mailbox: mailbox.clone(),
-                };
-                async move {
-                    match c.get_mailbox_status(req).await {
-                        Ok(_) => Ok(true),
-                        Err(s) if s.code() == Code::PermissionDenied => Ok(false),
-                        Err(s) => Err(s),
-                    }
-                }
-            })
-            .await
-            .map_err(|s| format!("node {}: {identity} cannot be checked: {:?}", i + 1, s.code()))?;
-            Ok(got)
+            match mailbox_status(&cluster.mailbox_as(i, identity).await, mailbox).await {
+                Ok(Ok(_)) => Ok(true),
+                Ok(Err(Code::PermissionDenied)) => Ok(false),
+                other => Err(format!("node {}: {identity} cannot be checked: {other:?}", i + 1)),
+            }
         }
     }
 }

@@ -859,8 +859,13 @@ async fn audit_verify_detects_an_edited_deleted_or_reordered_record() {
     cluster.kill(2);
     let src = cluster.data_dir(2);
     let admin_bin = mailvault_chaos::admin_binary();
+    // Offline: TLS files named in the environment (as an operator's shell
+    // has them) are not read, and need not exist here.
     let verify = |dir: &std::path::Path| {
         std::process::Command::new(&admin_bin)
+            .env("MAILVAULT_CA", "/nonexistent/ca.pem")
+            .env("MAILVAULT_CERT", "/nonexistent/client.pem")
+            .env("MAILVAULT_KEY", "/nonexistent/client.key")
             .args(["--output", "json", "audit", "verify", "--data-dir"])
             .arg(dir)
             .output()
