@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use crate::state::command::{Command, CommandResult};
 use crate::state::types::{Batch, NodeId, Raft};
@@ -47,6 +47,7 @@ struct Pending {
 pub struct Proposer {
     tx: mpsc::Sender<Pending>,
     timeout: Duration,
+    hold: Arc<watch::Sender<Option<Instant>>>,
 }
 
 impl Proposer {
@@ -59,11 +60,28 @@ impl Proposer {
         workers: &Supervisor,
     ) -> Proposer {
         let (tx, rx) = mpsc::channel(16 * 1024);
+        let (hold, held) = watch::channel(None);
         workers.spawn("proposer", Kind::Essential, async move {
-            run(raft, rx, max_batch_bytes, in_flight).await;
+            run(raft, rx, max_batch_bytes, in_flight, held).await;
             Ok(())
         });
-        Proposer { tx, timeout }
+        Proposer {
+            tx,
+            timeout,
+            hold: Arc::new(hold),
+        }
+    }
+
+    /// Holds new batches back (they gather, and are proposed once released)
+    /// for at most `d`: a leadership transfer lets the target catch up with
+    /// a log that stops growing, so that its vote request is up to date.
+    pub fn hold_for(&self, d: Duration) {
+        self.hold.send_replace(Some(Instant::now() + d));
+    }
+
+    /// Ends a hold.
+    pub fn release(&self) {
+        self.hold.send_replace(None);
     }
 
     /// Proposes one command and waits for its result.
@@ -118,7 +136,13 @@ impl Gathering {
 /// batch cannot gain by waiting (large messages, each chunk about a batch):
 /// it goes at once, up to [`MAX_FULL_IN_FLIGHT`] batches in flight, so that
 /// the follower's part of one entry overlaps the leader's part of the next.
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, max_batch_bytes: usize, in_flight: usize) {
+async fn run(
+    raft: Raft,
+    mut rx: mpsc::Receiver<Pending>,
+    max_batch_bytes: usize,
+    in_flight: usize,
+    mut held: watch::Receiver<Option<Instant>>,
+) {
     let partial = Arc::new(Semaphore::new(in_flight));
     let all = Arc::new(Semaphore::new(in_flight.max(MAX_FULL_IN_FLIGHT)));
     while let Some(first) = rx.recv().await {
@@ -144,6 +168,16 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, max_batch_bytes: usize
                     }
                     None => break,
                 },
+            }
+        }
+        // Held (a leadership transfer): wait until released or expired.
+        loop {
+            let until = *held.borrow_and_update();
+            match until {
+                Some(t) if t > Instant::now() => {
+                    let _ = tokio::time::timeout_at(t.into(), held.changed()).await;
+                }
+                _ => break,
             }
         }
         let permit = all.clone().acquire_owned().await.expect("semaphore open");

@@ -1037,7 +1037,10 @@ fn plan_transfer_leadership<V: View>(
             "leadership moves from {from} to node {to} ({})",
             target.role.as_str()
         ),
-        "one election: writes wait for it (about an election timeout) and are not lost".to_string(),
+        format!(
+            "one election: new writes wait (at most 2 s) while node {to} catches up and takes \
+             over; a few then get a retryable UNAVAILABLE; nothing acknowledged is lost"
+        ),
         format!(
             "node {to} keeps leadership for {} from the transfer: until then leadership placement \
              does not hand it back to {active}; if node {to} fails meanwhile another voter leads \
