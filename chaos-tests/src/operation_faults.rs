@@ -25,7 +25,6 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::history::Recorder;
-use crate::scenario::TENANT;
 use crate::{append, create_mailbox, list_all, retry, test_message, Cluster, ADMIN2};
 
 /// What an operation changes, to look for afterwards.
@@ -43,6 +42,7 @@ enum Effect {
 #[derive(Debug, Clone)]
 pub struct Launched {
     id: String,
+    tenant: String,
     effect: Effect,
 }
 
@@ -56,16 +56,16 @@ impl Launched {
 /// Longest wait for an operation to end after the heal.
 const END_BOUND: Duration = Duration::from_secs(90);
 
-fn kind_of(effect: &Effect) -> OperationKind {
+fn kind_of(tenant: &str, effect: &Effect) -> OperationKind {
     let kind = match effect {
         Effect::DeleteMailbox { mailbox, .. } => {
             operation_kind::Kind::DeleteMailbox(DeleteMailboxOperation {
-                tenant: TENANT.into(),
+                tenant: tenant.into(),
                 mailbox: mailbox.clone(),
             })
         }
         Effect::Expunge { mailbox, .. } => operation_kind::Kind::Expunge(ExpungeOperation {
-            tenant: TENANT.into(),
+            tenant: tenant.into(),
             mailbox: mailbox.clone(),
             // Everything appended so far (internal dates are the append time).
             before_ms: now_ms() + 86_400_000,
@@ -75,7 +75,7 @@ fn kind_of(effect: &Effect) -> OperationKind {
             identity: identity.clone(),
             role: Some(Role {
                 role: Some(role::Role::Tenant(TenantRole {
-                    tenant: TENANT.into(),
+                    tenant: tenant.into(),
                     role: "reader".into(),
                 })),
             }),
@@ -92,8 +92,8 @@ fn now_ms() -> i64 {
 }
 
 /// A mailbox of the fault's own, with `n` messages in it.
-async fn fill(cluster: &Cluster, mailbox: &str, n: u64) -> Result<(), String> {
-    create_mailbox(cluster, 0, TENANT, mailbox)
+async fn fill(cluster: &Cluster, tenant: &str, mailbox: &str, n: u64) -> Result<(), String> {
+    create_mailbox(cluster, 0, tenant, mailbox)
         .await
         .map_err(|s| format!("could not create {mailbox}: {:?}", s.code()))?;
     let c = cluster.mailbox(0).await;
@@ -102,7 +102,7 @@ async fn fill(cluster: &Cluster, mailbox: &str, n: u64) -> Result<(), String> {
         let body = test_message(&key, "customer@example.org", &key, 2000);
         retry(Duration::from_secs(20), || {
             let (mut c, key, body) = (c.clone(), key.clone(), body.clone());
-            async move { append(&mut c, TENANT, mailbox, &key, &body).await }
+            async move { append(&mut c, tenant, mailbox, &key, &body).await }
         })
         .await
         .map_err(|s| format!("could not fill {mailbox}: {:?}", s.code()))?;
@@ -110,12 +110,15 @@ async fn fill(cluster: &Cluster, mailbox: &str, n: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// Proposes one operation (as [`crate::ADMIN`]) and approves it (as
-/// [`ADMIN2`]). `n` numbers the fault, for unique names. Returns the
+/// Proposes one operation on `tenant` (as [`crate::ADMIN`]) and approves it
+/// (as [`ADMIN2`]); a grant is of the reader role, checked afterwards by
+/// reading mailbox `readable`. `n` numbers the fault, for unique names.
+/// Returns the
 /// operation, or why it could not be set up (not a finding: the cluster may
 /// still be settling from the previous fault).
 pub async fn launch(
     cluster: &Cluster,
+    (tenant, readable): (&str, &str),
     n: usize,
     rng: &mut SmallRng,
     rec: &Recorder,
@@ -132,16 +135,16 @@ pub async fn launch(
         },
         _ => Effect::Grant {
             identity: format!("op-reader-{n}"),
-            mailbox: crate::scenario::first_mailbox(),
+            mailbox: readable.to_string(),
         },
     };
     match &effect {
         Effect::DeleteMailbox { mailbox, messages } | Effect::Expunge { mailbox, messages } => {
-            fill(cluster, mailbox, *messages).await?
+            fill(cluster, tenant, mailbox, *messages).await?
         }
         Effect::Grant { .. } => {}
     }
-    let kind = kind_of(&effect);
+    let kind = kind_of(tenant, &effect);
     let a = cluster.admin(0).await.operations;
     let proposed = retry(Duration::from_secs(20), || {
         let (mut a, kind) = (a.clone(), kind.clone());
@@ -169,6 +172,7 @@ pub async fn launch(
     ));
     Ok(Launched {
         id: proposed.id,
+        tenant: tenant.to_string(),
         effect,
     })
 }
@@ -237,12 +241,13 @@ async fn ended(cluster: &Cluster, id: &str) -> Result<Operation, String> {
 /// transient; a definite refusal (not found, permission denied) is its code.
 async fn mailbox_status(
     c: &MailboxClient<Channel>,
+    tenant: &str,
     mailbox: &str,
 ) -> Result<Result<MailboxStatus, Code>, tonic::Status> {
     retry(Duration::from_secs(20), || {
         let mut c = c.clone();
         let req = GetMailboxStatusRequest {
-            tenant: TENANT.into(),
+            tenant: tenant.into(),
             mailbox: mailbox.into(),
         };
         async move {
@@ -258,10 +263,10 @@ async fn mailbox_status(
 
 /// Whether the effect is there, as node `i` sees it; an error when it is
 /// neither whole nor absent.
-async fn effect_on(cluster: &Cluster, i: usize, e: &Effect) -> Result<bool, String> {
+async fn effect_on(cluster: &Cluster, i: usize, tenant: &str, e: &Effect) -> Result<bool, String> {
     match e {
         Effect::DeleteMailbox { mailbox, messages } => {
-            let got = match mailbox_status(&cluster.mailbox(i).await, mailbox).await {
+            let got = match mailbox_status(&cluster.mailbox(i).await, tenant, mailbox).await {
                 Ok(Ok(s)) => Some(s.messages),
                 Ok(Err(Code::NotFound)) => None,
                 other => return Err(format!("node {}: {mailbox} cannot be read: {other:?}", i + 1)),
@@ -279,7 +284,7 @@ async fn effect_on(cluster: &Cluster, i: usize, e: &Effect) -> Result<bool, Stri
             let c = cluster.mailbox(i).await;
             let listed = retry(Duration::from_secs(20), || {
                 let mut c = c.clone();
-                async move { list_all(&mut c, TENANT, mailbox).await }
+                async move { list_all(&mut c, tenant, mailbox).await }
             })
             .await
             .map_err(|s| format!("node {}: {mailbox} cannot be listed: {:?}", i + 1, s.code()))?;
@@ -293,7 +298,7 @@ async fn effect_on(cluster: &Cluster, i: usize, e: &Effect) -> Result<bool, Stri
             }
         }
         Effect::Grant { identity, mailbox } => {
-            match mailbox_status(&cluster.mailbox_as(i, identity).await, mailbox).await {
+            match mailbox_status(&cluster.mailbox_as(i, identity).await, tenant, mailbox).await {
                 Ok(Ok(_)) => Ok(true),
                 Ok(Err(Code::PermissionDenied)) => Ok(false),
                 other => Err(format!("node {}: {identity} cannot be checked: {other:?}", i + 1)),
@@ -330,7 +335,7 @@ pub async fn operations_whole(
             other => problems.push(format!("operation {} ended {other}, not after an approval", l.id)),
         }
         for i in 0..cluster.len() {
-            match effect_on(cluster, i, &l.effect).await {
+            match effect_on(cluster, i, &l.tenant, &l.effect).await {
                 Ok(there) if there == whole => {}
                 Ok(there) => problems.push(format!(
                     "operation {} is {} ({}) but node {} finds its effect {}",

@@ -250,11 +250,6 @@ fn mailbox_name(i: usize) -> String {
     format!("mb{i}")
 }
 
-/// The first of the workload's mailboxes (which holds the shared messages).
-pub fn first_mailbox() -> String {
-    mailbox_name(0)
-}
-
 /// Whether an error says for certain that the request was refused and not applied.
 fn definite(s: &Status) -> bool {
     matches!(
@@ -613,7 +608,9 @@ async fn inject(
             cluster.start_node(victim);
         }
         Fault::KillOperation => {
-            let id = match crate::operation_faults::launch(cluster, k, rng, rec).await {
+            let id = match crate::operation_faults::launch(cluster, (TENANT, &mailbox_name(0)), k, rng, rec)
+                .await
+            {
                 Ok(l) => {
                     let id = l.id().to_string();
                     launched.push(l);
