@@ -12,10 +12,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mailvault_proto::v1::operation_kind::Kind;
 use mailvault_proto::v1::{role, Role, TenantRole};
 use mailvault_proto::v1::{
-    Allowlist, AllowlistOperation, ApproveOperationRequest, AuditSettingsOperation, CancelOperationRequest,
-    DeleteMailboxOperation, ExportOperation, ExpungeOperation, GetOperationRequest, GrantOperation,
-    ListOperationsRequest, Operation, OperationKind, Plan, PlanOperationRequest, ProposeOperationRequest,
-    RejectOperationRequest, RestoreMailboxOperation, TransferLeadershipOperation,
+    AddNodeOperation, Allowlist, AllowlistOperation, ApproveOperationRequest, AuditSettingsOperation,
+    CancelOperationRequest, DeleteMailboxOperation, ExportOperation, ExpungeOperation, GetOperationRequest,
+    GrantOperation, ListOperationsRequest, Operation, OperationKind, Plan, PlanOperationRequest,
+    ProposeOperationRequest, RejectOperationRequest, RemoveNodeOperation, ReplaceNodeOperation,
+    RestoreMailboxOperation, TransferLeadershipOperation,
 };
 use serde_json::json;
 
@@ -209,6 +210,33 @@ pub enum KindCmd {
         #[arg(long, default_value = "1h")]
         hold: humantime::Duration,
     },
+    /// Add a node that waits to join (started with a `[join]` setting and its node certificate):
+    /// the leader probes it (it proves its id with its certificate's key) and the plan shows its
+    /// role, region and key. A spare or dr node becomes a learner; a standby or backup node a
+    /// learner, then a voter once caught up.
+    AddNode {
+        /// The id the node's certificate names.
+        node: u64,
+        /// The node's raft address (its `[join]` raft_addr), ip:port.
+        #[arg(long)]
+        raft_addr: String,
+    },
+    /// Remove a member; refused if it would leave fewer healthy voters than a quorum, or no voter
+    /// that may lead, or if it leads (transfer leadership first).
+    RemoveNode {
+        /// The member's id.
+        node: u64,
+    },
+    /// Replace a voter by a caught-up learner (a spare), which takes its role; one
+    /// joint-consensus change.
+    ReplaceNode {
+        /// The voter to remove.
+        old: u64,
+        /// The learner that takes its place.
+        new: u64,
+    },
+    /// Let automatic repair go on after it froze (`status` says why it did).
+    Unfreeze,
 }
 
 impl KindCmd {
@@ -274,6 +302,16 @@ impl KindCmd {
                     hold_secs: secs as u32,
                 })
             }
+            KindCmd::AddNode { node, raft_addr } => Kind::AddNode(AddNodeOperation {
+                raft_addr,
+                node_id: node,
+            }),
+            KindCmd::RemoveNode { node } => Kind::RemoveNode(RemoveNodeOperation { node_id: node }),
+            KindCmd::ReplaceNode { old, new } => Kind::ReplaceNode(ReplaceNodeOperation {
+                old_node_id: old,
+                new_node_id: new,
+            }),
+            KindCmd::Unfreeze => Kind::Unfreeze(mailvault_proto::v1::UnfreezeOperation {}),
         };
         Ok(OperationKind { kind: Some(kind) })
     }
@@ -353,6 +391,10 @@ fn kind_text(k: Option<&OperationKind>) -> String {
             t.node_id,
             humantime::format_duration(std::time::Duration::from_secs(u64::from(t.hold_secs)))
         ),
+        Some(Kind::AddNode(a)) => format!("add node {} (raft {})", a.node_id, a.raft_addr),
+        Some(Kind::RemoveNode(r)) => format!("remove node {}", r.node_id),
+        Some(Kind::ReplaceNode(r)) => format!("replace node {} by node {}", r.old_node_id, r.new_node_id),
+        Some(Kind::Unfreeze(_)) => "unfreeze automatic repair".to_string(),
         None => "-".into(),
     }
 }

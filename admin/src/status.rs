@@ -6,6 +6,12 @@ use serde_json::json;
 use crate::client::{cluster, status_err};
 use crate::output::{rfc3339, table, Output};
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// What one member answered, or why it did not.
 struct Probe {
     member: mailvault_proto::v1::Member,
@@ -43,17 +49,32 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
         .find(|s| s.state == "leader")
         .map(|s| s.id);
     let healthy = probes.iter().filter(|p| p.status.is_ok()).count();
+    // How the leader sees each member (it probes them, and knows their lag).
+    let seen: Vec<mailvault_proto::v1::Member> = probes
+        .iter()
+        .filter_map(|p| p.status.as_ref().ok())
+        .find(|s| s.state == "leader")
+        .map_or_else(|| me.members.clone(), |s| s.members.clone());
+    let seen_of = |id: u64| seen.iter().find(|m| m.id == id).cloned().unwrap_or_default();
     let nodes: Vec<_> = probes
         .iter()
         .map(|p| {
             let m = &p.member;
+            let l = seen_of(m.id);
             let mut v = json!({
-                "id": m.id, "role": m.role, "voter": m.voter,
+                "id": m.id, "role": m.role, "voter": m.voter, "region": l.region,
                 "client_addr": m.client_addr, "raft_addr": m.raft_addr, "ops_addr": m.ops_addr,
+                "seen_by_leader": {
+                    "health": l.health,
+                    "lag_entries": (l.lag_entries >= 0).then_some(l.lag_entries),
+                    "lag_secs": (l.lag_secs >= 0.0).then_some(l.lag_secs),
+                    "last_contact": (l.last_contact_ms > 0).then(|| rfc3339(l.last_contact_ms)),
+                },
             });
             match &p.status {
                 Ok(s) => {
                     v["healthy"] = json!(true);
+                    v["membership"] = json!(s.membership);
                     v["state"] = json!(s.state);
                     v["term"] = json!(s.term);
                     v["last_log_index"] = json!(s.last_log_index);
@@ -69,6 +90,15 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
                         .collect();
                     v["backup"] = s.backup.as_ref().map(backup_json).unwrap_or_default();
                     v["audit_fail_closed"] = json!(s.audit_fail_closed);
+                    v["repair"] = s
+                        .repair
+                        .as_ref()
+                        .map(|r| {
+                            json!({"frozen": r.frozen, "reason": r.reason,
+                                   "frozen_at": (r.frozen_ms > 0).then(|| rfc3339(r.frozen_ms)),
+                                   "under_way": r.under_way, "last": r.last, "failures": r.failures})
+                        })
+                        .unwrap_or_default();
                     v["leadership_held"] = s
                         .leadership_held
                         .as_ref()
@@ -101,6 +131,7 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
         .collect();
     let doc = json!({
         "leader": leader,
+        "contacted": {"id": me.id, "membership": me.membership, "region": me.region},
         "term": me.term,
         "members": me.members.len(),
         "healthy": healthy,
@@ -111,25 +142,38 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
             "id",
             "role",
             "voter",
+            "region",
             "state",
             "term",
             "last log",
             "applied",
             "health",
+            "lag",
+            "last contact",
             "workers",
             "client addr",
         ];
         let rows = probes.iter().map(|p| {
             let m = &p.member;
+            let l = seen_of(m.id);
+            let lag = match (l.lag_entries, l.lag_secs) {
+                (e, s) if e >= 0 && s >= 0.0 => format!("{e} entries, {s:.1}s"),
+                _ => "-".to_string(),
+            };
+            let contact = match l.last_contact_ms {
+                0 => "never".to_string(),
+                ms => format!("{:.1}s ago", (now_ms() - ms).max(0) as f64 / 1000.0),
+            };
             let (state, term, last, applied, health, workers) = match &p.status {
                 Ok(s) => (
                     s.state.clone(),
                     s.term.to_string(),
                     s.last_log_index.to_string(),
                     s.applied_index.to_string(),
-                    match s.damaged.len() {
-                        0 => "ok".to_string(),
-                        n => format!("ok, {n} damaged message(s)"),
+                    match (s.membership.as_str(), s.damaged.len()) {
+                        ("member" | "", 0) => format!("ok, leader sees it {}", l.health),
+                        ("member" | "", n) => format!("ok, leader sees it {}, {n} damaged message(s)", l.health),
+                        (other, _) => format!("NOT A MEMBER ({other})"),
                     },
                     workers_text(&s.workers),
                 ),
@@ -138,7 +182,7 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
                     "-".into(),
                     "-".into(),
                     "-".into(),
-                    format!("DOWN ({e})"),
+                    format!("DOWN ({e}); leader sees it {}", l.health),
                     "-".into(),
                 ),
             };
@@ -146,11 +190,17 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
                 m.id.to_string(),
                 m.role.clone(),
                 m.voter.to_string(),
+                match l.region.as_str() {
+                    "" => "-".to_string(),
+                    r => r.to_string(),
+                },
                 state,
                 term,
                 last,
                 applied,
                 health,
+                lag,
+                contact,
                 workers,
                 m.client_addr.clone(),
             ]
@@ -181,14 +231,59 @@ pub async fn run(endpoint: &str, output: Output) -> anyhow::Result<()> {
                 })
             })
             .collect();
+        let contacted = match me.membership.as_str() {
+            "waiting" => format!(
+                "\nnode {} (contacted) waits to be added: two operators add it (op propose add-node {} --raft-addr …)",
+                me.id, me.id
+            ),
+            "removed" => format!("\nnode {} (contacted) is no longer a member: it serves nothing", me.id),
+            _ => String::new(),
+        };
+        let repair = repair_text(&probes);
         let backups = backup_text(&probes);
         let operations = operations_text(&probes);
-        format!("{}\n{summary}{operations}{backups}{damaged}", table(header, rows))
+        format!(
+            "{}\n{summary}{contacted}{repair}{operations}{backups}{damaged}",
+            table(header, rows)
+        )
     });
     Ok(())
 }
 
-/// `13 running`, or the workers that are not running and why.
+/// Automatic repair as the leader sees it: loud when frozen.
+fn repair_text(probes: &[Probe]) -> String {
+    let answered: Vec<&NodeStatusResponse> = probes.iter().filter_map(|p| p.status.as_ref().ok()).collect();
+    let Some(r) = answered
+        .iter()
+        .find(|s| s.state == "leader")
+        .or(answered.first())
+        .and_then(|s| s.repair.as_ref())
+    else {
+        return String::new();
+    };
+    let mut out = String::new();
+    if r.frozen {
+        out.push_str(&format!("\nREPAIR FROZEN: {}", r.reason));
+        if r.frozen_ms > 0 {
+            out.push_str(&format!(
+                " (since {}; two operators resume it: op propose unfreeze)",
+                rfc3339(r.frozen_ms)
+            ));
+        }
+    }
+    if !r.under_way.is_empty() {
+        out.push_str(&format!("\nrepair: {}", r.under_way));
+    }
+    if !r.last.is_empty() {
+        out.push_str(&format!("\nlast repair: {} ({})", r.last, rfc3339(r.last_ms)));
+    }
+    for f in &r.failures {
+        out.push_str(&format!("\nfailed lately: {f}"));
+    }
+    out
+}
+
+/// `15 running`, or the workers that are not running and why.
 fn workers_text(workers: &[Worker]) -> String {
     let down: Vec<String> = workers
         .iter()

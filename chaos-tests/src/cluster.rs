@@ -52,6 +52,13 @@ pub struct ClusterOptions {
     /// Start the nodes (else only their directories and configs are made,
     /// e.g. for a restore into them; then [`Cluster::start_all`]).
     pub start_nodes: bool,
+    /// Further nodes, after the initial members, that start with a `[join]`
+    /// setting in these roles (`spare`, `dr`, `standby`…) and wait to be
+    /// added by a two-person add-node operation. A `dr` node's region is
+    /// `dc2`, every other node's `dc1`.
+    pub joining: Vec<String>,
+    /// TOML lines for every node's `[heal]` table (each ends in `\n`).
+    pub heal: String,
 }
 
 impl Default for ClusterOptions {
@@ -71,6 +78,8 @@ impl Default for ClusterOptions {
             backup: String::new(),
             master_key: String::new(),
             start_nodes: true,
+            joining: Vec::new(),
+            heal: String::new(),
         }
     }
 }
@@ -181,7 +190,8 @@ impl Cluster {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let base = random_base();
-        let mut nodes: Vec<NodeProc> = (1..=opts.nodes as u64)
+        let total = (opts.nodes + opts.joining.len()) as u64;
+        let mut nodes: Vec<NodeProc> = (1..=total)
             .map(|id| NodeProc {
                 id,
                 ip: format!("{base}.{}", 10 + id),
@@ -191,7 +201,9 @@ impl Cluster {
             })
             .collect();
         let mut members = String::new();
-        for n in &nodes {
+        let joiner_role =
+            |id: u64| (id as usize > opts.nodes).then(|| opts.joining[id as usize - opts.nodes - 1].clone());
+        for n in nodes.iter().filter(|n| joiner_role(n.id).is_none()) {
             let role = match n.id {
                 1 => "active",
                 3 => "backup",
@@ -218,8 +230,18 @@ impl Cluster {
                 .expect("node cert")
                 .save(&n.dir, "node")
                 .expect("write node cert");
+            let (region, membership) = match joiner_role(n.id) {
+                None => ("dc1", members.clone()),
+                Some(role) => (
+                    if role == "dr" { "dc2" } else { "dc1" },
+                    format!(
+                        "[join]\nrole = \"{role}\"\nclient_addr = \"{ip}:{CLIENT_PORT}\"\nraft_addr = \"{ip}:{RAFT_PORT}\"\nops_addr = \"{ip}:{OPS_PORT}\"\n\n",
+                        ip = n.ip
+                    ),
+                ),
+            };
             let cfg = format!(
-                "node_id = {id}\ndata_dir = \"{data}\"\nclient_listen = \"{ip}:{CLIENT_PORT}\"\nraft_listen = \"{ip}:{RAFT_PORT}\"\nops_listen = \"{ip}:{OPS_PORT}\"\nmaster_key_file = \"{key}\"\nlog = \"info,openraft=warn\"\n\n[tls]\nca_file = \"{ca}\"\ncert_file = \"{nd}/node.pem\"\nkey_file = \"{nd}/node.key\"\n\n[access]\noperators = [\"{ADMIN}\", \"{ADMIN2}\"]\n\n[audit]\nfail_closed = {fail_closed}\n\n{members}[raft]\n{timing}{extra}snapshot_every = {snap}\n\n[limits]\nmax_message_bytes = {max}\n\n[backup]\n{backup}",
+                "node_id = {id}\nregion = \"{region}\"\ndata_dir = \"{data}\"\nclient_listen = \"{ip}:{CLIENT_PORT}\"\nraft_listen = \"{ip}:{RAFT_PORT}\"\nops_listen = \"{ip}:{OPS_PORT}\"\nmaster_key_file = \"{key}\"\nlog = \"info,openraft=warn\"\n\n[tls]\nca_file = \"{ca}\"\ncert_file = \"{nd}/node.pem\"\nkey_file = \"{nd}/node.key\"\n\n[access]\noperators = [\"{ADMIN}\", \"{ADMIN2}\"]\n\n[audit]\nfail_closed = {fail_closed}\n\n[heal]\n{heal}\n{membership}[raft]\n{timing}{extra}snapshot_every = {snap}\n\n[limits]\nmax_message_bytes = {max}\n\n[backup]\n{backup}",
                 id = n.id,
                 data = n.dir.join("data").display(),
                 ip = n.ip,
@@ -231,6 +253,7 @@ impl Cluster {
                 ca = dir.path().join("ca.pem").display(),
                 nd = n.dir.display(),
                 fail_closed = opts.audit_fail_closed,
+                heal = opts.heal,
                 timing = match opts.production_timing {
                     true => "",
                     false => "heartbeat_ms = 100\nelection_timeout_min_ms = 800\nelection_timeout_max_ms = 1600\n",
@@ -582,6 +605,9 @@ impl Cluster {
             target = target.max(self.applied_index(i).await.unwrap_or(0));
         }
         for i in (0..self.len()).filter(|&i| self.nodes[i].child.is_some()) {
+            if !self.is_member(i).await {
+                continue;
+            }
             crate::client::retry(Duration::from_secs(20), || async move {
                 match self.applied_index(i).await {
                     Some(a) if a >= target => Ok(()),
@@ -593,6 +619,18 @@ impl Cluster {
             })
             .await
             .expect("every running node applies the change");
+        }
+    }
+
+    /// Whether node `i` says it is a member (not waiting to be added, not
+    /// removed); a node that does not answer counts as one.
+    pub async fn is_member(&self, i: usize) -> bool {
+        let mut a = self.admin(i).await;
+        let mut req = tonic::Request::new(NodeStatusRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        match a.cluster.node_status(req).await {
+            Ok(s) => s.into_inner().membership == "member",
+            Err(_) => true,
         }
     }
 
@@ -913,6 +951,9 @@ impl Cluster {
             let mut req = tonic::Request::new(NodeStatusRequest {});
             req.set_timeout(Duration::from_secs(1));
             let s = a.cluster.node_status(req).await.ok()?.into_inner();
+            if s.membership == "waiting" || s.membership == "removed" {
+                continue;
+            }
             if !s.has_leader {
                 return None;
             }

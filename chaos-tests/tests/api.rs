@@ -440,6 +440,8 @@ async fn every_node_reports_its_workers_in_status_and_metrics() {
         "audit-follower",
         "backup-schedule",
         "operation-executor",
+        "member-watch",
+        "repair",
         "client-listener",
         "ops-listener",
     ];

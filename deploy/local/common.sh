@@ -5,22 +5,14 @@ RUN_DIR="${MAILVAULT_RUN_DIR:-$ROOT/deploy/local/run}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mailvault-target}"
 BIN_DIR="$CARGO_TARGET_DIR/debug"
 
-# Writes RUN/node$3.toml: node $3 of a local cluster whose ports are
-# 71$2$3 (client), 72$2$3 (raft), 73$2$3 (ops), with master key $4 and the
-# development certificates in $5.
-write_node_config() {
-  local run=$1 base=$2 i=$3 key=$4 certs=$5 members="" roles=(active standby backup)
-  for n in 1 2 3; do
-    members+="[members.$n]
-role = \"${roles[$((n-1))]}\"
-client_addr = \"127.0.0.1:71$base$n\"
-raft_addr = \"127.0.0.1:72$base$n\"
-ops_addr = \"127.0.0.1:73$base$n\"
-
-"
-  done
-  cat >"$run/node$i.toml" <<TOML
+# Prints the part of node $3's config that every local node shares: ports
+# 71$2$3 (client), 72$2$3 (raft), 73$2$3 (ops), master key $4, the
+# development certificates in $5, data in $1/node$3.
+node_config_head() {
+  local run=$1 base=$2 i=$3 key=$4 certs=$5
+  cat <<TOML
 node_id = $i
+region = "local"
 data_dir = "$run/node$i"
 client_listen = "127.0.0.1:71$base$i"
 raft_listen = "127.0.0.1:72$base$i"
@@ -35,8 +27,42 @@ key_file = "$certs/node-$i.key"
 [access]
 operators = ["admin", "admin2"]
 
-$members
 TOML
+}
+
+# Writes RUN/node$3.toml: node $3 of a local three-node cluster (see
+# node_config_head), with the three initial members.
+write_node_config() {
+  local run=$1 base=$2 i=$3 key=$4 certs=$5 roles=(active standby backup)
+  {
+    node_config_head "$@"
+    for n in 1 2 3; do
+      cat <<TOML
+[members.$n]
+role = "${roles[$((n-1))]}"
+client_addr = "127.0.0.1:71$base$n"
+raft_addr = "127.0.0.1:72$base$n"
+ops_addr = "127.0.0.1:73$base$n"
+
+TOML
+    done
+  } >"$run/node$i.toml"
+}
+
+# Writes RUN/node$3.toml for node $3 (4 or 5) that joins the local cluster
+# later in role $6: a [join] table instead of [members].
+write_joining_config() {
+  local run=$1 base=$2 i=$3 role=$6
+  {
+    node_config_head "$@"
+    cat <<TOML
+[join]
+role = "$role"
+client_addr = "127.0.0.1:71$base$i"
+raft_addr = "127.0.0.1:72$base$i"
+ops_addr = "127.0.0.1:73$base$i"
+TOML
+  } >"$run/node$i.toml"
 }
 
 # Starts node $2 of the cluster in $1 in the background (pid and log there).
@@ -77,6 +103,15 @@ ensure_prerequisites() {
     echo "installing ${missing[*]}" >&2
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  # The alert rules in deploy/prometheus are checked and unit-tested by Prometheus' promtool
+  # (the Prometheus package, without its recommended exporters).
+  if ! command -v promtool >/dev/null; then
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing prometheus (promtool)" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
   fi
   # The off-site backup tests: an S3-compatible server from PyPI.
   if ! command -v moto_server >/dev/null; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stops the local cluster started by up.sh (SIGTERM, then waits). Data is kept.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-for i in 1 2 3; do
+for i in 1 2 3 4 5; do
   pidfile="$RUN_DIR/node$i.pid"
   [ -f "$pidfile" ] || continue
   pid="$(cat "$pidfile")"

@@ -23,7 +23,7 @@ fi
 CERTS="$RUN_DIR/certs"
 if [ ! -f "$CERTS/ca.pem" ]; then
   "$BIN_DIR/mailvault-admin" dev-certs --out "$CERTS" \
-    --node 1=127.0.0.1 --node 2=127.0.0.1 --node 3=127.0.0.1 \
+    --node 1=127.0.0.1 --node 2=127.0.0.1 --node 3=127.0.0.1 --node 4=127.0.0.1 --node 5=127.0.0.1 \
     --client admin --client admin2 --client auditor --client frontend --client reader >&2
 fi
 if [ ! -f "$CERTS/client-admin2.pem" ]; then

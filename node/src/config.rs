@@ -35,6 +35,37 @@ impl From<&MemberConfig> for crate::state::Member {
     }
 }
 
+/// How members watch each other (the leader probes every member).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealConfig {
+    /// A member not heard from for this long is `down`.
+    pub down_after_secs: u64,
+    /// How often each member is probed (its peer `Probe`: identity, disk
+    /// space, failed syncs, applied index, clock), milliseconds.
+    pub probe_every_ms: u64,
+    /// A voter not heard from for this long is replaced by a healthy,
+    /// caught-up spare, without a person (0: never automatically).
+    pub replace_after_secs: u64,
+    /// The window over which failed members are counted…
+    pub window_secs: u64,
+    /// …and how many may fail in it before all automatic repair freezes
+    /// (until a two-person unfreeze).
+    pub max_failures: u32,
+}
+
+impl Default for HealConfig {
+    fn default() -> Self {
+        HealConfig {
+            down_after_secs: 30,
+            probe_every_ms: 2000,
+            replace_after_secs: 120,
+            window_secs: 600,
+            max_failures: 1,
+        }
+    }
+}
+
 /// Raft timing and batching knobs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -233,8 +264,19 @@ impl Default for BackupConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// This node's id; must be a key of `members` unless the node joins later.
+    /// This node's id; a key of `members`, unless the node joins an existing
+    /// cluster (`join`).
     pub node_id: u64,
+    /// This node's region label (e.g. its datacenter), shown in the
+    /// cluster's status and recorded when the node is added.
+    #[serde(default)]
+    pub region: String,
+    /// Set on a node that joins an existing cluster (a spare, a DR copy, a
+    /// voter added later): its role and the addresses it is reached at. It
+    /// starts empty and waits, serving nothing, until a two-person add-node
+    /// operation adds it; `members` may then be empty.
+    #[serde(default)]
+    pub join: Option<MemberConfig>,
     /// Name of the cluster, checked by peers.
     #[serde(default = "default_cluster_name")]
     pub cluster_name: String,
@@ -262,7 +304,13 @@ pub struct Config {
     pub backup: BackupConfig,
     /// The initial members of the cluster, keyed by node id. The lowest id
     /// bootstraps a fresh cluster once; later starts never bootstrap again.
+    /// After that the membership lives in the replicated state (add-node,
+    /// remove-node, replace-node) and this list is not read again.
+    #[serde(default)]
     pub members: BTreeMap<u64, MemberConfig>,
+    /// How the members watch each other and repair the cluster.
+    #[serde(default)]
+    pub heal: HealConfig,
     /// Raft tuning.
     #[serde(default)]
     pub raft: RaftTuning,
@@ -327,14 +375,45 @@ impl Config {
     /// Checks the values against each other.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.members.is_empty() {
-            return bad("`members` must list at least one node".into());
+        match &self.join {
+            None => {
+                if self.members.is_empty() {
+                    return bad("`members` must list at least one node (or `join` be set)".into());
+                }
+                if !self.members.contains_key(&self.node_id) {
+                    return bad(format!(
+                        "node_id {} is not a key of `members` (a node joining an existing cluster sets `join`)",
+                        self.node_id
+                    ));
+                }
+                if !self.members.values().any(|m| m.role.may_campaign()) {
+                    return bad("at least one member must be `active` or `standby`".into());
+                }
+            }
+            Some(j) => {
+                if self.members.contains_key(&self.node_id) {
+                    return bad(format!(
+                        "node_id {} is a key of `members` and `join` is set: a joining node is not an initial member",
+                        self.node_id
+                    ));
+                }
+                if j.raft_addr.is_empty() || j.client_addr.is_empty() {
+                    return bad("join.raft_addr and join.client_addr are required".into());
+                }
+            }
         }
-        if !self.members.contains_key(&self.node_id) {
-            return bad(format!("node_id {} is not a key of `members`", self.node_id));
+        if self.region.len() > 64 || self.region.chars().any(|c| c.is_control()) {
+            return bad("region is at most 64 characters, none a control character".into());
         }
-        if !self.members.values().any(|m| m.role.may_campaign()) {
-            return bad("at least one member must be `active` or `standby`".into());
+        let h = &self.heal;
+        if h.replace_after_secs != 0 && h.replace_after_secs < h.down_after_secs {
+            return bad("heal.replace_after_secs must be 0 (off) or at least heal.down_after_secs".into());
+        }
+        if h.window_secs == 0 {
+            return bad("heal.window_secs must be positive".into());
+        }
+        if h.down_after_secs == 0 || h.probe_every_ms < 100 {
+            return bad("heal.down_after_secs must be positive and heal.probe_every_ms at least 100".into());
         }
         let listens = [self.client_listen, self.raft_listen, self.ops_listen];
         if listens[0] == listens[1] || listens[0] == listens[2] || listens[1] == listens[2] {
@@ -409,9 +488,14 @@ impl Config {
         }
     }
 
-    /// This node's own member entry.
+    /// This node's own member entry: from `members`, or `join` for a
+    /// joining node. Its role is the one it starts with; the replicated
+    /// membership decides from then on.
     pub fn me(&self) -> &MemberConfig {
-        &self.members[&self.node_id]
+        match &self.join {
+            Some(j) => j,
+            None => &self.members[&self.node_id],
+        }
     }
 }
 
@@ -444,6 +528,11 @@ mod tests {
             c.backup,
             BackupConfig::default(),
             "example [backup] drifted from defaults"
+        );
+        assert_eq!(
+            c.heal,
+            HealConfig::default(),
+            "example [heal] drifted from defaults"
         );
         assert_eq!(c.cluster_name, default_cluster_name());
         assert_eq!(c.log, default_log());

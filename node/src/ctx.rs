@@ -44,6 +44,8 @@ pub struct Ctx {
     pub workers: crate::workers::Supervisor,
     /// Raft peer channels (e.g. to ask a voter to campaign).
     pub peers: crate::raft::PeerClients,
+    /// This node's watch of the members.
+    pub health: crate::raft::Health,
     /// Unsafe test modes (none in production).
     pub test_modes: crate::test_modes::TestModes,
 }
@@ -54,8 +56,36 @@ impl Ctx {
         self.config.limits.chunk_bytes * 4 + 64 * 1024
     }
 
+    /// The members as this node sees them: roles, addresses, and (on the
+    /// leader only) whether each is up and how far behind.
+    pub fn membership_facts(&self) -> crate::state::member::MembershipFacts {
+        let m = self.raft.metrics().borrow().clone();
+        let leading = m.current_leader == Some(self.id);
+        let views = self.health.views(&self.raft);
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, n)| {
+                let v = views.get(id);
+                crate::state::member::MemberFacts {
+                    id: *id,
+                    member: n.clone(),
+                    voter: voters.contains(id),
+                    up: v.and_then(|v| v.up).filter(|_| leading),
+                    behind: v.and_then(|v| v.behind).filter(|_| leading),
+                }
+            })
+            .collect();
+        crate::state::member::MembershipFacts {
+            leader: m.current_leader,
+            members,
+        }
+    }
+
     /// Waits until this node may serve a linearizable read (see [`ReadBarrier`]).
     pub async fn read_barrier(&self) -> Result<(), tonic::Status> {
+        self.router.check_member()?;
         self.reads.wait().await
     }
 }

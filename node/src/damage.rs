@@ -61,6 +61,7 @@ pub struct DamageReport {
 impl DamageReport {
     /// An empty report for node `node`, audited through `audit`.
     pub fn new(node: NodeId, audit: AuditRecorder) -> DamageReport {
+        metrics::gauge!("mailvault_damaged_messages").set(0.0);
         DamageReport {
             node,
             audit,

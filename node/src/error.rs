@@ -104,7 +104,8 @@ pub fn code_of(reason: Reason) -> Code {
         | ShuttingDown
         | AuditUnavailable
         | BackupNodeUnreachable
-        | OffsiteUnavailable => Code::Unavailable,
+        | OffsiteUnavailable
+        | NotAMember => Code::Unavailable,
         DataDamaged => Code::DataLoss,
         InternalError | BackupFailed | Unspecified => Code::Internal,
         TimedOut => Code::DeadlineExceeded,
@@ -144,6 +145,7 @@ pub fn refusal(r: Refusal) -> ApiError {
         Refusal::NoBackup => ApiError::new(Reason::BackupNotFound, msg),
         Refusal::BackupIdTaken => ApiError::new(Reason::BackupFailed, msg),
         Refusal::Operation(r) => op_refusal(r),
+        Refusal::Repair(_) => ApiError::new(Reason::PreconditionViolated, msg),
     }
 }
 
@@ -341,13 +343,13 @@ mod tests {
 
     #[test]
     fn every_reason_has_a_code_and_a_stable_name() {
-        for n in 1..=59 {
+        for n in 1..=60 {
             let r = Reason::try_from(n).expect("a reason for every number up to the last");
             assert_eq!(Reason::from_str_name(r.as_str_name()), Some(r));
             assert_ne!(code_of(r), Code::Ok);
         }
         assert!(
-            Reason::try_from(60).is_err(),
+            Reason::try_from(61).is_err(),
             "a new reason: extend this test and errors.proto's docs"
         );
         assert_eq!(code_of(Reason::WriteOutcomeUnknown), Code::Unavailable);
@@ -357,5 +359,6 @@ mod tests {
         assert_eq!(code_of(Reason::StateChanged), Code::Aborted);
         assert_eq!(code_of(Reason::TwoPersonRequired), Code::FailedPrecondition);
         assert_eq!(code_of(Reason::NothingToDo), Code::AlreadyExists);
+        assert_eq!(code_of(Reason::NotAMember), Code::Unavailable);
     }
 }

@@ -29,12 +29,56 @@ pub struct Router {
     id: NodeId,
     raft: Raft,
     peers: PeerClients,
+    health: crate::raft::Health,
 }
 
 impl Router {
     /// A router for node `id`.
-    pub fn new(id: NodeId, raft: Raft, peers: PeerClients) -> Router {
-        Router { id, raft, peers }
+    pub fn new(id: NodeId, raft: Raft, peers: PeerClients, health: crate::raft::Health) -> Router {
+        Router {
+            id,
+            raft,
+            peers,
+            health,
+        }
+    }
+
+    /// This node's membership in words: `member`, `waiting` (to be added)
+    /// or `removed`.
+    pub fn membership(&self) -> &'static str {
+        if self.health.removed() {
+            return "removed";
+        }
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        match m.membership().get_node(&self.id) {
+            Some(_) => "member",
+            None if m.log_id().is_none() => "waiting",
+            None => "removed",
+        }
+    }
+
+    /// Refuses to serve while this node is not a member (it waits to be
+    /// added, or was removed): `UNAVAILABLE`, `NOT_A_MEMBER`.
+    pub fn check_member(&self) -> Result<(), Status> {
+        match self.membership() {
+            "member" => Ok(()),
+            "waiting" => Err(ApiError::new(
+                Reason::NotAMember,
+                format!(
+                    "node {} waits to be added to the cluster (mailvault-admin op propose add-node); it serves nothing until then",
+                    self.id
+                ),
+            )
+            .into()),
+            _ => Err(ApiError::new(
+                Reason::NotAMember,
+                format!(
+                    "node {} is no longer a member of the cluster: it serves nothing (call another node)",
+                    self.id
+                ),
+            )
+            .into()),
+        }
     }
 
     /// The current leader and its member record, if known.
@@ -71,6 +115,7 @@ impl Router {
     /// forwarded call that reaches a node which no longer leads is refused,
     /// never forwarded again.
     pub fn route(&self, metadata: &MetadataMap) -> Result<Route, Status> {
+        self.check_member()?;
         if self.is_leader() {
             return Ok(Route::Local);
         }

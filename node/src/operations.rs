@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use crate::ctx::Ctx;
 use crate::state::command::{Command, CommandResult};
-use crate::state::ops::{Actor, MailboxFromBackup, OpChange, OpStatus, Operation, Step};
+use crate::state::member::MemberStep;
+use crate::state::ops::{Actor, MailboxFromBackup, OpChange, OpKind, OpStatus, Operation, Step};
 
 /// How often the leader looks for work.
 const TICK: Duration = Duration::from_millis(250);
@@ -111,6 +112,7 @@ async fn advance(ctx: &Ctx, mut op: Operation, asked: &mut Asked) {
                 let outside = match op.plan.steps.get(index) {
                     Some(Step::RestoreMailbox(x)) => Some(restore(ctx, &op, x).await),
                     Some(Step::Leadership { to, .. }) => Some(lead(ctx, &op, *to, asked).await),
+                    Some(Step::Membership(x)) => Some(change_members(ctx, &op, index, x).await),
                     _ => None,
                 };
                 if let Some(outcome) = outside {
@@ -133,6 +135,8 @@ async fn advance(ctx: &Ctx, mut op: Operation, asked: &mut Asked) {
                                     humantime::format_duration(patience(&op.plan.steps[index])),
                                     match op.plan.steps[index] {
                                         Step::RestoreMailbox(_) => "; what it restored stays",
+                                        Step::Membership(_) =>
+                                            "; the membership is as the steps done left it",
                                         _ => "; nothing was changed",
                                     }
                                 ),
@@ -196,6 +200,7 @@ enum Outside {
 fn patience(step: &Step) -> Duration {
     match step {
         Step::Leadership { .. } => TRANSFER_PATIENCE,
+        Step::Membership(_) => MEMBERSHIP_PATIENCE,
         _ => BACKUP_PATIENCE,
     }
 }
@@ -416,4 +421,52 @@ fn log_transition(op: &Operation) {
         "operation advanced"
     );
     metrics::counter!("mailvault_operation_transitions_total", "status" => op.status.as_str()).increment(1);
+}
+
+/// How long a membership step may wait (a learner catching up, a leader
+/// change) before the operation fails.
+const MEMBERSHIP_PATIENCE: Duration = Duration::from_secs(1800);
+
+/// Runs a membership step's effect through Raft (`crate::members`): done
+/// once the membership shows it (a step whose change an earlier leader made
+/// is only recorded). Before the first change the leader checks the fence
+/// and rehearses the operation again with its members' health now: a
+/// quorum lost since the approval fails the operation, with nothing changed.
+async fn change_members(ctx: &Ctx, op: &Operation, index: usize, step: &MemberStep) -> Result<(), Outside> {
+    if crate::members::shows(&ctx.raft, step) {
+        return Ok(());
+    }
+    if index == 0 {
+        let live = with_live_facts(&op.kind, ctx.membership_facts());
+        match crate::state::ops::rehearse(&ctx.reader, &live) {
+            Err(e) => return Err(Outside::NotNow(format!("cannot read the state: {e}"))),
+            Ok(Err(r)) => return Err(Outside::Failed(format!("rehearsed again before the change: {r}"))),
+            Ok(Ok(plan)) => {
+                let changed = op.plan.fence_changes(&plan.fence);
+                if !changed.is_empty() {
+                    return Err(Outside::Failed(format!(
+                        "the state changed since the approval ({})",
+                        changed.join("; ")
+                    )));
+                }
+            }
+        }
+    }
+    tracing::info!(operation = %op.id, step = %step.describe(), "changing the membership for an operation");
+    crate::members::make(ctx, step).await.map_err(|e| match e {
+        crate::members::Change::NotNow(why) => Outside::NotNow(why),
+        crate::members::Change::Failed(why) => Outside::Failed(why),
+    })
+}
+
+/// The operation's kind with the members' health as the leader sees it now.
+fn with_live_facts(kind: &OpKind, now: crate::state::member::MembershipFacts) -> OpKind {
+    let mut kind = kind.clone();
+    match &mut kind {
+        OpKind::AddNode { seen, .. } | OpKind::RemoveNode { seen, .. } | OpKind::ReplaceNode { seen, .. } => {
+            *seen = now
+        }
+        _ => {}
+    }
+    kind
 }

@@ -112,6 +112,28 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         local,
     );
     tracing::info!("certificates loaded");
+    let health = {
+        let (cert_pem, key_pem) = config
+            .tls
+            .identity_pem()
+            .context("cannot load the TLS certificates")?;
+        let cert_der = mailvault_proto::approval::certificate_der(&cert_pem)
+            .map_err(|e| anyhow::anyhow!("cannot read this node's certificate: {e}"))?;
+        let d = durability.clone();
+        crate::raft::Health::new(
+            id,
+            crate::raft::health::SelfInfo {
+                cluster_name: config.cluster_name.clone(),
+                member: crate::state::Member::from(config.me()),
+                region: config.region.clone(),
+                data_dir: config.data_dir.clone(),
+                cert_der,
+                key_pem,
+            },
+            Duration::from_secs(config.heal.down_after_secs),
+            Arc::new(move || d.sync_failures()),
+        )
+    };
     let raft = Raft::new(
         id,
         Arc::new(raft_config(&config)?),
@@ -164,6 +186,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         proposer.clone(),
         fence.clone(),
         state_machine.clone(),
+        reader.clone(),
+        health.clone(),
     ))
     .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
     .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES);
@@ -244,7 +268,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         reader: reader.clone(),
         keyring,
         proposer,
-        router: Router::new(id, raft.clone(), peers.clone()),
+        router: Router::new(id, raft.clone(), peers.clone(), health.clone()),
         reads,
         applied,
         audit: audit.clone(),
@@ -254,11 +278,16 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             audit: audit.clone(),
             operators: config.access.operators.clone().into(),
             unaudited_reads: test_modes.unaudited_reads,
+            member: {
+                let router = Router::new(id, raft.clone(), peers.clone(), health.clone());
+                Arc::new(move || router.check_member())
+            },
         },
         backups,
         damage: crate::damage::DamageReport::new(id, audit.clone()),
         workers: workers.clone(),
         peers: peers.clone(),
+        health: health.clone(),
         test_modes,
     });
     workers.spawn("raft-watch", Kind::Essential, watch_leader(raft.clone()));
@@ -274,8 +303,35 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         Kind::Background,
         crate::operations::run_executor(ctx.clone()),
     );
+    workers.spawn("repair", Kind::Background, crate::repair::run(ctx.clone()));
+    // Every node watches the members; its own part in elections follows the membership.
+    let (h, r, p, me_removed) = (health.clone(), raft.clone(), peers.clone(), reader.clone());
+    let probe_every = Duration::from_millis(config.heal.probe_every_ms);
+    workers.spawn("member-watch", Kind::Background, async move {
+        let removed: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || {
+            me_removed
+                .member_record(id)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.removed.is_some())
+        });
+        crate::raft::health::run(h, r, p, probe_every, removed).await;
+        Ok(())
+    });
     // Leadership returns to the active node; a backup campaigns only as a last resort.
-    let (role, r) = (config.me().role, raft.clone());
+    let (h, r) = (health.clone(), raft.clone());
+    let role: crate::raft::RoleNow = Arc::new(move || {
+        if h.removed() {
+            return None;
+        }
+        let m = r.metrics().borrow().membership_config.clone();
+        let m = m.membership();
+        m.voter_ids()
+            .any(|v| v == id)
+            .then(|| m.get_node(&id).map(|n| n.role))
+            .flatten()
+    });
+    let r = raft.clone();
     let election_timeout = Duration::from_millis(config.raft.election_timeout_max_ms);
     let held_by = reader.clone();
     let hold: crate::raft::Hold = Arc::new(move || {

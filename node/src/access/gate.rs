@@ -21,4 +21,8 @@ pub struct Gate {
     pub operators: Arc<[String]>,
     /// Test mode `unaudited-reads`: allowed reads are not audited.
     pub unaudited_reads: bool,
+    /// Refuses (`NOT_A_MEMBER`) while this node is not a member: it waits
+    /// to be added, or was removed. Every call but health, reflection and
+    /// `NodeStatus` is refused then, before anything else is checked.
+    pub member: Arc<dyn Fn() -> Result<(), tonic::Status> + Send + Sync>,
 }

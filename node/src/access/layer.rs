@@ -123,6 +123,10 @@ async fn authenticate(gate: &Gate, call: CallInfo) -> Result<Principal, Status> 
     let rule = rule_for(path);
     // Health and reflection are never counted towards a lockout.
     let probe = rule.is_some_and(|r| r.probe);
+    // A node that is not a member serves nothing but its own status.
+    if rule.is_some() && !probe && path != "/mailvault.v1.Cluster/NodeStatus" {
+        (gate.member)()?;
+    }
     let counts = |against| (!probe).then_some(against);
     let Some((cert_identity, serial)) = leaf.as_deref().and_then(identity_of) else {
         // A failed authentication: it counts against the address.

@@ -98,6 +98,52 @@ impl ClusterService {
     }
 }
 
+impl ClusterService {
+    /// Automatic repair as this node sees it (the replicated record, and a
+    /// leader's own freeze when it hears no quorum).
+    fn repair_status(&self) -> mailvault_proto::v1::RepairStatus {
+        let record = self.ctx.reader.repair_record().ok().flatten().unwrap_or_default();
+        let reason = crate::repair::frozen_reason(&self.ctx, &record);
+        let last = record.repairs.iter().rev().find(|r| r.ended_ms.is_some());
+        mailvault_proto::v1::RepairStatus {
+            frozen: reason.is_some(),
+            reason: reason.unwrap_or_default(),
+            frozen_ms: record.frozen.as_ref().map_or(0, |f| f.at_ms),
+            under_way: record
+                .in_progress()
+                .map(|r| {
+                    format!(
+                        "replacing node {} by spare {} ({})",
+                        r.old,
+                        r.new,
+                        r.role.as_str()
+                    )
+                })
+                .unwrap_or_default(),
+            last: last
+                .map(|r| format!("node {} by spare {}: {}", r.old, r.new, r.outcome))
+                .unwrap_or_default(),
+            last_ms: last.and_then(|r| r.ended_ms).unwrap_or(0),
+            failures: record
+                .failures
+                .iter()
+                .filter(|f| f.at_ms > record.cleared_ms)
+                .filter(|f| {
+                    f.at_ms > crate::clock::now_ms() - (self.ctx.config.heal.window_secs * 1000) as i64
+                })
+                .map(|f| {
+                    format!(
+                        "node {}: {} ({})",
+                        f.node,
+                        f.what,
+                        crate::state::ops::time_text(f.at_ms)
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn node_status(
@@ -107,20 +153,54 @@ impl Cluster for ClusterService {
         let m = self.ctx.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: Vec<u64> = membership.voter_ids().collect();
+        let views = self.ctx.health.views(&self.ctx.raft);
+        let records: std::collections::BTreeMap<u64, _> = self
+            .ctx
+            .reader
+            .member_records()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         let members = membership
             .nodes()
-            .map(|(id, n)| Member {
-                id: *id,
-                role: n.role.as_str().to_string(),
-                client_addr: n.client_addr.clone(),
-                raft_addr: n.raft_addr.clone(),
-                ops_addr: n.ops_addr.clone(),
-                voter: voters.contains(id),
+            .map(|(id, n)| {
+                let v = views.get(id).cloned().unwrap_or_default();
+                let region = match records.get(id) {
+                    Some(r) if !r.region.is_empty() => r.region.clone(),
+                    _ if *id == self.ctx.id => self.ctx.health.region().to_string(),
+                    _ => v.seen.region.clone(),
+                };
+                Member {
+                    id: *id,
+                    role: n.role.as_str().to_string(),
+                    client_addr: n.client_addr.clone(),
+                    raft_addr: n.raft_addr.clone(),
+                    ops_addr: n.ops_addr.clone(),
+                    voter: voters.contains(id),
+                    region,
+                    health: match v.up {
+                        Some(true) => "up",
+                        Some(false) => "down",
+                        None => "unknown",
+                    }
+                    .to_string(),
+                    lag_entries: v.behind.map_or(-1, |b| b as i64),
+                    lag_secs: v.lag_secs.unwrap_or(-1.0),
+                    last_contact_ms: match *id == self.ctx.id {
+                        true => crate::clock::now_ms(),
+                        false => v.seen.last_contact_ms,
+                    },
+                }
             })
             .collect();
+        let role = membership
+            .get_node(&self.ctx.id)
+            .map_or(self.ctx.config.me().role, |n| n.role);
         Ok(Response::new(NodeStatusResponse {
             id: self.ctx.id,
-            role: self.ctx.config.me().role.as_str().to_string(),
+            role: role.as_str().to_string(),
+            membership: self.ctx.router.membership().to_string(),
+            region: self.ctx.health.region().to_string(),
             state: state_name(m.state).to_string(),
             term: m.current_term,
             leader_id: m.current_leader.unwrap_or(0),
@@ -161,6 +241,7 @@ impl Cluster for ClusterService {
                 .collect(),
             backup: Some(self.backup_status()),
             operations: Some(self.operations_status()),
+            repair: Some(self.repair_status()),
             audit_fail_closed: self.ctx.audit.fail_closed(),
             leadership_held: self
                 .ctx

@@ -12,12 +12,13 @@ use mailvault_proto::v1::operation_kind::Kind;
 use mailvault_proto::v1::operations_client::OperationsClient;
 use mailvault_proto::v1::operations_server::Operations;
 use mailvault_proto::v1::{
-    AllowlistOperation, ApproveOperationRequest, AuditSettingsOperation, CancelOperationRequest,
-    DeleteMailboxOperation, ExportOperation, ExpungeOperation, FencePart as ProtoFencePart,
-    GetOperationRequest, GrantOperation, ListOperationsRequest, ListOperationsResponse,
-    Operation as ProtoOperation, OperationKind, Plan as ProtoPlan, PlanOperationRequest, PlanStep,
-    ProposeOperationRequest, RejectOperationRequest, RestoreMailboxOperation, RestoreMailboxRequest,
-    StepResult as ProtoStepResult, TransferLeadershipOperation,
+    AddNodeOperation, AllowlistOperation, ApproveOperationRequest, AuditSettingsOperation,
+    CancelOperationRequest, DeleteMailboxOperation, ExportOperation, ExpungeOperation,
+    FencePart as ProtoFencePart, GetOperationRequest, GrantOperation, ListOperationsRequest,
+    ListOperationsResponse, Operation as ProtoOperation, OperationKind, Plan as ProtoPlan,
+    PlanOperationRequest, PlanStep, ProposeOperationRequest, RejectOperationRequest, RemoveNodeOperation,
+    ReplaceNodeOperation, RestoreMailboxOperation, RestoreMailboxRequest, StepResult as ProtoStepResult,
+    TransferLeadershipOperation,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,6 +32,7 @@ use crate::ctx::Ctx;
 use crate::error::{self, ApiError, Reason};
 use crate::forward::{principal_of, route_write, FORWARDED};
 use crate::state::command::{Command, CommandResult, Refusal};
+use crate::state::member::{JoinerFacts, MembershipFacts};
 use crate::state::ops::{
     hex, plan_hash, rehearse, Actor, Approval, BackupFinding, BulkExpunge, Export, LeadershipFacts,
     LeadershipTransfer, MailboxFromBackup, MailboxName, OpChange, OpKind, OpRefusal, OpStatus, Operation,
@@ -184,6 +186,26 @@ impl OperationsService {
                 x.seen = self.leadership_facts();
                 return Ok(Ok(OpKind::TransferLeadership(x)));
             }
+            OpKind::AddNode { node, .. } => {
+                let seen = self.ctx.membership_facts();
+                return Ok(self
+                    .probe_joiner(node.id, &node.member.raft_addr)
+                    .await
+                    .map(|node| OpKind::AddNode { node, seen }));
+            }
+            OpKind::RemoveNode { id, .. } => {
+                return Ok(Ok(OpKind::RemoveNode {
+                    id,
+                    seen: self.ctx.membership_facts(),
+                }))
+            }
+            OpKind::ReplaceNode { old, new, .. } => {
+                return Ok(Ok(OpKind::ReplaceNode {
+                    old,
+                    new,
+                    seen: self.ctx.membership_facts(),
+                }))
+            }
             kind => return Ok(Ok(kind)),
         };
         let Some(rec) = self.ctx.reader.backup(&r.backup).map_err(error::read)? else {
@@ -247,6 +269,60 @@ impl OperationsService {
 }
 
 impl OperationsService {
+    /// Probes a node that waits to join: it must answer as node `id`, sign
+    /// our nonce with a node certificate of the cluster's CA naming it, be
+    /// of this cluster and data version, and hold no Raft state.
+    async fn probe_joiner(&self, id: u64, addr: &str) -> Result<JoinerFacts, OpRefusal> {
+        let refuse = |why: String| OpRefusal::Precondition(format!("node {id} at {addr}: {why}"));
+        let r = crate::raft::health::probe(&self.ctx.peers, addr, Duration::from_secs(5))
+            .await
+            .map_err(|e| refuse(format!("no answer to the probe ({e})")))?;
+        verify_client_certificate(&self.ctx.config.tls, &r.certificate)
+            .map_err(|e| refuse(format!("its certificate is refused: {e}")))?;
+        let serial = match identity_of(&r.certificate) {
+            Some((CertIdentity::Node(n), serial)) if n == id && r.node_id == id => serial,
+            Some((who, _)) => {
+                return Err(refuse(format!(
+                    "its certificate names {who}, and it answers as node {}",
+                    r.node_id
+                )))
+            }
+            None => return Err(refuse("its certificate names no node".into())),
+        };
+        if self.ctx.reader.serial_revoked(&serial).unwrap_or(true) {
+            return Err(refuse("its certificate is revoked".into()));
+        }
+        if r.cluster_name != self.ctx.config.cluster_name {
+            return Err(refuse(format!(
+                "it belongs to cluster {:?}, not {:?}",
+                r.cluster_name, self.ctx.config.cluster_name
+            )));
+        }
+        if r.data_version != crate::state::version::DATA_VERSION {
+            return Err(refuse(format!(
+                "it runs data version {}, this cluster {}: upgrade it first",
+                r.data_version,
+                crate::state::version::DATA_VERSION
+            )));
+        }
+        let role =
+            crate::state::Role::parse(&r.role).ok_or_else(|| refuse(format!("unknown role {:?}", r.role)))?;
+        Ok(JoinerFacts {
+            id,
+            member: crate::state::Member {
+                role,
+                client_addr: r.client_addr,
+                raft_addr: r.raft_addr,
+                ops_addr: r.ops_addr,
+            },
+            region: r.region,
+            key: mailvault_proto::approval::key_fingerprint(&r.certificate).map_err(refuse)?,
+            serial,
+            initialized: r.initialized,
+            disk_free_bytes: r.disk_free_bytes,
+        })
+    }
+
     /// The voters as this node sees them: the leader, each voter's role,
     /// and (on the leader only) how far each is behind.
     fn leadership_facts(&self) -> LeadershipFacts {
@@ -401,7 +477,55 @@ fn kind_of(k: Option<OperationKind>) -> Result<OpKind, ApiError> {
                 seen: LeadershipFacts::default(),
             }))
         }
+        Some(Kind::AddNode(x)) => {
+            if x.node_id == 0 {
+                return Err(error::invalid("name the joining node's id (node_id)").with("field", "node_id"));
+            }
+            if x.raft_addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(
+                    error::invalid("raft_addr is the joining node's raft address, ip:port")
+                        .with("field", "raft_addr"),
+                );
+            }
+            Ok(OpKind::AddNode {
+                node: JoinerFacts {
+                    id: x.node_id,
+                    member: crate::state::Member {
+                        raft_addr: x.raft_addr,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                seen: MembershipFacts::default(),
+            })
+        }
+        Some(Kind::RemoveNode(x)) => Ok(OpKind::RemoveNode {
+            id: node_id(x.node_id, "node_id")?,
+            seen: MembershipFacts::default(),
+        }),
+        Some(Kind::ReplaceNode(x)) => {
+            let (old, new) = (
+                node_id(x.old_node_id, "old_node_id")?,
+                node_id(x.new_node_id, "new_node_id")?,
+            );
+            if old == new {
+                return Err(error::invalid("a node does not replace itself").with("field", "new_node_id"));
+            }
+            Ok(OpKind::ReplaceNode {
+                old,
+                new,
+                seen: MembershipFacts::default(),
+            })
+        }
+        Some(Kind::Unfreeze(_)) => Ok(OpKind::Unfreeze),
         None => Err(error::invalid("name the operation (kind)").with("field", "kind")),
+    }
+}
+
+fn node_id(id: u64, field: &'static str) -> Result<u64, ApiError> {
+    match id {
+        0 => Err(error::invalid(format!("{field} names a node id (not 0)")).with("field", field)),
+        id => Ok(id),
     }
 }
 
@@ -449,6 +573,16 @@ fn kind_to_proto(k: &OpKind) -> OperationKind {
             node_id: x.to,
             hold_secs: (x.hold_ms / 1000).clamp(0, i64::from(u32::MAX)) as u32,
         }),
+        OpKind::AddNode { node, .. } => Kind::AddNode(AddNodeOperation {
+            raft_addr: node.member.raft_addr.clone(),
+            node_id: node.id,
+        }),
+        OpKind::RemoveNode { id, .. } => Kind::RemoveNode(RemoveNodeOperation { node_id: *id }),
+        OpKind::ReplaceNode { old, new, .. } => Kind::ReplaceNode(ReplaceNodeOperation {
+            old_node_id: *old,
+            new_node_id: *new,
+        }),
+        OpKind::Unfreeze => Kind::Unfreeze(mailvault_proto::v1::UnfreezeOperation {}),
     };
     OperationKind { kind: Some(kind) }
 }

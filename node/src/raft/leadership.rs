@@ -53,10 +53,15 @@ fn rank(role: Role) -> u8 {
 /// (read from the replicated state, the hold's end already checked).
 pub type Hold = Arc<dyn Fn() -> Option<NodeId> + Send + Sync>;
 
-/// Runs the placement loop of node `id` (role `role`) until Raft stops.
+/// This node's role now, as the replicated membership gives it: none when
+/// it is not a voter or no longer a member (then it places nothing and
+/// never campaigns, not even as a last resort).
+pub type RoleNow = Arc<dyn Fn() -> Option<Role> + Send + Sync>;
+
+/// Runs the placement loop of node `id` until Raft stops.
 pub async fn run(
     id: NodeId,
-    role: Role,
+    role_now: RoleNow,
     raft: Raft,
     peers: PeerClients,
     election_timeout_max: Duration,
@@ -75,6 +80,10 @@ pub async fn run(
         if m.running_state.is_err() {
             return;
         }
+        let Some(role) = role_now() else {
+            leaderless_since = None;
+            continue;
+        };
         if m.current_leader == Some(id) {
             leaderless_since = None;
             let since = match leading_since {

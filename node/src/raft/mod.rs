@@ -1,5 +1,6 @@
 //! Raft plumbing: the peer transport (client and server) and start-up.
 
+pub mod health;
 mod leadership;
 mod network;
 mod peer_service;
@@ -7,7 +8,8 @@ mod read_fence;
 mod setup;
 mod snapshots;
 
-pub use leadership::{run as place_leadership, Hold};
+pub use health::Health;
+pub use leadership::{run as place_leadership, Hold, RoleNow};
 pub use network::{resend_held_back_commits, PeerClients, PeerNetwork};
 pub use peer_service::PeerService;
 pub use read_fence::{ReadBarrier, ReadFence};

@@ -34,6 +34,8 @@ pub struct PeerClients {
     tls: ClientTlsConfig,
     local: Option<std::net::IpAddr>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Set once a member refused this node as no longer a member.
+    told_removed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl PeerClients {
@@ -45,6 +47,24 @@ impl PeerClients {
             tls,
             local,
             channels: Arc::default(),
+            told_removed: Arc::default(),
+        }
+    }
+
+    /// Whether a member refused this node as no longer a member
+    /// (`NOT_A_MEMBER`): it was removed or replaced.
+    pub fn told_removed(&self) -> bool {
+        self.told_removed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Notes a peer's refusal, if it says this node is not a member.
+    pub fn note_refusal(&self, s: &tonic::Status) {
+        use tonic_types::StatusExt;
+        if s.get_details_error_info()
+            .is_some_and(|i| i.reason == "NOT_A_MEMBER")
+        {
+            self.told_removed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -84,7 +104,8 @@ impl PeerClients {
             .map_err(|_| ApiError::new(Reason::LeaderUnreachable, "leader unreachable"))?;
         let mut req = tonic::Request::new(ReadIndexRequest {});
         req.set_timeout(timeout);
-        Ok(c.read_index(req).await?.into_inner().index)
+        let answer = c.read_index(req).await.inspect_err(|s| self.note_refusal(s));
+        Ok(answer?.into_inner().index)
     }
 
     /// Asks the voter at `addr` to start an election now (leadership
@@ -161,6 +182,7 @@ impl PeerConnection {
             Method::Vote => client.vote(request).await,
             Method::Snapshot => client.install_snapshot(request).await,
         };
+        let reply = reply.inspect_err(|s| self.clients.note_refusal(s));
         let reply = reply.map_err(|s| match s.code() {
             tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&s)),
             _ => RPCError::Network(NetworkError::new(&s)),

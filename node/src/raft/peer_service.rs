@@ -4,11 +4,12 @@ use std::time::Duration;
 
 use mailvault_proto::raft::raft_peer_server::RaftPeer;
 use mailvault_proto::raft::{
-    CampaignRequest, CampaignResponse, CheckpointPart, RaftPayload, ReadIndexRequest, ReadIndexResponse,
+    CampaignRequest, CampaignResponse, CheckpointPart, ProbeRequest, ProbeResponse, RaftPayload,
+    ReadIndexRequest, ReadIndexResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
 
-use super::ReadFence;
+use super::{Health, ReadFence};
 use crate::error::{self, ApiError, Reason};
 use crate::proposer::Proposer;
 use crate::state::audit::AuditEvent;
@@ -16,7 +17,8 @@ use crate::state::codec::{decode, encode};
 use crate::state::command::Command;
 use crate::state::snapshot_data::SnapshotData;
 use crate::state::types::{CheckpointOffer, NodeId, Raft};
-use crate::store::StateMachine;
+use crate::store::{MailReader, StateMachine};
+use crate::tls::CertIdentity;
 
 /// The outcome of a checkpoint transfer, as the receiver answers it.
 pub type TransferOutcome = Result<openraft::raft::SnapshotResponse<NodeId>, String>;
@@ -29,17 +31,55 @@ pub struct PeerService {
     fence: ReadFence,
     /// Where received checkpoints go.
     sm: StateMachine,
+    /// The member records (a removed node is refused).
+    reader: MailReader,
+    /// This node's facts, for probes.
+    health: Health,
 }
 
 impl PeerService {
     /// A service over `raft`; audit batches from followers go to `proposer`,
     /// snapshots into `sm`.
-    pub fn new(raft: Raft, proposer: Proposer, fence: ReadFence, sm: StateMachine) -> PeerService {
+    pub fn new(
+        raft: Raft,
+        proposer: Proposer,
+        fence: ReadFence,
+        sm: StateMachine,
+        reader: MailReader,
+        health: Health,
+    ) -> PeerService {
         PeerService {
             raft,
             proposer,
             fence,
             sm,
+            reader,
+            health,
+        }
+    }
+
+    /// Refuses a caller whose removal the replicated state records: a
+    /// removed or replaced node takes no part in elections or replication
+    /// (openraft 0.9 would let its rising terms disrupt the cluster), and
+    /// learns from the refusal that it is no longer a member.
+    fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(certs) = req.peer_certs() else {
+            return Ok(());
+        };
+        let Some((CertIdentity::Node(id), _)) = certs.first().and_then(|c| crate::tls::identity_of(c)) else {
+            return Ok(());
+        };
+        match self.reader.member_record(id) {
+            Ok(Some(r)) if r.removed.is_some() => {
+                let by = r.removed.map(|r| r.by).unwrap_or_default();
+                metrics::counter!("mailvault_removed_node_refused_total").increment(1);
+                Err(ApiError::new(
+                    Reason::NotAMember,
+                    format!("node {id} is no longer a member of this cluster (removed by {by})"),
+                )
+                .into())
+            }
+            _ => Ok(()),
         }
     }
 
@@ -108,6 +148,7 @@ fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftPayload>, Status
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.admit(&req)?;
         let rpc = decode_req(req)?;
         let started = std::time::Instant::now();
         let r = reply(&self.raft.append_entries(rpc).await);
@@ -116,11 +157,13 @@ impl RaftPeer for PeerService {
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.admit(&req)?;
         let rpc = decode_req(req)?;
         reply(&self.raft.vote(rpc).await)
     }
 
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.admit(&req)?;
         let rpc = decode_req(req)?;
         reply(&self.raft.install_snapshot(rpc).await)
     }
@@ -129,6 +172,7 @@ impl RaftPeer for PeerService {
         &self,
         req: Request<Streaming<CheckpointPart>>,
     ) -> Result<Response<RaftPayload>, Status> {
+        self.admit(&req)?;
         let mut parts = req.into_inner();
         let first = parts
             .message()
@@ -145,8 +189,9 @@ impl RaftPeer for PeerService {
 
     async fn read_index(
         &self,
-        _req: Request<ReadIndexRequest>,
+        req: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexResponse>, Status> {
+        self.admit(&req)?;
         // Confirms leadership with a quorum, then names the index to wait for:
         // the read index, and at least this process's fence entry.
         let fut = async {
@@ -168,6 +213,7 @@ impl RaftPeer for PeerService {
     }
 
     async fn propose_audit(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.admit(&req)?;
         let events: Vec<AuditEvent> = decode_req(req)?;
         self.proposer
             .propose(Command::Audit { events })
@@ -177,6 +223,7 @@ impl RaftPeer for PeerService {
     }
 
     async fn propose_backup(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.admit(&req)?;
         let change: crate::state::backup::BackupChange = decode_req(req)?;
         let result = self
             .proposer
@@ -187,6 +234,7 @@ impl RaftPeer for PeerService {
     }
 
     async fn propose_restored(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.admit(&req)?;
         let command: Command = decode_req(req)?;
         if !matches!(
             command,
@@ -206,6 +254,16 @@ impl RaftPeer for PeerService {
             .await
             .map_err(crate::error::propose)?;
         reply(&result)
+    }
+
+    async fn probe(&self, req: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        self.admit(&req)?;
+        let nonce = req.into_inner().nonce;
+        if nonce.len() != 32 {
+            return Err(error::invalid("a probe's nonce is 32 bytes").into());
+        }
+        let initialized = self.raft.is_initialized().await.unwrap_or(true);
+        Ok(Response::new(self.health.answer(&self.raft, &nonce, initialized)))
     }
 
     async fn campaign(&self, _req: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {

@@ -41,12 +41,11 @@ pub fn snapshot_schedule(config: &Config) -> SnapshotSchedule {
 /// Initializes a fresh cluster exactly once: only the lowest-numbered member
 /// does it, and only when its Raft state is empty. Later starts are no-ops.
 pub async fn bootstrap_if_fresh(raft: &Raft, config: &Config) -> anyhow::Result<bool> {
-    let first = *config
-        .members
-        .keys()
-        .next()
-        .expect("validated: members non-empty");
-    if first != config.node_id || raft.is_initialized().await? {
+    // A joining node (`join`) never bootstraps: two operators add it.
+    let Some(&first) = config.members.keys().next() else {
+        return Ok(false);
+    };
+    if config.join.is_some() || first != config.node_id || raft.is_initialized().await? {
         return Ok(false);
     }
     let voters: BTreeMap<NodeId, Member> = config

@@ -166,6 +166,8 @@ pub enum Command {
     Backups(super::backup::BackupChange),
     /// Moves a two-person operation through its lifecycle (data version 6).
     Ops(super::ops::OpChange),
+    /// Changes the record of automatic repair (data version 11).
+    Repair(super::member::RepairChange, super::member::RepairActor),
 }
 
 impl Command {
@@ -231,6 +233,9 @@ pub enum Refusal {
     /// A two-person operation's change, refused (see [`super::ops::OpRefusal`]).
     #[error("{0}")]
     Operation(super::ops::OpRefusal),
+    /// A change to the repair record, refused (in words).
+    #[error("{0}")]
+    Repair(String),
 }
 
 /// The outcome of one command.
@@ -281,4 +286,6 @@ pub enum CommandResult {
     },
     /// A two-person operation after a change.
     Operation(Box<super::ops::Operation>),
+    /// The repair record after a change.
+    Repair(Box<super::member::RepairRecord>),
 }

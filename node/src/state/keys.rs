@@ -42,6 +42,11 @@ pub const AUDIT_SETTINGS: u8 = 0xA2;
 /// Where a leadership transfer holds leadership: the one key `0xA3` (data
 /// version 9).
 pub const LEADERSHIP_PIN: u8 = 0xA3;
+/// What the state records of each member beyond Raft's membership:
+/// `0xB0 node id(be64)` (data version 10).
+pub const MEMBER: u8 = 0xB0;
+/// The record of automatic repair: the one key `0xB1` (data version 11).
+pub const REPAIR: u8 = 0xB1;
 /// The audit chain head.
 pub const AUDIT_HEAD: &[u8] = b"\x80head";
 
@@ -73,7 +78,9 @@ pub fn is_bound(key: &[u8]) -> bool {
                 | OPERATION
                 | EXPORT_APPROVAL
                 | AUDIT_SETTINGS
-                | LEADERSHIP_PIN)
+                | LEADERSHIP_PIN
+                | MEMBER
+                | REPAIR)
         )
     )
 }
@@ -118,6 +125,26 @@ pub fn audit_settings() -> Vec<u8> {
 /// `0xA3`.
 pub fn leadership_pin() -> Vec<u8> {
     vec![LEADERSHIP_PIN]
+}
+
+/// `0xB1`: the repair record.
+pub fn repair() -> Vec<u8> {
+    vec![REPAIR]
+}
+
+/// `0xB0 id(be64)`.
+pub fn member_record(id: u64) -> Vec<u8> {
+    let mut k = vec![MEMBER];
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The node id of a `0xB0` key.
+pub fn member_of(key: &[u8]) -> Option<u64> {
+    match key {
+        [MEMBER, rest @ ..] => Some(u64::from_be_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
 }
 
 /// `0xA1 exporter 0 tenant 0 mailbox`.

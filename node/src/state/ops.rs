@@ -22,6 +22,10 @@ use sha2::{Digest, Sha256};
 use super::audit::AuditSettings;
 use super::backup::BackupRecord;
 use super::codec::encode;
+use super::member::{
+    quorum, region_text, JoinerFacts, MemberFacts, MemberRecord, MemberStep, MembershipFacts, RepairRecord,
+    Role, StoredMembership,
+};
 use super::policy::{AccessChange, IdentityPolicy, RoleGrant, ANY_TENANT};
 use super::records::{MailboxRecord, MessageRecord, TenantRecord};
 
@@ -62,6 +66,32 @@ pub enum OpKind {
     /// Moves leadership to one voter and keeps it there for a while (data
     /// version 9).
     TransferLeadership(LeadershipTransfer),
+    /// Adds a node that waits to join (data version 10).
+    AddNode {
+        /// The node, as the leader's probe found it (filled in by the
+        /// leader, never by the caller).
+        node: JoinerFacts,
+        /// The members as the leader saw them.
+        seen: MembershipFacts,
+    },
+    /// Removes a member (data version 10).
+    RemoveNode {
+        /// The member.
+        id: u64,
+        /// The members as the leader saw them.
+        seen: MembershipFacts,
+    },
+    /// Replaces a voter by a learner (data version 10).
+    ReplaceNode {
+        /// The voter removed.
+        old: u64,
+        /// The learner that takes its place.
+        new: u64,
+        /// The members as the leader saw them.
+        seen: MembershipFacts,
+    },
+    /// Lets automatic repair go on after a freeze (data version 11).
+    Unfreeze,
 }
 
 /// A leadership transfer: to which voter, for how long, and what the
@@ -257,6 +287,10 @@ impl OpKind {
             OpKind::AuditSettings { .. } => "audit-settings",
             OpKind::Expunge { .. } => "expunge",
             OpKind::TransferLeadership { .. } => "transfer-leadership",
+            OpKind::AddNode { .. } => "add-node",
+            OpKind::RemoveNode { .. } => "remove-node",
+            OpKind::ReplaceNode { .. } => "replace-node",
+            OpKind::Unfreeze => "unfreeze",
         }
     }
 
@@ -273,6 +307,10 @@ impl OpKind {
             OpKind::AuditSettings { fail_closed } => format!("audit fail_closed = {fail_closed}"),
             OpKind::Expunge(x) => format!("{}: {}", x.mailbox, x.rules_text()),
             OpKind::TransferLeadership(x) => format!("leadership to node {}", x.to),
+            OpKind::AddNode { node, .. } => format!("add node {} ({})", node.id, node.member.role.as_str()),
+            OpKind::RemoveNode { id, .. } => format!("remove node {id}"),
+            OpKind::ReplaceNode { old, new, .. } => format!("replace node {old} by node {new}"),
+            OpKind::Unfreeze => "automatic repair".to_string(),
         }
     }
 }
@@ -337,6 +375,13 @@ pub enum Step {
         /// How long it keeps leadership, ms from the step.
         hold_ms: i64,
     },
+    /// A change of the membership (data version 10). The executor makes it
+    /// through Raft first (a membership entry), then records it; the record
+    /// is refused unless the membership shows the change.
+    Membership(MemberStep),
+    /// Lets automatic repair go on (data version 11): clears the freeze;
+    /// failures until now no longer count towards the next one.
+    Unfreeze,
 }
 
 /// An approved bulk export, stored under `keys::export_approval`: the
@@ -367,6 +412,11 @@ impl Step {
             Step::AuditSettings { .. } => "audit-settings",
             Step::Expunge { .. } => "expunge",
             Step::Leadership { .. } => "transfer-leadership",
+            Step::Membership(MemberStep::AddLearner { .. }) => "add-learner",
+            Step::Membership(MemberStep::Promote { .. }) => "promote",
+            Step::Membership(MemberStep::Replace { .. }) => "replace-voter",
+            Step::Membership(MemberStep::Remove { .. }) => "remove-member",
+            Step::Unfreeze => "unfreeze",
         }
     }
 
@@ -410,13 +460,20 @@ impl Step {
                  and keeps it for {}",
                 duration_text(*hold_ms)
             ),
+            Step::Membership(m) => m.describe(),
+            Step::Unfreeze => "let automatic repair go on; the failures until now no longer count \
+                               towards a freeze"
+                .to_string(),
         }
     }
 
     /// Whether the executor runs the step's effect before it records it
     /// (see [`Step::RestoreMailbox`]).
     pub fn runs_outside(&self) -> bool {
-        matches!(self, Step::RestoreMailbox(_) | Step::Leadership { .. })
+        matches!(
+            self,
+            Step::RestoreMailbox(_) | Step::Leadership { .. } | Step::Membership(_)
+        )
     }
 }
 
@@ -823,6 +880,13 @@ pub trait View {
     ) -> Result<Vec<Result<MessageFacts, u32>>, Self::Error>;
     /// Where a leadership transfer holds leadership, if one does.
     fn leadership_pin(&self) -> Result<Option<LeadershipPin>, Self::Error>;
+    /// The membership as applied (Raft's voters and learners, their roles
+    /// and addresses).
+    fn membership(&self) -> Result<Option<StoredMembership>, Self::Error>;
+    /// What the state records of a node id beyond the membership.
+    fn member_record(&self, id: u64) -> Result<Option<MemberRecord>, Self::Error>;
+    /// The record of automatic repair.
+    fn repair_record(&self) -> Result<Option<RepairRecord>, Self::Error>;
 }
 
 fn part<T: Serialize>(what: String, value: &Option<T>) -> FencePart {
@@ -959,6 +1023,10 @@ pub fn rehearse<V: View>(view: &V, kind: &OpKind) -> Result<Result<Plan, OpRefus
         OpKind::AuditSettings { fail_closed } => plan_audit_settings(view, *fail_closed),
         OpKind::Expunge(x) => plan_expunge(view, x),
         OpKind::TransferLeadership(x) => plan_transfer_leadership(view, x),
+        OpKind::AddNode { node, seen } => plan_add_node(view, node, seen),
+        OpKind::RemoveNode { id, seen } => plan_remove_node(view, *id, seen),
+        OpKind::ReplaceNode { old, new, seen } => plan_replace_node(view, *old, *new, seen),
+        OpKind::Unfreeze => plan_unfreeze(view),
     }
 }
 
@@ -1066,6 +1134,464 @@ fn plan_transfer_leadership<V: View>(
         checks,
         backup_first: false,
         fence: vec![part("where leadership is held".to_string(), &pin)],
+    }))
+}
+
+/// A member as a membership plan sees it: id, role, whether it votes.
+#[derive(Clone, Copy)]
+struct Seat {
+    id: u64,
+    role: Role,
+    voter: bool,
+}
+
+fn seats(m: &Option<StoredMembership>) -> Vec<Seat> {
+    let Some(m) = m else { return Vec::new() };
+    let m = m.membership();
+    let voters: Vec<u64> = m.voter_ids().collect();
+    m.nodes()
+        .map(|(id, n)| Seat {
+            id: *id,
+            role: n.role,
+            voter: voters.contains(id),
+        })
+        .collect()
+}
+
+fn seats_text(seats: &[Seat]) -> String {
+    let list = |voter: bool| {
+        let l: Vec<String> = seats
+            .iter()
+            .filter(|s| s.voter == voter)
+            .map(|s| format!("{} ({})", s.id, s.role.as_str()))
+            .collect();
+        match l.is_empty() {
+            true => "none".to_string(),
+            false => l.join(", "),
+        }
+    };
+    format!("voters {}; learners {}", list(true), list(false))
+}
+
+fn voter_ids(seats: &[Seat]) -> Vec<u64> {
+    seats.iter().filter(|s| s.voter).map(|s| s.id).collect()
+}
+
+/// The quorum rule of a change from `before` to `after` voters: a joint
+/// change commits only with a quorum of healthy voters of both.
+fn quorum_check(
+    seen: &MembershipFacts,
+    before: &[u64],
+    after: &[u64],
+    what: &str,
+) -> Result<Vec<String>, OpRefusal> {
+    let (hb, ha) = (seen.healthy_of(before), seen.healthy_of(after));
+    let (qb, qa) = (quorum(before.len()), quorum(after.len()));
+    if hb < qb {
+        return Err(OpRefusal::Precondition(format!(
+            "only {hb} of the {} voters are healthy (a quorum is {qb}): no membership change can commit",
+            before.len()
+        )));
+    }
+    if after.is_empty() {
+        return Err(OpRefusal::Precondition(format!("{what} would leave no voter")));
+    }
+    if ha < qa {
+        return Err(OpRefusal::Precondition(format!(
+            "{what} would leave {ha} healthy voter{} of {} (a quorum is {qa}): refused",
+            plural(ha),
+            after.len()
+        )));
+    }
+    let mut checks = vec![format!(
+        "{hb} of the {} voters are healthy now (a quorum is {qb})",
+        before.len()
+    )];
+    if before != after {
+        checks.push(format!(
+            "after the change {ha} of {} voters are healthy (a quorum is {qa}): a quorum at every step",
+            after.len()
+        ));
+    }
+    if seen.members.iter().any(|m| m.up.is_none()) {
+        checks.push(
+            "health is measured on the leader (this node is not): the proposal rehearses it there".into(),
+        );
+    }
+    Ok(checks)
+}
+
+fn plural(n: usize) -> &'static str {
+    match n {
+        1 => "",
+        _ => "s",
+    }
+}
+
+fn membership_fence<V: View>(
+    view: &V,
+    ids: &[u64],
+) -> Result<(Option<StoredMembership>, Vec<FencePart>), V::Error> {
+    let m = view.membership()?;
+    let mut fence = vec![part("the membership".to_string(), &m)];
+    for id in ids {
+        fence.push(part(
+            format!("the record of node {id}"),
+            &view.member_record(*id)?,
+        ));
+    }
+    Ok((m, fence))
+}
+
+fn refuse_removed<V: View>(view: &V, id: u64) -> Result<Option<OpRefusal>, V::Error> {
+    Ok(view.member_record(id)?.and_then(|r| r.removed).map(|r| {
+        OpRefusal::Precondition(format!(
+            "node {id} was removed ({}, {}): a node rejoins under a fresh id",
+            r.by,
+            time_text(r.at_ms)
+        ))
+    }))
+}
+
+/// Adding a node that waits to join: it proved its id, holds no Raft state,
+/// was never a member; a spare or dr node becomes a learner, a voter role
+/// a learner and then a voter once caught up.
+fn plan_add_node<V: View>(
+    view: &V,
+    node: &JoinerFacts,
+    seen: &MembershipFacts,
+) -> Result<Result<Plan, OpRefusal>, V::Error> {
+    let id = node.id;
+    let (m, fence) = membership_fence(view, &[id])?;
+    let before = seats(&m);
+    if before.iter().any(|s| s.id == id) {
+        return Ok(Err(OpRefusal::NothingToDo(format!(
+            "node {id} is a member already"
+        ))));
+    }
+    if let Some(r) = refuse_removed(view, id)? {
+        return Ok(Err(r));
+    }
+    if node.initialized {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "node {id} holds Raft state already (it was a member, or of another cluster): only an \
+             empty node waiting with a [join] setting is added"
+        ))));
+    }
+    if let Some(other) = m.as_ref().and_then(|m| {
+        m.membership()
+            .nodes()
+            .find(|(_, n)| n.raft_addr == node.member.raft_addr)
+            .map(|(i, _)| *i)
+    }) {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "node {other} has the raft address {} already",
+            node.member.raft_addr
+        ))));
+    }
+    let role = node.member.role;
+    let mut checks = vec![
+        format!(
+            "node {id} proved its identity: its certificate (serial {}, key {}) names node:{id} and \
+             is issued by the cluster CA",
+            node.serial,
+            short_key(&node.key)
+        ),
+        format!("node {id} holds no Raft state (it waits with a [join] setting)"),
+        format!("no member has id {id}, and node {id} was never removed"),
+        format!(
+            "node {id} has {} free on its data directory's file system",
+            size_text(node.disk_free_bytes)
+        ),
+    ];
+    let mut after = before.clone();
+    after.push(Seat {
+        id,
+        role,
+        voter: false,
+    });
+    let mut steps = vec![Step::Membership(MemberStep::AddLearner {
+        id,
+        member: node.member.clone(),
+        region: node.region.clone(),
+    })];
+    if role.is_voter() {
+        if role == Role::Active {
+            if let Some(a) = before.iter().find(|s| s.voter && s.role == Role::Active) {
+                return Ok(Err(OpRefusal::Precondition(format!(
+                    "node {} is the active node already (add node {id} as a standby, or replace node {})",
+                    a.id, a.id
+                ))));
+            }
+        }
+        let (v, mut va) = (voter_ids(&before), voter_ids(&before));
+        va.push(id);
+        // The learner counts as healthy once it has caught up, which the
+        // step waits for.
+        let mut assumed = seen.clone();
+        assumed.members.push(MemberFacts {
+            id,
+            member: node.member.clone(),
+            voter: true,
+            up: Some(true),
+            behind: Some(0),
+        });
+        match quorum_check(&assumed, &v, &va, &format!("adding node {id} as a voter")) {
+            Ok(c) => checks.extend(c),
+            Err(r) => return Ok(Err(r)),
+        }
+        after.last_mut().expect("pushed").voter = true;
+        steps.push(Step::Membership(MemberStep::Promote { id, role }));
+    }
+    let effect = vec![
+        format!(
+            "node {id} ({}, region {}) receives a snapshot of the whole cluster state — every \
+             tenant's encrypted mail and wrapped data keys — and replicates from then on: this \
+             machine holds the cluster's data",
+            role.as_str(),
+            region_text(&node.region)
+        ),
+        format!("membership before: {}", seats_text(&before)),
+        format!("membership after: {}", seats_text(&after)),
+        match role {
+            Role::Spare => format!(
+                "node {id} does not vote: it stands by to replace a voter that fails (automatic repair)"
+            ),
+            Role::Dr => format!(
+                "node {id} does not vote: it keeps a continuous copy, promoted only by a two-person \
+                 promote-dr operation"
+            ),
+            r => {
+                let n = voter_ids(&after).len();
+                format!(
+                    "node {id} votes as a {} node once caught up: {n} voters, a quorum is {}",
+                    r.as_str(),
+                    quorum(n)
+                )
+            }
+        },
+    ];
+    Ok(Ok(Plan {
+        steps,
+        effect,
+        checks,
+        backup_first: false,
+        fence,
+    }))
+}
+
+fn short_key(key: &str) -> &str {
+    &key[..key.len().min(16)]
+}
+
+fn leads<V>(seen: &MembershipFacts, id: u64) -> Option<Result<Result<Plan, OpRefusal>, V>> {
+    (seen.leader == Some(id)).then(|| {
+        Ok(Err(OpRefusal::Precondition(format!(
+            "node {id} leads: move leadership first (op propose transfer-leadership)"
+        ))))
+    })
+}
+
+/// Removing a member: quorum kept (of healthy voters, before and after),
+/// a voter that may lead left, not the leader.
+fn plan_remove_node<V: View>(
+    view: &V,
+    id: u64,
+    seen: &MembershipFacts,
+) -> Result<Result<Plan, OpRefusal>, V::Error> {
+    let (m, fence) = membership_fence(view, &[id])?;
+    let before = seats(&m);
+    let Some(seat) = before.iter().find(|s| s.id == id).copied() else {
+        return Ok(Err(match view.member_record(id)?.and_then(|r| r.removed) {
+            Some(_) => OpRefusal::NothingToDo(format!("node {id} was removed already")),
+            None => OpRefusal::Precondition(format!("node {id} is not a member")),
+        }));
+    };
+    if let Some(r) = leads(seen, id) {
+        return r;
+    }
+    let after: Vec<Seat> = before.iter().filter(|s| s.id != id).copied().collect();
+    let mut checks = vec![format!("node {id} is a member ({})", seat.role.as_str())];
+    if seat.voter {
+        if !after.iter().any(|s| s.voter && s.role.may_campaign()) {
+            return Ok(Err(OpRefusal::Precondition(format!(
+                "removing node {id} would leave no voter that may lead (active or standby)"
+            ))));
+        }
+        match quorum_check(
+            seen,
+            &voter_ids(&before),
+            &voter_ids(&after),
+            &format!("removing node {id}"),
+        ) {
+            Ok(c) => checks.extend(c),
+            Err(r) => return Ok(Err(r)),
+        }
+    } else {
+        checks.push(format!(
+            "node {id} is a learner: the voters and the quorum do not change"
+        ));
+        // The change is an entry of its own, which needs a quorum to commit.
+        let voters = voter_ids(&before);
+        match quorum_check(seen, &voters, &voters, &format!("removing node {id}")) {
+            Ok(c) => checks.extend(c),
+            Err(r) => return Ok(Err(r)),
+        }
+    }
+    let effect = vec![
+        format!(
+            "node {id} ({}) is removed: the members refuse it from then on; it serves nothing and \
+             takes no part in elections; its data directory stays on its machine, not deleted",
+            seat.role.as_str()
+        ),
+        format!("membership before: {}", seats_text(&before)),
+        format!("membership after: {}", seats_text(&after)),
+        format!("node id {id} is never a member again (a node rejoins under a fresh id)"),
+    ];
+    Ok(Ok(Plan {
+        steps: vec![Step::Membership(MemberStep::Remove { id })],
+        effect,
+        checks,
+        backup_first: false,
+        fence,
+    }))
+}
+
+/// Replacing a voter by a caught-up learner, which takes its role: one
+/// joint-consensus change with a quorum of healthy voters of both configs.
+fn plan_replace_node<V: View>(
+    view: &V,
+    old: u64,
+    new: u64,
+    seen: &MembershipFacts,
+) -> Result<Result<Plan, OpRefusal>, V::Error> {
+    let (m, fence) = membership_fence(view, &[old, new])?;
+    let before = seats(&m);
+    let Some(o) = before.iter().find(|s| s.id == old && s.voter).copied() else {
+        return Ok(Err(OpRefusal::Precondition(format!("node {old} is not a voter"))));
+    };
+    let Some(n) = before.iter().find(|s| s.id == new && !s.voter).copied() else {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "node {new} is not a learner (add it first: op propose add-node)"
+        ))));
+    };
+    if n.role == Role::Dr {
+        return Ok(Err(OpRefusal::Precondition(format!(
+            "node {new} is the DR copy: it is promoted only by promote-dr"
+        ))));
+    }
+    if let Some(r) = leads(seen, old) {
+        return r;
+    }
+    let mut checks = vec![
+        format!("node {old} is a voter ({})", o.role.as_str()),
+        format!("node {new} is a learner ({})", n.role.as_str()),
+    ];
+    match seen.get(new).and_then(|f| f.behind) {
+        Some(b) if b > MAX_BEHIND_FOR_TRANSFER => {
+            return Ok(Err(OpRefusal::Precondition(format!(
+                "node {new} is {} log entries behind the leader (at most {} to become a voter)",
+                thousands(b),
+                thousands(MAX_BEHIND_FOR_TRANSFER)
+            ))));
+        }
+        Some(b) => checks.push(format!(
+            "node {new} is {} log entries behind the leader",
+            thousands(b)
+        )),
+        None => {}
+    }
+    if seen.get(new).and_then(|f| f.up) == Some(false) {
+        return Ok(Err(OpRefusal::Precondition(format!("node {new} is down"))));
+    }
+    let after: Vec<Seat> = before
+        .iter()
+        .filter(|s| s.id != old)
+        .map(|s| match s.id == new {
+            true => Seat {
+                id: new,
+                role: o.role,
+                voter: true,
+            },
+            false => *s,
+        })
+        .collect();
+    match quorum_check(
+        seen,
+        &voter_ids(&before),
+        &voter_ids(&after),
+        &format!("replacing node {old}"),
+    ) {
+        Ok(c) => checks.extend(c),
+        Err(r) => return Ok(Err(r)),
+    }
+    let effect = vec![
+        format!(
+            "node {new} votes in node {old}'s role ({}); node {old} is removed: the members refuse \
+             it from then on; its data directory stays on its machine, not deleted",
+            o.role.as_str()
+        ),
+        format!("membership before: {}", seats_text(&before)),
+        format!("membership after: {}", seats_text(&after)),
+        format!(
+            "one joint-consensus change: entries commit with a quorum of both the old and the new \
+             voters until it is done; nothing acknowledged is lost; node id {old} is never a member \
+             again"
+        ),
+    ];
+    Ok(Ok(Plan {
+        steps: vec![Step::Membership(MemberStep::Replace {
+            old,
+            new,
+            role: o.role,
+        })],
+        effect,
+        checks,
+        backup_first: false,
+        fence,
+    }))
+}
+
+/// Unfreezing automatic repair: only while it is frozen; fenced on the
+/// repair record (a replacement or another freeze meanwhile).
+fn plan_unfreeze<V: View>(view: &V) -> Result<Result<Plan, OpRefusal>, V::Error> {
+    let record = view.repair_record()?;
+    let fence = vec![part("the repair record".to_string(), &record)];
+    let record = record.unwrap_or_default();
+    let Some(frozen) = &record.frozen else {
+        return Ok(Err(OpRefusal::NothingToDo(
+            "automatic repair is not frozen".into(),
+        )));
+    };
+    let counted: Vec<String> = record
+        .failures
+        .iter()
+        .filter(|f| f.at_ms > record.cleared_ms)
+        .map(|f| format!("node {} ({}, {})", f.node, f.what, time_text(f.at_ms)))
+        .collect();
+    let effect = vec![
+        format!(
+            "automatic repair goes on: frozen since {} ({})",
+            time_text(frozen.at_ms),
+            frozen.reason
+        ),
+        match counted.is_empty() {
+            true => "no failures count towards the next freeze".to_string(),
+            false => format!(
+                "these failures no longer count towards the next freeze: {}",
+                counted.join("; ")
+            ),
+        },
+        "a voter still down past heal.replace_after is replaced by a healthy spare, if one exists \
+         and the quorum-plus-one rule allows it"
+            .to_string(),
+    ];
+    Ok(Ok(Plan {
+        steps: vec![Step::Unfreeze],
+        effect,
+        checks: vec![format!("automatic repair is frozen: {}", frozen.reason)],
+        backup_first: false,
+        fence,
     }))
 }
 
@@ -1509,6 +2035,8 @@ mod tests {
         audit: Option<AuditSettings>,
         messages: HashMap<(String, String), Vec<Result<MessageFacts, u32>>>,
         pin: Option<LeadershipPin>,
+        membership: Option<StoredMembership>,
+        members: HashMap<u64, MemberRecord>,
     }
 
     impl View for Fake {
@@ -1541,6 +2069,200 @@ mod tests {
         fn leadership_pin(&self) -> Result<Option<LeadershipPin>, ()> {
             Ok(self.pin.clone())
         }
+        fn membership(&self) -> Result<Option<StoredMembership>, ()> {
+            Ok(self.membership.clone())
+        }
+        fn member_record(&self, id: u64) -> Result<Option<MemberRecord>, ()> {
+            Ok(self.members.get(&id).cloned())
+        }
+        fn repair_record(&self) -> Result<Option<RepairRecord>, ()> {
+            Ok(None)
+        }
+    }
+
+    fn member(role: Role) -> crate::state::member::Member {
+        crate::state::member::Member {
+            role,
+            raft_addr: format!("10.0.0.{}:7201", role as u8 + 1),
+            ..Default::default()
+        }
+    }
+
+    /// Voters 1 active, 2 standby, 3 backup; learner 4 spare.
+    fn three_and_a_spare() -> Fake {
+        let nodes = [
+            (1, member(Role::Active)),
+            (2, member(Role::Standby)),
+            (3, member(Role::Backup)),
+            (4, member(Role::Spare)),
+        ];
+        let m = openraft::Membership::new(
+            vec![[1, 2, 3].into()],
+            nodes.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        );
+        Fake {
+            membership: Some(StoredMembership::new(None, m)),
+            ..Fake::default()
+        }
+    }
+
+    /// The leader's view: node 1 leads; `down` are down.
+    fn seen(view: &Fake, down: &[u64]) -> MembershipFacts {
+        let m = view.membership.as_ref().unwrap().membership();
+        let voters: Vec<u64> = m.voter_ids().collect();
+        MembershipFacts {
+            leader: Some(1),
+            members: m
+                .nodes()
+                .map(|(id, n)| MemberFacts {
+                    id: *id,
+                    member: n.clone(),
+                    voter: voters.contains(id),
+                    up: Some(!down.contains(id)),
+                    behind: Some(0),
+                })
+                .collect(),
+        }
+    }
+
+    fn refusal(r: Result<Result<Plan, OpRefusal>, ()>) -> String {
+        r.unwrap().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_membership_change_keeps_a_healthy_quorum_at_every_step_and_is_fenced_on_the_membership() {
+        let view = three_and_a_spare();
+        // Removing a healthy voter of three, the others up: fine.
+        let kind = OpKind::RemoveNode {
+            id: 2,
+            seen: seen(&view, &[]),
+        };
+        let plan = rehearse(&view, &kind).unwrap().unwrap();
+        assert_eq!(
+            plan.effect[2],
+            "membership after: voters 1 (active), 3 (backup); learners 4 (spare)"
+        );
+        assert_eq!(plan.steps, vec![Step::Membership(MemberStep::Remove { id: 2 })]);
+        // With node 3 down, removing node 2 leaves 1 healthy voter of 2.
+        let kind = OpKind::RemoveNode {
+            id: 2,
+            seen: seen(&view, &[3]),
+        };
+        assert_eq!(
+            refusal(rehearse(&view, &kind)),
+            "removing node 2 would leave 1 healthy voter of 2 (a quorum is 2): refused"
+        );
+        // With two of three down nothing can commit.
+        let kind = OpKind::RemoveNode {
+            id: 4,
+            seen: seen(&view, &[2, 3]),
+        };
+        assert!(refusal(rehearse(&view, &kind)).starts_with("only 1 of the 3 voters are healthy"));
+        // The leader is not removed; the last voter that may lead neither.
+        let kind = OpKind::RemoveNode {
+            id: 1,
+            seen: seen(&view, &[]),
+        };
+        assert!(refusal(rehearse(&view, &kind)).contains("node 1 leads: move leadership first"));
+        // Replacing dead node 3 by spare 4: the joint change has 1, 2 of
+        // {1,2,3} and 1, 2, 4 of {1,2,4}.
+        let kind = OpKind::ReplaceNode {
+            old: 3,
+            new: 4,
+            seen: seen(&view, &[3]),
+        };
+        let plan = rehearse(&view, &kind).unwrap().unwrap();
+        assert_eq!(
+            plan.effect[2],
+            "membership after: voters 1 (active), 2 (standby), 4 (backup); learners none"
+        );
+        assert_eq!(
+            plan.steps,
+            vec![Step::Membership(MemberStep::Replace {
+                old: 3,
+                new: 4,
+                role: Role::Backup
+            })]
+        );
+        // …but not with node 2 down too, nor by a spare that is down.
+        let kind = OpKind::ReplaceNode {
+            old: 3,
+            new: 4,
+            seen: seen(&view, &[2, 3]),
+        };
+        assert!(refusal(rehearse(&view, &kind)).starts_with("only 1 of the 3 voters are healthy"));
+        let kind = OpKind::ReplaceNode {
+            old: 3,
+            new: 4,
+            seen: seen(&view, &[4]),
+        };
+        assert_eq!(refusal(rehearse(&view, &kind)), "node 4 is down");
+        // A removed id never joins again; a member is not added twice; a
+        // node holding Raft state is not added.
+        let mut removed = three_and_a_spare();
+        removed.members.insert(
+            9,
+            MemberRecord {
+                removed: Some(crate::state::member::Removal {
+                    by: "op-00000009".into(),
+                    at_ms: 0,
+                }),
+                ..MemberRecord::default()
+            },
+        );
+        let joiner = |id: u64, initialized: bool| OpKind::AddNode {
+            node: JoinerFacts {
+                id,
+                member: crate::state::member::Member {
+                    role: Role::Spare,
+                    raft_addr: format!("10.0.1.{id}:7201"),
+                    ..Default::default()
+                },
+                initialized,
+                ..JoinerFacts::default()
+            },
+            seen: seen(&removed, &[]),
+        };
+        assert!(refusal(rehearse(&removed, &joiner(9, false))).starts_with("node 9 was removed (op-00000009"));
+        assert_eq!(
+            refusal(rehearse(&removed, &joiner(4, false))),
+            "nothing to do: node 4 is a member already"
+        );
+        assert!(refusal(rehearse(&removed, &joiner(5, true))).contains("holds Raft state already"));
+        let plan = rehearse(&removed, &joiner(5, false)).unwrap().unwrap();
+        assert_eq!(
+            plan.effect[2],
+            "membership after: voters 1 (active), 2 (standby), 3 (backup); learners 4 (spare), 5 (spare)"
+        );
+        // Fenced on the membership: another change since refuses it.
+        let before = rehearse(
+            &view,
+            &OpKind::RemoveNode {
+                id: 4,
+                seen: seen(&view, &[]),
+            },
+        )
+        .unwrap()
+        .unwrap();
+        let mut moved = three_and_a_spare();
+        let m = moved.membership.as_ref().unwrap().membership().clone();
+        moved.membership = Some(StoredMembership::new(
+            Some(openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 7)),
+            m,
+        ));
+        let after = rehearse(
+            &moved,
+            &OpKind::RemoveNode {
+                id: 4,
+                seen: seen(&moved, &[]),
+            },
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            before.fence_changes(&after.fence),
+            vec!["the membership".to_string()]
+        );
     }
 
     fn transfer(to: u64, leader: u64, behind: Option<u64>) -> OpKind {

@@ -38,8 +38,7 @@ pub type Raft = openraft::Raft<TypeConfig>;
 pub type LogId = openraft::LogId<NodeId>;
 /// A storage error.
 pub type StorageError = openraft::StorageError<NodeId>;
-/// A stored membership config.
-pub type StoredMembership = openraft::StoredMembership<NodeId, Member>;
+pub use super::member::StoredMembership;
 /// Snapshot metadata.
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Member>;
 /// A log entry.

@@ -41,7 +41,16 @@
 /// 9. An operation may transfer leadership (`OpKind::TransferLeadership`,
 ///    `Step::Leadership`), which stores where leadership is held under
 ///    [`super::keys::LEADERSHIP_PIN`]; no stored record changed.
-pub const DATA_VERSION: u32 = 9;
+/// 10. Operations may add, remove and replace members (`OpKind::AddNode`,
+///     `RemoveNode`, `ReplaceNode`, `Step::Membership`); what the state
+///     records of each member beyond Raft's membership (its region, how it
+///     came in, its removal) is under [`super::keys::MEMBER`]; no stored
+///     record changed.
+/// 11. The log may hold `Command::Repair` entries (automatic repair: the
+///     failures, the freeze, the replacements, recorded under
+///     [`super::keys::REPAIR`]), and an operation may unfreeze repair
+///     (`OpKind::Unfreeze`, `Step::Unfreeze`); no stored record changed.
+pub const DATA_VERSION: u32 = 11;
 
 /// The version of data directories written before the version was stored
 /// (their formats are version 1's).

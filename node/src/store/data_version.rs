@@ -88,6 +88,14 @@ const STEPS: &[Step] = &[
         to: 9,
         run: stamp_only,
     },
+    Step {
+        to: 10,
+        run: stamp_only,
+    },
+    Step {
+        to: 11,
+        run: stamp_only,
+    },
 ];
 
 /// Data written before the version was stored has version 1's formats:
@@ -104,7 +112,9 @@ fn unversioned_to_1(_db: &Db, _keys: &Keyring, _batch: &mut WriteBatch) -> Resul
 /// family, like version 2, version 6 the two-person operations', and version
 /// 7 the mailbox restore among them (new operation and step variants),
 /// version 9 the leadership transfer (new variants, and a new record that
-/// no older store holds).
+/// no older store holds), version 10 the membership operations (likewise:
+/// the member records are new), version 11 automatic repair (a new command
+/// family and record).
 fn stamp_only(_db: &Db, _keys: &Keyring, _batch: &mut WriteBatch) -> Result<(), DataVersionError> {
     Ok(())
 }
@@ -443,8 +453,8 @@ mod tests {
     }
 
     #[test]
-    fn a_version_5_to_8_store_becomes_current_with_its_records_untouched() {
-        for from in [5, 6, 7, 8] {
+    fn a_version_5_to_10_store_becomes_current_with_its_records_untouched() {
+        for from in [5, 6, 7, 8, 9, 10] {
             let (_d, db) = db();
             put(&db, CF_SM, META_DATA_VERSION, &version::encode(from));
             let catalog = keys::backup("20261201T020000Z-000000000042");
@@ -454,7 +464,7 @@ mod tests {
             put(&db, CF_LOG, &9u64.to_be_bytes(), b"entry");
             assert_eq!(upgrade(&db, test_keyring()).unwrap(), Some(from));
             assert_eq!(read(&db).unwrap(), Some(DATA_VERSION), "from {from}");
-            assert_eq!(DATA_VERSION, 9);
+            assert_eq!(DATA_VERSION, 11);
             let (sm, log) = (db.cf_handle(CF_SM).unwrap(), db.cf_handle(CF_LOG).unwrap());
             assert_eq!(
                 db.get_cf(sm, &catalog).unwrap().as_deref(),

@@ -133,6 +133,12 @@ impl Durability {
         self.changed.send_modify(|v| *v += 1);
     }
 
+    /// Failed WAL syncs since the node started (0 or 1: the syncer stops at
+    /// the first, and Raft with it).
+    pub fn sync_failures(&self) -> u64 {
+        u64::from(self.lock().failed)
+    }
+
     /// A sync failed: pending appends stay pending for good.
     pub(super) fn sync_failed(&self) {
         self.lock().failed = true;

@@ -271,6 +271,29 @@ impl MailReader {
         self.get(&keys::audit_settings())
     }
 
+    /// What the state records of node `id` beyond the membership.
+    pub fn member_record(&self, id: u64) -> R<Option<crate::state::member::MemberRecord>> {
+        self.get(&keys::member_record(id))
+    }
+
+    /// The record of automatic repair.
+    pub fn repair_record(&self) -> R<Option<crate::state::member::RepairRecord>> {
+        self.get(&keys::repair())
+    }
+
+    /// Every member record, by node id.
+    pub fn member_records(&self) -> R<Vec<(u64, crate::state::member::MemberRecord)>> {
+        let mut out = Vec::new();
+        let prefix = [keys::MEMBER];
+        self.scan(&prefix, &prefix, |k, r| {
+            if let Some(id) = keys::member_of(k) {
+                out.push((id, r));
+            }
+            true
+        })?;
+        Ok(out)
+    }
+
     /// Where a leadership transfer holds leadership, if one does.
     pub fn leadership_pin(&self) -> R<Option<crate::state::ops::LeadershipPin>> {
         self.get(&keys::leadership_pin())
@@ -427,5 +450,17 @@ impl crate::state::ops::View for MailReader {
 
     fn leadership_pin(&self) -> R<Option<crate::state::ops::LeadershipPin>> {
         MailReader::leadership_pin(self)
+    }
+
+    fn membership(&self) -> R<Option<crate::state::types::StoredMembership>> {
+        self.get(keys::META_MEMBERSHIP)
+    }
+
+    fn member_record(&self, id: u64) -> R<Option<crate::state::member::MemberRecord>> {
+        MailReader::member_record(self, id)
+    }
+
+    fn repair_record(&self) -> R<Option<crate::state::member::RepairRecord>> {
+        MailReader::repair_record(self)
     }
 }

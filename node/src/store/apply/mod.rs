@@ -13,6 +13,7 @@ mod audit;
 mod backups;
 mod mail;
 mod ops;
+mod repair;
 #[cfg(test)]
 mod tests;
 
@@ -206,6 +207,7 @@ impl<'a> Tx<'a> {
             Command::Access(change) => self.change_access(change),
             Command::Backups(change) => self.change_backups(change),
             Command::Ops(change) => self.change_operation(change),
+            Command::Repair(change, actor) => self.change_repair(change, &actor),
         }
     }
 }

@@ -16,12 +16,14 @@ use crate::state::audit::{AuditEvent, AuditSettings};
 use crate::state::backup::BackupRecord;
 use crate::state::command::{CommandResult, Refusal};
 use crate::state::keys;
+use crate::state::member::{MemberRecord, MemberStep, Removal, RepairRecord};
 use crate::state::ops::{
     hex, rehearse, Actor, ExportApproval, LeadershipPin, MessageFacts, OpChange, OpRefusal, OpStatus,
     Operation, Step, StepResult, View,
 };
 use crate::state::policy::IdentityPolicy;
 use crate::state::records::{MailboxRecord, TenantRecord};
+use crate::state::types::StoredMembership;
 
 impl View for Tx<'_> {
     type Error = rocksdb::Error;
@@ -48,6 +50,18 @@ impl View for Tx<'_> {
 
     fn leadership_pin(&self) -> Res<Option<LeadershipPin>> {
         self.get(&keys::leadership_pin())
+    }
+
+    fn membership(&self) -> Res<Option<StoredMembership>> {
+        self.get(keys::META_MEMBERSHIP)
+    }
+
+    fn member_record(&self, id: u64) -> Res<Option<MemberRecord>> {
+        self.get(&keys::member_record(id))
+    }
+
+    fn repair_record(&self) -> Res<Option<RepairRecord>> {
+        self.get(&keys::repair())
     }
 
     fn message_facts(&self, tenant: &str, mailbox: &str) -> Res<Vec<Result<MessageFacts, u32>>> {
@@ -269,7 +283,12 @@ impl Tx<'_> {
         if index as usize != op.steps.len() || index as usize >= op.plan.steps.len() {
             return refused(OpRefusal::NotNextStep(index));
         }
-        if index == 0 {
+        // A membership step's effect (a membership entry) comes before its
+        // record and moves the membership the plan is fenced on: the
+        // executor checks the fence before it makes the change, and the
+        // record is accepted only once the membership shows it.
+        let outside_membership = matches!(op.plan.steps[index as usize], Step::Membership(_));
+        if index == 0 && !outside_membership {
             if let Some(changed) = self.fence_moved(&op)? {
                 let why = format!(
                     "the state changed since the approval ({}); nothing was changed: propose it again",
@@ -358,6 +377,17 @@ impl Tx<'_> {
                     crate::state::ops::time_text(pin.until_ms)
                 ))
             }
+            Step::Membership(change) => match self.record_membership(&change, &op.id, actor.at_ms)? {
+                Ok(()) => Ok(format!("done: {}", change.describe())),
+                Err(r) => return refused(r),
+            },
+            Step::Unfreeze => {
+                let mut record = self.repair_record()?.unwrap_or_default();
+                record.frozen = None;
+                record.cleared_ms = actor.at_ms;
+                self.put(keys::repair(), &record);
+                Ok("done: automatic repair goes on".to_string())
+            }
         };
         let at_ms = actor.at_ms;
         match done {
@@ -397,5 +427,71 @@ impl Tx<'_> {
         op.outcome = format!("failed: {why}");
         let e = event(actor, "op-fail", &op, format!("failed: {why}"));
         self.transition(op, e)
+    }
+}
+
+impl Tx<'_> {
+    /// Records a membership change the executor made through Raft, once the
+    /// applied membership shows it (refused otherwise: the executor makes
+    /// it again, idempotently, and records it then). The member records
+    /// keep each member's region and each removal, so a removed id is
+    /// never a member again.
+    pub(super) fn record_membership(
+        &mut self,
+        change: &MemberStep,
+        by: &str,
+        at_ms: i64,
+    ) -> Res<Result<(), OpRefusal>> {
+        let m = self.membership()?;
+        let m = m.as_ref().map(|m| m.membership());
+        let voter = |id: u64| m.is_some_and(|m| m.voter_ids().any(|v| v == id));
+        let role = |id: u64| m.and_then(|m| m.get_node(&id)).map(|n| n.role);
+        let not_yet = || {
+            Ok(Err(OpRefusal::Precondition(
+                "the membership does not show the change yet".into(),
+            )))
+        };
+        match change {
+            MemberStep::AddLearner { id, region, .. } => {
+                if role(*id).is_none() {
+                    return not_yet();
+                }
+                let record = MemberRecord {
+                    region: region.clone(),
+                    added_by: by.to_string(),
+                    added_ms: at_ms,
+                    removed: None,
+                };
+                self.put(keys::member_record(*id), &record);
+            }
+            MemberStep::Promote { id, role: r } => {
+                if !voter(*id) || role(*id) != Some(*r) {
+                    return not_yet();
+                }
+            }
+            MemberStep::Replace { old, new, role: r } => {
+                if !voter(*new) || role(*new) != Some(*r) || role(*old).is_some() {
+                    return not_yet();
+                }
+                self.record_removal(*old, by, at_ms)?;
+            }
+            MemberStep::Remove { id } => {
+                if role(*id).is_some() {
+                    return not_yet();
+                }
+                self.record_removal(*id, by, at_ms)?;
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    pub(super) fn record_removal(&mut self, id: u64, by: &str, at_ms: i64) -> Res<()> {
+        let mut record: MemberRecord = self.get(&keys::member_record(id))?.unwrap_or_default();
+        record.removed = Some(Removal {
+            by: by.to_string(),
+            at_ms,
+        });
+        self.put(keys::member_record(id), &record);
+        Ok(())
     }
 }
