@@ -59,6 +59,8 @@ pub struct ClusterOptions {
     pub joining: Vec<String>,
     /// TOML lines for every node's `[heal]` table (each ends in `\n`).
     pub heal: String,
+    /// Further TOML lines for every node's `[limits]` table (each ends in `\n`).
+    pub limits: String,
 }
 
 impl Default for ClusterOptions {
@@ -80,6 +82,7 @@ impl Default for ClusterOptions {
             start_nodes: true,
             joining: Vec::new(),
             heal: String::new(),
+            limits: String::new(),
         }
     }
 }
@@ -241,7 +244,7 @@ impl Cluster {
                 ),
             };
             let cfg = format!(
-                "node_id = {id}\nregion = \"{region}\"\ndata_dir = \"{data}\"\nclient_listen = \"{ip}:{CLIENT_PORT}\"\nraft_listen = \"{ip}:{RAFT_PORT}\"\nops_listen = \"{ip}:{OPS_PORT}\"\nmaster_key_file = \"{key}\"\nlog = \"info,openraft=warn\"\n\n[tls]\nca_file = \"{ca}\"\ncert_file = \"{nd}/node.pem\"\nkey_file = \"{nd}/node.key\"\n\n[access]\noperators = [\"{ADMIN}\", \"{ADMIN2}\"]\n\n[audit]\nfail_closed = {fail_closed}\n\n[heal]\n{heal}\n{membership}[raft]\n{timing}{extra}snapshot_every = {snap}\n\n[limits]\nmax_message_bytes = {max}\n\n[backup]\n{backup}",
+                "node_id = {id}\nregion = \"{region}\"\ndata_dir = \"{data}\"\nclient_listen = \"{ip}:{CLIENT_PORT}\"\nraft_listen = \"{ip}:{RAFT_PORT}\"\nops_listen = \"{ip}:{OPS_PORT}\"\nmaster_key_file = \"{key}\"\nlog = \"info,openraft=warn\"\n\n[tls]\nca_file = \"{ca}\"\ncert_file = \"{nd}/node.pem\"\nkey_file = \"{nd}/node.key\"\n\n[access]\noperators = [\"{ADMIN}\", \"{ADMIN2}\"]\n\n[audit]\nfail_closed = {fail_closed}\n\n[heal]\n{heal}\n{membership}[raft]\n{timing}{extra}snapshot_every = {snap}\n\n[limits]\nmax_message_bytes = {max}\n{limits}\n[backup]\n{backup}",
                 id = n.id,
                 data = n.dir.join("data").display(),
                 ip = n.ip,
@@ -254,6 +257,7 @@ impl Cluster {
                 nd = n.dir.display(),
                 fail_closed = opts.audit_fail_closed,
                 heal = opts.heal,
+                limits = opts.limits,
                 timing = match opts.production_timing {
                     true => "",
                     false => "heartbeat_ms = 100\nelection_timeout_min_ms = 800\nelection_timeout_max_ms = 1600\n",
@@ -619,6 +623,27 @@ impl Cluster {
             })
             .await
             .expect("every running node applies the change");
+        }
+    }
+
+    /// Waits (at most a minute) until the state digests of the listed
+    /// nodes agree at one applied index.
+    pub async fn wait_same_digest(&self, nodes: &[usize]) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut seen = Vec::new();
+            for &i in nodes {
+                let mut a = self.admin(i).await.cluster;
+                if let Ok(d) = a.state_digest(mailvault_proto::v1::StateDigestRequest {}).await {
+                    let d = d.into_inner();
+                    seen.push((d.applied_index, d.sha256));
+                }
+            }
+            if seen.len() == nodes.len() && seen.windows(2).all(|w| w[0] == w[1]) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "digests differ: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
 

@@ -442,6 +442,7 @@ async fn every_node_reports_its_workers_in_status_and_metrics() {
         "operation-executor",
         "member-watch",
         "repair",
+        "housekeeping",
         "client-listener",
         "ops-listener",
     ];

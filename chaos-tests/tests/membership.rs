@@ -83,26 +83,6 @@ fn as_line(members: &[(u64, String, bool)]) -> String {
     )
 }
 
-/// Waits until the digests of the listed nodes agree at one applied index.
-async fn wait_same_digest(cluster: &Cluster, nodes: &[usize]) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut seen = Vec::new();
-        for &i in nodes {
-            let mut a = cluster.admin(i).await.cluster;
-            if let Ok(d) = a.state_digest(StateDigestRequest {}).await {
-                let d = d.into_inner();
-                seen.push((d.applied_index, d.sha256));
-            }
-        }
-        if seen.len() == nodes.len() && seen.windows(2).all(|w| w[0] == w[1]) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "digests differ: {seen:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
 async fn append_some(cluster: &Cluster, leader: usize, from: usize, n: usize) {
     let mut c = cluster.mailbox(leader).await;
     for k in from..from + n {
@@ -211,7 +191,7 @@ async fn nodes_join_are_replaced_and_leave_only_by_two_operators_as_rehearsed() 
     let done = run_op(&cluster, 0, &["add-node", "5", "--raft-addr", &addr5]).await;
     assert_eq!(done.status, "succeeded", "{done:?}");
     append_some(&cluster, leader, 20, 10).await;
-    wait_same_digest(&cluster, &[0, 1, 2, 3, 4]).await;
+    cluster.wait_same_digest(&[0, 1, 2, 3, 4]).await;
     let status4 = cluster.node_status(3).await;
     assert_eq!(status4.membership, "member");
     // The leader probes it: up, its region recorded, its lag measured.

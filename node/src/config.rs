@@ -139,6 +139,9 @@ pub struct Limits {
     pub chunk_bytes: usize,
     /// How long a write waits for its Raft commit before failing `UNAVAILABLE`.
     pub write_timeout_ms: u64,
+    /// An upload staged chunk by chunk and idle this long without its final
+    /// `Append` (its leader died mid-upload) loses its chunks, in seconds.
+    pub staged_expiry_secs: u64,
 }
 
 impl Default for Limits {
@@ -147,6 +150,7 @@ impl Default for Limits {
             max_message_bytes: 50 * 1024 * 1024,
             chunk_bytes: 1024 * 1024,
             write_timeout_ms: 10_000,
+            staged_expiry_secs: 3600,
         }
     }
 }
@@ -443,6 +447,9 @@ impl Config {
         }
         if l.max_message_bytes == 0 || l.max_message_bytes > 1024 * 1024 * 1024 {
             return bad("limits.max_message_bytes must be between 1 and 1073741824".into());
+        }
+        if l.staged_expiry_secs == 0 {
+            return bad("limits.staged_expiry_secs must be positive".into());
         }
         if self.access.lockout_threshold == 0 || self.access.lockout_minutes == 0 {
             return bad("access.lockout_threshold and access.lockout_minutes must be positive".into());

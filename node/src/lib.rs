@@ -14,6 +14,7 @@ pub mod damage;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod housekeeping;
 pub mod members;
 pub mod names;
 pub mod operations;

@@ -304,6 +304,11 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         crate::operations::run_executor(ctx.clone()),
     );
     workers.spawn("repair", Kind::Background, crate::repair::run(ctx.clone()));
+    workers.spawn(
+        "housekeeping",
+        Kind::Background,
+        crate::housekeeping::run(ctx.clone()),
+    );
     // Every node watches the members; its own part in elections follows the membership.
     let (h, r, p, me_removed) = (health.clone(), raft.clone(), peers.clone(), reader.clone());
     let probe_every = Duration::from_millis(config.heal.probe_every_ms);

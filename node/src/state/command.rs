@@ -168,6 +168,17 @@ pub enum Command {
     Ops(super::ops::OpChange),
     /// Changes the record of automatic repair (data version 11).
     Repair(super::member::RepairChange, super::member::RepairActor),
+    /// Expires uploads staged but never committed (data version 12): every
+    /// staging record not yet marked idle is marked idle since `now_ms`;
+    /// one idle since `now_ms - expiry_ms` or earlier loses its chunks and
+    /// its record. The leader's clock is in the command, so every replica
+    /// expires the same uploads.
+    ExpireStaged {
+        /// The leader's wall clock, ms since the Unix epoch.
+        now_ms: i64,
+        /// `limits.staged_expiry_secs`, in ms.
+        expiry_ms: i64,
+    },
 }
 
 impl Command {
@@ -288,4 +299,13 @@ pub enum CommandResult {
     Operation(Box<super::ops::Operation>),
     /// The repair record after a change.
     Repair(Box<super::member::RepairRecord>),
+    /// What an `ExpireStaged` did.
+    Expired {
+        /// Uploads whose chunks were removed.
+        uploads: u32,
+        /// Chunks removed.
+        chunks: u64,
+        /// Uploads marked idle by this command.
+        marked: u32,
+    },
 }

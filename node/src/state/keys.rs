@@ -47,6 +47,9 @@ pub const LEADERSHIP_PIN: u8 = 0xA3;
 pub const MEMBER: u8 = 0xB0;
 /// The record of automatic repair: the one key `0xB1` (data version 11).
 pub const REPAIR: u8 = 0xB1;
+/// Uploads staged chunk by chunk and not committed (yet):
+/// `0xB2 tenant 0 blob(16)` (data version 12).
+pub const STAGED: u8 = 0xB2;
 /// The audit chain head.
 pub const AUDIT_HEAD: &[u8] = b"\x80head";
 
@@ -80,7 +83,8 @@ pub fn is_bound(key: &[u8]) -> bool {
                 | AUDIT_SETTINGS
                 | LEADERSHIP_PIN
                 | MEMBER
-                | REPAIR)
+                | REPAIR
+                | STAGED)
         )
     )
 }
@@ -200,6 +204,45 @@ pub fn chunk(tenant: &str, blob: &BlobId, index: u32) -> Vec<u8> {
     let mut k = with(CHUNK, &[tenant.as_bytes(), blob]);
     k.extend_from_slice(&index.to_be_bytes());
     k
+}
+
+/// The tenant and blob of a chunk key, and the chunk's index.
+pub fn chunk_of(key: &[u8]) -> Option<(&[u8], BlobId, u32)> {
+    let rest = key.strip_prefix(&[CHUNK])?;
+    let tenant_end = rest.len().checked_sub(16 + 4 + 1)?;
+    if rest[tenant_end] != 0 {
+        return None;
+    }
+    let blob: BlobId = rest[tenant_end + 1..tenant_end + 17].try_into().ok()?;
+    let index = u32::from_be_bytes(rest[tenant_end + 17..].try_into().ok()?);
+    Some((&rest[..tenant_end], blob, index))
+}
+
+/// Prefix of every chunk of one blob.
+pub fn blob_prefix(tenant: &str, blob: &BlobId) -> Vec<u8> {
+    with(CHUNK, &[tenant.as_bytes(), blob])
+}
+
+/// `0xB2 tenant 0 blob`: the staging record of an upload.
+pub fn staged(tenant: &str, blob: &BlobId) -> Vec<u8> {
+    staged_raw(tenant.as_bytes(), blob)
+}
+
+/// [`staged`] for a tenant name as stored in a key.
+pub fn staged_raw(tenant: &[u8], blob: &BlobId) -> Vec<u8> {
+    with(STAGED, &[tenant, blob])
+}
+
+/// The tenant and blob of a staging record's key.
+pub fn staged_of(key: &[u8]) -> Option<(String, BlobId)> {
+    let rest = key.strip_prefix(&[STAGED])?;
+    let tenant_end = rest.len().checked_sub(16 + 1)?;
+    if rest[tenant_end] != 0 {
+        return None;
+    }
+    let blob: BlobId = rest[tenant_end + 1..].try_into().ok()?;
+    let tenant = String::from_utf8(rest[..tenant_end].to_vec()).ok()?;
+    Some((tenant, blob))
 }
 
 /// `0x50 tenant 0 mailbox 0 key`.

@@ -81,6 +81,21 @@ pub struct IdempotencyRecord {
     pub modseq: u64,
 }
 
+/// An upload staged chunk by chunk whose message is not committed (yet)
+/// (data version 12). The `Append` that commits it, or the `DropBlob` of an
+/// abandoned one, removes the record; an upload whose leader died before
+/// either is expired by `Command::ExpireStaged` once it has been idle for
+/// `limits.staged_expiry_secs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedRecord {
+    /// Chunks `0..chunks` may be stored (one past the highest index staged).
+    pub chunks: u32,
+    /// When an `ExpireStaged` first found the upload idle (ms since the Unix
+    /// epoch, the leader's clock carried in that command); `None` until
+    /// then, and again after every chunk staged.
+    pub idle_since_ms: Option<i64>,
+}
+
 /// Kind of a change record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChangeKind {

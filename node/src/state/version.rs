@@ -50,7 +50,11 @@
 ///     failures, the freeze, the replacements, recorded under
 ///     [`super::keys::REPAIR`]), and an operation may unfreeze repair
 ///     (`OpKind::Unfreeze`, `Step::Unfreeze`); no stored record changed.
-pub const DATA_VERSION: u32 = 11;
+/// 12. An upload staged chunk by chunk and not committed has a staging
+///     record under [`super::keys::STAGED`], and the log may hold
+///     `Command::ExpireStaged`, which expires idle ones; the upgrade gives
+///     every blob whose chunks no message names such a record.
+pub const DATA_VERSION: u32 = 12;
 
 /// The version of data directories written before the version was stored
 /// (their formats are version 1's).

@@ -3,7 +3,7 @@
 //! knows, and upgrades older data one explicit step at a time before it
 //! serves.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions};
@@ -12,7 +12,7 @@ use super::db::{Db, CF_SM};
 use crate::crypto::{Keyring, NameKind, TenantNames};
 use crate::state::codec::{decode, encode};
 use crate::state::keys::{self, META_DATA_VERSION};
-use crate::state::records::{ChangeRecord, MessageRecord, TenantRecord};
+use crate::state::records::{BlobId, ChangeRecord, MessageRecord, StagedRecord, TenantRecord};
 use crate::state::version::{self, DATA_VERSION, UNVERSIONED};
 
 /// Why a store's data version was refused.
@@ -95,6 +95,10 @@ const STEPS: &[Step] = &[
     Step {
         to: 11,
         run: stamp_only,
+    },
+    Step {
+        to: 12,
+        run: stage_unreferenced_chunks,
     },
 ];
 
@@ -191,6 +195,84 @@ fn bind_export_approvals(db: &Db, keys: &Keyring, batch: &mut WriteBatch) -> Res
             break;
         }
         batch.put_cf(sm, &key, keys.binding().bind(&key, value.to_vec()));
+    }
+    Ok(())
+}
+
+/// Version 12 keeps a staging record of every upload not committed (and
+/// `Command::ExpireStaged` expires them). Before it, the chunks of an upload
+/// whose leader died mid-upload were kept forever, named by no record: each
+/// blob with chunks that no message record names gets a staging record, so
+/// it is expired like an upload abandoned after the upgrade. A tenant with a
+/// message record this node cannot open keeps its unnamed chunks unstaged
+/// (the damaged record may name them), as before.
+fn stage_unreferenced_chunks(
+    db: &Db,
+    keys: &Keyring,
+    batch: &mut WriteBatch,
+) -> Result<(), DataVersionError> {
+    let sm = db.cf_handle(CF_SM).expect("sm column family");
+    let mut named: HashSet<(Vec<u8>, BlobId)> = HashSet::new();
+    let mut unsure: HashSet<Vec<u8>> = HashSet::new();
+    let start = [keys::MESSAGE];
+    for item in db.iterator_cf(sm, IteratorMode::From(&start, rocksdb::Direction::Forward)) {
+        let (key, value) = item?;
+        if key.first() != Some(&keys::MESSAGE) {
+            break;
+        }
+        let tenant = keys::tenant_of(&key).map(|t| t.as_bytes().to_vec());
+        let record = keys
+            .binding()
+            .open(&key, &value)
+            .and_then(|encoded| decode::<MessageRecord>(encoded).ok());
+        match (tenant, record) {
+            (Some(t), Some(m)) => {
+                named.insert((t, m.blob));
+            }
+            (Some(t), None) => {
+                unsure.insert(t);
+            }
+            (None, _) => {
+                return Err(DataVersionError::Damaged {
+                    to: 12,
+                    what: "a message key",
+                })
+            }
+        }
+    }
+    // The highest index stored of each blob no record names.
+    let mut unnamed: BTreeMap<(Vec<u8>, BlobId), u32> = BTreeMap::new();
+    let start = [keys::CHUNK];
+    for item in db.iterator_cf(sm, IteratorMode::From(&start, rocksdb::Direction::Forward)) {
+        let (key, _) = item?;
+        if key.first() != Some(&keys::CHUNK) {
+            break;
+        }
+        let (tenant, blob, index) = keys::chunk_of(&key).ok_or(DataVersionError::Damaged {
+            to: 12,
+            what: "a chunk key",
+        })?;
+        let id = (tenant.to_vec(), blob);
+        if named.contains(&id) || unsure.contains(tenant) {
+            continue;
+        }
+        let highest = unnamed.entry(id).or_insert(index);
+        *highest = (*highest).max(index);
+    }
+    for ((tenant, blob), highest) in &unnamed {
+        let key = keys::staged_raw(tenant, blob);
+        let record = StagedRecord {
+            chunks: highest.saturating_add(1),
+            idle_since_ms: None,
+        };
+        batch.put_cf(sm, &key, keys.binding().bind(&key, encode(&record)));
+    }
+    if !unnamed.is_empty() || !unsure.is_empty() {
+        tracing::info!(
+            uploads = unnamed.len(),
+            tenants_kept = unsure.len(),
+            "chunks named by no message are staged, to expire"
+        );
     }
     Ok(())
 }
@@ -453,8 +535,8 @@ mod tests {
     }
 
     #[test]
-    fn a_version_5_to_10_store_becomes_current_with_its_records_untouched() {
-        for from in [5, 6, 7, 8, 9, 10] {
+    fn a_version_5_to_11_store_becomes_current_with_its_records_untouched() {
+        for from in [5, 6, 7, 8, 9, 10, 11] {
             let (_d, db) = db();
             put(&db, CF_SM, META_DATA_VERSION, &version::encode(from));
             let catalog = keys::backup("20261201T020000Z-000000000042");
@@ -464,7 +546,7 @@ mod tests {
             put(&db, CF_LOG, &9u64.to_be_bytes(), b"entry");
             assert_eq!(upgrade(&db, test_keyring()).unwrap(), Some(from));
             assert_eq!(read(&db).unwrap(), Some(DATA_VERSION), "from {from}");
-            assert_eq!(DATA_VERSION, 11);
+            assert_eq!(DATA_VERSION, 12);
             let (sm, log) = (db.cf_handle(CF_SM).unwrap(), db.cf_handle(CF_LOG).unwrap());
             assert_eq!(
                 db.get_cf(sm, &catalog).unwrap().as_deref(),
@@ -479,6 +561,93 @@ mod tests {
                 Some(&b"entry"[..])
             );
         }
+    }
+
+    #[test]
+    fn a_version_11_stores_unnamed_chunks_are_staged_and_expire_and_named_ones_stay() {
+        use crate::state::command::{Command, CommandResult};
+        use crate::state::records::StagedRecord;
+        let keyring = test_keyring();
+        let (_d, db) = db();
+        put(&db, CF_SM, META_DATA_VERSION, &version::encode(11));
+        let (kept, abandoned, other) = ([1u8; 16], [2u8; 16], [3u8; 16]);
+        let message = |tenant: &str, uid: u32, blob| {
+            let rec = MessageRecord {
+                uid,
+                modseq: 1,
+                flags: Vec::new(),
+                internal_date_ms: 0,
+                size: 10,
+                blob,
+                chunks: 2,
+                key_version: 1,
+                headers: Vec::new(),
+                claimed_by: None,
+            };
+            let key = keys::message(tenant, "support", uid);
+            put(&db, CF_SM, &key, &keyring.binding().bind(&key, encode(&rec)));
+        };
+        message("acme", 1, kept);
+        for i in 0..2 {
+            put(&db, CF_SM, &keys::chunk("acme", &kept, i), b"named");
+        }
+        // An upload whose leader died after three chunks, and one in a
+        // tenant with a damaged message record (which may name it).
+        for i in [0, 2, 1] {
+            put(&db, CF_SM, &keys::chunk("acme", &abandoned, i), b"unnamed");
+        }
+        let damaged = keys::message("globex", "support", 1);
+        put(&db, CF_SM, &damaged, b"damaged");
+        put(&db, CF_SM, &keys::chunk("globex", &other, 0), b"unsure");
+
+        assert_eq!(upgrade(&db, keyring).unwrap(), Some(11));
+        assert_eq!(read(&db).unwrap(), Some(12));
+        let sm = db.cf_handle(CF_SM).unwrap();
+        let staged = |tenant: &str, blob| {
+            let key = keys::staged(tenant, blob);
+            db.get_cf(sm, &key)
+                .unwrap()
+                .map(|v| decode::<StagedRecord>(keyring.binding().open(&key, &v).unwrap()).unwrap())
+        };
+        assert_eq!(
+            staged("acme", &abandoned),
+            Some(StagedRecord {
+                chunks: 3,
+                idle_since_ms: None
+            })
+        );
+        assert_eq!(staged("acme", &kept), None, "a message names it");
+        assert_eq!(staged("globex", &other), None, "a damaged record may name it");
+
+        // Expired like an upload abandoned after the upgrade: marked idle
+        // by the first sweep, removed by one an expiry later.
+        let chunks = |tenant: &str, blob| {
+            (0..4)
+                .filter(|&i| db.get_cf(sm, keys::chunk(tenant, blob, i)).unwrap().is_some())
+                .count()
+        };
+        for (now, expected) in [(1_000, (0, 0, 1)), (5_000, (0, 0, 0)), (61_000, (1, 3, 0))] {
+            let mut tx = crate::store::apply::Tx::new(&db, keyring);
+            let result = tx
+                .apply(Command::ExpireStaged {
+                    now_ms: now,
+                    expiry_ms: 60_000,
+                })
+                .unwrap();
+            db.write(tx.batch).unwrap();
+            match result {
+                CommandResult::Expired {
+                    uploads,
+                    chunks,
+                    marked,
+                } => assert_eq!((uploads, chunks, marked), expected, "at {now}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(chunks("acme", &abandoned), 0);
+        assert_eq!(staged("acme", &abandoned), None);
+        assert_eq!(chunks("acme", &kept), 2);
+        assert_eq!(chunks("globex", &other), 1);
     }
 
     #[test]

@@ -385,6 +385,46 @@ impl MailReader {
         Ok(db.get_cf(sm(&db), keys::chunk(tenant, blob, index))?)
     }
 
+    /// Every upload staged and not committed, with what it holds on this
+    /// node: its record, and the chunks and bytes stored under its blob.
+    pub fn staged_uploads(&self) -> R<Vec<StagedUpload>> {
+        let prefix = [keys::STAGED];
+        let mut found = Vec::new();
+        self.scan(
+            &prefix,
+            &prefix,
+            |k, record: crate::state::records::StagedRecord| {
+                if let Some((tenant, blob)) = keys::staged_of(k) {
+                    found.push((tenant, blob, record));
+                }
+                true
+            },
+        )?;
+        let db = self.db();
+        let mut out = Vec::with_capacity(found.len());
+        for (tenant, blob, record) in found {
+            let prefix = keys::blob_prefix(&tenant, &blob);
+            let (mut chunks, mut bytes) = (0u64, 0u64);
+            let it = db.iterator_cf(sm(&db), IteratorMode::From(&prefix, Direction::Forward));
+            for item in it {
+                let (k, v) = item?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                chunks += 1;
+                bytes += v.len() as u64;
+            }
+            out.push(StagedUpload {
+                tenant,
+                blob,
+                record,
+                chunks,
+                bytes,
+            });
+        }
+        Ok(out)
+    }
+
     /// What an idempotency key was used for (`key` as stored: hashed, see
     /// [`crate::crypto::TenantNames::idempotency_key`]).
     pub fn idempotency(&self, tenant: &str, mailbox: &str, key: &str) -> R<Option<IdempotencyRecord>> {
@@ -412,6 +452,21 @@ impl MailReader {
 }
 
 /// Rehearsals of two-person operations read this node's copy.
+/// An upload staged and not committed, as one node holds it.
+#[derive(Debug, Clone)]
+pub struct StagedUpload {
+    /// Its tenant.
+    pub tenant: String,
+    /// Its blob.
+    pub blob: BlobId,
+    /// Its staging record.
+    pub record: crate::state::records::StagedRecord,
+    /// Chunks stored under its blob.
+    pub chunks: u64,
+    /// Their bytes (ciphertext).
+    pub bytes: u64,
+}
+
 impl crate::state::ops::View for MailReader {
     type Error = ReadError;
 

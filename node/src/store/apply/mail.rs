@@ -9,8 +9,8 @@ use crate::crypto::{NameKind, TenantNames};
 use crate::state::command::{CommandResult, NewMessage, Refusal};
 use crate::state::keys;
 use crate::state::records::{
-    BlobId, ChangeKind, ChangeRecord, IdempotencyRecord, MailboxRecord, MessageRecord, TenantRecord,
-    WrappedKey,
+    BlobId, ChangeKind, ChangeRecord, IdempotencyRecord, MailboxRecord, MessageRecord, StagedRecord,
+    TenantRecord, WrappedKey,
 };
 
 impl Tx<'_> {
@@ -81,6 +81,19 @@ impl Tx<'_> {
         ciphertext: Vec<u8>,
     ) -> Decided {
         self.put_raw(keys::chunk(tenant, blob, index), ciphertext);
+        // The upload is active again: its idle time starts over.
+        let sk = keys::staged(tenant, blob);
+        let chunks = self
+            .get::<StagedRecord>(&sk)?
+            .map_or(0, |r| r.chunks)
+            .max(index.saturating_add(1));
+        self.put(
+            sk,
+            &StagedRecord {
+                chunks,
+                idle_since_ms: None,
+            },
+        );
         Ok(Ok(CommandResult::Done))
     }
 
@@ -88,7 +101,51 @@ impl Tx<'_> {
         for i in 0..chunks {
             self.delete(keys::chunk(tenant, blob, i));
         }
+        self.unstage(tenant, blob);
         Ok(Ok(CommandResult::Done))
+    }
+
+    /// Removes an upload's staging record (its chunks are committed or gone).
+    fn unstage(&mut self, tenant: &str, blob: &BlobId) {
+        self.delete(keys::staged(tenant, blob));
+    }
+
+    /// Expires uploads idle since `now_ms - expiry_ms` or earlier and marks
+    /// the others idle since `now_ms` (see `Command::ExpireStaged`).
+    pub(super) fn expire_staged(&mut self, now_ms: i64, expiry_ms: i64) -> Decided {
+        let (mut uploads, mut chunks, mut marked) = (0, 0, 0);
+        for k in self.keys_under(&[keys::STAGED])? {
+            let Some((tenant, blob)) = keys::staged_of(&k) else {
+                continue;
+            };
+            let Some(mut record) = self.get::<StagedRecord>(&k)? else {
+                continue;
+            };
+            match record.idle_since_ms {
+                Some(since) if since <= now_ms.saturating_sub(expiry_ms) => {
+                    // Every chunk under the blob, not only `0..chunks`: an
+                    // index beyond the record cannot exist, but a scan costs
+                    // no more and leaves nothing behind.
+                    for ck in self.keys_under(&keys::blob_prefix(&tenant, &blob))? {
+                        self.delete(ck);
+                        chunks += 1;
+                    }
+                    self.delete(k);
+                    uploads += 1;
+                }
+                Some(_) => {}
+                None => {
+                    record.idle_since_ms = Some(now_ms);
+                    self.put(k, &record);
+                    marked += 1;
+                }
+            }
+        }
+        Ok(Ok(CommandResult::Expired {
+            uploads,
+            chunks,
+            marked,
+        }))
     }
 
     pub(super) fn update_flags(
@@ -166,6 +223,9 @@ impl Tx<'_> {
         for i in 0..m.staged_chunks {
             self.delete(keys::chunk(tenant, &m.blob, i));
         }
+        if m.staged_chunks > 0 {
+            self.unstage(tenant, &m.blob);
+        }
     }
 
     pub(super) fn append(&mut self, tenant: &str, mut m: NewMessage) -> Decided {
@@ -207,6 +267,9 @@ impl Tx<'_> {
         mbox.total_bytes += m.size;
         let modseq = mbox.highest_modseq;
         let mut chunks = m.staged_chunks;
+        if chunks > 0 {
+            self.unstage(tenant, &m.blob);
+        }
         for c in m.inline_chunks {
             self.put_raw(keys::chunk(tenant, &m.blob, chunks), c.into_vec());
             chunks += 1;

@@ -230,6 +230,108 @@ fn expunge_and_move_remove_the_source_and_its_chunks() {
     assert_eq!(reader.mailbox(T, M).unwrap().unwrap().messages, 1);
 }
 
+fn put_chunk(blob: u8, index: u32) -> Command {
+    Command::PutChunk {
+        tenant: T.into(),
+        blob: [blob; 16],
+        index,
+        ciphertext: ByteBuf::from(vec![7; 100]),
+    }
+}
+
+/// What each staged upload holds: (blob, chunks in its record, idle since,
+/// chunks stored).
+fn staged(db: &Db) -> Vec<(u8, u32, Option<i64>, u64)> {
+    let mut out: Vec<_> = reader(db)
+        .staged_uploads()
+        .unwrap()
+        .into_iter()
+        .map(|u| (u.blob[0], u.record.chunks, u.record.idle_since_ms, u.chunks))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_staged_upload_is_kept_while_active_committed_or_dropped_whole_and_expired_only_when_idle() {
+    let (_d, db) = db();
+    apply(&db, vec![tenant(), mailbox()]);
+    // Three uploads: one committed, one dropped, one whose leader died.
+    apply(
+        &db,
+        vec![
+            put_chunk(1, 0),
+            put_chunk(1, 1),
+            put_chunk(2, 0),
+            put_chunk(3, 0),
+            put_chunk(3, 1),
+        ],
+    );
+    assert_eq!(
+        staged(&db),
+        vec![(1, 2, None, 2), (2, 1, None, 1), (3, 2, None, 2)]
+    );
+    let commit = Command::Append {
+        tenant: T.into(),
+        message: message("k", 1, 2),
+    };
+    let drop = Command::DropBlob {
+        tenant: T.into(),
+        blob: [2; 16],
+        chunks: 1,
+    };
+    let r = apply(&db, vec![commit, drop]);
+    assert!(matches!(r[0], CommandResult::Appended { uid: 1, .. }), "{r:?}");
+    assert_eq!(staged(&db), vec![(3, 2, None, 2)]);
+
+    let sweep = |now_ms| match &apply(
+        &db,
+        vec![Command::ExpireStaged {
+            now_ms,
+            expiry_ms: 3_600_000,
+        }],
+    )[0]
+    {
+        CommandResult::Expired {
+            uploads,
+            chunks,
+            marked,
+        } => (*uploads, *chunks, *marked),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(sweep(1_000), (0, 0, 1));
+    assert_eq!(staged(&db), vec![(3, 2, Some(1_000), 2)]);
+    // A chunk staged meanwhile makes the upload active again: idle anew.
+    apply(&db, vec![put_chunk(3, 2)]);
+    assert_eq!(staged(&db), vec![(3, 3, None, 3)]);
+    assert_eq!(sweep(2_000), (0, 0, 1));
+    assert_eq!(
+        sweep(3_601_999),
+        (0, 0, 0),
+        "idle a millisecond short of the expiry"
+    );
+    assert_eq!(sweep(3_602_000), (1, 3, 0));
+    assert_eq!(staged(&db), vec![]);
+    let reader = reader(&db);
+    assert!(reader.chunk(T, &[3; 16], 0).unwrap().is_none());
+    assert!(
+        reader.chunk(T, &[1; 16], 0).unwrap().is_some(),
+        "the committed message keeps its chunks"
+    );
+    assert!(reader.chunk(T, &[1; 16], 2).unwrap().is_some());
+
+    // Its client, back after the expiry, cannot commit a part of a body.
+    let late = Command::Append {
+        tenant: T.into(),
+        message: message("late", 3, 3),
+    };
+    assert!(matches!(
+        apply(&db, vec![late])[0],
+        CommandResult::Refused(Refusal::IncompleteBody)
+    ));
+    assert_eq!(staged(&db), vec![]);
+}
+
 #[test]
 fn access_commands_store_policies_and_revocations() {
     let (_d, db) = db();
