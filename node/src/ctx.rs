@@ -46,6 +46,8 @@ pub struct Ctx {
     pub peers: crate::raft::PeerClients,
     /// This node's watch of the members.
     pub health: crate::raft::Health,
+    /// How this node, leading, hands leadership to another voter.
+    pub handover: crate::raft::Handover,
     /// Unsafe test modes (none in production).
     pub test_modes: crate::test_modes::TestModes,
 }

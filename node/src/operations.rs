@@ -246,54 +246,16 @@ async fn lead(ctx: &Ctx, op: &Operation, to: u64, asked: &mut Asked) -> Result<(
         return Err(Outside::NotNow(format!("node {to} was asked to campaign")));
     }
     asked.0.insert(op.id.clone(), std::time::Instant::now());
-    // New writes wait (at most HOLD) so the log stops growing: the target
-    // catches up, and its vote request is as up to date as this leader's
-    // log, which then grants it. Without this, under a steady write load
-    // the target's log is behind again by the time it asks for votes, the
-    // election fails, and each attempt costs one.
-    ctx.proposer.hold_for(HOLD);
-    let caught_up = tokio::time::timeout(HOLD / 2, async {
-        loop {
-            let m = ctx.raft.metrics().borrow().clone();
-            let matched = m
-                .replication
-                .as_ref()
-                .and_then(|r| r.get(&to).cloned().flatten())
-                .map(|l| l.index);
-            if matched.is_some() && matched == m.last_log_index {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    if caught_up.is_err() {
-        ctx.proposer.release();
-        return Err(Outside::NotNow(format!(
-            "node {to} did not catch up while writes waited"
-        )));
-    }
     tracing::info!(operation = %op.id, target = to, "asking a voter to take leadership for an operation");
-    let asked_it = ctx.peers.campaign(&addr, Duration::from_secs(1)).await;
-    // Until this node is no longer leader (its held writes then go to the
-    // new one), or the hold ends.
-    let _ = tokio::time::timeout(HOLD / 2, async {
-        while ctx.router.is_leader() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    ctx.proposer.release();
-    match asked_it {
-        Ok(()) => Err(Outside::NotNow(format!(
+    match ctx.handover.to(to, &addr).await {
+        // The target, leading, records the step.
+        Ok(Some(l)) if l == to => Err(Outside::NotNow(format!("node {to} leads; it records the step"))),
+        Ok(_) => Err(Outside::NotNow(format!(
             "node {to} was asked to campaign and has not won yet"
         ))),
-        Err(s) => Err(Outside::NotNow(format!("node {to}: {}", s.message()))),
+        Err(why) => Err(Outside::NotNow(why)),
     }
 }
-
-/// How long a transfer holds new writes back, at most.
-const HOLD: Duration = Duration::from_secs(2);
 
 /// How long since the operation last moved (its last step, or its approval).
 fn idle_for(op: &Operation) -> Duration {

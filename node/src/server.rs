@@ -181,6 +181,21 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let reader = MailReader::new(state.clone(), keyring.binding().clone());
 
     let fence = ReadFence::new(raft.clone());
+    let handover = {
+        let p = proposer.clone();
+        let writes: crate::raft::HoldWrites = Arc::new(move |d| match d {
+            Some(d) => p.hold_for(d),
+            None => p.release(),
+        });
+        crate::raft::Handover::new(
+            raft.clone(),
+            peers.clone(),
+            fence.clone(),
+            writes,
+            Duration::from_millis(config.raft.election_timeout_min_ms),
+            Duration::from_millis(config.raft.election_timeout_max_ms),
+        )
+    };
     let peer_svc = RaftPeerServer::new(PeerService::new(
         raft.clone(),
         proposer.clone(),
@@ -288,6 +303,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         workers: workers.clone(),
         peers: peers.clone(),
         health: health.clone(),
+        handover: handover.clone(),
         test_modes,
     });
     workers.spawn("raft-watch", Kind::Essential, watch_leader(raft.clone()));
@@ -349,7 +365,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     });
     let placement_peers = peers.clone();
     workers.spawn("leadership-placement", Kind::Background, async move {
-        place_leadership(id, role, r, placement_peers, election_timeout, hold).await;
+        place_leadership(id, role, r, placement_peers, handover, election_timeout, hold).await;
         Ok(())
     });
     // Lockouts and failures recorded by other nodes reach this one through

@@ -2,16 +2,13 @@
 //!
 //! * **Handing over.** The leader asks a better-placed voter to take over once
 //!   that voter's log matches its own and the leader has led for 10 s: the
-//!   active node from anyone, a standby from a backup. The voter starts an election (peer RPC `Campaign`), which
-//!   it wins with an up-to-date log if a majority grants its vote; openraft
-//!   0.9 has no leader transfer. In a cluster of three the leader's own vote
-//!   is enough, so leadership returns to the active node after it recovers.
-//!   In a cluster of five it is not: followers that hear the leader refuse
-//!   votes during the leader lease (openraft's, the maximum election
-//!   timeout), the leader steps down, and is re-elected after an election
-//!   (seen in the chaos soak). A leader that leads again after handing over
-//!   counts the handover as failed and waits twice as long before the next
-//!   (5 s doubling to about 10 min); a proper transfer is a known gap.
+//!   active node from anyone, a standby from a backup, by a [`Handover`]:
+//!   writes wait until the voter has the whole log, and with more than three
+//!   voters the leader goes silent for a lease first, so that the followers
+//!   grant the vote; then the voter campaigns (peer RPC `Campaign`). A
+//!   leader that leads again after handing over counts the handover as
+//!   failed and waits twice as long before the next (5 s doubling to about
+//!   10 min).
 //! * **Held by a transfer.** While a two-person leadership transfer holds
 //!   leadership on a voter (`Hold`, read from the replicated state), that
 //!   voter is the best placed, whatever the roles: the leader keeps it if it
@@ -58,12 +55,151 @@ pub type Hold = Arc<dyn Fn() -> Option<NodeId> + Send + Sync>;
 /// never campaigns, not even as a last resort).
 pub type RoleNow = Arc<dyn Fn() -> Option<Role> + Send + Sync>;
 
+/// Holds new writes back for at most the duration given, or (none) ends
+/// the hold: the proposer's, given by `server.rs`.
+pub type HoldWrites = Arc<dyn Fn(Option<Duration>) + Send + Sync>;
+
+/// How the leader hands leadership to another voter: the placement loop's
+/// handover and the two-person leadership transfer's step.
+///
+/// openraft 0.9 has no leader transfer; the target campaigns (peer RPC
+/// `Campaign`) and wins if a majority grants its vote. Two things stand in
+/// the way, and a handover removes both:
+/// * its log must be as up to date as each voter's: new writes wait (the
+///   proposer's hold) until the target has the leader's whole log;
+/// * a follower that heard the leader within the leader lease (openraft's:
+///   the maximum election timeout) refuses every vote. The leader's own
+///   vote is enough in a cluster of three (the leader's lease is as old as
+///   its leadership), not in one of five. So with more than three voters
+///   the leader goes silent — no heartbeats, writes and reads held — for a
+///   lease and half a minimum election timeout, and then asks the target
+///   to campaign. The followers' leases have expired then, and none of
+///   them campaigns on its own yet: a follower whose leader has gone
+///   silent waits the lease plus a random election timeout. One election,
+///   by the target.
+#[derive(Clone)]
+pub struct Handover {
+    raft: Raft,
+    peers: PeerClients,
+    reads: super::ReadFence,
+    writes: HoldWrites,
+    lease: Duration,
+    election_min: Duration,
+}
+
+/// How long a handover waits for the target to catch up.
+const CATCH_UP: Duration = Duration::from_secs(1);
+
+impl Handover {
+    /// A handover on this node's `raft`, with its raft timing.
+    pub fn new(
+        raft: Raft,
+        peers: PeerClients,
+        reads: super::ReadFence,
+        writes: HoldWrites,
+        election_min: Duration,
+        election_max: Duration,
+    ) -> Handover {
+        Handover {
+            raft,
+            peers,
+            reads,
+            writes,
+            lease: election_max,
+            election_min,
+        }
+    }
+
+    /// Hands leadership to voter `to` (at `addr`): the new leader, once
+    /// this node no longer leads (it is `to` when the handover worked), or
+    /// why it did not try.
+    pub async fn to(&self, to: NodeId, addr: &str) -> Result<Option<NodeId>, String> {
+        let voters = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .count();
+        let silent = voters > 3;
+        let quiet_for = self.lease + self.election_min / 2;
+        // Longer than it takes; released at the end in every case.
+        let hold = CATCH_UP + quiet_for + self.lease * 2 + Duration::from_secs(1);
+        (self.writes)(Some(hold));
+        self.reads.hold_for(hold);
+        let outcome = self.hand_over_held(to, addr, silent, quiet_for).await;
+        self.raft.runtime_config().heartbeat(true);
+        (self.writes)(None);
+        self.reads.release();
+        outcome
+    }
+
+    async fn hand_over_held(
+        &self,
+        to: NodeId,
+        addr: &str,
+        silent: bool,
+        quiet_for: Duration,
+    ) -> Result<Option<NodeId>, String> {
+        let caught_up = tokio::time::timeout(CATCH_UP, async {
+            let mut metrics = self.raft.metrics();
+            loop {
+                {
+                    let m = metrics.borrow_and_update();
+                    let matched = m
+                        .replication
+                        .as_ref()
+                        .and_then(|r| r.get(&to).cloned().flatten())
+                        .map(|l| l.index);
+                    if matched.is_some() && matched == m.last_log_index {
+                        return;
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        if caught_up.is_err() {
+            return Err(format!("node {to} did not catch up while writes waited"));
+        }
+        if silent {
+            self.raft.runtime_config().heartbeat(false);
+            tokio::time::sleep(quiet_for).await;
+        }
+        if let Err(e) = self.peers.campaign(addr, Duration::from_secs(1)).await {
+            return Err(format!("node {to}: {}", e.message()));
+        }
+        // Until this node no longer leads (its held writes then go to the
+        // new leader), or the election had its time.
+        let mut metrics = self.raft.metrics();
+        let me = self.raft.metrics().borrow().id;
+        let _ = tokio::time::timeout(self.lease * 2, async {
+            loop {
+                let leader = metrics.borrow_and_update().current_leader;
+                if leader.is_some_and(|l| l != me) {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        let leader = self.raft.metrics().borrow().current_leader;
+        Ok(leader.filter(|l| *l != me))
+    }
+}
+
 /// Runs the placement loop of node `id` until Raft stops.
 pub async fn run(
     id: NodeId,
     role_now: RoleNow,
     raft: Raft,
     peers: PeerClients,
+    handover: Handover,
     election_timeout_max: Duration,
     hold: Hold,
 ) {
@@ -91,10 +227,9 @@ pub async fn run(
                 _ => leading_since.insert((m.current_term, Instant::now())).1,
             };
             let settled = since.elapsed() >= SETTLE;
-            // Leading again after handing over: the handover failed (in a
-            // cluster of five, voters that hear the leader refuse votes for
-            // the lease, so only the leader's own vote goes to the target).
-            // Each failure costs an election; back off exponentially.
+            // Leading again after handing over: the handover failed (the
+            // target lost its election, e.g. timing on a loaded machine).
+            // Each failure may cost an election; back off exponentially.
             let backoff = HANDOVER_EVERY * 2u32.pow(failed_handovers.min(7));
             let due = last_handover.is_none_or(|t| t.elapsed() >= backoff);
             let held = hold();
@@ -102,7 +237,7 @@ pub async fn run(
                 continue;
             }
             if settled && due {
-                if let Some(target) = hand_over(id, role, held, &m, &peers).await {
+                if let Some(target) = hand_over(id, role, held, &m, &handover).await {
                     if handed_to.replace(target).is_some() {
                         failed_handovers += 1;
                     }
@@ -152,7 +287,7 @@ async fn hand_over(
     role: Role,
     held: Option<NodeId>,
     m: &crate::state::types::RaftMetrics,
-    peers: &PeerClients,
+    handover: &Handover,
 ) -> Option<NodeId> {
     let replication = m.replication.as_ref()?;
     let last = m.last_log_index.unwrap_or(0);
@@ -172,8 +307,10 @@ async fn hand_over(
         .min();
     let (_, target, addr) = best?;
     tracing::info!(target, "handing leadership to a better-placed voter");
-    if let Err(e) = peers.campaign(&addr, Duration::from_secs(2)).await {
-        tracing::warn!(target, error = %e.message(), "handover request failed");
+    match handover.to(target, &addr).await {
+        Ok(Some(l)) if l == target => tracing::info!(target, "leadership handed over"),
+        Ok(now) => tracing::warn!(target, leader = ?now, "handover: the target did not win"),
+        Err(why) => tracing::warn!(target, why, "handover not tried"),
     }
     metrics::counter!("mailvault_leader_handovers_total").increment(1);
     Some(target)

@@ -9,7 +9,7 @@ mod setup;
 mod snapshots;
 
 pub use health::Health;
-pub use leadership::{run as place_leadership, Hold, RoleNow};
+pub use leadership::{run as place_leadership, Handover, Hold, HoldWrites, RoleNow};
 pub use network::{resend_held_back_commits, PeerClients, PeerNetwork};
 pub use peer_service::PeerService;
 pub use read_fence::{ReadBarrier, ReadFence};

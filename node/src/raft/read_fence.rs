@@ -38,6 +38,9 @@ pub struct ReadFence {
     fenced: Arc<Mutex<Option<(u64, u64)>>>,
     /// Serialises fence writes so concurrent first reads make one entry.
     writing: Arc<tokio::sync::Mutex<()>>,
+    /// Until when reads wait before they confirm leadership (a handover
+    /// keeps the leader silent; see `leadership::Handover`).
+    held: Arc<watch::Sender<Option<tokio::time::Instant>>>,
 }
 
 impl ReadFence {
@@ -47,6 +50,31 @@ impl ReadFence {
             raft,
             fenced: Arc::default(),
             writing: Arc::default(),
+            held: Arc::new(watch::channel(None).0),
+        }
+    }
+
+    /// Makes reads wait (at most `d`) before they confirm leadership, which
+    /// sends Raft messages that would renew the followers' leader lease.
+    pub fn hold_for(&self, d: Duration) {
+        self.held.send_replace(Some(tokio::time::Instant::now() + d));
+    }
+
+    /// Ends a hold.
+    pub fn release(&self) {
+        self.held.send_replace(None);
+    }
+
+    async fn unheld(&self) {
+        let mut held = self.held.subscribe();
+        loop {
+            let until = *held.borrow_and_update();
+            match until {
+                Some(t) if t > tokio::time::Instant::now() => {
+                    let _ = tokio::time::timeout_at(t, held.changed()).await;
+                }
+                _ => return,
+            }
         }
     }
 
@@ -58,6 +86,7 @@ impl ReadFence {
     /// The log index a read on this leader must cover, committing (and
     /// applying) an empty entry first if this term has none of this process.
     pub async fn index(&self) -> Result<u64, Status> {
+        self.unheld().await;
         let term = self.raft.metrics().borrow().current_term;
         if let Some(i) = self.current(term) {
             return Ok(i);
