@@ -1,7 +1,8 @@
 //! Automatic repair against real nodes: a voter killed with `kill -9`
 //! under write load is replaced by the spare without a person, within
 //! minutes, losing nothing acknowledged; two voters failing within the
-//! window freeze all repair until two operators unfreeze it.
+//! window freeze all repair until two operators unfreeze it; a leader that
+//! hears no quorum repairs nothing.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -44,6 +45,22 @@ async fn add(cluster: &Cluster, i: usize) {
     cluster.approve(0, ADMIN2, opid, hash).await.expect("approve");
     let done = cluster.wait_operation_ended(0, opid).await;
     assert_eq!(done.status, "succeeded", "{done:?}");
+}
+
+/// Three voters (node 1 leading) and node 4 added as a spare, with these
+/// `[heal]` lines; the tenant, its mailbox and an auditor exist.
+async fn three_voters_and_a_spare(heal: &str) -> Cluster {
+    let mut cluster = Cluster::start(ClusterOptions {
+        joining: vec!["spare".into()],
+        heal: heal.into(),
+        ..ClusterOptions::default()
+    })
+    .await;
+    create_tenant_and_mailbox(&cluster, 0, T, M).await;
+    cluster.grant_cluster_role("auditor", "auditor").await;
+    node1_leads(&mut cluster).await;
+    add(&cluster, 3).await;
+    cluster
 }
 
 /// (id, role, voter) of every member, as node `i` lists them.
@@ -113,15 +130,7 @@ async fn subjects(cluster: &Cluster, i: usize) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_voter_is_replaced_by_the_spare_within_minutes_and_nothing_acknowledged_is_lost() {
     // The defaults: down after 30 s, replaced after 2 min.
-    let mut cluster = Cluster::start(ClusterOptions {
-        joining: vec!["spare".into()],
-        ..ClusterOptions::default()
-    })
-    .await;
-    create_tenant_and_mailbox(&cluster, 0, T, M).await;
-    cluster.grant_cluster_role("auditor", "auditor").await;
-    node1_leads(&mut cluster).await;
-    add(&cluster, 3).await;
+    let mut cluster = three_voters_and_a_spare("").await;
     let term = cluster.node_status(0).await.term;
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -227,6 +236,35 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
+/// Waits (at most a minute) until node `i` reports repair frozen: its status.
+async fn frozen_on(cluster: &Cluster, i: usize) -> RepairStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = cluster.node_status(i).await.repair.expect("repair status");
+        if r.frozen {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "repair never froze: {r:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// `mailvault-admin status` on node `i` says repair is frozen (`why`), and
+/// so does its `/metrics`.
+async fn says_frozen(cluster: &Cluster, i: usize, why: &str) {
+    let out = cluster
+        .admin_command(&cluster.client_addr(i), ADMIN)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(why), "{text}");
+    assert_eq!(
+        scrape_metric(&cluster.ops_addr(i), "mailvault_repair_frozen").await,
+        Some(1.0)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_voters_failing_within_the_window_freeze_repair_until_two_operators_unfreeze_it() {
     let mut cluster = Cluster::start(ClusterOptions {
@@ -245,15 +283,7 @@ async fn two_voters_failing_within_the_window_freeze_repair_until_two_operators_
     // Two standbys die at once.
     cluster.kill(3);
     cluster.kill(4);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let repair = loop {
-        let r = cluster.node_status(0).await.repair.expect("repair status");
-        if r.frozen {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "repair never froze: {r:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let repair = frozen_on(&cluster, 0).await;
     assert!(
         repair
             .reason
@@ -268,20 +298,7 @@ async fn two_voters_failing_within_the_window_freeze_repair_until_two_operators_
         before,
         "no membership change while frozen"
     );
-    let out = cluster
-        .admin_command(&cluster.client_addr(0), ADMIN)
-        .arg("status")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("REPAIR FROZEN: 2 members failed within 10m"),
-        "{text}"
-    );
-    assert_eq!(
-        scrape_metric(&cluster.ops_addr(0), "mailvault_repair_frozen").await,
-        Some(1.0)
-    );
+    says_frozen(&cluster, 0, "REPAIR FROZEN: 2 members failed within 10m").await;
     // One operator cannot unfreeze it.
     let (ok, op, err) = cluster.admin_json(
         0,
@@ -337,16 +354,10 @@ async fn a_short_partition_replaces_nothing_and_a_flapping_node_is_replaced_once
     }
     // More failures allowed than this test causes, so that only the
     // replacement rules are tried here (the freeze has its own test).
-    let mut cluster = Cluster::start(ClusterOptions {
-        joining: vec!["spare".into()],
-        heal: "down_after_secs = 3\nprobe_every_ms = 500\nreplace_after_secs = 12\nmax_failures = 5\n".into(),
-        ..ClusterOptions::default()
-    })
+    let mut cluster = three_voters_and_a_spare(
+        "down_after_secs = 3\nprobe_every_ms = 500\nreplace_after_secs = 12\nmax_failures = 5\n",
+    )
     .await;
-    create_tenant_and_mailbox(&cluster, 0, T, M).await;
-    cluster.grant_cluster_role("auditor", "auditor").await;
-    node1_leads(&mut cluster).await;
-    add(&cluster, 3).await;
     let before = voters(&members(&cluster, 0).await);
 
     // The leader cut off from every other node for less than replace_after:
@@ -408,4 +419,44 @@ async fn a_short_partition_replaces_nothing_and_a_flapping_node_is_replaced_once
     );
     assert_eq!(count(&cluster, "repair-done", "node 3").await, 1);
     drop(net);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_hears_no_quorum_repairs_nothing_and_says_so_until_the_voters_are_back() {
+    // More failures allowed than this test causes: only the quorum rule is tried.
+    let mut cluster = three_voters_and_a_spare(
+        "down_after_secs = 3\nprobe_every_ms = 500\nreplace_after_secs = 8\nmax_failures = 5\n",
+    )
+    .await;
+    let before = voters(&members(&cluster, 0).await);
+
+    // Both other voters die: the spare is healthy and caught up, but a
+    // replacement could not commit, and a leader alone must not decide one.
+    cluster.kill(1);
+    cluster.kill(2);
+    let repair = frozen_on(&cluster, 0).await;
+    assert_eq!(
+        repair.reason, "the leader hears only 1 of 3 voters (a quorum is 2)",
+        "{repair:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(voters(&members(&cluster, 0).await), before, "nothing replaced");
+    says_frozen(&cluster, 0, "REPAIR FROZEN: the leader hears only 1 of 3 voters").await;
+
+    // The voters back, the freeze (this leader's own, never replicated: it
+    // could not commit) ends by itself, and nothing was replaced.
+    cluster.start_node(1);
+    cluster.start_node(2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+        let r = cluster.node_status(leader).await.repair.expect("repair status");
+        let metric = scrape_metric(&cluster.ops_addr(leader), "mailvault_repair_frozen").await;
+        if !r.frozen && metric == Some(0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still frozen: {r:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(voters(&members(&cluster, 0).await), before, "nothing replaced");
 }
