@@ -114,17 +114,19 @@ async fn chunks_staged_by_a_leader_killed_mid_upload_are_expired_on_every_node_a
         reclaimed.as_secs_f64(),
         EXPIRY.as_secs()
     );
-    let new_leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
-    let expired = scrape_metric(
-        &cluster.ops_addr(new_leader),
-        "mailvault_staged_expired_chunks_total",
-    )
-    .await
-    .unwrap_or(0.0);
+    // Counted by the leader that expired them (leadership may have moved
+    // back to the restarted node since): summed over the nodes.
+    let mut expired = 0.0;
+    for i in 0..3 {
+        expired += scrape_metric(&cluster.ops_addr(i), "mailvault_staged_expired_chunks_total")
+            .await
+            .unwrap_or(0.0);
+    }
     assert!(
         expired >= before_kill.1,
         "{expired} chunks expired, {before_kill:?} were staged"
     );
+    let new_leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
     cluster.wait_same_digest(&[0, 1, 2]).await;
 
     // Sent again with the same idempotency key, the message is stored
