@@ -142,26 +142,21 @@ impl Handover {
         silent: bool,
         quiet_for: Duration,
     ) -> Result<Option<NodeId>, String> {
-        let caught_up = tokio::time::timeout(CATCH_UP, async {
-            let mut metrics = self.raft.metrics();
-            loop {
-                {
-                    let m = metrics.borrow_and_update();
+        let caught_up = self
+            .raft
+            .wait(Some(CATCH_UP))
+            .metrics(
+                |m| {
                     let matched = m
                         .replication
                         .as_ref()
                         .and_then(|r| r.get(&to).cloned().flatten())
                         .map(|l| l.index);
-                    if matched.is_some() && matched == m.last_log_index {
-                        return;
-                    }
-                }
-                if metrics.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
-        .await;
+                    matched.is_some() && matched == m.last_log_index
+                },
+                "the handover's target has the whole log",
+            )
+            .await;
         if caught_up.is_err() {
             return Err(format!("node {to} did not catch up while writes waited"));
         }
@@ -174,20 +169,15 @@ impl Handover {
         }
         // Until this node no longer leads (its held writes then go to the
         // new leader), or the election had its time.
-        let mut metrics = self.raft.metrics();
         let me = self.raft.metrics().borrow().id;
-        let _ = tokio::time::timeout(self.lease * 2, async {
-            loop {
-                let leader = metrics.borrow_and_update().current_leader;
-                if leader.is_some_and(|l| l != me) {
-                    return;
-                }
-                if metrics.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
-        .await;
+        let _ = self
+            .raft
+            .wait(Some(self.lease * 2))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != me),
+                "another node leads after the handover",
+            )
+            .await;
         let leader = self.raft.metrics().borrow().current_leader;
         Ok(leader.filter(|l| *l != me))
     }

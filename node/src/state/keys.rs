@@ -209,13 +209,19 @@ pub fn chunk(tenant: &str, blob: &BlobId, index: u32) -> Vec<u8> {
 /// The tenant and blob of a chunk key, and the chunk's index.
 pub fn chunk_of(key: &[u8]) -> Option<(&[u8], BlobId, u32)> {
     let rest = key.strip_prefix(&[CHUNK])?;
-    let tenant_end = rest.len().checked_sub(16 + 4 + 1)?;
+    let (blob_part, index) = rest.split_at(rest.len().checked_sub(4)?);
+    let (tenant, blob) = tenant_and_blob(blob_part)?;
+    Some((tenant, blob, u32::from_be_bytes(index.try_into().ok()?)))
+}
+
+/// `tenant 0 blob(16)`, the tail of chunk and staging keys.
+fn tenant_and_blob(rest: &[u8]) -> Option<(&[u8], BlobId)> {
+    let tenant_end = rest.len().checked_sub(16 + 1)?;
     if rest[tenant_end] != 0 {
         return None;
     }
-    let blob: BlobId = rest[tenant_end + 1..tenant_end + 17].try_into().ok()?;
-    let index = u32::from_be_bytes(rest[tenant_end + 17..].try_into().ok()?);
-    Some((&rest[..tenant_end], blob, index))
+    let blob: BlobId = rest[tenant_end + 1..].try_into().ok()?;
+    Some((&rest[..tenant_end], blob))
 }
 
 /// Prefix of every chunk of one blob.
@@ -235,14 +241,8 @@ pub fn staged_raw(tenant: &[u8], blob: &BlobId) -> Vec<u8> {
 
 /// The tenant and blob of a staging record's key.
 pub fn staged_of(key: &[u8]) -> Option<(String, BlobId)> {
-    let rest = key.strip_prefix(&[STAGED])?;
-    let tenant_end = rest.len().checked_sub(16 + 1)?;
-    if rest[tenant_end] != 0 {
-        return None;
-    }
-    let blob: BlobId = rest[tenant_end + 1..].try_into().ok()?;
-    let tenant = String::from_utf8(rest[..tenant_end].to_vec()).ok()?;
-    Some((tenant, blob))
+    let (tenant, blob) = tenant_and_blob(key.strip_prefix(&[STAGED])?)?;
+    Some((String::from_utf8(tenant.to_vec()).ok()?, blob))
 }
 
 /// `0x50 tenant 0 mailbox 0 key`.
@@ -303,6 +303,16 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_and_staging_keys_give_back_their_tenant_blob_and_index() {
+        let blob = [0u8; 16];
+        assert_eq!(chunk_of(&chunk("acme", &blob, 7)), Some((&b"acme"[..], blob, 7)));
+        assert_eq!(staged_of(&staged("acme", &blob)), Some(("acme".to_string(), blob)));
+        assert_eq!(chunk_of(&staged("acme", &blob)), None, "another kind of key");
+        assert_eq!(staged_of(&blob_prefix("acme", &blob)), None);
+        assert_eq!(chunk_of(&[CHUNK, 1, 2]), None, "too short");
+    }
 
     #[test]
     fn message_keys_sort_by_uid_and_stay_in_their_mailbox() {

@@ -106,6 +106,12 @@ impl MailReader {
         start: &[u8],
         mut f: impl FnMut(&[u8], R<T>) -> R<bool>,
     ) -> R<()> {
+        self.scan_raw(prefix, start, |k, v| f(k, self.open(k, v)))
+    }
+
+    /// Calls `f` with every key from `start` on that is under `prefix` and
+    /// its value as stored, until `f` returns false.
+    fn scan_raw(&self, prefix: &[u8], start: &[u8], mut f: impl FnMut(&[u8], &[u8]) -> R<bool>) -> R<()> {
         let db = self.db();
         let it = db.iterator_cf(sm(&db), IteratorMode::From(start, Direction::Forward));
         for item in it {
@@ -113,7 +119,7 @@ impl MailReader {
             if !k.starts_with(prefix) {
                 break;
             }
-            if !f(&k, self.open(&k, &v))? {
+            if !f(&k, &v)? {
                 break;
             }
         }
@@ -400,20 +406,15 @@ impl MailReader {
                 true
             },
         )?;
-        let db = self.db();
         let mut out = Vec::with_capacity(found.len());
         for (tenant, blob, record) in found {
             let prefix = keys::blob_prefix(&tenant, &blob);
             let (mut chunks, mut bytes) = (0u64, 0u64);
-            let it = db.iterator_cf(sm(&db), IteratorMode::From(&prefix, Direction::Forward));
-            for item in it {
-                let (k, v) = item?;
-                if !k.starts_with(&prefix) {
-                    break;
-                }
+            self.scan_raw(&prefix, &prefix, |_, v| {
                 chunks += 1;
                 bytes += v.len() as u64;
-            }
+                Ok(true)
+            })?;
             out.push(StagedUpload {
                 tenant,
                 blob,
