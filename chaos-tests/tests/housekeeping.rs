@@ -50,6 +50,7 @@ async fn chunks_staged_by_a_leader_killed_mid_upload_are_expired_on_every_node_a
     .await;
     let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
     create_tenant_and_mailbox(&cluster, leader, T, M).await;
+    cluster.grant_cluster_role("auditor", "auditor").await;
     let follower = (leader + 1) % 3;
     let mut c = cluster.mailbox(leader).await;
     let small = test_message("before", "a@example.com", "x", 2000);
@@ -128,6 +129,14 @@ async fn chunks_staged_by_a_leader_killed_mid_upload_are_expired_on_every_node_a
     );
     let new_leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
     cluster.wait_same_digest(&[0, 1, 2]).await;
+    let audit = cluster.audit_records(new_leader, "auditor").await;
+    let expired: Vec<_> = audit.iter().filter(|r| r.action == "staged-expired").collect();
+    assert_eq!(expired.len(), 1, "one audit record for the expired upload");
+    assert!(
+        expired[0].identity.starts_with("node:") && expired[0].target.starts_with("acme/"),
+        "{:?}",
+        expired[0]
+    );
 
     // Sent again with the same idempotency key, the message is stored
     // whole. An attempt cut short meanwhile (node 1, back, takes its

@@ -56,6 +56,7 @@ pub async fn run(ctx: Arc<Ctx>) -> anyhow::Result<()> {
             .propose(Command::ExpireStaged {
                 now_ms: now,
                 expiry_ms,
+                node: ctx.id,
             })
             .await
         {

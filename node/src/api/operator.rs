@@ -14,7 +14,4 @@ pub async fn record(ctx: &Ctx, p: Option<&Principal>, action: &str, target: Stri
     ctx.audit.record(p.event(action, target, "allowed")).await
 }
 
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::state::ops::hex;

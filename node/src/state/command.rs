@@ -178,6 +178,8 @@ pub enum Command {
         now_ms: i64,
         /// `limits.staged_expiry_secs`, in ms.
         expiry_ms: i64,
+        /// The leader that proposed it (the audit records' `node:N`).
+        node: u64,
     },
 }
 

@@ -308,7 +308,10 @@ mod tests {
     fn chunk_and_staging_keys_give_back_their_tenant_blob_and_index() {
         let blob = [0u8; 16];
         assert_eq!(chunk_of(&chunk("acme", &blob, 7)), Some((&b"acme"[..], blob, 7)));
-        assert_eq!(staged_of(&staged("acme", &blob)), Some(("acme".to_string(), blob)));
+        assert_eq!(
+            staged_of(&staged("acme", &blob)),
+            Some(("acme".to_string(), blob))
+        );
         assert_eq!(chunk_of(&staged("acme", &blob)), None, "another kind of key");
         assert_eq!(staged_of(&blob_prefix("acme", &blob)), None);
         assert_eq!(chunk_of(&[CHUNK, 1, 2]), None, "too short");

@@ -99,9 +99,7 @@ pub enum BackupError {
     Corrupt(&'static str),
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub(crate) use crate::state::ops::hex;
 
 /// SHA-256 and length of a file, read in pieces.
 pub fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {

@@ -632,6 +632,7 @@ mod tests {
                 .apply(Command::ExpireStaged {
                     now_ms: now,
                     expiry_ms: 60_000,
+                    node: 1,
                 })
                 .unwrap();
             db.write(tx.batch).unwrap();

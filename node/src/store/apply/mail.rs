@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::{Decided, Res, Tx};
 use crate::crypto::{NameKind, TenantNames};
+use crate::state::audit::AuditEvent;
 use crate::state::command::{CommandResult, NewMessage, Refusal};
 use crate::state::keys;
 use crate::state::records::{
@@ -111,9 +112,12 @@ impl Tx<'_> {
     }
 
     /// Expires uploads idle since `now_ms - expiry_ms` or earlier and marks
-    /// the others idle since `now_ms` (see `Command::ExpireStaged`).
-    pub(super) fn expire_staged(&mut self, now_ms: i64, expiry_ms: i64) -> Decided {
+    /// the others idle since `now_ms` (see `Command::ExpireStaged`); each
+    /// expired upload is audited (`staged-expired`, by `node:N`, its tenant
+    /// and blob id, how many chunks).
+    pub(super) fn expire_staged(&mut self, now_ms: i64, expiry_ms: i64, node: u64) -> Decided {
         let (mut uploads, mut chunks, mut marked) = (0, 0, 0);
+        let mut events = Vec::new();
         for k in self.keys_under(&[keys::STAGED])? {
             let Some((tenant, blob)) = keys::staged_of(&k) else {
                 continue;
@@ -126,11 +130,22 @@ impl Tx<'_> {
                     // Every chunk under the blob, not only `0..chunks`: an
                     // index beyond the record cannot exist, but a scan costs
                     // no more and leaves nothing behind.
+                    let mut removed = 0u64;
                     for ck in self.keys_under(&keys::blob_prefix(&tenant, &blob))? {
                         self.delete(ck);
-                        chunks += 1;
+                        removed += 1;
                     }
                     self.delete(k);
+                    events.push(AuditEvent {
+                        time_ms: now_ms,
+                        identity: format!("node:{node}"),
+                        source: "-".into(),
+                        action: "staged-expired".into(),
+                        target: format!("{tenant}/{}", crate::state::ops::hex(&blob)),
+                        result: format!("{removed} chunk(s) idle since {since}"),
+                        node,
+                    });
+                    chunks += removed;
                     uploads += 1;
                 }
                 Some(_) => {}
@@ -140,6 +155,9 @@ impl Tx<'_> {
                     marked += 1;
                 }
             }
+        }
+        if !events.is_empty() {
+            self.append_audit(events)?.ok();
         }
         Ok(Ok(CommandResult::Expired {
             uploads,

@@ -208,7 +208,11 @@ impl<'a> Tx<'a> {
             Command::Backups(change) => self.change_backups(change),
             Command::Ops(change) => self.change_operation(change),
             Command::Repair(change, actor) => self.change_repair(change, &actor),
-            Command::ExpireStaged { now_ms, expiry_ms } => self.expire_staged(now_ms, expiry_ms),
+            Command::ExpireStaged {
+                now_ms,
+                expiry_ms,
+                node,
+            } => self.expire_staged(now_ms, expiry_ms, node),
         }
     }
 }

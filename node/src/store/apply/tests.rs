@@ -289,6 +289,7 @@ fn a_staged_upload_is_kept_while_active_committed_or_dropped_whole_and_expired_o
         vec![Command::ExpireStaged {
             now_ms,
             expiry_ms: 3_600_000,
+            node: 2,
         }],
     )[0]
     {
@@ -313,6 +314,27 @@ fn a_staged_upload_is_kept_while_active_committed_or_dropped_whole_and_expired_o
     assert_eq!(sweep(3_602_000), (1, 3, 0));
     assert_eq!(staged(&db), vec![]);
     let reader = reader(&db);
+    let audit = reader.audit_records(1, 10).unwrap();
+    let expired: Vec<_> = audit
+        .iter()
+        .filter(|r| r.event.action == "staged-expired")
+        .collect();
+    assert_eq!(expired.len(), 1, "one record per expired upload: {audit:?}");
+    let e = &expired[0].event;
+    assert_eq!(
+        (
+            e.identity.as_str(),
+            e.target.as_str(),
+            e.result.as_str(),
+            e.time_ms
+        ),
+        (
+            "node:2",
+            format!("{T}/{}", "03".repeat(16)).as_str(),
+            "3 chunk(s) idle since 2000",
+            3_602_000
+        )
+    );
     assert!(reader.chunk(T, &[3; 16], 0).unwrap().is_none());
     assert!(
         reader.chunk(T, &[1; 16], 0).unwrap().is_some(),
